@@ -1,0 +1,77 @@
+//! The embedded MQTT broker (rumqttd), run on its own threads inside the aggregator process.
+//!
+//! The aggregator then talks to it as an ordinary MQTT client over loopback, exactly as it talks
+//! to an external broker, so both deployments share one code path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// Settings for the embedded broker.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBroker {
+    pub listen: SocketAddr,
+    /// Largest MQTT packet accepted from a client (chunks plus headers must fit).
+    pub max_packet_bytes: usize,
+    /// username → password; `None` accepts anyone (insecure mode).
+    pub users: Option<HashMap<String, String>>,
+}
+
+impl EmbeddedBroker {
+    fn config(&self) -> Config {
+        let connections = ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: self.max_packet_bytes,
+            // Retained messages for a subscription are forwarded only up to the free inflight
+            // slots (rumqttd drops the rest), so keep this well above the agents' fetch window.
+            max_inflight_count: 500,
+            auth: self.users.clone(),
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let server = ServerSettings {
+            name: "zk0-v4".into(),
+            listen: self.listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections,
+        };
+        let router = RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            // A segment must hold at least one whole packet.
+            max_segment_size: (self.max_packet_bytes * 4).max(16 << 20),
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        Config {
+            id: 0,
+            router,
+            v4: Some(HashMap::from([("1".to_string(), server)])),
+            ..Default::default()
+        }
+    }
+
+    /// Starts the broker on background threads; they live as long as the process.
+    pub fn spawn(&self) -> Result<()> {
+        // Fail early with a clear message if the port is taken: rumqttd would only log it.
+        drop(
+            std::net::TcpListener::bind(self.listen)
+                .with_context(|| format!("embedded broker cannot listen on {}", self.listen))?,
+        );
+        let mut broker = Broker::new(self.config());
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    tracing::error!(error = %e, "embedded broker stopped");
+                }
+            })
+            .context("spawning the broker thread")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! Aggregator configuration: a TOML file, every field defaulted, with CLI overrides applied by
+//! `main`.
+//!
+//! ```toml
+//! federation = "demo"
+//! state_dir = "/var/lib/zk0-aggregator"
+//! insecure = false                 # plain MQTT without credentials: local demos only
+//!
+//! [broker]
+//! url = ""                         # empty: run the embedded broker; else mqtt://host:port
+//! listen = "0.0.0.0:1883"          # embedded broker listen address
+//! max_packet_bytes = 4194304       # both broker and client limits; must exceed chunk_size
+//! username = ""                    # the aggregator's own login on an external broker
+//! password = ""
+//! [broker.users]                   # embedded broker: per-client username = password
+//! robot-1 = "secret"
+//!
+//! [rounds]
+//! rounds = 3                       # 0: forever
+//! min_clients = 2
+//! max_clients = 0                  # 0: no bound
+//! fraction = 1.0
+//! round_timeout_s = 600
+//! local_steps = 10
+//! lr = 1e-4
+//! mu = 0.01
+//! batch_size = 8
+//! base_model = "lerobot/smolvla_base"
+//! server_lr = 1.0
+//! accepted_codecs = ["f32", "bf16", "int8", "topk:0.01"]
+//! chunk_size = 1048576
+//! max_update_bytes = 268435456
+//! max_update_norm = 0.0            # 0: no bound on ‖Δ‖₂
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9464"        # Prometheus /metrics; empty disables
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::round::RoundConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub federation: String,
+    pub state_dir: PathBuf,
+    pub insecure: bool,
+    pub broker: BrokerConfig,
+    pub rounds: RoundsConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub listen: String,
+    pub max_packet_bytes: usize,
+    pub username: String,
+    pub password: String,
+    pub users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundsConfig {
+    pub rounds: u64,
+    pub min_clients: usize,
+    pub max_clients: usize,
+    pub fraction: f64,
+    pub round_timeout_s: f64,
+    pub local_steps: u32,
+    pub lr: f64,
+    pub mu: f64,
+    pub batch_size: u32,
+    pub base_model: String,
+    pub server_lr: f64,
+    pub accepted_codecs: Vec<String>,
+    pub chunk_size: usize,
+    pub max_update_bytes: u64,
+    pub max_update_norm: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            federation: "default".into(),
+            state_dir: PathBuf::from("zk0-aggregator-state"),
+            insecure: false,
+            broker: BrokerConfig::default(),
+            rounds: RoundsConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: String::new(),
+            listen: "0.0.0.0:1883".into(),
+            max_packet_bytes: 4 << 20,
+            username: String::new(),
+            password: String::new(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for RoundsConfig {
+    fn default() -> Self {
+        RoundsConfig {
+            rounds: 3,
+            min_clients: 2,
+            max_clients: 0,
+            fraction: 1.0,
+            round_timeout_s: 600.0,
+            local_steps: 10,
+            lr: 1e-4,
+            mu: 0.01,
+            batch_size: 8,
+            base_model: "lerobot/smolvla_base".into(),
+            server_lr: 1.0,
+            accepted_codecs: vec![
+                "f32".into(),
+                "bf16".into(),
+                "int8".into(),
+                "topk:0.01".into(),
+            ],
+            chunk_size: 1 << 20,
+            max_update_bytes: 256 << 20,
+            max_update_norm: 0.0,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; a missing `path` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Checks the combinations a TOML schema cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let r = &self.rounds;
+        anyhow::ensure!(
+            r.chunk_size >= 1024,
+            "rounds.chunk_size must be at least 1024"
+        );
+        // Chunk plus topic and MQTT header must fit in one packet on both ends.
+        anyhow::ensure!(
+            self.broker.max_packet_bytes >= r.chunk_size + 4096,
+            "broker.max_packet_bytes ({}) must exceed rounds.chunk_size ({}) by 4 KiB",
+            self.broker.max_packet_bytes,
+            r.chunk_size
+        );
+        anyhow::ensure!(
+            r.round_timeout_s > 0.0 && r.round_timeout_s.is_finite(),
+            "rounds.round_timeout_s must be > 0"
+        );
+        anyhow::ensure!(r.server_lr.is_finite(), "rounds.server_lr must be finite");
+        anyhow::ensure!(
+            !r.accepted_codecs.is_empty(),
+            "rounds.accepted_codecs is empty"
+        );
+        for c in &r.accepted_codecs {
+            c.parse::<shared_proto::codec::Codec>()
+                .map_err(|e| anyhow::anyhow!("rounds.accepted_codecs: {c:?}: {e}"))?;
+        }
+        if !self.insecure {
+            let authenticated = if self.broker.url.is_empty() {
+                !self.broker.users.is_empty()
+            } else {
+                !self.broker.username.is_empty()
+            };
+            anyhow::ensure!(
+                authenticated,
+                "no broker credentials configured ([broker.users] for the embedded broker, \
+                 broker.username for an external one); pass --insecure to run plain and unauthenticated"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn round_config(&self) -> RoundConfig {
+        RoundConfig {
+            rounds: self.rounds.rounds,
+            min_clients: self.rounds.min_clients,
+            max_clients: self.rounds.max_clients,
+            fraction: self.rounds.fraction,
+            round_timeout_ms: (self.rounds.round_timeout_s * 1000.0) as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_partial_toml_with_defaults() {
+        let c: Config = toml::from_str("federation = \"x\"\n[rounds]\nmin_clients = 3\n").unwrap();
+        assert_eq!(c.federation, "x");
+        assert_eq!(c.rounds.min_clients, 3);
+        assert_eq!(c.rounds.chunk_size, 1 << 20);
+    }
+
+    #[test]
+    fn requires_credentials_or_insecure() {
+        let mut c = Config::default();
+        assert!(c.validate().is_err());
+        c.insecure = true;
+        c.validate().unwrap();
+        c.insecure = false;
+        c.broker.users.insert("a".into(), "b".into());
+        c.validate().unwrap();
+        c.broker.max_packet_bytes = 1000;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! `zk0-aggregator doctor`: can this VM run the aggregator? Host, state dir, config, ports.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+use zk0_host::{gib, Checklist};
+
+use crate::config::Config;
+
+#[derive(Serialize)]
+struct Report {
+    version: &'static str,
+    host: zk0_host::Host,
+    memory: zk0_host::Memory,
+    disk: Option<zk0_host::Disk>,
+    gpu: Option<zk0_host::Gpu>,
+    state_dir: String,
+    broker: String,
+    checks: Checklist,
+}
+
+/// Whether `addr` can be listened on now (nothing else holds it, and we may bind it).
+fn bindable(addr: &str) -> std::result::Result<(), String> {
+    TcpListener::bind(addr).map(drop).map_err(|e| e.to_string())
+}
+
+/// Whether an external broker at `mqtt[s]://host:port` accepts TCP connections.
+fn reachable(url: &str) -> std::result::Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let default_port = if url.starts_with("mqtts") { 8883 } else { 1883 };
+    let hostport = if rest
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        rest.to_string()
+    } else {
+        format!("{rest}:{default_port}")
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The state dir exists (or can be made) and takes a file.
+fn writable(dir: &Path) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| e.to_string())?;
+    std::fs::remove_file(&probe).map_err(|e| e.to_string())
+}
+
+pub fn run(cfg: &Config, config_path: Option<&Path>, json: bool) -> Result<bool> {
+    let mut checks = Checklist::default();
+    let host = zk0_host::host();
+    let memory = zk0_host::memory();
+    let disk = zk0_host::disk_for(&cfg.state_dir);
+    checks.add(
+        "cpu",
+        true,
+        false,
+        format!("{} ({} cores, {})", host.cpu, host.cores, host.arch),
+    );
+    checks.add(
+        "memory",
+        memory.total_bytes >= 2 << 30,
+        true,
+        format!(
+            "{} total, {} available",
+            gib(memory.total_bytes),
+            gib(memory.available_bytes)
+        ),
+    );
+    match &disk {
+        Some(d) => checks.add(
+            "disk",
+            d.available_bytes >= 20 << 30,
+            true,
+            format!(
+                "{} free of {} at {}",
+                gib(d.available_bytes),
+                gib(d.total_bytes),
+                d.mount_point
+            ),
+        ),
+        None => checks.add("disk", false, true, "no filesystem found for the state dir"),
+    }
+    let sd = writable(&cfg.state_dir);
+    checks.add(
+        "state dir",
+        sd.is_ok(),
+        false,
+        match sd {
+            Ok(()) => format!("{} is writable", cfg.state_dir.display()),
+            Err(e) => format!("{}: {e}", cfg.state_dir.display()),
+        },
+    );
+    let valid = cfg.validate();
+    checks.add(
+        "config",
+        valid.is_ok(),
+        false,
+        match (&valid, config_path) {
+            (Ok(()), Some(p)) => format!("{} is valid", p.display()),
+            (Ok(()), None) => "defaults (no config file)".into(),
+            (Err(e), _) => format!("{e:#}"),
+        },
+    );
+    let broker = if cfg.broker.url.is_empty() {
+        let b = bindable(&cfg.broker.listen);
+        checks.add(
+            "broker",
+            b.is_ok(),
+            false,
+            match b {
+                Ok(()) => format!("embedded broker can listen on {}", cfg.broker.listen),
+                Err(e) => format!("cannot listen on {}: {e}", cfg.broker.listen),
+            },
+        );
+        format!("embedded on {}", cfg.broker.listen)
+    } else {
+        let r = reachable(&cfg.broker.url);
+        checks.add(
+            "broker",
+            r.is_ok(),
+            false,
+            match r {
+                Ok(()) => format!("{} accepts connections", cfg.broker.url),
+                Err(e) => format!("{} unreachable: {e}", cfg.broker.url),
+            },
+        );
+        cfg.broker.url.clone()
+    };
+    if !cfg.metrics.listen.is_empty() {
+        let m = bindable(&cfg.metrics.listen);
+        checks.add(
+            "metrics",
+            m.is_ok(),
+            true,
+            match m {
+                Ok(()) => format!("/metrics can listen on {}", cfg.metrics.listen),
+                Err(e) => format!("cannot listen on {}: {e}", cfg.metrics.listen),
+            },
+        );
+    }
+    let failed = checks.any_failed();
+    let report = Report {
+        version: env!("CARGO_PKG_VERSION"),
+        host,
+        memory,
+        disk,
+        gpu: zk0_host::gpu(),
+        state_dir: cfg.state_dir.display().to_string(),
+        broker,
+        checks,
+    };
+    if json {
+        zk0_host::emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        let head = format!(
+            "zk0-aggregator {} on {} ({})\n",
+            report.version, report.host.os, report.host.kernel
+        );
+        zk0_host::emit(&(head + &report.checks.render()))?;
+    }
+    Ok(!failed)
+}

@@ -1,0 +1,149 @@
+//! Prometheus metrics and the tiny HTTP listener that serves them on `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric the aggregator exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub rounds_completed: Counter,
+    pub current_round: Gauge,
+    pub updates_accepted: Counter,
+    pub updates_rejected: Family<ReasonLabel, Counter>,
+    pub update_bytes: Counter,
+    pub model_bytes_published: Counter,
+    pub connected_clients: Gauge,
+    pub round_duration_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("zk0_aggregator");
+        let m = Metrics {
+            rounds_completed: Counter::default(),
+            current_round: Gauge::default(),
+            updates_accepted: Counter::default(),
+            updates_rejected: Family::default(),
+            update_bytes: Counter::default(),
+            model_bytes_published: Counter::default(),
+            connected_clients: Gauge::default(),
+            round_duration_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rounds_completed",
+            "Rounds aggregated and published",
+            m.rounds_completed.clone(),
+        );
+        registry.register(
+            "current_round",
+            "Round number in progress",
+            m.current_round.clone(),
+        );
+        registry.register(
+            "updates_accepted",
+            "Client updates verified and accepted",
+            m.updates_accepted.clone(),
+        );
+        registry.register(
+            "updates_rejected",
+            "Client updates rejected, by reason",
+            m.updates_rejected.clone(),
+        );
+        registry.register(
+            "update_bytes",
+            "Encoded update bytes received in chunks",
+            m.update_bytes.clone(),
+        );
+        registry.register(
+            "model_bytes_published",
+            "Global model bytes published",
+            m.model_bytes_published.clone(),
+        );
+        registry.register(
+            "connected_clients",
+            "Enrolled clients currently online",
+            m.connected_clients.clone(),
+        );
+        registry.register(
+            "round_duration_seconds",
+            "Wall time from announce to publish",
+            m.round_duration_seconds.clone(),
+        );
+        // Every reason shows up at 0 from the start, so dashboards and alerts see the series.
+        for r in shared_proto::RejectReason::ALL {
+            let _ = m.updates_rejected.get_or_create(&ReasonLabel {
+                reason: r.as_str().to_string(),
+            });
+        }
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.updates_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Encoding into a String cannot fail except on fmt errors, which String never returns.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Serves `GET /metrics` (and 404 for anything else) until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = if path == "/metrics" {
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                )
+            } else {
+                ("404 Not Found", "text/plain", "not found\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,126 @@
+//! Agent configuration (TOML), every field defaulted; CLI flags override it.
+//!
+//! ```toml
+//! client_id = "robot-1"
+//! federation = "demo"
+//! broker = "mqtt://aggregator.example:1883"
+//! username = ""                          # broker credentials, if the broker wants them
+//! password = ""
+//! insecure = false                       # allow connecting without credentials
+//! key_file = "/var/lib/zk0-agent/agent.key"        # from `zk0-agent keys init`
+//! aggregator_key = "/etc/zk0/aggregator.pub"       # pinned aggregator public key
+//! dataset = "/var/lib/zk0-agent/dataset"
+//! examples = 0                           # aggregation weight; 0 = from the worker's metrics
+//! cache_dir = "/var/cache/zk0-agent"     # global models, by id
+//! work_dir = "/var/lib/zk0-agent/work"
+//! codec = "int8"                         # must be among the round's accepted codecs
+//! zstd_level = 3
+//! worker = ["zk0-train", "train"]        # the training worker command
+//! max_packet_bytes = 4194304
+//! fetch_window = 8                       # model chunks requested at once
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub client_id: String,
+    pub federation: String,
+    pub broker: String,
+    pub username: String,
+    pub password: String,
+    pub insecure: bool,
+    pub key_file: PathBuf,
+    pub aggregator_key: PathBuf,
+    pub dataset: PathBuf,
+    pub examples: u64,
+    pub cache_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub codec: String,
+    pub zstd_level: i32,
+    pub worker: Vec<String>,
+    pub max_packet_bytes: usize,
+    pub fetch_window: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            client_id: String::new(),
+            federation: "default".into(),
+            broker: "mqtt://127.0.0.1:1883".into(),
+            username: String::new(),
+            password: String::new(),
+            insecure: false,
+            key_file: PathBuf::from("agent.key"),
+            aggregator_key: PathBuf::from("aggregator.pub"),
+            dataset: PathBuf::from("dataset"),
+            examples: 0,
+            cache_dir: PathBuf::from("zk0-agent-cache"),
+            work_dir: PathBuf::from("zk0-agent-work"),
+            codec: "int8".into(),
+            zstd_level: 3,
+            worker: vec!["zk0-train".into(), "train".into()],
+            max_packet_bytes: 4 << 20,
+            fetch_window: 8,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: Option<&Path>) -> Result<AgentConfig> {
+        let Some(path) = path else {
+            return Ok(AgentConfig::default());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            !self.client_id.is_empty()
+                && self.client_id.len() <= 64
+                && self
+                    .client_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                && !self.client_id.starts_with('.'),
+            "client_id {:?} must be 1–64 characters of [A-Za-z0-9._-]",
+            self.client_id
+        );
+        anyhow::ensure!(!self.worker.is_empty(), "worker command is empty");
+        anyhow::ensure!(self.fetch_window > 0, "fetch_window must be positive");
+        self.codec
+            .parse::<shared_proto::codec::Codec>()
+            .map_err(|e| anyhow::anyhow!("codec {:?}: {e}", self.codec))?;
+        anyhow::ensure!(
+            self.insecure || !self.username.is_empty(),
+            "no broker credentials (username/password); pass --insecure to connect unauthenticated"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let mut c: AgentConfig = toml::from_str("client_id = \"r1\"\ninsecure = true\n").unwrap();
+        c.validate().unwrap();
+        c.client_id = "a/b".into();
+        assert!(c.validate().is_err());
+        c.client_id = "r1".into();
+        c.insecure = false;
+        assert!(c.validate().is_err());
+        c.codec = "nope".into();
+        c.insecure = true;
+        assert!(c.validate().is_err());
+    }
+}

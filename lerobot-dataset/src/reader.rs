@@ -1,0 +1,395 @@
+//! [`LeRobotDataset`]: random access to frames of a v3.0 or v2.1 dataset.
+//!
+//! Like LeRobot's `DatasetReader`, a frame is found through its episode's metadata row: global
+//! `index` → episode (binary search over `[dataset_from_index, dataset_to_index)`) → data file →
+//! row; cameras are then decoded from PNG bytes in that row (`image`) or from the episode's mp4 at
+//! `from_timestamp + timestamp` (`video`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use image::RgbImage;
+
+use crate::error::{inconsistent, DatasetError, Result};
+use crate::meta::{self, Episode, Info, Version};
+use crate::table::{self, FeatureValue};
+use crate::video;
+
+/// Data files kept decoded in memory (each up to `data_files_size_in_mb`, 100 MB by default).
+const MAX_CACHED_FILES: usize = 8;
+
+/// One frame: its bookkeeping columns, every non-camera feature, and decoded cameras.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub index: usize,
+    pub episode_index: usize,
+    pub frame_index: usize,
+    /// Seconds since the episode start (`frame_index / fps`, stored as float32).
+    pub timestamp: f32,
+    pub task_index: usize,
+    pub task: String,
+    /// Every non-camera feature present in the data file, defaults included.
+    pub features: BTreeMap<String, FeatureValue>,
+    /// Camera key → RGB frame (empty when read without images).
+    pub images: BTreeMap<String, RgbImage>,
+}
+
+impl Frame {
+    /// The `dataset show --json` shape: `{"episode_index", "frame_index", "index", "timestamp",
+    /// "task", "features": {name: [values]}, "images": {camera: {"mean_rgb": [r, g, b]}}}`.
+    pub fn to_show_json(&self) -> serde_json::Value {
+        let features: serde_json::Map<String, serde_json::Value> = self.features.iter().map(|(k, v)| (k.clone(), v.to_json_list())).collect();
+        let images: serde_json::Map<String, serde_json::Value> =
+            self.images.iter().map(|(k, img)| (k.clone(), serde_json::json!({ "mean_rgb": video::mean_rgb(img) }))).collect();
+        serde_json::json!({
+            "episode_index": self.episode_index,
+            "frame_index": self.frame_index,
+            "index": self.index,
+            "timestamp": self.timestamp,
+            "task": self.task,
+            "features": features,
+            "images": images,
+        })
+    }
+}
+
+/// A training sample: the frame at `index` plus, per queried feature, the values at
+/// `t + k/fps` for each requested offset, clamped to the episode, with padding flags
+/// (LeRobot's `delta_timestamps`, `<key>_is_pad`).
+#[derive(Debug, Clone)]
+pub struct DeltaSample {
+    pub frame: Frame,
+    /// Non-camera feature → one value per offset.
+    pub values: BTreeMap<String, Vec<FeatureValue>>,
+    /// Camera → one frame per offset.
+    pub images: BTreeMap<String, Vec<RgbImage>>,
+    /// Feature → `true` where the offset fell outside the episode (value repeated from the edge).
+    pub is_pad: BTreeMap<String, Vec<bool>>,
+}
+
+/// An opened dataset. Cheap to share across threads (`Arc<LeRobotDataset>`); data files are
+/// loaded on first use and cached.
+#[derive(Debug)]
+pub struct LeRobotDataset {
+    root: PathBuf,
+    version: Version,
+    info: Info,
+    tasks: Vec<String>,
+    episodes: Vec<Episode>,
+    stats: Option<serde_json::Value>,
+    cache: Mutex<HashMap<PathBuf, Arc<RecordBatch>>>,
+}
+
+impl LeRobotDataset {
+    /// Opens a dataset directory (v3.0 or v2.1), loading and cross-checking its metadata.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let info = Info::load(&root)?;
+        let version = info.version(&root.join("meta/info.json"))?;
+        let (tasks, episodes, stats) = match version {
+            Version::V30 => (meta::load_tasks_v3(&root)?, meta::load_episodes_v3(&root, &info)?, meta::load_stats(&root)?),
+            Version::V21 => (meta::load_tasks_v21(&root)?, meta::load_episodes_v21(&root, &info)?, meta::load_stats(&root)?),
+        };
+        // info.json is the writer's commit point: rows and tasks past its totals belong to an
+        // episode whose save was interrupted, and are not part of the dataset.
+        let (mut tasks, mut episodes) = (tasks, episodes);
+        episodes.retain(|e| e.episode_index < info.total_episodes);
+        if tasks.len() > info.total_tasks {
+            tasks.truncate(info.total_tasks);
+        }
+        let ds = LeRobotDataset { root, version, info, tasks, episodes, stats, cache: Mutex::new(HashMap::new()) };
+        ds.check_metadata()?;
+        Ok(ds)
+    }
+
+    /// Metadata-only consistency: episode numbering, contiguous index ranges, totals.
+    fn check_metadata(&self) -> Result<()> {
+        let info_path = self.root.join("meta/info.json");
+        let meta_path = match self.version {
+            Version::V30 => self.root.join("meta/episodes"),
+            Version::V21 => self.root.join("meta/episodes.jsonl"),
+        };
+        let mut next = 0;
+        for (i, ep) in self.episodes.iter().enumerate() {
+            let err = |m: String| DatasetError::Episode { path: meta_path.clone(), episode: ep.episode_index, message: m };
+            if ep.episode_index != i {
+                return Err(err(format!("episode indices are not 0..{}: found {} at position {i}", self.episodes.len(), ep.episode_index)));
+            }
+            if ep.dataset_from_index != next || ep.dataset_to_index != ep.dataset_from_index + ep.length {
+                return Err(err(format!(
+                    "index range [{}, {}) does not continue at {next} with length {}",
+                    ep.dataset_from_index, ep.dataset_to_index, ep.length
+                )));
+            }
+            next = ep.dataset_to_index;
+        }
+        if self.episodes.len() != self.info.total_episodes {
+            return Err(inconsistent(&info_path, format!("total_episodes is {} but the metadata lists {} episodes", self.info.total_episodes, self.episodes.len())));
+        }
+        if next != self.info.total_frames {
+            return Err(inconsistent(&info_path, format!("total_frames is {} but the episodes add up to {next}", self.info.total_frames)));
+        }
+        if self.tasks.len() != self.info.total_tasks {
+            return Err(inconsistent(&info_path, format!("total_tasks is {} but there are {} tasks", self.info.total_tasks, self.tasks.len())));
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn version(&self) -> Version {
+        self.version
+    }
+    pub fn info(&self) -> &Info {
+        &self.info
+    }
+    pub fn fps(&self) -> u32 {
+        self.info.fps
+    }
+    /// Task strings indexed by `task_index`.
+    pub fn tasks(&self) -> &[String] {
+        &self.tasks
+    }
+    pub fn episodes(&self) -> &[Episode] {
+        &self.episodes
+    }
+    /// `meta/stats.json` (v3.0; v2.0), if present.
+    pub fn stats(&self) -> Option<&serde_json::Value> {
+        self.stats.as_ref()
+    }
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.episodes.last().map_or(0, |e| e.dataset_to_index)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Camera feature keys (video and image), in info.json order.
+    pub fn camera_keys(&self) -> Vec<String> {
+        self.info.features.cameras().map(|(k, _)| k.to_string()).collect()
+    }
+
+    pub fn episode(&self, episode: usize) -> Result<&Episode> {
+        self.episodes.get(episode).ok_or_else(|| DatasetError::OutOfRange { what: "episode", value: episode, bound: format!("dataset has {} episodes", self.episodes.len()) })
+    }
+
+    /// The episode containing global frame `index`.
+    pub fn episode_of(&self, index: usize) -> Result<&Episode> {
+        let pos = self.episodes.partition_point(|e| e.dataset_to_index <= index);
+        self.episodes
+            .get(pos)
+            .filter(|e| index >= e.dataset_from_index)
+            .ok_or_else(|| DatasetError::OutOfRange { what: "frame index", value: index, bound: format!("dataset has {} frames", self.len()) })
+    }
+
+    /// Global index of `(episode, frame_index)`.
+    pub fn global_index(&self, episode: usize, frame_index: usize) -> Result<usize> {
+        let ep = self.episode(episode)?;
+        if frame_index >= ep.length {
+            return Err(DatasetError::OutOfRange { what: "frame", value: frame_index, bound: format!("episode {episode} has {} frames", ep.length) });
+        }
+        Ok(ep.dataset_from_index + frame_index)
+    }
+
+    /// The whole data file holding an episode, cached.
+    fn data_file(&self, ep: &Episode) -> Result<Arc<RecordBatch>> {
+        let path = self.root.join(&ep.data_path);
+        if let Some(b) = self.cache.lock().map_err(|_| inconsistent(&path, "cache lock poisoned"))?.get(&path) {
+            return Ok(b.clone());
+        }
+        if !path.exists() {
+            return Err(DatasetError::Episode { path, episode: ep.episode_index, message: "data file is missing".into() });
+        }
+        let batch = Arc::new(table::read_parquet(&path)?);
+        let mut cache = self.cache.lock().map_err(|_| inconsistent(&path, "cache lock poisoned"))?;
+        // Bounded: a long random-access run over a many-file dataset must not hold every file.
+        if cache.len() >= MAX_CACHED_FILES {
+            if let Some(k) = cache.keys().next().cloned() {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(path, batch.clone());
+        Ok(batch)
+    }
+
+    /// Row of global `index` inside its data file. Rows of a file are in `index` order and an
+    /// episode never spans files, so the row is an offset from the file's first index; the
+    /// `index` column is checked rather than trusted.
+    fn locate_row(&self, ep: &Episode, index: usize) -> Result<(Arc<RecordBatch>, usize)> {
+        let batch = self.data_file(ep)?;
+        let path = self.root.join(&ep.data_path);
+        let err = |m: String| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: m };
+        if batch.num_rows() == 0 {
+            return Err(err("data file has no rows".into()));
+        }
+        let first = table::int_cell(&batch, "index", 0, &path)?;
+        let guess = (index as i64 - first).max(0) as usize;
+        if guess < batch.num_rows() && table::int_cell(&batch, "index", guess, &path)? == index as i64 {
+            return Ok((batch, guess));
+        }
+        let col = table::column(&batch, "index", &path)?;
+        for row in 0..batch.num_rows() {
+            if table::cell_value(col.as_ref(), row) == Some(FeatureValue::Int(vec![index as i64])) {
+                return Ok((batch.clone(), row));
+            }
+        }
+        Err(err(format!("no row with index {index}")))
+    }
+
+    /// The frame at global `index` with every camera decoded.
+    pub fn get(&self, index: usize) -> Result<Frame> {
+        let mut frame = self.get_values(index)?;
+        let ep = self.episode_of(index)?.clone();
+        for key in self.camera_keys() {
+            let img = self.decode_camera(&ep, &key, index, frame.timestamp)?;
+            frame.images.insert(key, img);
+        }
+        Ok(frame)
+    }
+
+    /// The frame at `(episode, frame_index)` with every camera decoded.
+    pub fn get_episode_frame(&self, episode: usize, frame_index: usize) -> Result<Frame> {
+        self.get(self.global_index(episode, frame_index)?)
+    }
+
+    /// The frame at global `index` without decoding cameras (fast: parquet only).
+    pub fn get_values(&self, index: usize) -> Result<Frame> {
+        let ep = self.episode_of(index)?;
+        let (batch, row) = self.locate_row(ep, index)?;
+        let path = self.root.join(&ep.data_path);
+        let int = |name: &str| -> Result<usize> {
+            let v = table::int_cell(&batch, name, row, &path)?;
+            usize::try_from(v).map_err(|_| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("negative {name} at row {row}") })
+        };
+        let episode_index = int("episode_index")?;
+        if episode_index != ep.episode_index {
+            return Err(DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("row {row} (index {index}) belongs to episode {episode_index}") });
+        }
+        let task_index = int("task_index")?;
+        let task = self.tasks.get(task_index).cloned().ok_or_else(|| DatasetError::Episode {
+            path: path.clone(),
+            episode: ep.episode_index,
+            message: format!("task_index {task_index} at row {row} is not in the tasks table ({} tasks)", self.tasks.len()),
+        })?;
+        let mut features = BTreeMap::new();
+        for (name, f) in self.info.features.iter() {
+            if f.is_camera() {
+                continue;
+            }
+            let Some(col) = batch.column_by_name(name) else {
+                return Err(DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("feature {name:?} has no column") });
+            };
+            let v = table::cell_value(col.as_ref(), row).ok_or_else(|| DatasetError::Episode {
+                path: path.clone(),
+                episode: ep.episode_index,
+                message: format!("column {name:?} (type {}) at row {row} is not a supported value", col.data_type()),
+            })?;
+            features.insert(name.to_string(), v);
+        }
+        Ok(Frame {
+            index,
+            episode_index,
+            frame_index: int("frame_index")?,
+            timestamp: table::float_cell(&batch, "timestamp", row, &path)? as f32,
+            task_index,
+            task,
+            features,
+            images: BTreeMap::new(),
+        })
+    }
+
+    /// Decodes one camera of the frame at `index` (`timestamp` from its row).
+    fn decode_camera(&self, ep: &Episode, key: &str, index: usize, timestamp: f32) -> Result<RgbImage> {
+        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        if f.is_image() {
+            let (batch, row) = self.locate_row(ep, index)?;
+            let path = self.root.join(&ep.data_path);
+            let err = |m: String| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: m };
+            let col = table::column(&batch, key, &path)?;
+            let bytes = table::image_bytes(col.as_ref(), row).ok_or_else(|| err(format!("image column {key:?} row {row} has no bytes")))?;
+            let img = image::load_from_memory(bytes).map_err(|e| err(format!("image {key:?} row {row}: {e}")))?;
+            return Ok(img.to_rgb8());
+        }
+        let mut frames = self.decode_video(ep, key, f64::from(timestamp), 1)?;
+        frames.pop().ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
+    }
+
+    /// `count` consecutive frames of video camera `key` from episode time `t` on.
+    fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
+        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        let (h, w) = f.hw().ok_or_else(|| inconsistent(self.root.join("meta/info.json"), format!("camera {key:?} shape is not [H, W, C]")))?;
+        let span = ep.videos.get(key).ok_or_else(|| DatasetError::Episode {
+            path: self.root.join("meta/episodes"),
+            episode: ep.episode_index,
+            message: format!("no video location for camera {key:?}"),
+        })?;
+        video::decode_frames(&self.root.join(&span.path), span.from_timestamp + t, f64::from(self.info.fps), count, w, h, ep.episode_index)
+    }
+
+    /// Every frame of one camera over a whole episode, in one decoder pass (sequential access).
+    pub fn decode_episode(&self, episode: usize, key: &str) -> Result<Vec<RgbImage>> {
+        let ep = self.episode(episode)?.clone();
+        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        if f.is_image() {
+            return (ep.dataset_from_index..ep.dataset_to_index).map(|i| self.decode_camera(&ep, key, i, 0.0)).collect();
+        }
+        let t0 = f64::from(self.get_values(ep.dataset_from_index)?.timestamp);
+        self.decode_video(&ep, key, t0, ep.length)
+    }
+
+    /// LeRobot's delta-timestamp query: for each `feature → offsets (s)`, the values at
+    /// `index + round(offset·fps)` clamped into the episode, with `is_pad` where clamping happened.
+    pub fn get_deltas(&self, index: usize, deltas: &BTreeMap<String, Vec<f64>>) -> Result<DeltaSample> {
+        let ep = self.episode_of(index)?.clone();
+        let fps = f64::from(self.info.fps);
+        let mut values = BTreeMap::new();
+        let mut images = BTreeMap::new();
+        let mut is_pad = BTreeMap::new();
+        for (key, offsets) in deltas {
+            let feature = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("delta_timestamps: no feature {key:?}")))?;
+            let (lo, hi) = (ep.dataset_from_index as i64, ep.dataset_to_index as i64);
+            let mut query = Vec::with_capacity(offsets.len());
+            let mut pad = Vec::with_capacity(offsets.len());
+            for &d in offsets {
+                let q = index as i64 + (d * fps).round() as i64;
+                pad.push(q < lo || q >= hi);
+                query.push(q.clamp(lo, hi - 1) as usize);
+            }
+            if feature.is_camera() {
+                images.insert(key.clone(), self.camera_frames(&ep, key, &query)?);
+            } else {
+                let mut v = Vec::with_capacity(query.len());
+                for &q in &query {
+                    let mut fr = self.get_values(q)?;
+                    v.push(fr.features.remove(key).ok_or_else(|| DatasetError::Usage(format!("feature {key:?} not in data")))?);
+                }
+                values.insert(key.clone(), v);
+            }
+            is_pad.insert(format!("{key}_is_pad"), pad);
+        }
+        let mut frame = self.get_values(index)?;
+        for key in self.camera_keys() {
+            if !deltas.contains_key(&key) {
+                let img = self.decode_camera(&ep, &key, index, frame.timestamp)?;
+                frame.images.insert(key, img);
+            }
+        }
+        Ok(DeltaSample { frame, values, images, is_pad })
+    }
+
+    /// Frames of one camera at the given global indices of one episode; a video camera is
+    /// decoded once over the covered range instead of once per index.
+    fn camera_frames(&self, ep: &Episode, key: &str, indices: &[usize]) -> Result<Vec<RgbImage>> {
+        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        if f.is_image() || indices.is_empty() {
+            return indices.iter().map(|&i| self.decode_camera(ep, key, i, 0.0)).collect();
+        }
+        let (lo, hi) = (*indices.iter().min().unwrap_or(&0), *indices.iter().max().unwrap_or(&0));
+        let t0 = f64::from(self.get_values(lo)?.timestamp);
+        let run = self.decode_video(ep, key, t0, hi - lo + 1)?;
+        Ok(indices.iter().map(|&i| run[i - lo].clone()).collect())
+    }
+}

@@ -1,0 +1,202 @@
+//! Video frames through the `ffmpeg` CLI: decode to raw `rgb24` on a pipe.
+//!
+//! Why a subprocess and not library bindings: the CLI is on every robot host already, keeps this
+//! crate free of a C build (cross-compiling stays trivial), and its yuv420p→RGB conversion is the
+//! same swscale path (BT.601 limited range for LeRobot's untagged streams) that PyAV and torchcodec
+//! use, so decoded pixel means match LeRobot's exactly on the fixtures.
+//!
+//! Frame selection: LeRobot takes the frame whose pts is nearest to the query time. Seeking with an
+//! input `-ss` to half a frame before the query makes ffmpeg (accurate seek: it starts at the
+//! previous keyframe and drops earlier frames) emit exactly that nearest frame first. Reading `n`
+//! frames from there gives a whole episode in one process (the sequential path).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use image::RgbImage;
+
+use crate::error::{DatasetError, Result};
+
+/// Decodes `count` consecutive frames starting at the frame nearest to `time_s` (seconds from the
+/// start of the file). `width`/`height` are the stream's size (from info.json).
+pub fn decode_frames(path: &Path, time_s: f64, fps: f64, count: usize, width: usize, height: usize, episode: usize) -> Result<Vec<RgbImage>> {
+    let fail = |message: String| DatasetError::Video { path: path.to_path_buf(), episode, timestamp: time_s, message };
+    if !path.exists() {
+        return Err(fail("video file is missing".into()));
+    }
+    let start = (time_s - 0.5 / fps).max(0.0);
+    let mut child = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-v", "error", "-ss", &format!("{start:.6}"), "-i"])
+        .arg(path)
+        .args(["-map", "0:v:0", "-frames:v", &count.to_string(), "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| DatasetError::Tool { program: "ffmpeg", source })?;
+    let frame_bytes = width * height * 3;
+    let mut buf = Vec::with_capacity(frame_bytes * count);
+    let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout pipe".into()))?;
+    let read = stdout.read_to_end(&mut buf);
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    read.map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!("ffmpeg exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    if buf.len() != frame_bytes * count {
+        return Err(fail(format!(
+            "expected {count} frame(s) of {width}x{height}, got {} bytes ({} frame(s)); the video is shorter than the metadata says or its size differs",
+            buf.len(),
+            buf.len() as f64 / frame_bytes.max(1) as f64
+        )));
+    }
+    Ok(buf
+        .chunks_exact(frame_bytes)
+        .map(|c| RgbImage::from_raw(width as u32, height as u32, c.to_vec()).expect("chunk has exactly one frame"))
+        .collect())
+}
+
+/// What `ffprobe` says about the first video stream of a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub codec: String,
+    pub width: usize,
+    pub height: usize,
+    pub pix_fmt: String,
+    /// Frames in the stream (`nb_frames`, or counted when the container lacks it).
+    pub frames: Option<usize>,
+    /// Stream duration in seconds.
+    pub duration_s: Option<f64>,
+    /// `r_frame_rate` as a number.
+    pub fps: Option<f64>,
+}
+
+/// Runs `ffprobe` on a video file.
+pub fn probe(path: &Path) -> Result<Probe> {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=codec_name,width,height,pix_fmt,nb_frames,duration,r_frame_rate", "-of", "json"])
+        .arg(path)
+        .output()
+        .map_err(|source| DatasetError::Tool { program: "ffprobe", source })?;
+    let fail = |m: String| DatasetError::Video { path: path.to_path_buf(), episode: 0, timestamp: 0.0, message: m };
+    if !out.status.success() {
+        return Err(fail(format!("ffprobe failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| fail(e.to_string()))?;
+    let s = &v["streams"][0];
+    if s.is_null() {
+        return Err(fail("no video stream".into()));
+    }
+    let num = |k: &str| s[k].as_str().and_then(|x| x.parse::<f64>().ok()).or_else(|| s[k].as_f64());
+    let fps = s["r_frame_rate"].as_str().and_then(|r| {
+        let (a, b) = r.split_once('/')?;
+        Some(a.parse::<f64>().ok()? / b.parse::<f64>().ok()?)
+    });
+    Ok(Probe {
+        codec: s["codec_name"].as_str().unwrap_or_default().to_string(),
+        width: s["width"].as_u64().unwrap_or(0) as usize,
+        height: s["height"].as_u64().unwrap_or(0) as usize,
+        pix_fmt: s["pix_fmt"].as_str().unwrap_or_default().to_string(),
+        frames: num("nb_frames").map(|x| x as usize),
+        duration_s: num("duration"),
+        fps,
+    })
+}
+
+/// Mean of each RGB channel on a 0–255 scale.
+pub fn mean_rgb(img: &RgbImage) -> [f64; 3] {
+    let mut sum = [0u64; 3];
+    for p in img.pixels() {
+        for (s, &v) in sum.iter_mut().zip(&p.0) {
+            *s += u64::from(v);
+        }
+    }
+    let n = (img.width() as u64 * img.height() as u64).max(1) as f64;
+    [sum[0] as f64 / n, sum[1] as f64 / n, sum[2] as f64 / n]
+}
+
+/// Encoder settings (LeRobot's `VideoEncoderConfig` defaults: AV1 via libsvtav1, yuv420p, g=2,
+/// crf=30, preset 12, fast-decode 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderConfig {
+    /// ffmpeg encoder name: `libsvtav1` (default), `libx264`, `libx265`, `libaom-av1`, `h264_nvenc`, …
+    pub vcodec: String,
+    pub pix_fmt: String,
+    pub g: u32,
+    pub crf: u32,
+    /// libsvtav1 preset (ignored by other codecs).
+    pub preset: Option<u32>,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig { vcodec: "libsvtav1".into(), pix_fmt: "yuv420p".into(), g: 2, crf: 30, preset: Some(12) }
+    }
+}
+
+fn run_ffmpeg(args: &[String], stdin_data: Option<Vec<u8>>, path: &Path) -> Result<()> {
+    use std::io::Write;
+    let fail = |message: String| DatasetError::Video { path: path.to_path_buf(), episode: 0, timestamp: 0.0, message };
+    let mut child = Command::new("ffmpeg")
+        .args(args)
+        .stdin(if stdin_data.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| DatasetError::Tool { program: "ffmpeg", source })?;
+    // Feed stdin from a thread so a full stderr pipe can never deadlock us.
+    let feeder = match (stdin_data, child.stdin.take()) {
+        (Some(data), Some(mut stdin)) => Some(std::thread::spawn(move || stdin.write_all(&data))),
+        _ => None,
+    };
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    if !out.status.success() {
+        return Err(fail(format!("ffmpeg exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+/// Encodes RGB frames into an mp4 at `fps` (constant frame rate; pts of frame i = i/fps).
+pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &Path) -> Result<()> {
+    let first = frames.first().ok_or_else(|| DatasetError::Usage("no frames to encode".into()))?;
+    let (w, h) = first.dimensions();
+    let mut raw = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
+    for f in frames {
+        if f.dimensions() != (w, h) {
+            return Err(DatasetError::Usage(format!("frame size {:?} differs from the first frame's {:?}", f.dimensions(), (w, h))));
+        }
+        raw.extend_from_slice(f.as_raw());
+    }
+    let mut args: Vec<String> = ["-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"].map(String::from).to_vec();
+    args.extend(["-s".into(), format!("{w}x{h}"), "-r".into(), fps.to_string(), "-i".into(), "pipe:0".into()]);
+    args.extend(["-c:v".into(), cfg.vcodec.clone(), "-pix_fmt".into(), cfg.pix_fmt.clone(), "-g".into(), cfg.g.to_string(), "-crf".into(), cfg.crf.to_string()]);
+    if cfg.vcodec == "libsvtav1" {
+        if let Some(p) = cfg.preset {
+            args.extend(["-preset".into(), p.to_string()]);
+        }
+        args.extend(["-svtav1-params".into(), "fast-decode=0".into()]);
+    }
+    // Tag limited range like LeRobot's streams so decoders pick BT.601 limited.
+    args.extend(["-color_range".into(), "tv".into(), "-movflags".into(), "+faststart".into(), "-f".into(), "mp4".into()]);
+    args.push(out.to_string_lossy().into_owned());
+    run_ffmpeg(&args, Some(raw), out)
+}
+
+/// Concatenates mp4s without re-encoding (`concatenate_video_files`: concat demuxer, stream copy).
+pub fn concat_files(inputs: &[&Path], out: &Path) -> Result<()> {
+    let list_path = out.with_extension("concat.txt");
+    let list: String = inputs.iter().map(|p| format!("file '{}'\n", p.display().to_string().replace('\'', "'\\''"))).collect();
+    std::fs::write(&list_path, list).map_err(crate::error::io_err(&list_path))?;
+    let args: Vec<String> = ["-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i"]
+        .map(String::from)
+        .into_iter()
+        .chain([list_path.to_string_lossy().into_owned(), "-c".into(), "copy".into(), "-movflags".into(), "+faststart".into(), "-f".into(), "mp4".into(), out.to_string_lossy().into_owned()])
+        .collect();
+    let r = run_ffmpeg(&args, None, out);
+    let _ = std::fs::remove_file(&list_path);
+    r
+}

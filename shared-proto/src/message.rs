@@ -1,0 +1,868 @@
+//! Versioned CBOR payloads, one struct per topic (see [`crate::topic`]).
+//!
+//! Every message carries `v`; [`decode`] checks it against [`PROTOCOL_VERSION`] before parsing
+//! the rest, so a peer on another version gets `WrongVersion` rather than a confusing parse error.
+//! Manifests are signed over [`ModelManifest::signing_bytes`]: a domain tag plus the manifest's
+//! CBOR with `signature` emptied. Field order is declaration order, so the encoding is canonical
+//! for a given protocol version.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::Reassembly;
+use crate::hash::parse_sha256_hex;
+use crate::sign::{KeyPair, PublicKey};
+use crate::tensor::ModelSpec;
+use crate::ProtoError;
+
+/// Version of every payload defined here; bump on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Our messages nest a few levels at most; a low limit keeps hostile input far from the stack
+/// limit even on small (tokio worker) stacks.
+const CBOR_RECURSION_LIMIT: usize = 32;
+
+/// Encodes a message as CBOR.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing plain structs into a Vec cannot fail.
+    let _ = ciborium::into_writer(msg, &mut out);
+    out
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: u16,
+}
+
+/// Decodes a message: size cap first, then the `v` field, then the whole struct.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, ProtoError> {
+    if bytes.len() > max_len {
+        return Err(ProtoError::Oversize {
+            what: "message",
+            len: bytes.len() as u64,
+            max: max_len as u64,
+        });
+    }
+    let probe: VersionProbe = from_cbor(bytes)?;
+    if probe.v != PROTOCOL_VERSION {
+        return Err(ProtoError::WrongVersion {
+            found: probe.v,
+            expected: PROTOCOL_VERSION,
+        });
+    }
+    from_cbor(bytes)
+}
+
+fn from_cbor<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    ciborium::de::from_reader_with_recursion_limit(bytes, CBOR_RECURSION_LIMIT)
+        .map_err(|e| ProtoError::Cbor(e.to_string()))
+}
+
+/// Default cap for control messages (manifests list every tensor, so allow some room).
+pub const DEFAULT_MAX_MESSAGE_LEN: usize = 4 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// `server/status`, retained; also the aggregator's last will (with `online: false`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub v: u16,
+    pub online: bool,
+    pub round: u64,
+    pub model_id: Option<String>,
+    /// The aggregator's public key fingerprint (or compact key), for agents to check their pin.
+    pub aggregator_key: String,
+    pub ts_ms: u64,
+}
+
+/// Hyper-parameters of one round's local training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HyperParams {
+    pub local_steps: u32,
+    pub lr: f64,
+    /// FedProx proximal weight.
+    pub mu: f64,
+    pub batch_size: u32,
+    /// Per-client learning rates (zk0's LR boost for lagging clients); absent = `lr`.
+    #[serde(default)]
+    pub lr_overrides: BTreeMap<String, f64>,
+}
+
+impl HyperParams {
+    pub fn lr_for(&self, client_id: &str) -> f64 {
+        self.lr_overrides.get(client_id).copied().unwrap_or(self.lr)
+    }
+}
+
+/// `round`, retained: what the current round is and how to take part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    pub v: u16,
+    pub round: u64,
+    /// The global model clients train from (and their deltas are against).
+    pub model_id: String,
+    /// Name of the pretrained base (e.g. `lerobot/smolvla_base`), for cold starts.
+    pub base_model: String,
+    pub hyper: HyperParams,
+    pub deadline_unix_ms: u64,
+    pub min_clients: u32,
+    /// Client ids taking part; empty means every client.
+    pub selected: Vec<String>,
+    /// Codec strings (see [`crate::codec::Codec`]) the aggregator accepts.
+    pub accepted_codecs: Vec<String>,
+    pub chunk_size: u32,
+    pub max_update_bytes: u64,
+}
+
+impl RoundAnnouncement {
+    pub fn is_selected(&self, client_id: &str) -> bool {
+        self.selected.is_empty() || self.selected.iter().any(|c| c == client_id)
+    }
+}
+
+/// One tensor's name and shape, as listed in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// What a model blob is.
+///
+/// - `Full`: the model's canonical safetensors ([`crate::tensor::write_safetensors`] with no
+///   metadata), so the blob's SHA-256 *is* the model id ([`crate::tensor::model_id`]).
+/// - `DeltaFrom`: [`crate::codec::encode_delta`] output against the agent's cached
+///   `base_model_id`, a few MB instead of the whole model.
+///
+/// For a receiver to land exactly on `model_id` (a hash of f32 bits) after applying a
+/// `DeltaFrom`, the publisher must define the new global model as
+/// `base + decode(encoded delta)` (via [`crate::codec::apply_delta`] with scale 1), not as the
+/// unquantized aggregate: `a + (b - a)` is not always `b` in floating point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelBlobKind {
+    Full,
+    DeltaFrom { base_model_id: String },
+}
+
+/// `model/<id>/manifest`, retained, signed by the aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    pub v: u16,
+    pub model_id: String,
+    pub round: u64,
+    pub tensors: Vec<TensorInfo>,
+    pub total_len: u64,
+    pub chunk_count: u32,
+    pub chunk_size: u32,
+    /// Hex SHA-256 of the whole (compressed) blob.
+    pub sha256: String,
+    pub kind: ModelBlobKind,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// `client/<cid>/status`, retained; also the agent's last will (with `online: false`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub v: u16,
+    pub client_id: String,
+    pub online: bool,
+    pub dataset: String,
+    pub examples: u64,
+    pub hardware: HardwareInfo,
+    pub version: String,
+    /// The agent's public key, compact form or PEM ([`PublicKey::parse`] takes both).
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardwareInfo {
+    pub cpu: String,
+    pub cores: u32,
+    pub mem_bytes: u64,
+    pub gpu: Option<String>,
+}
+
+/// Training metrics an agent reports with its update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientMetrics {
+    pub loss: f64,
+    pub fedprox_loss: f64,
+    pub grad_norm: f64,
+    pub update_norm: f64,
+    pub steps: u64,
+    pub seconds: f64,
+}
+
+/// `client/<cid>/update/<round>/manifest`, sent after the chunks, signed by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateManifest {
+    pub v: u16,
+    pub client_id: String,
+    pub round: u64,
+    pub base_model_id: String,
+    pub codec: String,
+    pub total_len: u64,
+    pub chunk_count: u32,
+    pub chunk_size: u32,
+    /// Hex SHA-256 of the whole encoded delta.
+    pub sha256: String,
+    pub examples: u64,
+    pub metrics: ClientMetrics,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// `client/<cid>/ack/<round>`: the aggregator's verdict on an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub v: u16,
+    pub client_id: String,
+    pub round: u64,
+    pub accepted: bool,
+    pub reason: Option<RejectReason>,
+    pub detail: String,
+}
+
+impl Ack {
+    pub fn accepted(client_id: &str, round: u64) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            client_id: client_id.to_owned(),
+            round,
+            accepted: true,
+            reason: None,
+            detail: String::new(),
+        }
+    }
+
+    pub fn rejected(
+        client_id: &str,
+        round: u64,
+        reason: RejectReason,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            client_id: client_id.to_owned(),
+            round,
+            accepted: false,
+            reason: Some(reason),
+            detail: detail.into(),
+        }
+    }
+
+    /// A rejection carrying `err`'s reason and message.
+    pub fn from_error(client_id: &str, round: u64, err: &ProtoError) -> Self {
+        Self::rejected(client_id, round, err.reject_reason(), err.to_string())
+    }
+}
+
+/// Why an update (or message) was rejected; `as_str` is stable, for metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    MalformedMessage,
+    WrongVersion,
+    HashMismatch,
+    BadSignature,
+    UnknownKey,
+    ShapeMismatch,
+    NonFinite,
+    Oversize,
+    NormBound,
+    LateOrOldRound,
+    WrongBaseModel,
+    DuplicateUpdate,
+    ChunkFlood,
+    UnsupportedCodec,
+    NotSelected,
+    Internal,
+}
+
+impl RejectReason {
+    /// Every reason, so metrics can register all label values up front.
+    pub const ALL: [RejectReason; 16] = [
+        Self::MalformedMessage,
+        Self::WrongVersion,
+        Self::HashMismatch,
+        Self::BadSignature,
+        Self::UnknownKey,
+        Self::ShapeMismatch,
+        Self::NonFinite,
+        Self::Oversize,
+        Self::NormBound,
+        Self::LateOrOldRound,
+        Self::WrongBaseModel,
+        Self::DuplicateUpdate,
+        Self::ChunkFlood,
+        Self::UnsupportedCodec,
+        Self::NotSelected,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedMessage => "malformed_message",
+            Self::WrongVersion => "wrong_version",
+            Self::HashMismatch => "hash_mismatch",
+            Self::BadSignature => "bad_signature",
+            Self::UnknownKey => "unknown_key",
+            Self::ShapeMismatch => "shape_mismatch",
+            Self::NonFinite => "non_finite",
+            Self::Oversize => "oversize",
+            Self::NormBound => "norm_bound",
+            Self::LateOrOldRound => "late_or_old_round",
+            Self::WrongBaseModel => "wrong_base_model",
+            Self::DuplicateUpdate => "duplicate_update",
+            Self::ChunkFlood => "chunk_flood",
+            Self::UnsupportedCodec => "unsupported_codec",
+            Self::NotSelected => "not_selected",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signing and blob helpers shared by both manifests
+
+/// Domain tags keep a signature over one kind of manifest from verifying as the other.
+const MODEL_MANIFEST_TAG: &[u8] = b"zk0/v1/model-manifest\0";
+const UPDATE_MANIFEST_TAG: &[u8] = b"zk0/v1/update-manifest\0";
+
+macro_rules! signed_blob_manifest {
+    ($ty:ty, $tag:expr) => {
+        impl $ty {
+            /// What the signature covers: a domain tag + this manifest's CBOR with `signature`
+            /// emptied.
+            pub fn signing_bytes(&self) -> Vec<u8> {
+                let mut unsigned = self.clone();
+                unsigned.signature = Vec::new();
+                let mut out = $tag.to_vec();
+                out.extend_from_slice(&encode(&unsigned));
+                out
+            }
+
+            /// Fills `signature`.
+            pub fn sign_with(&mut self, key: &KeyPair) {
+                self.signature = key.sign(&self.signing_bytes()).to_vec();
+            }
+
+            pub fn verify_with(&self, key: &PublicKey) -> Result<(), ProtoError> {
+                key.verify(&self.signing_bytes(), &self.signature)
+            }
+
+            /// The blob's SHA-256 as bytes.
+            pub fn sha256_bytes(&self) -> Result<[u8; 32], ProtoError> {
+                parse_sha256_hex(&self.sha256)
+            }
+
+            /// A reassembly buffer for the blob this manifest describes, refusing blobs over
+            /// `max_len` and manifests whose length, count and chunk size disagree.
+            pub fn reassembly(&self, max_len: u64) -> Result<Reassembly, ProtoError> {
+                Reassembly::new(
+                    self.total_len,
+                    self.chunk_count,
+                    self.chunk_size,
+                    self.sha256_bytes()?,
+                    max_len,
+                )
+            }
+        }
+    };
+}
+
+signed_blob_manifest!(ModelManifest, MODEL_MANIFEST_TAG);
+signed_blob_manifest!(UpdateManifest, UPDATE_MANIFEST_TAG);
+
+impl ModelManifest {
+    /// The names and shapes the model (or delta) blob must decode to.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+        }
+    }
+
+    /// The tensor list of a spec, in name order.
+    pub fn tensor_infos(spec: &ModelSpec) -> Vec<TensorInfo> {
+        spec.tensors
+            .iter()
+            .map(|(name, shape)| TensorInfo {
+                name: name.clone(),
+                shape: shape.clone(),
+            })
+            .collect()
+    }
+}
+
+/// `Vec<u8>` as a CBOR byte string (serde's default would be an array of integers, ~2× larger).
+mod cbor_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            // Also accept an array of small integers, as other CBOR encoders may write.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn update_manifest() -> UpdateManifest {
+        UpdateManifest {
+            v: PROTOCOL_VERSION,
+            client_id: "robot-1".into(),
+            round: 3,
+            base_model_id: "ab".repeat(32),
+            codec: "topk:0.01".into(),
+            total_len: 2_500_000,
+            chunk_count: 3,
+            chunk_size: 1 << 20,
+            sha256: "cd".repeat(32),
+            examples: 1200,
+            metrics: ClientMetrics {
+                loss: 0.5,
+                fedprox_loss: 0.51,
+                grad_norm: 2.0,
+                update_norm: 0.1,
+                steps: 100,
+                seconds: 12.5,
+            },
+            signature: Vec::new(),
+        }
+    }
+
+    pub(crate) fn model_manifest() -> ModelManifest {
+        ModelManifest {
+            v: PROTOCOL_VERSION,
+            model_id: "ef".repeat(32),
+            round: 4,
+            tensors: vec![
+                TensorInfo {
+                    name: "w".into(),
+                    shape: vec![2, 3],
+                },
+                TensorInfo {
+                    name: "b".into(),
+                    shape: vec![3],
+                },
+            ],
+            total_len: 100,
+            chunk_count: 1,
+            chunk_size: 1 << 20,
+            sha256: "01".repeat(32),
+            kind: ModelBlobKind::DeltaFrom {
+                base_model_id: "23".repeat(32),
+            },
+            signature: Vec::new(),
+        }
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(msg: &T) {
+        let bytes = encode(msg);
+        assert_eq!(&decode::<T>(&bytes, DEFAULT_MAX_MESSAGE_LEN).unwrap(), msg);
+        // Every strict prefix is an error, never a panic or a different message.
+        for cut in 0..bytes.len() {
+            assert!(decode::<T>(&bytes[..cut], DEFAULT_MAX_MESSAGE_LEN).is_err());
+        }
+    }
+
+    #[test]
+    fn all_messages_round_trip() {
+        round_trip(&ServerStatus {
+            v: PROTOCOL_VERSION,
+            online: true,
+            round: 7,
+            model_id: Some("ab".repeat(32)),
+            aggregator_key: "SHA256:xyz".into(),
+            ts_ms: 1_700_000_000_000,
+        });
+        let mut lr_overrides = BTreeMap::new();
+        lr_overrides.insert("robot-2".to_string(), 1.15e-4);
+        round_trip(&RoundAnnouncement {
+            v: PROTOCOL_VERSION,
+            round: 7,
+            model_id: "ab".repeat(32),
+            base_model: "lerobot/smolvla_base".into(),
+            hyper: HyperParams {
+                local_steps: 50,
+                lr: 1e-4,
+                mu: 0.01,
+                batch_size: 8,
+                lr_overrides,
+            },
+            deadline_unix_ms: 1_700_000_600_000,
+            min_clients: 2,
+            selected: vec!["robot-1".into(), "robot-2".into()],
+            accepted_codecs: vec!["int8".into(), "topk:0.01".into()],
+            chunk_size: 1 << 20,
+            max_update_bytes: 1 << 30,
+        });
+        let mut m = model_manifest();
+        m.sign_with(&KeyPair::generate());
+        round_trip(&m);
+        round_trip(&ModelManifest {
+            kind: ModelBlobKind::Full,
+            ..model_manifest()
+        });
+        round_trip(&ClientStatus {
+            v: PROTOCOL_VERSION,
+            client_id: "robot-1".into(),
+            online: false,
+            dataset: "lerobot/svla_so100_pickplace".into(),
+            examples: 19631,
+            hardware: HardwareInfo {
+                cpu: "Cortex-A78AE".into(),
+                cores: 12,
+                mem_bytes: 64 << 30,
+                gpu: Some("Orin".into()),
+            },
+            version: "0.1.0".into(),
+            public_key: KeyPair::generate().public().to_compact(),
+        });
+        round_trip(&update_manifest());
+        for reason in RejectReason::ALL.iter().copied().map(Some).chain([None]) {
+            round_trip(&Ack {
+                v: PROTOCOL_VERSION,
+                client_id: "robot-1".into(),
+                round: 3,
+                accepted: reason.is_none(),
+                reason,
+                detail: "because".into(),
+            });
+        }
+    }
+
+    #[test]
+    fn reject_reason_labels_are_stable_snake_case() {
+        let labels: Vec<_> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        let unique: std::collections::BTreeSet<_> = labels.iter().collect();
+        assert_eq!(unique.len(), labels.len());
+        for r in RejectReason::ALL {
+            // serde's name and as_str agree, so JSON/CBOR and metrics use the same label.
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+        assert_eq!(RejectReason::LateOrOldRound.as_str(), "late_or_old_round");
+    }
+
+    #[test]
+    fn version_mismatch_and_oversize_are_rejected() {
+        let mut m = update_manifest();
+        m.v = 2;
+        let bytes = encode(&m);
+        assert!(matches!(
+            decode::<UpdateManifest>(&bytes, DEFAULT_MAX_MESSAGE_LEN),
+            Err(ProtoError::WrongVersion {
+                found: 2,
+                expected: 1
+            })
+        ));
+        // A future version with a different shape still reports the version, not a parse error.
+        #[derive(Serialize)]
+        struct Future {
+            v: u16,
+            everything: Vec<u8>,
+        }
+        let bytes = encode(&Future {
+            v: 9,
+            everything: vec![1, 2],
+        });
+        assert!(matches!(
+            decode::<Ack>(&bytes, 1000),
+            Err(ProtoError::WrongVersion { found: 9, .. })
+        ));
+        let bytes = encode(&update_manifest());
+        assert!(matches!(
+            decode::<UpdateManifest>(&bytes, bytes.len() - 1),
+            Err(ProtoError::Oversize { .. })
+        ));
+        assert!(matches!(
+            decode::<UpdateManifest>(&[0xff, 0x00, 0x13], 100),
+            Err(ProtoError::Cbor(_))
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_does_not_overflow_the_stack() {
+        // 100k nested arrays, then 100k nested maps / tags: must be a clean error.
+        for opener in [0x81u8, 0xa1, 0xc6] {
+            let bytes = vec![opener; 100_000];
+            assert!(decode::<Ack>(&bytes, 1 << 20).is_err());
+        }
+        // A map with `v` first and a deep value after it.
+        let mut bytes = vec![0xa2, 0x61, b'v', 0x01, 0x61, b'x'];
+        bytes.extend(std::iter::repeat_n(0x81u8, 100_000));
+        bytes.push(0x00);
+        assert!(decode::<Ack>(&bytes, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn signature_binds_every_field() {
+        let key = KeyPair::generate();
+        let mut m = update_manifest();
+        m.sign_with(&key);
+        assert_eq!(m.signature.len(), 64);
+        assert!(m.verify_with(&key.public()).is_ok());
+        assert!(m.verify_with(&KeyPair::generate().public()).is_err());
+
+        let mutations: Vec<fn(&mut UpdateManifest)> = vec![
+            |m| m.v += 1,
+            |m| m.client_id.push('x'),
+            |m| m.round += 1,
+            |m| m.base_model_id = "00".repeat(32),
+            |m| m.codec = "int8".into(),
+            |m| m.total_len += 1,
+            |m| m.chunk_count += 1,
+            |m| m.chunk_size -= 1,
+            |m| m.sha256 = "ce".repeat(32),
+            |m| m.examples += 1,
+            |m| m.metrics.loss += 1e-9,
+            |m| m.metrics.fedprox_loss = 0.0,
+            |m| m.metrics.grad_norm = 3.0,
+            |m| m.metrics.update_norm = 0.2,
+            |m| m.metrics.steps += 1,
+            |m| m.metrics.seconds = 1.0,
+            |m| m.signature[0] ^= 1,
+        ];
+        for (i, mutate) in mutations.iter().enumerate() {
+            let mut changed = m.clone();
+            mutate(&mut changed);
+            assert!(
+                changed.verify_with(&key.public()).is_err(),
+                "mutation {i} still verifies"
+            );
+        }
+
+        let mut mm = model_manifest();
+        mm.sign_with(&key);
+        assert!(mm.verify_with(&key.public()).is_ok());
+        let model_mutations: Vec<fn(&mut ModelManifest)> = vec![
+            |m| m.model_id = "00".repeat(32),
+            |m| m.round += 1,
+            |m| m.tensors[0].shape = vec![3, 2],
+            |m| m.tensors[1].name = "c".into(),
+            |m| m.tensors.pop().map(drop).unwrap_or(()),
+            |m| m.total_len += 1,
+            |m| m.chunk_count += 1,
+            |m| m.chunk_size += 1,
+            |m| m.sha256 = "02".repeat(32),
+            |m| m.kind = ModelBlobKind::Full,
+        ];
+        for (i, mutate) in model_mutations.iter().enumerate() {
+            let mut changed = mm.clone();
+            mutate(&mut changed);
+            assert!(
+                changed.verify_with(&key.public()).is_err(),
+                "model mutation {i} still verifies"
+            );
+        }
+    }
+
+    #[test]
+    fn signatures_do_not_transfer_between_manifest_kinds() {
+        let key = KeyPair::generate();
+        let mut u = update_manifest();
+        u.sign_with(&key);
+        let m = model_manifest();
+        // Same key, but the tag differs: a signature over one manifest kind never verifies the other.
+        let forged = ModelManifest {
+            signature: u.signature.clone(),
+            ..m
+        };
+        assert!(forged.verify_with(&key.public()).is_err());
+        assert!(u.signing_bytes().starts_with(UPDATE_MANIFEST_TAG));
+    }
+
+    #[test]
+    fn manifest_helpers() {
+        let m = model_manifest();
+        let spec = m.spec();
+        assert_eq!(spec.tensors["w"], vec![2, 3]);
+        assert_eq!(ModelManifest::tensor_infos(&spec).len(), 2);
+        assert_eq!(m.sha256_bytes().unwrap(), [1u8; 32]);
+        assert!(m.reassembly(1000).is_ok());
+        assert!(matches!(m.reassembly(99), Err(ProtoError::Oversize { .. })));
+        let bad = ModelManifest {
+            chunk_count: 2,
+            ..model_manifest()
+        };
+        assert!(bad.reassembly(1000).is_err());
+
+        let hp = HyperParams {
+            local_steps: 1,
+            lr: 0.1,
+            mu: 0.0,
+            batch_size: 1,
+            lr_overrides: [("a".to_string(), 0.2)].into(),
+        };
+        assert_eq!(hp.lr_for("a"), 0.2);
+        assert_eq!(hp.lr_for("b"), 0.1);
+    }
+
+    #[test]
+    fn signature_is_a_cbor_byte_string() {
+        let mut m = update_manifest();
+        m.signature = vec![7; 64];
+        let bytes = encode(&m);
+        // 0x58 0x40 = byte string of 64 bytes.
+        assert!(bytes.windows(2).any(|w| w == [0x58, 0x40]));
+    }
+
+    #[test]
+    fn ack_constructors() {
+        let a = Ack::accepted("r1", 2);
+        assert!(a.accepted && a.reason.is_none() && a.v == PROTOCOL_VERSION);
+        let err = ProtoError::NonFinite("w".into());
+        let r = Ack::from_error("r1", 2, &err);
+        assert!(!r.accepted);
+        assert_eq!(r.reason, Some(RejectReason::NonFinite));
+        assert!(r.detail.contains("\"w\""));
+    }
+
+    #[test]
+    fn errors_map_to_their_reasons() {
+        use crate::ProtoError as E;
+        let cases = [
+            (
+                E::Oversize {
+                    what: "blob",
+                    len: 2,
+                    max: 1,
+                },
+                RejectReason::Oversize,
+            ),
+            (E::Cbor("x".into()), RejectReason::MalformedMessage),
+            (
+                E::WrongVersion {
+                    found: 2,
+                    expected: 1,
+                },
+                RejectReason::WrongVersion,
+            ),
+            (
+                E::UnsupportedCodec("int4".into()),
+                RejectReason::UnsupportedCodec,
+            ),
+            (
+                E::ShapeMismatch {
+                    name: "w".into(),
+                    expected: vec![1],
+                    found: vec![2],
+                },
+                RejectReason::ShapeMismatch,
+            ),
+            (E::MissingTensor("w".into()), RejectReason::ShapeMismatch),
+            (E::NonFinite("w".into()), RejectReason::NonFinite),
+            (
+                E::HashMismatch {
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                RejectReason::HashMismatch,
+            ),
+            (E::BadSignature, RejectReason::BadSignature),
+            (
+                E::ChunkIndex { index: 9, count: 2 },
+                RejectReason::ChunkFlood,
+            ),
+            (
+                E::ChunkConflict { index: 1 },
+                RejectReason::MalformedMessage,
+            ),
+        ];
+        for (err, reason) in cases {
+            assert_eq!(err.reject_reason(), reason, "{err}");
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn update_manifests_round_trip(
+                client_id in "\\PC{0,20}",
+                round in any::<u64>(),
+                codec in "\\PC{0,12}",
+                total_len in any::<u64>(),
+                examples in any::<u64>(),
+                loss in -1e300f64..1e300,
+                signature in prop::collection::vec(any::<u8>(), 0..80),
+            ) {
+                let metrics = ClientMetrics { loss, ..update_manifest().metrics };
+                let m = UpdateManifest { client_id, round, codec, total_len, examples, signature, metrics, ..update_manifest() };
+                prop_assert_eq!(decode::<UpdateManifest>(&encode(&m), DEFAULT_MAX_MESSAGE_LEN).unwrap(), m);
+            }
+
+            #[test]
+            fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = decode::<ServerStatus>(&bytes, 1 << 20);
+                let _ = decode::<ClientStatus>(&bytes, 1 << 20);
+                let _ = decode::<Ack>(&bytes, 1 << 20);
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = decode::<RoundAnnouncement>(&bytes, 1 << 20);
+            let _ = decode::<ModelManifest>(&bytes, 1 << 20);
+            let _ = decode::<UpdateManifest>(&bytes, 1 << 20);
+        }
+    }
+}

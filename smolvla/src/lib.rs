@@ -1,0 +1,32 @@
+//! SmolVLA, LeRobot's vision-language-action policy, on libtorch (`tch`).
+//!
+//! A faithful port of `lerobot/policies/smolvla` (lerobot 0.6.1): the SmolVLM2 backbone cut to
+//! `num_vlm_layers` (SigLIP vision tower, pixel-shuffle connector, Llama text layers), the
+//! action expert interleaving cross- and self-attention, flow matching with padding masks, the
+//! cached Euler sampler, the freeze rules and the AdamW/clip/cosine schedule of LeRobot's preset.
+//! Parameter names are LeRobot's state-dict keys, so `model.safetensors` loads by name.
+//!
+//! Modules:
+//! - [`config`]: `SmolVLAConfig` and the backbone config, with LeRobot's defaults.
+//! - [`layers`]: linear, norms, RoPE, eager attention, mask helpers.
+//! - [`vision`]: SigLIP vision tower and connector.
+//! - [`text`]: Llama decoder layers, text model and action expert.
+//! - [`model`]: `SmolVLMWithExpertModel` and `VLAFlowMatching` (loss, sampler).
+//! - [`policy`]: `SmolVLAPolicy` (weights, freeze rules, batch preparation, action queue).
+//! - [`processor`]: resize-with-pad, normalization.
+//! - [`optim`]: AdamW, gradient clipping, cosine-with-warmup schedule.
+
+pub mod config;
+mod error;
+pub mod layers;
+pub mod model;
+pub mod optim;
+pub mod policy;
+pub mod processor;
+pub mod text;
+pub mod vision;
+
+pub use config::{ModelDims, SmolVlaConfig, VlmConfig};
+pub use error::{Error, Result};
+pub use model::{Trace, VlaFlowMatching};
+pub use policy::{Batch, LossOutput, SmolVlaPolicy};

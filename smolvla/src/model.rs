@@ -1,0 +1,474 @@
+//! `model.vlm_with_expert` (LeRobot's `SmolVLMWithExpertModel`) and `model`
+//! (`VLAFlowMatching`): prefix/suffix embedding, the joint decoder with interleaved cross- and
+//! self-attention, the flow-matching loss and the cached Euler sampler.
+
+use std::collections::BTreeMap;
+
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+use crate::config::{ModelDims, SmolVlaConfig};
+use crate::layers::{
+    apply_rope, eager_attention, make_att_2d_masks, sinusoidal_time_embedding, Linear,
+};
+use crate::text::{ExpertModel, TextModel};
+use crate::vision::{Connector, VisionTransformer};
+
+/// Named intermediate tensors, recorded only when enabled (for parity checks).
+#[derive(Debug, Default)]
+pub struct Trace {
+    enabled: bool,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Trace {
+    pub fn off() -> Self {
+        Self::default()
+    }
+    pub fn on() -> Self {
+        Self {
+            enabled: true,
+            tensors: BTreeMap::new(),
+        }
+    }
+    pub fn is_on(&self) -> bool {
+        self.enabled
+    }
+    /// Records a detached copy under `name` (first value wins, like LeRobot's hooks).
+    pub fn record(&mut self, name: impl Into<String>, t: &Tensor) {
+        if self.enabled {
+            self.tensors
+                .entry(name.into())
+                .or_insert_with(|| t.detach().copy());
+        }
+    }
+}
+
+/// Per layer: the prefix's post-RoPE keys and values [B, Lp, kv_heads, D] (VLM stream only).
+pub type KvCache = Vec<(Tensor, Tensor)>;
+
+/// `vlm_with_expert`: the SmolVLM2 backbone (vision, connector, text) and the action expert.
+#[derive(Debug)]
+pub struct SmolVlmWithExpert {
+    pub vision_model: VisionTransformer,
+    pub connector: Connector,
+    pub text_model: TextModel,
+    /// `vlm.lm_head.weight`: in LeRobot's state dict but never used by SmolVLA.
+    pub lm_head: Tensor,
+    pub lm_expert: ExpertModel,
+    heads: i64,
+    kv_heads: i64,
+    self_attn_every_n_layers: i64,
+    cross_attn: bool,
+}
+
+impl SmolVlmWithExpert {
+    pub fn new(vs: &Path<'_>, cfg: &SmolVlaConfig, d: &ModelDims) -> Self {
+        let vlm = vs / "vlm";
+        let vlm_model = &vlm / "model";
+        let cross_attn = cfg.attention_mode.contains("cross");
+        let n = cfg.self_attn_every_n_layers;
+        let is_cross = move |l: i64| cross_attn && !(n > 0 && l % n == 0);
+        Self {
+            vision_model: VisionTransformer::new(&(&vlm_model / "vision_model"), &d.vision),
+            connector: Connector::new(
+                &(&vlm_model / "connector"),
+                d.vision.hidden_size,
+                d.text.hidden_size,
+                d.scale_factor,
+            ),
+            text_model: TextModel::new(&(&vlm_model / "text_model"), d),
+            lm_head: (&vlm / "lm_head").var(
+                "weight",
+                &[d.text.vocab_size, d.text.hidden_size],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ),
+            lm_expert: ExpertModel::new(&(vs / "lm_expert"), d, is_cross),
+            heads: d.text.num_attention_heads,
+            kv_heads: d.text.kv_heads(),
+            self_attn_every_n_layers: n,
+            cross_attn,
+        }
+    }
+
+    fn is_cross(&self, l: usize) -> bool {
+        let n = self.self_attn_every_n_layers;
+        self.cross_attn && !(n > 0 && (l as i64) % n == 0)
+    }
+
+    /// Vision tower + connector: [B, 3, S, S] in [-1, 1] → [B, tokens, text hidden].
+    pub fn embed_image(&self, pixels: &Tensor, trace: &mut Trace, cam: usize) -> Tensor {
+        let v = self.vision_model.forward(pixels);
+        trace.record(format!("debug.vision_out_cam{cam}"), &v);
+        let e = self.connector.forward(&v);
+        trace.record(format!("debug.image_emb_cam{cam}"), &e);
+        e
+    }
+
+    fn attn(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
+        eager_attention(q, k, v, mask, self.heads, self.kv_heads)
+    }
+
+    /// Training forward over [prefix, suffix]: `mask` [B, L, L], `pos` [B, L] with
+    /// L = Lp + Ls. Returns both streams after their final norms.
+    pub fn forward_joint(
+        &self,
+        prefix: &Tensor,
+        suffix: &Tensor,
+        mask: &Tensor,
+        pos: &Tensor,
+        trace: &mut Trace,
+    ) -> (Tensor, Tensor) {
+        let lp = prefix.size()[1];
+        let ls = suffix.size()[1];
+        let ppos = pos.narrow(1, 0, lp);
+        let spos = pos.narrow(1, lp, ls);
+        let pmask = mask.narrow(1, 0, lp).narrow(2, 0, lp);
+        let (mut px, mut sx) = (prefix.shallow_clone(), suffix.shallow_clone());
+        for (l, (tl, el)) in self
+            .text_model
+            .layers
+            .iter()
+            .zip(&self.lm_expert.layers)
+            .enumerate()
+        {
+            let (pq, pk, pv) = tl.qkv(&px);
+            let pq = apply_rope(&pq, &ppos);
+            let pk = apply_rope(&pk, &ppos);
+            let (pa, sa) = if self.is_cross(l) {
+                let pa = self.attn(&pq, &pk, &pv, &pmask);
+                let eq = apply_rope(&el.query(&sx), &restart(&spos));
+                let (ek, ev) = el.cross_kv(&pk, &pv);
+                let emask = mask.narrow(1, lp, ls).narrow(2, 0, lp);
+                (pa, self.attn(&eq, &ek, &ev, &emask))
+            } else {
+                let (eq, ek, ev) = el.qkv(&sx);
+                let eq = apply_rope(&eq, &spos);
+                let ek = apply_rope(&ek, &spos);
+                let a = self.attn(
+                    &Tensor::cat(&[&pq, &eq], 1),
+                    &Tensor::cat(&[&pk, &ek], 1),
+                    &Tensor::cat(&[&pv, &ev], 1),
+                    mask,
+                );
+                (a.narrow(1, 0, lp), a.narrow(1, lp, ls))
+            };
+            px = tl.finish(&px, &pa);
+            sx = el.finish(&sx, &sa);
+            trace.record(format!("debug.vlm_layer{l}_out"), &px);
+            trace.record(format!("debug.expert_layer{l}_out"), &sx);
+        }
+        let po = self.text_model.norm.forward(&px);
+        let so = self.lm_expert.norm.forward(&sx);
+        trace.record("debug.vlm_final_norm_out", &po);
+        trace.record("debug.expert_final_norm_out", &so);
+        (po, so)
+    }
+
+    /// Prefill: every layer as self-attention over the prefix alone, keeping each layer's
+    /// post-RoPE K/V (LeRobot's `fill_kv_cache=True`).
+    pub fn fill_cache(&self, prefix: &Tensor, mask: &Tensor, pos: &Tensor) -> KvCache {
+        let mut px = prefix.shallow_clone();
+        let mut cache = Vec::with_capacity(self.text_model.layers.len());
+        for tl in &self.text_model.layers {
+            let (q, k, v) = tl.qkv(&px);
+            let q = apply_rope(&q, pos);
+            let k = apply_rope(&k, pos);
+            let a = self.attn(&q, &k, &v, mask);
+            px = tl.finish(&px, &a);
+            cache.push((k, v));
+        }
+        cache
+    }
+
+    /// The expert stream alone against a prefix cache: `mask` [B, Ls, Lp + Ls], `pos` [B, Ls].
+    pub fn forward_cached(
+        &self,
+        suffix: &Tensor,
+        cache: &KvCache,
+        mask: &Tensor,
+        pos: &Tensor,
+    ) -> Tensor {
+        let mut sx = suffix.shallow_clone();
+        for (l, (el, (ck, cv))) in self.lm_expert.layers.iter().zip(cache).enumerate() {
+            let lp = ck.size()[1];
+            let sa = if self.is_cross(l) {
+                let eq = apply_rope(&el.query(&sx), &restart(pos));
+                let (ek, ev) = el.cross_kv(ck, cv);
+                self.attn(&eq, &ek, &ev, &mask.narrow(2, 0, lp))
+            } else {
+                let (eq, ek, ev) = el.qkv(&sx);
+                let eq = apply_rope(&eq, pos);
+                let ek = apply_rope(&ek, pos);
+                self.attn(
+                    &eq,
+                    &Tensor::cat(&[ck, &ek], 1),
+                    &Tensor::cat(&[cv, &ev], 1),
+                    mask,
+                )
+            };
+            sx = el.finish(&sx, &sa);
+        }
+        self.lm_expert.norm.forward(&sx)
+    }
+}
+
+/// Expert query positions in cross-attention layers restart at 0 (`pos − min(pos)`).
+fn restart(pos: &Tensor) -> Tensor {
+    let (min, _) = pos.min_dim(1, true);
+    pos - min
+}
+
+/// Prefix embedding and its masks.
+#[derive(Debug)]
+pub struct Prefix {
+    pub embs: Tensor,
+    pub pad_masks: Tensor,
+    pub att_masks: Tensor,
+}
+
+/// Outputs of the training forward.
+#[derive(Debug)]
+pub struct FlowOutput {
+    /// (u_t − v_t)² elementwise, [B, chunk, max_action_dim].
+    pub losses: Tensor,
+    pub v_t: Tensor,
+    pub u_t: Tensor,
+    pub x_t: Tensor,
+}
+
+/// `model` (LeRobot's `VLAFlowMatching`).
+#[derive(Debug)]
+pub struct VlaFlowMatching {
+    pub vlm_with_expert: SmolVlmWithExpert,
+    pub state_proj: Linear,
+    pub action_in_proj: Linear,
+    pub action_out_proj: Linear,
+    pub action_time_mlp_in: Linear,
+    pub action_time_mlp_out: Linear,
+    pub chunk_size: i64,
+    pub num_steps: i64,
+    min_period: f64,
+    max_period: f64,
+    expert_hidden: i64,
+    text_hidden: i64,
+}
+
+impl VlaFlowMatching {
+    pub fn new(vs: &Path<'_>, cfg: &SmolVlaConfig, d: &ModelDims) -> Self {
+        let e = d.expert_hidden;
+        Self {
+            vlm_with_expert: SmolVlmWithExpert::new(&(vs / "vlm_with_expert"), cfg, d),
+            state_proj: Linear::new(
+                &(vs / "state_proj"),
+                cfg.max_state_dim,
+                d.text.hidden_size,
+                true,
+            ),
+            action_in_proj: Linear::new(&(vs / "action_in_proj"), cfg.max_action_dim, e, true),
+            action_out_proj: Linear::new(&(vs / "action_out_proj"), e, cfg.max_action_dim, true),
+            action_time_mlp_in: Linear::new(&(vs / "action_time_mlp_in"), 2 * e, e, true),
+            action_time_mlp_out: Linear::new(&(vs / "action_time_mlp_out"), e, e, true),
+            chunk_size: cfg.chunk_size,
+            num_steps: cfg.num_steps,
+            min_period: cfg.min_period,
+            max_period: cfg.max_period,
+            expert_hidden: e,
+            text_hidden: d.text.hidden_size,
+        }
+    }
+
+    /// `embed_prefix`: camera tokens (×√hidden), language tokens (×√hidden), one state token.
+    /// `images` are already prepared ([-1, 1], square); `img_masks` [B] bool each.
+    pub fn embed_prefix(
+        &self,
+        images: &[Tensor],
+        img_masks: &[Tensor],
+        lang_tokens: &Tensor,
+        lang_masks: &Tensor,
+        state: &Tensor,
+        trace: &mut Trace,
+    ) -> Prefix {
+        let mut embs = Vec::new();
+        let mut pads = Vec::new();
+        let mut att: Vec<i64> = Vec::new();
+        let scale = (self.text_hidden as f64).sqrt();
+        for (i, (img, m)) in images.iter().zip(img_masks).enumerate() {
+            let e = self.vlm_with_expert.embed_image(img, trace, i);
+            let (b, n) = (e.size()[0], e.size()[1]);
+            // LeRobot multiplies by a tensor of the embedding dtype; a float32 scalar is the same.
+            embs.push(e * scale);
+            pads.push(m.to_kind(Kind::Bool).unsqueeze(1).expand([b, n], false));
+            att.extend(std::iter::repeat_n(0, n as usize));
+        }
+        let lang = self.vlm_with_expert.text_model.embed(lang_tokens) * scale;
+        att.extend(std::iter::repeat_n(0, lang_tokens.size()[1] as usize));
+        embs.push(lang);
+        pads.push(lang_masks.to_kind(Kind::Bool));
+        let st = self.state_proj.forward(state).unsqueeze(1);
+        let b = st.size()[0];
+        embs.push(st);
+        pads.push(Tensor::ones([b, 1], (Kind::Bool, state.device())));
+        att.push(1);
+        let embs = Tensor::cat(&embs, 1);
+        let pad_masks = Tensor::cat(&pads, 1);
+        let att_masks = Tensor::from_slice(&att)
+            .to_kind(Kind::Bool)
+            .to_device(state.device())
+            .unsqueeze(0)
+            .expand([b, att.len() as i64], false);
+        trace.record("debug.prefix_embs", &embs);
+        trace.record("debug.prefix_pad_masks", &pad_masks);
+        trace.record("debug.prefix_att_masks", &att_masks);
+        Prefix {
+            embs,
+            pad_masks,
+            att_masks,
+        }
+    }
+
+    /// `embed_suffix`: noisy actions and time through `action_time_mlp`; every action token
+    /// starts a new attention block (causal among actions).
+    pub fn embed_suffix(&self, x_t: &Tensor, time: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let a = self.action_in_proj.forward(x_t);
+        let (b, c) = (a.size()[0], a.size()[1]);
+        let temb =
+            sinusoidal_time_embedding(time, self.expert_hidden, self.min_period, self.max_period)
+                .to_kind(a.kind())
+                .unsqueeze(1)
+                .expand_as(&a);
+        let h = self
+            .action_time_mlp_in
+            .forward(&Tensor::cat(&[&a, &temb], 2))
+            .silu();
+        let h = self.action_time_mlp_out.forward(&h);
+        let pad = Tensor::ones([b, c], (Kind::Bool, x_t.device()));
+        let att = Tensor::ones([b, c], (Kind::Bool, x_t.device()));
+        (h, pad, att)
+    }
+
+    /// `VLAFlowMatching.forward`: x_t = t·noise + (1−t)·actions, u_t = noise − actions,
+    /// v_t from the joint decoder, losses = (u_t − v_t)².
+    pub fn forward(
+        &self,
+        images: &[Tensor],
+        img_masks: &[Tensor],
+        lang_tokens: &Tensor,
+        lang_masks: &Tensor,
+        state: &Tensor,
+        actions: &Tensor,
+        noise: &Tensor,
+        time: &Tensor,
+        trace: &mut Trace,
+    ) -> FlowOutput {
+        let t = time.view([-1, 1, 1]);
+        let x_t = &t * noise + (1.0 - &t) * actions;
+        let u_t = noise - actions;
+        trace.record("debug.x_t", &x_t);
+        let prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state, trace);
+        let (s_embs, s_pad, s_att) = self.embed_suffix(&x_t, time);
+        trace.record("debug.suffix_embs", &s_embs);
+        let pad = Tensor::cat(&[&prefix.pad_masks, &s_pad], 1);
+        let att = Tensor::cat(&[&prefix.att_masks, &s_att], 1);
+        let mask = make_att_2d_masks(&pad, &att);
+        let pos = pad.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+        trace.record("debug.att_2d_masks", &mask);
+        trace.record("debug.position_ids", &pos);
+        let (_, so) = self
+            .vlm_with_expert
+            .forward_joint(&prefix.embs, &s_embs, &mask, &pos, trace);
+        let l = so.size()[1];
+        let so = so
+            .narrow(1, l - self.chunk_size, self.chunk_size)
+            .to_kind(Kind::Float);
+        let v_t = self.action_out_proj.forward(&so);
+        let losses = (&u_t - &v_t).square();
+        FlowOutput {
+            losses,
+            v_t,
+            u_t,
+            x_t,
+        }
+    }
+
+    /// `sample_actions`: prefill the prefix cache, then `num_steps` Euler steps from `noise`
+    /// (t = 1) to t ≈ 0. Returns x_0 padded to max_action_dim. With tracing on it records each
+    /// step's x_t, v_t and t.
+    pub fn sample_actions(
+        &self,
+        images: &[Tensor],
+        img_masks: &[Tensor],
+        lang_tokens: &Tensor,
+        lang_masks: &Tensor,
+        state: &Tensor,
+        noise: &Tensor,
+        trace: &mut Trace,
+    ) -> Tensor {
+        let mut quiet = Trace::off();
+        let prefix = self.embed_prefix(
+            images,
+            img_masks,
+            lang_tokens,
+            lang_masks,
+            state,
+            &mut quiet,
+        );
+        let pmask = make_att_2d_masks(&prefix.pad_masks, &prefix.att_masks);
+        let ppos = prefix.pad_masks.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+        let cache = self.vlm_with_expert.fill_cache(&prefix.embs, &pmask, &ppos);
+        let b = noise.size()[0];
+        let dt = -1.0 / self.num_steps as f64;
+        let mut x = noise.shallow_clone();
+        let (mut xs, mut vs, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..self.num_steps {
+            let t = 1.0 + k as f64 * dt;
+            let time = Tensor::from(t as f32)
+                .to_device(noise.device())
+                .expand([b], false);
+            let v = self.denoise_step(&prefix.pad_masks, &cache, &x, &time);
+            if trace.is_on() {
+                xs.push(x.detach().copy());
+                vs.push(v.detach().copy());
+                ts.push(time.copy());
+            }
+            x = &x + v * dt;
+        }
+        if trace.is_on() {
+            trace.record("sample.x_t_steps", &Tensor::stack(&xs, 0));
+            trace.record("sample.v_t_steps", &Tensor::stack(&vs, 0));
+            trace.record("sample.time_steps", &Tensor::stack(&ts, 0));
+            trace.record("sample.x_0_padded", &x);
+        }
+        x
+    }
+
+    /// `denoise_step`: the velocity at (x_t, t) given the prefix cache.
+    pub fn denoise_step(
+        &self,
+        prefix_pad: &Tensor,
+        cache: &KvCache,
+        x_t: &Tensor,
+        time: &Tensor,
+    ) -> Tensor {
+        let (s_embs, s_pad, s_att) = self.embed_suffix(x_t, time);
+        let (b, ls) = (s_pad.size()[0], s_pad.size()[1]);
+        let lp = prefix_pad.size()[1];
+        let prefix_2d = prefix_pad.unsqueeze(1).expand([b, ls, lp], false);
+        let mask = Tensor::cat(&[prefix_2d, make_att_2d_masks(&s_pad, &s_att)], 2);
+        let offsets = prefix_pad
+            .to_kind(Kind::Int64)
+            .sum_dim_intlist(-1, true, Kind::Int64);
+        let pos = offsets + s_pad.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+        let so = self
+            .vlm_with_expert
+            .forward_cached(&s_embs, cache, &mask, &pos);
+        let l = so.size()[1];
+        let so = so
+            .narrow(1, l - self.chunk_size, self.chunk_size)
+            .to_kind(Kind::Float);
+        self.action_out_proj.forward(&so)
+    }
+}

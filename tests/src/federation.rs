@@ -1,0 +1,566 @@
+//! A whole federation on loopback for end-to-end tests: one `zk0-aggregator`, N `zk0-agent`
+//! daemons running the test-only `zk0-fake-worker`, and an observer MQTT client that records
+//! every update and model blob so a test can recompute each round's weighted average itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc_ring::{Client, Event, MqttOptions, Packet, QoS};
+use shared_proto::message::{self, ModelManifest, UpdateManifest};
+use shared_proto::tensor::{read_safetensors, write_safetensors, ModelSpec, Tensor, TensorSet};
+use shared_proto::topic::{TopicKind, Topics};
+
+use crate::{bin, free_port, run_ok, ChildGuard};
+
+/// Which broker the federation uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// The aggregator's embedded rumqttd.
+    Embedded,
+    /// A mosquitto process started by the harness.
+    Mosquitto,
+}
+
+/// Everything the observer saw, keyed for reassembly.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// (client, round) → chunk index → bytes.
+    pub update_chunks: HashMap<(String, u64), BTreeMap<u32, Vec<u8>>>,
+    pub update_manifests: HashMap<(String, u64), UpdateManifest>,
+    pub model_chunks: HashMap<String, BTreeMap<u32, Vec<u8>>>,
+    pub model_manifests: HashMap<String, ModelManifest>,
+    /// (client, round) → (accepted, reason)
+    pub acks: HashMap<(String, u64), (bool, Option<String>)>,
+}
+
+impl Observed {
+    /// The blob of an update, if every chunk was seen.
+    pub fn update_blob(&self, cid: &str, round: u64) -> Option<(Vec<u8>, UpdateManifest)> {
+        let m = self
+            .update_manifests
+            .get(&(cid.to_string(), round))?
+            .clone();
+        let chunks = self.update_chunks.get(&(cid.to_string(), round))?;
+        let mut blob = Vec::new();
+        for i in 0..m.chunk_count {
+            blob.extend_from_slice(chunks.get(&i)?);
+        }
+        Some((blob, m))
+    }
+
+    /// The published bytes of a global model, if every chunk was seen.
+    pub fn model_blob(&self, id: &str) -> Option<Vec<u8>> {
+        let m = self.model_manifests.get(id)?;
+        let chunks = self.model_chunks.get(id)?;
+        let mut blob = Vec::new();
+        for i in 0..m.chunk_count {
+            blob.extend_from_slice(chunks.get(&i)?);
+        }
+        Some(blob)
+    }
+}
+
+/// Observer MQTT client on its own thread; stops when dropped (bounded by the process).
+pub struct Observer {
+    pub seen: Arc<Mutex<Observed>>,
+    client: Client,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+impl Observer {
+    pub fn start(port: u16, federation: &str) -> Result<Observer> {
+        Self::start_with(port, federation, None)
+    }
+
+    /// Like [`Observer::start`], logging in with `(username, password)`.
+    pub fn start_with(
+        port: u16,
+        federation: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<Observer> {
+        let topics = Topics::new(federation)?;
+        let mut opts = MqttOptions::new(
+            format!("zk0-test-observer-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        opts.set_max_packet_size(64 << 20, 64 << 20);
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, mut conn) = Client::new(opts, 1024);
+        let seen = Arc::new(Mutex::new(Observed::default()));
+        let s2 = seen.clone();
+        let sub = client.clone();
+        let filter = format!("{}/#", topics.prefix());
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub.subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.payload.is_empty() {
+                            continue;
+                        }
+                        let Ok(mut o) = s2.lock() else { return };
+                        record(&topics, &mut o, &p.topic, &p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc_ring::ConnectionError::RequestsDone) => return,
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        Ok(Observer { seen, client })
+    }
+
+    /// Waits until the observer's subscription is in place (it sees the retained server status).
+    pub fn wait_subscribed(&self, timeout: Duration) -> Result<()> {
+        crate::wait_for(timeout, "observer subscription", || {
+            let o = self.seen.lock().ok()?;
+            (!o.model_manifests.is_empty()).then_some(())
+        })
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
+    let max = message::DEFAULT_MAX_MESSAGE_LEN;
+    match topics.parse(topic) {
+        Some(TopicKind::UpdateChunk {
+            client_id,
+            round,
+            index,
+        }) => {
+            o.update_chunks
+                .entry((client_id, round))
+                .or_default()
+                .insert(index, payload.to_vec());
+        }
+        Some(TopicKind::UpdateManifest { client_id, round }) => {
+            if let Ok(m) = message::decode::<UpdateManifest>(payload, max) {
+                o.update_manifests.insert((client_id, round), m);
+            }
+        }
+        Some(TopicKind::ModelChunk { model_id, index }) => {
+            o.model_chunks
+                .entry(model_id)
+                .or_default()
+                .insert(index, payload.to_vec());
+        }
+        Some(TopicKind::ModelManifest { model_id }) => {
+            if let Ok(m) = message::decode::<ModelManifest>(payload, max) {
+                o.model_manifests.insert(model_id, m);
+            }
+        }
+        Some(TopicKind::Ack { client_id, round }) => {
+            if let Ok(a) = message::decode::<message::Ack>(payload, max) {
+                o.acks.insert(
+                    (client_id, round),
+                    (a.accepted, a.reason.map(|r| r.as_str().to_string())),
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A small deterministic "trainable tensors" model (a few thousand parameters, several chunks
+/// at the test chunk size).
+pub fn tiny_model() -> TensorSet {
+    let mk = |shape: Vec<usize>, k: f32| {
+        let n: usize = shape.iter().product();
+        Tensor {
+            shape,
+            data: (0..n).map(|i| ((i as f32) * 0.001 + k).sin()).collect(),
+        }
+    };
+    let mut m = TensorSet::new();
+    m.insert("action_expert.layer0.weight".into(), mk(vec![48, 64], 0.1));
+    m.insert("action_expert.layer0.bias".into(), mk(vec![64], 0.2));
+    m.insert("state_proj.weight".into(), mk(vec![32, 6, 4], 0.3));
+    m
+}
+
+/// The aggregator and agents of one test, with their directories.
+#[derive(Debug)]
+pub struct Federation {
+    pub dir: PathBuf,
+    pub federation: String,
+    pub port: u16,
+    pub state_dir: PathBuf,
+    pub clients: Vec<(String, u64, String)>,
+    pub aggregator: Option<ChildGuard>,
+    pub agents: BTreeMap<String, ChildGuard>,
+    pub broker: Option<ChildGuard>,
+    pub broker_kind: BrokerKind,
+    /// The training worker the agents run (the test-only fake worker until zk0-train exists).
+    pub worker: PathBuf,
+    /// Prometheus listen address given to the aggregator (empty: disabled).
+    pub metrics_listen: String,
+    /// Broker logins: username → password. Empty runs everything with `--insecure`.
+    pub users: BTreeMap<String, String>,
+}
+
+impl Federation {
+    /// Initialises the state dir, agent keys, enrollment and datasets. `clients` are
+    /// (id, examples, codec).
+    pub fn setup(
+        dir: &Path,
+        kind: BrokerKind,
+        worker: &Path,
+        clients: &[(&str, u64, &str)],
+    ) -> Result<Federation> {
+        anyhow::ensure!(worker.exists(), "worker not found at {}", worker.display());
+        let federation = "e2e".to_string();
+        let state_dir = dir.join("aggregator");
+        let model_path = dir.join("initial.safetensors");
+        std::fs::write(
+            &model_path,
+            write_safetensors(&tiny_model(), &BTreeMap::new()),
+        )?;
+        run_ok(
+            Command::new(bin("zk0-aggregator"))
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("init")
+                .arg("--model")
+                .arg(&model_path),
+        )?;
+        for (cid, examples, _) in clients {
+            let cdir = dir.join(cid);
+            std::fs::create_dir_all(cdir.join(format!("ds-{cid}")))?;
+            std::fs::write(
+                cdir.join(format!("ds-{cid}")).join("examples.txt"),
+                examples.to_string(),
+            )?;
+            run_ok(
+                Command::new(bin("zk0-agent"))
+                    .args(["keys", "init", "--key"])
+                    .arg(cdir.join("agent.key")),
+            )?;
+            run_ok(
+                Command::new(bin("zk0-aggregator"))
+                    .arg("--state-dir")
+                    .arg(&state_dir)
+                    .args(["keys", "enroll", "--client-id", cid])
+                    .arg(cdir.join("agent.key.pub")),
+            )?;
+        }
+        let port = free_port()?;
+        Ok(Federation {
+            dir: dir.to_path_buf(),
+            federation,
+            port,
+            state_dir,
+            clients: clients
+                .iter()
+                .map(|(c, e, k)| (c.to_string(), *e, k.to_string()))
+                .collect(),
+            aggregator: None,
+            agents: BTreeMap::new(),
+            broker: None,
+            broker_kind: kind,
+            worker: worker.to_path_buf(),
+            metrics_listen: String::new(),
+            users: BTreeMap::new(),
+        })
+    }
+
+    /// Starts mosquitto on `port` when the federation uses it. Returns false when the binary
+    /// is not installed (the caller skips).
+    pub fn start_broker(&mut self) -> Result<bool> {
+        if self.broker_kind == BrokerKind::Embedded {
+            return Ok(true);
+        }
+        let Some(mosq) = find_mosquitto() else {
+            return Ok(false);
+        };
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n", self.port),
+        )?;
+        let mut cmd = Command::new(mosq);
+        cmd.arg("-c").arg(&conf);
+        self.broker = Some(ChildGuard::spawn(
+            "mosquitto",
+            cmd,
+            &self.dir.join("mosquitto.log"),
+        )?);
+        let port = self.port;
+        crate::wait_for(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })?;
+        Ok(true)
+    }
+
+    /// Starts the aggregator for `rounds` rounds with the given deadline.
+    pub fn start_aggregator(&mut self, rounds: u64, timeout_s: f64, extra: &[&str]) -> Result<()> {
+        let mut cmd = Command::new(bin("zk0-aggregator"));
+        if self.users.is_empty() {
+            cmd.arg("--state-dir")
+                .arg(&self.state_dir)
+                .arg("serve")
+                .arg("--insecure");
+        } else {
+            // Authenticated embedded broker: the users go in a config file.
+            let mut toml = String::from("[broker.users]\n");
+            for (u, p) in &self.users {
+                toml.push_str(&format!("{u:?} = {p:?}\n"));
+            }
+            let path = self.dir.join("aggregator.toml");
+            std::fs::write(&path, toml)?;
+            cmd.arg("--config")
+                .arg(&path)
+                .arg("--state-dir")
+                .arg(&self.state_dir)
+                .arg("serve");
+        }
+        cmd.arg("--exit-when-done");
+        cmd.args([
+            "--federation",
+            &self.federation,
+            "--metrics-listen",
+            &self.metrics_listen,
+        ]);
+        cmd.args([
+            "--rounds",
+            &rounds.to_string(),
+            "--min-clients",
+            &self.clients.len().to_string(),
+        ]);
+        cmd.args([
+            "--round-timeout-s",
+            &timeout_s.to_string(),
+            "--chunk-size",
+            "4096",
+        ]);
+        match self.broker_kind {
+            BrokerKind::Embedded => {
+                cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+            }
+            BrokerKind::Mosquitto => {
+                cmd.args(["--broker", &format!("mqtt://127.0.0.1:{}", self.port)]);
+            }
+        }
+        cmd.args(extra);
+        self.aggregator = Some(ChildGuard::spawn(
+            "zk0-aggregator",
+            cmd,
+            &self.dir.join("aggregator.log"),
+        )?);
+        let port = self.port;
+        crate::wait_for(Duration::from_secs(20), "the broker port", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })
+    }
+
+    /// Starts (or restarts) one agent.
+    pub fn start_agent(&mut self, cid: &str, max_rounds: u64) -> Result<()> {
+        self.start_agent_env(cid, max_rounds, &[])
+    }
+
+    /// Starts (or restarts) one agent with extra environment (e.g. `ZK0_FAKE_WORKER_SLEEP_MS`).
+    pub fn start_agent_env(
+        &mut self,
+        cid: &str,
+        max_rounds: u64,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let (_, _, codec) = self
+            .clients
+            .iter()
+            .find(|c| c.0 == cid)
+            .context("unknown client")?
+            .clone();
+        let cdir = self.dir.join(cid);
+        let worker = self.worker.clone();
+        let cfg = format!(
+            "client_id = {cid:?}\nfederation = {fed:?}\nbroker = \"mqtt://127.0.0.1:{port}\"\n{login}\n\
+             key_file = {key:?}\naggregator_key = {agg:?}\ndataset = {ds:?}\ncache_dir = {cache:?}\n\
+             work_dir = {work:?}\ncodec = {codec:?}\nworker = [{worker:?}, \"train\"]\n",
+            fed = self.federation,
+            port = self.port,
+            login = match self.users.get(cid) {
+                Some(p) => format!("username = {cid:?}\npassword = {p:?}"),
+                None => "insecure = true".to_string(),
+            },
+            key = cdir.join("agent.key"),
+            agg = self.state_dir.join("aggregator.pub"),
+            ds = cdir.join(format!("ds-{cid}")),
+            cache = cdir.join("cache"),
+            work = cdir.join("work"),
+        );
+        let cfg_path = cdir.join("agent.toml");
+        std::fs::write(&cfg_path, cfg)?;
+        let mut cmd = Command::new(bin("zk0-agent"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(["--max-rounds", &max_rounds.to_string()]);
+        cmd.envs(env.iter().copied());
+        let g = ChildGuard::spawn(cid, cmd, &self.dir.join(format!("{cid}.log")))?;
+        self.agents.insert(cid.to_string(), g);
+        Ok(())
+    }
+
+    /// The aggregator's persisted state (as JSON).
+    pub fn state(&self) -> Result<serde_json::Value> {
+        let b = std::fs::read(self.state_dir.join("state.json"))?;
+        Ok(serde_json::from_slice(&b)?)
+    }
+
+    /// Waits until the persisted state satisfies `f`.
+    pub fn wait_state(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        crate::wait_for(timeout, what, || self.state().ok().filter(|s| f(s)))
+    }
+
+    /// A stored global model by id.
+    pub fn model(&self, id: &str) -> Result<TensorSet> {
+        let b = std::fs::read(
+            self.state_dir
+                .join("models")
+                .join(format!("{id}.safetensors")),
+        )?;
+        Ok(read_safetensors(&b)?.0)
+    }
+
+    /// The last lines of every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    s.push_str(&format!("==== {} ====\n", p.display()));
+                    for l in tail.into_iter().rev() {
+                        s.push_str(l);
+                        s.push('\n');
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Checks every finished round: the published model equals (1e-6) the example-weighted
+    /// average of the clients' decoded deltas applied to the round's base model, recomputed
+    /// here from what the observer saw on the wire. Returns the number of rounds checked.
+    pub fn verify_rounds(&self, seen: &Observed) -> Result<usize> {
+        let state = self.state()?;
+        let history = state["history"]
+            .as_array()
+            .context("state has no history")?;
+        for h in history {
+            let round = h["round"].as_u64().context("round")?;
+            let base_id = h["base_model_id"].as_str().context("base id")?;
+            let new_id = h["model_id"].as_str().context("model id")?;
+            let base = self.model(base_id)?;
+            let spec = ModelSpec::from_tensors(&base);
+            let accepted: Vec<String> = h["accepted"]
+                .as_array()
+                .context("accepted")?
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            anyhow::ensure!(!accepted.is_empty(), "round {round} accepted nobody");
+            let mut expected: BTreeMap<String, Vec<f64>> = base
+                .iter()
+                .map(|(k, t)| (k.clone(), t.data.iter().map(|x| f64::from(*x)).collect()))
+                .collect();
+            let mut sum: BTreeMap<String, Vec<f64>> = base
+                .iter()
+                .map(|(k, t)| (k.clone(), vec![0.0; t.data.len()]))
+                .collect();
+            let mut total = 0.0f64;
+            for cid in &accepted {
+                let (blob, m) = seen.update_blob(cid, round).with_context(|| {
+                    format!("observer missed the update of {cid} in round {round}")
+                })?;
+                anyhow::ensure!(
+                    shared_proto::hash::sha256_hex(&blob) == m.sha256,
+                    "observed blob of {cid}/{round} does not hash"
+                );
+                let delta = shared_proto::codec::decode_delta(&blob, &spec, 1 << 30)?;
+                let w = m.examples as f64;
+                total += w;
+                for (k, t) in &delta {
+                    for (s, x) in sum.get_mut(k).context("tensor")?.iter_mut().zip(&t.data) {
+                        *s += w * f64::from(*x);
+                    }
+                }
+            }
+            for (k, e) in expected.iter_mut() {
+                for (x, s) in e.iter_mut().zip(&sum[k]) {
+                    *x += s / total;
+                }
+            }
+            // The model as published on the wire (not just the aggregator's file).
+            let published = seen
+                .model_blob(new_id)
+                .with_context(|| format!("observer missed published model {new_id}"))?;
+            anyhow::ensure!(
+                shared_proto::hash::sha256_hex(&published) == new_id,
+                "published model {new_id} does not hash to its id"
+            );
+            let (got, _) = read_safetensors(&published)?;
+            let mut max_err = 0.0f64;
+            for (k, e) in &expected {
+                let g = &got
+                    .get(k)
+                    .with_context(|| format!("published model lacks {k}"))?
+                    .data;
+                anyhow::ensure!(g.len() == e.len(), "tensor {k} length");
+                for (a, b) in g.iter().zip(e) {
+                    max_err = max_err.max((f64::from(*a) - b).abs());
+                }
+            }
+            anyhow::ensure!(
+                max_err <= 1e-6,
+                "round {round}: published model differs from the weighted average by {max_err:e}"
+            );
+            eprintln!("round {round}: {} clients, published model matches the weighted average (max |err| = {max_err:.2e})", accepted.len());
+        }
+        Ok(history.len())
+    }
+}
+
+/// `mosquitto` on PATH or in /usr/sbin.
+pub fn find_mosquitto() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/sbin".into());
+    dirs.push("/usr/local/sbin".into());
+    dirs.into_iter()
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}

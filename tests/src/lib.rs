@@ -1,0 +1,155 @@
+//! Helpers for the workspace end-to-end tests: locating the built binaries and the vendored
+//! fixtures, free loopback ports, and child processes that are killed when dropped.
+//!
+//! The daemons are found in the workspace target dir (`$CARGO_TARGET_DIR` or `<workspace>/target`,
+//! `debug` profile). [`ensure_built`] runs `cargo build -p aggregator -p edge-agent` once per
+//! test process so `cargo test -p zk0-e2e` works from a clean tree (set `ZK0_E2E_NO_BUILD=1` to
+//! use the binaries already built); the test-only
+//! `zk0-fake-worker` comes from this crate (`CARGO_BIN_EXE_zk0-fake-worker` in test targets).
+
+pub mod federation;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// `<target>/debug`, honouring `CARGO_TARGET_DIR`.
+pub fn target_debug_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        workspace_root().join(target)
+    };
+    target.join("debug")
+}
+
+/// Path of a workspace binary in the debug target dir.
+pub fn bin(name: &str) -> PathBuf {
+    target_debug_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Builds the daemons (`cargo build -p aggregator -p edge-agent`) once per test process.
+pub fn ensure_built() -> Result<()> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if std::env::var_os("ZK0_E2E_NO_BUILD").is_some() {
+                return Ok(()); // use the binaries already in the target dir
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["build", "-p", "aggregator", "-p", "edge-agent"])
+                .status()
+                .map_err(|e| format!("running cargo build: {e}"))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cargo build -p aggregator -p edge-agent failed: {st}"
+                ))
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released; the small race is acceptable in tests).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    pub name: String,
+    pub child: Child,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd`, appending its stdout+stderr to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let f2 = f.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "{} still running after {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,85 @@
+//! End-to-end: the embedded broker with per-client credentials (no `--insecure`). An agent with
+//! its password completes a round; clients with a wrong password or none are refused.
+//! (TLS / `mqtts://` is not implemented yet.)
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rumqttc_ring::{Client, ConnectReturnCode, Event, MqttOptions, Packet};
+use zk0_e2e::federation::{BrokerKind, Federation, Observer};
+
+/// Whether a client with this login gets a successful CONNACK within 3 s.
+fn can_connect(port: u16, login: Option<(&str, &str)>) -> bool {
+    let mut opts = MqttOptions::new(
+        format!("zk0-test-intruder-{}", login.map_or("anon", |l| l.0)),
+        "127.0.0.1",
+        port,
+    );
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (_c, mut conn) = Client::new(opts, 10);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        match conn.recv_timeout(Duration::from_millis(500)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => {
+                return a.code == ConnectReturnCode::Success
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return false,
+            Err(_) => {}
+        }
+    }
+    false
+}
+
+#[test]
+fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()> {
+    zk0_e2e::ensure_built()?;
+    let tmp = tempfile::tempdir()?;
+    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
+    let mut fed = Federation::setup(
+        tmp.path(),
+        BrokerKind::Embedded,
+        worker.as_ref(),
+        &[("robot-a", 50, "int8")],
+    )?;
+    fed.users.insert("robot-a".into(), "pw-robot-a".into());
+    fed.users.insert("observer".into(), "pw-observer".into());
+    let r = (|| -> Result<()> {
+        fed.start_aggregator(1, 30.0, &[])?;
+        let observer =
+            Observer::start_with(fed.port, &fed.federation, Some(("observer", "pw-observer")))?;
+        observer.wait_subscribed(Duration::from_secs(20))?;
+        anyhow::ensure!(
+            !can_connect(fed.port, Some(("robot-a", "wrong"))),
+            "a wrong password was accepted"
+        );
+        anyhow::ensure!(
+            !can_connect(fed.port, None),
+            "a client without credentials was accepted"
+        );
+        anyhow::ensure!(
+            can_connect(fed.port, Some(("observer", "pw-observer"))),
+            "a right password was refused"
+        );
+        fed.start_agent("robot-a", 1)?;
+        let st = fed
+            .aggregator
+            .as_mut()
+            .map(|a| a.wait_timeout(Duration::from_secs(60)))
+            .transpose()?;
+        anyhow::ensure!(
+            st.is_some_and(|s| s.success()),
+            "aggregator exited with {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let seen = observer
+            .seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
+        anyhow::ensure!(fed.verify_rounds(&seen)? == 1, "expected 1 round");
+        Ok(())
+    })();
+    r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
+}

@@ -1,0 +1,143 @@
+//! `zk0-train`: the libtorch worker of zk0 — parity checks against LeRobot fixtures
+//! (`compare`), device diagnostics (`doctor`) and FedProx local training (`train`).
+
+mod compare;
+mod doctor;
+mod pipeline;
+mod train;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// The crate version and the libtorch it was built against.
+fn long_version() -> &'static str {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (libtorch ",
+        env!("ZK0_LIBTORCH_VERSION"),
+        ")"
+    )
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "zk0-train", version = long_version(), about = "zk0 SmolVLA training worker (libtorch)")]
+struct Cli {
+    /// Intra-op CPU threads for libtorch (default: all cores).
+    #[arg(long, global = true, env = "ZK0_THREADS")]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Recompute every expected tensor of a LeRobot SmolVLA fixture and report the errors
+    /// (JSON on stdout); exits 1 when any tensor is out of tolerance or not computed.
+    Compare {
+        /// Fixture directory (config.json, vlm_config.json, model.safetensors, inputs/expected).
+        #[arg(long)]
+        fixture: PathBuf,
+        /// Pipeline fixture directory (dataset → processor → model), checked as well.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+    },
+    /// Run a small tensor op on every available device and print JSON.
+    Doctor,
+    /// FedProx local training on a LeRobot dataset: JSON lines of progress on stdout, the
+    /// trained trainable tensors (safetensors) and a metrics JSON written to files.
+    Train {
+        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        #[arg(long)]
+        model: PathBuf,
+        /// Global model weights (safetensors, LeRobot names; all or a subset) to start from.
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// LeRobot dataset directory (v3.0 or v2.1).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// tokenizer.json (default: MODEL/tokenizer.json).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Learning rate (default: the config's optimizer_lr).
+        #[arg(long)]
+        lr: Option<f64>,
+        /// FedProx proximal coefficient.
+        #[arg(long, default_value_t = 0.0)]
+        mu: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// Output: trained trainable tensors.
+        #[arg(long)]
+        out_params: PathBuf,
+        /// Output: metrics JSON.
+        #[arg(long)]
+        out_metrics: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n.max(1));
+    }
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("zk0-train: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.cmd {
+        Cmd::Compare { fixture, dataset } => {
+            let (report, ok) = compare::run(&fixture, dataset.as_ref())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ok)
+        }
+        Cmd::Train {
+            model,
+            global,
+            dataset,
+            tokenizer,
+            steps,
+            batch_size,
+            lr,
+            mu,
+            seed,
+            out_params,
+            out_metrics,
+        } => {
+            let args = train::TrainArgs {
+                model,
+                global,
+                dataset,
+                tokenizer,
+                steps,
+                batch_size,
+                lr,
+                mu,
+                seed,
+                out_params,
+                out_metrics,
+            };
+            let metrics = train::run(&args)?;
+            println!("{}", serde_json::json!({"event": "done", "metrics": metrics}));
+            Ok(true)
+        }
+        Cmd::Doctor => {
+            let (report, ok) = doctor::run(long_version());
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ok)
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! `zk0-train train`: FedProx local training of SmolVLA on a LeRobot dataset.
+//!
+//! Each step: a batch of random frames with their action chunks (delta timestamps, padding
+//! flags as LeRobot makes them), LeRobot's preprocessing (task + "\n" tokenized, MEAN_STD
+//! state/action), the flow-matching loss plus the proximal term (mu/2)·‖θ − θ_global‖² over the
+//! trainable parameters, clip to the preset's norm, AdamW at a constant learning rate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lerobot_dataset::{FeatureValue, LeRobotDataset};
+use serde_json::json;
+use smolvla::optim::{clip_grad_norm, sq_distance, AdamW, AdamWConfig};
+use smolvla::policy::{ACTION, ACTION_IS_PAD, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MASK};
+use smolvla::processor::{Stats, TaskTokenizer};
+use smolvla::{Batch, SmolVlaPolicy, Trace};
+use tch::{Device, Kind, Tensor};
+
+/// Options of one local training run.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// LeRobot checkpoint directory (config.json, model.safetensors, optional vlm_config.json,
+    /// processor files and tokenizer.json).
+    pub model: PathBuf,
+    /// Global model weights (all parameters or any subset, LeRobot names) applied on top.
+    pub global: Option<PathBuf>,
+    pub dataset: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: Option<f64>,
+    pub mu: f64,
+    pub seed: i64,
+    pub out_params: PathBuf,
+    pub out_metrics: PathBuf,
+}
+
+fn floats(v: &FeatureValue, what: &str) -> Result<Vec<f32>> {
+    match v {
+        FeatureValue::Float(x) => Ok(x.iter().map(|&f| f as f32).collect()),
+        FeatureValue::Int(x) => Ok(x.iter().map(|&i| i as f32).collect()),
+        _ => bail!("{what}: not numeric"),
+    }
+}
+
+/// Normalization statistics: the checkpoint's preprocessor state when present (what LeRobot
+/// uses), else the dataset's `meta/stats.json`.
+fn load_stats(model: &Path, ds: &LeRobotDataset) -> Result<Stats> {
+    if model.join("policy_preprocessor.json").exists() {
+        return crate::pipeline::stats_of(model, "policy_preprocessor.json", "normalizer_processor");
+    }
+    let v = ds.stats().context("the dataset has no meta/stats.json and the model no preprocessor")?;
+    Ok(Stats::from_stats_json(v))
+}
+
+/// One training batch at the model boundary (LeRobot's preprocessor applied).
+fn make_batch(
+    ds: &LeRobotDataset,
+    policy: &SmolVlaPolicy,
+    tok: &TaskTokenizer,
+    stats: &Stats,
+    indices: &[usize],
+) -> Result<Batch> {
+    let fps = f64::from(ds.fps());
+    let chunk = policy.config.chunk_size;
+    let deltas: BTreeMap<String, Vec<f64>> =
+        [(ACTION.to_string(), (0..chunk).map(|k| k as f64 / fps).collect())].into_iter().collect();
+    let cams = policy.config.image_keys();
+    let (mut states, mut actions, mut pads, mut tasks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut images: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    for &i in indices {
+        let s = ds.get_deltas(i, &deltas).with_context(|| format!("dataset item {i}"))?;
+        let st = s.frame.features.get(OBS_STATE).with_context(|| format!("item {i} has no {OBS_STATE}"))?;
+        states.push(Tensor::from_slice(&floats(st, OBS_STATE)?));
+        let acts = s.values.get(ACTION).context("no action chunk")?;
+        let rows: Vec<Tensor> =
+            acts.iter().map(|a| floats(a, ACTION).map(|v| Tensor::from_slice(&v))).collect::<Result<_>>()?;
+        actions.push(Tensor::stack(&rows, 0));
+        let pad = s.is_pad.get(&format!("{ACTION}_is_pad")).context("no action padding flags")?;
+        pads.push(Tensor::from_slice(pad));
+        tasks.push(s.frame.task.clone());
+        for cam in &cams {
+            let img = s.frame.images.get(cam).with_context(|| format!("item {i} has no camera {cam}"))?;
+            let (w, h) = (img.width() as i64, img.height() as i64);
+            // HWC u8 → CHW float in [0, 1], as LeRobot's dataset returns frames.
+            let t = Tensor::from_slice(img.as_raw().as_slice()).view([h, w, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
+                / 255.0;
+            images.entry(cam.clone()).or_default().push(t);
+        }
+    }
+    let mut batch = Batch::new();
+    for (cam, frames) in images {
+        batch.insert(cam, Tensor::stack(&frames, 0));
+    }
+    batch.insert(OBS_STATE.into(), stats.normalize(OBS_STATE, &Tensor::stack(&states, 0))?);
+    batch.insert(ACTION.into(), stats.normalize(ACTION, &Tensor::stack(&actions, 0))?);
+    batch.insert(ACTION_IS_PAD.into(), Tensor::stack(&pads, 0));
+    let (tokens, mask) = tok.encode(&tasks)?;
+    batch.insert(OBS_TOKENS.into(), tokens);
+    batch.insert(OBS_TOKEN_MASK.into(), mask);
+    Ok(batch)
+}
+
+/// Runs the training; prints JSON lines of progress and returns the metrics.
+pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
+    let t0 = Instant::now();
+    tch::manual_seed(args.seed);
+    let mut policy = SmolVlaPolicy::from_dir(&args.model, Device::Cpu)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(g) = &args.global {
+        let tensors = Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
+        policy.load_subset(&tensors).with_context(|| format!("applying {}", g.display()))?;
+    }
+    let ds = LeRobotDataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    if ds.is_empty() {
+        bail!("dataset {} is empty", args.dataset.display());
+    }
+    let tok_path = args.tokenizer.clone().unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tok = TaskTokenizer::from_file(
+        &tok_path,
+        policy.config.tokenizer_max_length as usize,
+        &crate::pipeline::pad_token(&args.model),
+    )?;
+    let stats = load_stats(&args.model, &ds)?;
+
+    let trainable = policy.trainable_parameters();
+    let params: Vec<Tensor> = trainable.iter().map(|(_, p)| p.shallow_clone()).collect();
+    let global: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
+    let mut acfg = AdamWConfig::from_policy(&policy.config);
+    if let Some(lr) = args.lr {
+        acfg.lr = lr;
+    }
+    let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), acfg);
+    let (mut sum_loss, mut sum_prox, mut last_gn) = (0.0, 0.0, 0.0);
+    for step in 0..args.steps {
+        let idx = Tensor::randint(ds.len() as i64, [args.batch_size as i64], (Kind::Int64, Device::Cpu));
+        let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?.into_iter().map(|i| i as usize).collect();
+        let batch = make_batch(&ds, &policy, &tok, &stats, &indices)?;
+        opt.zero_grad();
+        let lo = policy.forward(&batch, None, None, &mut Trace::off())?;
+        let prox = sq_distance(&params, &global) * (args.mu / 2.0);
+        let total = &lo.loss + &prox;
+        total.backward();
+        let gn = clip_grad_norm(&params, policy.config.optimizer_grad_clip_norm).double_value(&[]);
+        opt.step(acfg.lr);
+        let (l, p) = (lo.loss.double_value(&[]), prox.double_value(&[]));
+        sum_loss += l;
+        sum_prox += p;
+        last_gn = gn;
+        println!(
+            "{}",
+            json!({"event": "step", "step": step + 1, "steps": args.steps, "loss": l, "fedprox_loss": p,
+                   "grad_norm": gn, "lr": acfg.lr})
+        );
+    }
+    let update_norm = tch::no_grad(|| sq_distance(&params, &global)).double_value(&[]).sqrt();
+    let out: Vec<(String, Tensor)> = trainable.iter().map(|(n, p)| (n.clone(), p.detach().contiguous())).collect();
+    Tensor::write_safetensors(&out, &args.out_params).with_context(|| format!("writing {}", args.out_params.display()))?;
+    let n = args.steps.max(1) as f64;
+    let metrics = json!({
+        "loss": sum_loss / n,
+        "fedprox_loss": sum_prox / n,
+        "grad_norm": last_gn,
+        "update_norm": update_norm,
+        "examples": args.steps * args.batch_size,
+        "steps": args.steps,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "trainable_tensors": out.len(),
+    });
+    std::fs::write(&args.out_metrics, serde_json::to_vec_pretty(&metrics)?)
+        .with_context(|| format!("writing {}", args.out_metrics.display()))?;
+    Ok(metrics)
+}

@@ -1,0 +1,206 @@
+//! Runs the real `zk0-train` binary against the vendored LeRobot fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tch::Tensor;
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/smolvla-tiny"
+);
+
+fn zk0_train() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zk0-train"))
+}
+
+fn compare(dir: &Path) -> (i32, Value) {
+    let out = zk0_train()
+        .args(["--threads", "1", "compare", "--fixture"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr: {stderr}"));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn copy_fixture(to: &Path) {
+    for entry in std::fs::read_dir(FIXTURE).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn compare_passes_on_the_vendored_fixture() {
+    let (code, report) = compare(&PathBuf::from(FIXTURE));
+    assert_eq!(code, 0, "report: {report:#}");
+    assert_eq!(report["pass"], Value::Bool(true));
+    let rows = report["tensors"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    // 109 tensors in expected.safetensors + 63 in expected_extra.safetensors.
+    assert_eq!(rows.len(), 172);
+    for must in [
+        "train.loss",
+        "train.v_t",
+        "train.per_sample_loss",
+        "train.grad_norm",
+        "sample.actions",
+        "sample.v_t_steps",
+        "select.action_step1",
+        "schedule.lr",
+        "full.grad_norm",
+        "grad.model.action_out_proj.weight",
+        "updated.model.vlm_with_expert.lm_expert.layers.1.self_attn.k_proj.weight",
+        "full.updated.model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding.weight",
+    ] {
+        assert!(names.contains(&must), "{must} not reported");
+    }
+    for r in rows {
+        assert_eq!(r["pass"], Value::Bool(true), "{r}");
+        assert!(r["max_abs_err"].as_f64().unwrap() <= 1e-5, "{r}");
+    }
+}
+
+#[test]
+fn compare_fails_when_an_expected_value_is_corrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    let path = dir.path().join("expected.safetensors");
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == "train.v_t" {
+                let t2 = t.copy();
+                let _ = t2.get(0).get(0).get(0).fill_(123.0);
+                (n, t2)
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    let (code, report) = compare(dir.path());
+    assert_eq!(code, 1, "report: {report:#}");
+    assert_eq!(report["pass"], Value::Bool(false));
+    assert_eq!(report["failed"], serde_json::json!(["train.v_t"]));
+}
+
+#[test]
+fn compare_fails_when_an_expected_tensor_is_not_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    let path = dir.path().join("expected_extra.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    tensors.push((
+        "debug.something_new".into(),
+        Tensor::from_slice(&[1f32, 2.0]),
+    ));
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    let (code, report) = compare(dir.path());
+    assert_eq!(code, 1);
+    let row = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "debug.something_new")
+        .unwrap();
+    assert_eq!(row["error"], "not computed");
+}
+
+#[test]
+fn version_names_libtorch() {
+    let out = zk0_train().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        s.contains(env!("CARGO_PKG_VERSION")) && s.contains("libtorch"),
+        "{s}"
+    );
+}
+
+#[test]
+fn doctor_reports_cpu() {
+    let out = zk0_train().arg("doctor").output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["devices"][0]["device"], "Cpu");
+    assert_eq!(v["devices"][0]["ok"], Value::Bool(true));
+}
+
+#[test]
+fn compare_passes_on_the_pipeline_fixture() {
+    let pipeline = PathBuf::from(FIXTURE).join("pipeline");
+    let out = zk0_train()
+        .args(["--threads", "1", "compare", "--fixture"])
+        .arg(pipeline.join("model"))
+        .arg("--dataset")
+        .arg(&pipeline)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report:#}");
+    let names: Vec<&str> = report["tensors"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for must in [
+        "pipeline.batch.observation.language.tokens",
+        "pipeline.batch.observation.state",
+        "pipeline.batch.action",
+        "pipeline.train.loss",
+        "pipeline.sample.actions_normalized",
+        "pipeline.sample.actions",
+        "train.loss",
+        "sample.actions",
+    ] {
+        assert!(names.contains(&must), "{must} not reported");
+    }
+}
+
+fn train(dir: &Path, mu: &str) -> Value {
+    let pipeline = PathBuf::from(FIXTURE).join("pipeline");
+    let (params, metrics) = (dir.join(format!("p{mu}.safetensors")), dir.join(format!("m{mu}.json")));
+    let out = zk0_train()
+        .args(["--threads", "1", "train", "--model"])
+        .arg(pipeline.join("model"))
+        .arg("--tokenizer")
+        .arg(pipeline.join("tokenizer.json"))
+        .arg("--dataset")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/lerobot-v3-tiny"))
+        .args(["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--seed", "7", "--mu", mu, "--out-params"])
+        .arg(&params)
+        .arg("--out-metrics")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["event"], "step");
+    // θ = θ_global at the first step: no proximal term.
+    assert_eq!(lines[0]["fedprox_loss"].as_f64().unwrap(), 0.0);
+    let trained = Tensor::read_safetensors(&params).unwrap();
+    assert_eq!(trained.len(), 47);
+    let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    for k in ["loss", "fedprox_loss", "grad_norm", "update_norm", "examples", "steps", "seconds"] {
+        assert!(m.get(k).is_some(), "{k} missing in {m}");
+    }
+    assert_eq!(m["examples"], 6);
+    m
+}
+
+#[test]
+fn fedprox_term_shrinks_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = train(dir.path(), "0");
+    let prox = train(dir.path(), "1000");
+    assert_eq!(free["fedprox_loss"].as_f64().unwrap(), 0.0);
+    assert!(prox["fedprox_loss"].as_f64().unwrap() > 0.0);
+    let (u0, u1) = (free["update_norm"].as_f64().unwrap(), prox["update_norm"].as_f64().unwrap());
+    assert!(u1 < u0, "update norm with mu: {u1}, without: {u0}");
+}

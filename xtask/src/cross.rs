@@ -1,0 +1,117 @@
+//! `cargo xtask cross`: build the daemons for aarch64 robot hosts (Jetson, JetPack 6 =
+//! Ubuntu 22.04, glibc 2.35) and smoke-test them under qemu-user.
+
+use crate::tasks::{ensure_rustup, ensure_system, root, run};
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+const TARGET: &str = "aarch64-unknown-linux-gnu";
+/// JetPack 6 is Ubuntu 22.04: binaries must not need symbols newer than glibc 2.35.
+const MAX_GLIBC: (u32, u32) = (2, 35);
+const BINARIES: &[&str] = &["zk0-agent", "zk0-aggregator"];
+
+#[derive(clap::Args, Debug)]
+pub struct CrossArgs {
+    /// Build with the release profile (what you deploy); the default dev profile is faster to build.
+    #[arg(long)]
+    pub release: bool,
+    /// Build only; skip the qemu smoke test.
+    #[arg(long)]
+    pub no_run: bool,
+}
+
+pub fn cross(args: &CrossArgs) -> Result<()> {
+    ensure_system(&[
+        ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+        ("qemu-aarch64-static", "qemu-user-static"),
+    ])?;
+    ensure_rustup(&[], &[TARGET])?;
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(root())
+        .args(["build", "--target", TARGET, "-p", "edge-agent", "-p", "aggregator"])
+        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+        .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+        .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar")
+        // Proof by construction: no libtorch anywhere near this build.
+        .env_remove("LIBTORCH");
+    if args.release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+
+    let profile = if args.release { "release" } else { "debug" };
+    let dir = root().join("target").join(TARGET).join(profile);
+    for bin in BINARIES {
+        let path = dir.join(bin);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if bytes.get(..4) != Some(b"\x7fELF".as_slice()) || bytes.get(18..20) != Some([0xb7, 0x00].as_slice()) {
+            bail!("{} is not an aarch64 ELF binary", path.display());
+        }
+        let glibc = max_glibc(&bytes);
+        if glibc > MAX_GLIBC {
+            bail!("{bin} needs GLIBC_{}.{}, newer than JetPack 6's 2.35", glibc.0, glibc.1);
+        }
+        eprintln!("{bin}: aarch64 ELF, {} MB, needs GLIBC_{}.{} at most", bytes.len() >> 20, glibc.0, glibc.1);
+        if args.no_run {
+            continue;
+        }
+        for cmd_args in [&["--version"][..], &["doctor", "--json"][..]] {
+            let out = Command::new("qemu-aarch64-static")
+                .args(["-L", "/usr/aarch64-linux-gnu"])
+                .arg(&path)
+                .args(cmd_args)
+                .output()
+                .context("running qemu-aarch64-static")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                bail!("{bin} {} under qemu failed: {}\n{}", cmd_args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+            }
+            if cmd_args[0] == "doctor" {
+                let v: serde_json::Value = serde_json::from_str(&stdout)
+                    .with_context(|| format!("{bin} doctor --json printed no JSON:\n{stdout}"))?;
+                let arch = v.pointer("/host/arch").and_then(|a| a.as_str()).unwrap_or("?");
+                if arch != "aarch64" {
+                    bail!("{bin} doctor under qemu reports arch {arch:?}, expected aarch64");
+                }
+                eprintln!("{bin} doctor --json under qemu: valid JSON, arch {arch}");
+            } else {
+                eprintln!("{bin} --version under qemu: {}", stdout.trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The newest `GLIBC_x.y` version string the binary refers to (its .dynstr holds them).
+fn max_glibc(bytes: &[u8]) -> (u32, u32) {
+    let pat = b"GLIBC_";
+    let mut best = (0, 0);
+    let mut i = 0;
+    while let Some(pos) = bytes[i..].windows(pat.len()).position(|w| w == pat) {
+        let start = i + pos + pat.len();
+        let end = bytes[start..]
+            .iter()
+            .position(|b| !(b.is_ascii_digit() || *b == b'.'))
+            .map_or(bytes.len(), |e| start + e);
+        let text = std::str::from_utf8(&bytes[start..end]).unwrap_or("");
+        let mut parts = text.split('.').filter_map(|p| p.parse::<u32>().ok());
+        if let (Some(a), Some(b)) = (parts.next(), parts.next()) {
+            best = best.max((a, b));
+        }
+        i = end.max(start);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_glibc;
+
+    #[test]
+    fn finds_newest_glibc_symbol_version() {
+        let blob = b"\0GLIBC_2.17\0memcpy\0GLIBC_2.34\0GLIBC_2.3.4\0GLIBC_PRIVATE\0";
+        assert_eq!(max_glibc(blob), (2, 34));
+        assert_eq!(max_glibc(b"no versions"), (0, 0));
+    }
+}

@@ -1,0 +1,203 @@
+//! `test`, `demo`, `bench`, `fuzz`: cargo runs with the environment from `setup`.
+
+use crate::setup::{self, Env, SetupArgs};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Repository root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Run a command to completion, failing with its command line when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let line = format!("{cmd:?}");
+    eprintln!("\n$ {}", line.replace('"', ""));
+    let status = cmd.status().with_context(|| format!("starting {line}"))?;
+    if !status.success() {
+        bail!("{} failed ({status})", line.replace('"', ""));
+    }
+    Ok(())
+}
+
+/// `cargo` in the repo root with our environment.
+pub fn cargo(env: &Env) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    env.apply(&mut cmd);
+    cmd
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Install missing system tools (Debian packages) when we may, else say how.
+pub fn ensure_system(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let sudo = !is_root && Command::new("sudo").args(["-n", "true"]).status().is_ok_and(|s| s.success());
+    if !is_root && !sudo {
+        bail!("missing system packages; install them with:\n  sudo apt-get install -y {}", missing.join(" "));
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        if sudo {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+/// Rustup components and targets, added when missing.
+pub fn ensure_rustup(components: &[&str], targets: &[&str]) -> Result<()> {
+    if !have("rustup") {
+        return Ok(());
+    }
+    if !components.is_empty() {
+        run(Command::new("rustup").args(["component", "add"]).args(components))?;
+    }
+    if !targets.is_empty() {
+        run(Command::new("rustup").args(["target", "add"]).args(targets))?;
+    }
+    Ok(())
+}
+
+/// The Debian packages the tests use: video (ffmpeg), a second broker (mosquitto) and
+/// `systemd-analyze` for the unit files.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("ffmpeg", "ffmpeg"),
+    ("ffprobe", "ffmpeg"),
+    ("mosquitto", "mosquitto"),
+    ("systemd-analyze", "systemd"),
+];
+
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Skip fmt and clippy (tests only).
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Extra arguments for the test runner (filters).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+pub fn test(args: &TestArgs) -> Result<()> {
+    ensure_system(TEST_TOOLS)?;
+    let env = setup::run(&SetupArgs::default())?;
+    if !args.no_lint {
+        ensure_rustup(&["rustfmt", "clippy"], &[])?;
+        run(cargo(&env).args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo(&env).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    no_libtorch_check(&env)?;
+    // End-to-end tests start the real binaries, so build them all first.
+    run(cargo(&env).args(["build", "--workspace", "--bins"]))?;
+    let nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = cargo(&env);
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    run(cmd.args(&args.args))
+}
+
+/// The daemons and pure libraries must not need libtorch: their dependency graph has no
+/// `torch-sys`, and they build with no LIBTORCH in the environment.
+fn no_libtorch_check(env: &Env) -> Result<()> {
+    let pkgs = ["-p", "edge-agent", "-p", "aggregator", "-p", "shared-proto", "-p", "lerobot-dataset"];
+    let out = cargo(env)
+        .args(["tree", "-e", "normal,build", "--prefix", "none"])
+        .args(pkgs)
+        .output()
+        .context("cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = tree.lines().find(|l| l.starts_with("torch-sys") || l.starts_with("tch ")) {
+        bail!("a daemon or pure library depends on libtorch: {line}");
+    }
+    let mut build = cargo(env);
+    build.args(["build"]).args(pkgs).env_remove("LIBTORCH").env_remove("LIBTORCH_USE_PYTORCH");
+    run(&mut build)?;
+    eprintln!("ok: zk0-agent, zk0-aggregator, shared-proto and lerobot-dataset build without libtorch");
+    Ok(())
+}
+
+pub fn demo(args: &[String]) -> Result<()> {
+    ensure_system(&[("ffmpeg", "ffmpeg"), ("ffprobe", "ffmpeg")])?;
+    let env = setup::run(&SetupArgs::default())?;
+    run(cargo(&env).args(["build", "--release", "--workspace", "--bins"]))?;
+    let demo = root().join("target/release/zk0-demo");
+    if !demo.is_file() {
+        bail!(
+            "the demo is not there yet: it needs `zk0-train train` (SmolVLA worker, issue 6) and \
+             the round/checkpoint/plot outputs (issue 5); see README.md 'Status'"
+        );
+    }
+    let mut cmd = Command::new(demo);
+    env.apply(&mut cmd);
+    run(cmd.args(args))
+}
+
+/// Benchmarks: name → (package, bench target). Each prints its figures and the ratio to a
+/// baseline measured in the same run.
+const BENCHES: &[(&str, &str, &str, &str)] = &[
+    ("federation", "shared-proto", "federation", "codec MB/s and ratios, aggregation vs memcpy"),
+    ("dataset", "lerobot-dataset", "dataset", "frames/s, ours vs LeRobot"),
+    ("train", "trainer", "train", "training steps/s and RSS, zk0-train vs LeRobot"),
+];
+
+pub fn bench(name: &str, args: &[String]) -> Result<()> {
+    let known = |n: &str| BENCHES.iter().find(|b| b.0 == n);
+    let Some(&(_, pkg, target, _)) = known(name) else {
+        eprintln!("benchmarks:");
+        for (n, _, _, what) in BENCHES {
+            eprintln!("  {n:12} {what}");
+        }
+        if name == "list" {
+            return Ok(());
+        }
+        bail!("no benchmark named {name:?}");
+    };
+    let bench_file = root().join(pkg).join("benches").join(format!("{target}.rs"));
+    if !bench_file.is_file() {
+        bail!("benchmark {name:?} is not there yet ({} missing)", bench_file.display());
+    }
+    let env = setup::run(&SetupArgs::default())?;
+    run(cargo(&env)
+        .args(["bench", "-p", pkg, "--bench", target, "--"])
+        .args(args))
+}
+
+pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
+    if !root().join("fuzz/Cargo.toml").is_file() {
+        bail!("no fuzz/ directory");
+    }
+    let have_fuzz = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    // cargo-fuzz needs nightly flags; the stable toolchain accepts them with RUSTC_BOOTSTRAP.
+    run(Command::new("cargo")
+        .current_dir(root())
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "run", target, "--", &format!("-max_total_time={seconds}")]))
+}
