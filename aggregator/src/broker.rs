@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
 /// Settings for the embedded broker.
 #[derive(Debug, Clone)]
@@ -17,6 +17,8 @@ pub struct EmbeddedBroker {
     pub max_packet_bytes: usize,
     /// username → password; `None` accepts anyone (insecure mode).
     pub users: Option<HashMap<String, String>>,
+    /// (certificate chain, key) PEM paths: serve mqtts instead of plain MQTT.
+    pub tls: Option<(String, String)>,
 }
 
 impl EmbeddedBroker {
@@ -34,7 +36,14 @@ impl EmbeddedBroker {
         let server = ServerSettings {
             name: "zk0-v4".into(),
             listen: self.listen,
-            tls: None,
+            tls: self
+                .tls
+                .clone()
+                .map(|(certpath, keypath)| TlsConfig::Rustls {
+                    capath: None,
+                    certpath,
+                    keypath,
+                }),
             next_connection_delay_ms: 1,
             connections,
         };
@@ -58,6 +67,12 @@ impl EmbeddedBroker {
 
     /// Starts the broker on background threads; they live as long as the process.
     pub fn spawn(&self) -> Result<()> {
+        if let Some((cert, key)) = &self.tls {
+            // rumqttd only logs a bad path; fail loudly instead.
+            for p in [cert, key] {
+                anyhow::ensure!(std::path::Path::new(p).is_file(), "TLS file {p} not found");
+            }
+        }
         // Fail early with a clear message if the port is taken: rumqttd would only log it.
         drop(
             std::net::TcpListener::bind(self.listen)

@@ -12,6 +12,9 @@
 //! max_packet_bytes = 4194304       # both broker and client limits; must exceed chunk_size
 //! username = ""                    # the aggregator's own login on an external broker
 //! password = ""
+//! tls_cert = ""                    # embedded broker: serve mqtts with this cert (PEM) …
+//! tls_key = ""                     # … and key; see `zk0-aggregator certs init`
+//! tls_ca = ""                      # CA the aggregator's own client trusts (mqtts)
 //! [broker.users]                   # embedded broker: per-client username = password
 //! robot-1 = "secret"
 //!
@@ -64,6 +67,13 @@ pub struct BrokerConfig {
     pub username: String,
     pub password: String,
     pub users: BTreeMap<String, String>,
+    /// Embedded broker: serve mqtts with this certificate chain and key (PEM), e.g. from
+    /// `zk0-aggregator certs init`. Empty: plain MQTT.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// CA (PEM) that signed the broker's certificate; used by the aggregator's own client for
+    /// the embedded broker with TLS and for `mqtts://` external brokers.
+    pub tls_ca: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +124,9 @@ impl Default for BrokerConfig {
             username: String::new(),
             password: String::new(),
             users: BTreeMap::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
         }
     }
 }
@@ -190,6 +203,16 @@ impl Config {
         for c in &r.accepted_codecs {
             c.parse::<shared_proto::codec::Codec>()
                 .map_err(|e| anyhow::anyhow!("rounds.accepted_codecs: {c:?}: {e}"))?;
+        }
+        anyhow::ensure!(
+            self.broker.tls_cert.is_empty() == self.broker.tls_key.is_empty(),
+            "broker.tls_cert and broker.tls_key go together"
+        );
+        if !self.broker.tls_cert.is_empty() || self.broker.url.starts_with("mqtts://") {
+            anyhow::ensure!(
+                !self.broker.tls_ca.is_empty(),
+                "TLS needs broker.tls_ca (the CA to trust)"
+            );
         }
         if !self.insecure {
             let authenticated = if self.broker.url.is_empty() {

@@ -49,11 +49,16 @@ fn reachable(url: &str) -> std::result::Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// The state dir exists (or can be made) and takes a file.
+/// The state dir (or, before first start, its nearest existing ancestor) takes a file.
+/// Leaves nothing behind.
 fn writable(dir: &Path) -> std::result::Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let probe = dir.join(format!(".doctor-{}", std::process::id()));
-    std::fs::write(&probe, b"ok").map_err(|e| e.to_string())?;
+    let abs = std::path::absolute(dir).map_err(|e| e.to_string())?;
+    let existing = abs
+        .ancestors()
+        .find(|d| d.is_dir())
+        .ok_or("no existing ancestor")?;
+    let probe = existing.join(format!(".zk0-doctor-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| format!("{}: {e}", existing.display()))?;
     std::fs::remove_file(&probe).map_err(|e| e.to_string())
 }
 

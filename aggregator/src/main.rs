@@ -8,14 +8,17 @@
 //! - `serve`: run the daemon (embedded broker unless `--broker mqtt://host:port`).
 //! - `keys enroll|list|revoke`: manage the client keys whose updates are accepted.
 //! - `status`: print the persisted round state.
+//! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
 
 mod aggregate;
 mod broker;
 mod config;
+mod doctor;
 mod metrics;
 mod round;
 mod server;
 mod store;
+mod tls;
 
 use std::path::PathBuf;
 
@@ -61,6 +64,20 @@ enum Command {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Make a private CA and a broker certificate for mqtts (`certs init`).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Check this host: CPU, memory, disk, state dir, config, broker and metrics ports.
+    Doctor {
+        /// Print one JSON object instead of a checklist.
+        #[arg(long)]
+        json: bool,
+        /// Exit with status 1 when any check fails.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Show the round, its clients and the last round's metrics.
     Status {
         /// Print the raw state as JSON.
@@ -101,6 +118,19 @@ struct ServeArgs {
     /// Exit once every configured round is published.
     #[arg(long)]
     exit_when_done: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write ca.pem, ca.key, server.pem, server.key into `--dir` (never overwrites). Point
+    /// `broker.tls_cert`/`tls_key` at the server pair and give agents ca.pem.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names / IP addresses the broker is reached by (default: localhost, 127.0.0.1).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,6 +202,20 @@ fn main() -> Result<()> {
         }
         Command::Keys { cmd } => keys(&store, cmd),
         Command::Status { json } => status(&store, json),
+        Command::Doctor { json, strict } => {
+            let healthy = doctor::run(&cfg, cli.config.as_deref(), json)?;
+            if strict && !healthy {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Certs {
+            cmd: CertsCmd::Init { dir, sans },
+        } => {
+            tls::certs_init(&dir, &sans)?;
+            println!("wrote {}/{{ca,server}}.{{pem,key}}", dir.display());
+            Ok(())
+        }
     }
 }
 

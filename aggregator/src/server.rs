@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc_ring::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use shared_proto::chunk;
-use shared_proto::codec::{decode_delta, Codec};
+use shared_proto::codec::{decode_delta, decode_delta_with_codec, Codec};
 use shared_proto::message::{
     self, Ack, ClientStatus, HyperParams, ModelBlobKind, ModelManifest, RejectReason,
     RoundAnnouncement, ServerStatus, UpdateManifest, PROTOCOL_VERSION,
@@ -95,7 +95,7 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
 
     // Embedded broker unless an external one is configured; the aggregator gets its own
     // random credentials on it.
-    let (host, port, user) = if cfg.broker.url.is_empty() {
+    let (tls, host, port, user) = if cfg.broker.url.is_empty() {
         let listen: std::net::SocketAddr = cfg.broker.listen.parse().context("broker.listen")?;
         let mut users = None;
         let mut me = None;
@@ -111,6 +111,8 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
             listen,
             max_packet_bytes: cfg.broker.max_packet_bytes,
             users,
+            tls: (!cfg.broker.tls_cert.is_empty())
+                .then(|| (cfg.broker.tls_cert.clone(), cfg.broker.tls_key.clone())),
         }
         .spawn()?;
         tracing::info!(%listen, "embedded MQTT broker started");
@@ -119,12 +121,12 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
         } else {
             listen.ip().to_string()
         };
-        (host, listen.port(), me)
+        (!cfg.broker.tls_cert.is_empty(), host, listen.port(), me)
     } else {
-        let (h, p) = parse_mqtt_url(&cfg.broker.url)?;
+        let (tls, h, p) = parse_mqtt_url(&cfg.broker.url)?;
         let me = (!cfg.broker.username.is_empty())
             .then(|| (cfg.broker.username.clone(), cfg.broker.password.clone()));
-        (h, p, me)
+        (tls, h, p, me)
     };
 
     let topics = Topics::new(&cfg.federation).context("federation name")?;
@@ -132,6 +134,11 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_max_packet_size(cfg.broker.max_packet_bytes, cfg.broker.max_packet_bytes);
     opts.set_clean_session(true);
+    if tls {
+        opts.set_transport(crate::tls::client_transport(std::path::Path::new(
+            &cfg.broker.tls_ca,
+        ))?);
+    }
     if let Some((u, p)) = user {
         opts.set_credentials(u, p);
     }
@@ -198,9 +205,22 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
     srv.resume_uploads();
     tracing::info!(round = srv.state.round, model = %srv.state.model_id, phase = ?srv.state.phase, "aggregator started");
 
+    zk0_host::systemd::ready();
+    let mut watchdog = tokio::time::interval(
+        zk0_host::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+    );
+    // systemd stops services with SIGTERM; leave the same way as on Ctrl-C.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
+            _ = watchdog.tick() => zk0_host::systemd::watchdog(),
+            _ = sigterm.recv() => {
+                tracing::info!("terminated; state is persisted");
+                srv.publish_status(false).await;
+                return Ok(());
+            }
             ev = rx.recv() => {
                 let Some(ev) = ev else { anyhow::bail!("MQTT event loop ended") };
                 if let Err(e) = srv.handle(ev).await {
@@ -226,14 +246,18 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
     }
 }
 
-/// `mqtt://host:port` → (host, port).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
-    let rest = url
+/// `mqtt://host:port` or `mqtts://host:port` → (tls, host, port).
+pub fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16)> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .with_context(|| {
-            format!("broker URL {url:?} must start with mqtt:// (mqtts:// is not supported yet)")
-        })?;
+    {
+        (false, r)
+    } else {
+        anyhow::bail!("broker URL {url:?} must start with mqtt:// or mqtts://");
+    };
     let rest = rest.trim_end_matches('/');
     let (h, p) = match rest.rsplit_once(':') {
         Some((h, p)) => (
@@ -241,10 +265,10 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
             p.parse::<u16>()
                 .with_context(|| format!("bad port in {url:?}"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, if tls { 8883 } else { 1883 }),
     };
     anyhow::ensure!(!h.is_empty(), "no host in {url:?}");
-    Ok((h.to_string(), p))
+    Ok((tls, h.to_string(), p))
 }
 
 impl Server {
@@ -664,8 +688,31 @@ impl Server {
             ));
         }
         let max_decoded = self.spec.f32_bytes().saturating_add(1 << 20);
-        let delta = decode_delta(blob, &self.spec, max_decoded)
+        let (delta, codec) = decode_delta_with_codec(blob, &self.spec, max_decoded)
             .map_err(|e| (e.reject_reason(), format!("delta: {e}")))?;
+        // The blob's own codec must be the one the signed manifest declares (already checked
+        // against the round's accepted codecs), so a client cannot slip another encoding in.
+        if m.codec.parse::<Codec>().ok() != Some(codec) {
+            return Err((
+                RejectReason::UnsupportedCodec,
+                format!(
+                    "blob is encoded with {codec} but the manifest declares {}",
+                    m.codec
+                ),
+            ));
+        }
+        if !self
+            .cfg
+            .rounds
+            .accepted_codecs
+            .iter()
+            .any(|c| c.parse::<Codec>().is_ok_and(|c| c == codec))
+        {
+            return Err((
+                RejectReason::UnsupportedCodec,
+                format!("codec {codec} is not accepted this round"),
+            ));
+        }
         self.spec
             .validate(&delta)
             .map_err(|e| (e.reject_reason(), format!("delta: {e}")))?;
@@ -905,11 +952,15 @@ mod tests {
     fn parses_broker_urls() {
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
+            (false, "127.0.0.1".into(), 1884)
         );
         assert_eq!(
             parse_mqtt_url("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
+            (false, "broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://broker").unwrap(),
+            (true, "broker".into(), 8883)
         );
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://x:notaport").is_err());

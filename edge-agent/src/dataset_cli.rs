@@ -15,18 +15,46 @@ pub struct Args {
     cmd: Cmd,
 }
 
+/// A dataset directory, or a Hub dataset resolved through hf-hub's cache.
+#[derive(ClapArgs, Debug)]
+struct Source {
+    /// Dataset directory (v3.0 or v2.1).
+    #[arg(required_unless_present = "repo_id")]
+    dir: Option<PathBuf>,
+    /// Hugging Face Hub dataset `user/name` (downloaded into the hf-hub cache; HF_HUB_OFFLINE=1
+    /// uses the cache only).
+    #[arg(long, conflicts_with = "dir")]
+    repo_id: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, requires = "repo_id")]
+    revision: Option<String>,
+}
+
+impl Source {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match (&self.dir, &self.repo_id) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(r)) => lerobot_dataset::hub::resolve(r, self.revision.as_deref())
+                .with_context(|| format!("resolving {r} on the Hub")),
+            (None, None) => anyhow::bail!("give a dataset directory or --repo-id"),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Summary: episodes, frames, fps, robot type, features, tasks, files.
     Info {
-        dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// One frame: every non-camera feature, and each camera's mean RGB (0–255).
     Show {
-        dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
         #[arg(long)]
         episode: usize,
         #[arg(long)]
@@ -37,7 +65,10 @@ enum Cmd {
     },
     /// Check indices, lengths, timestamps, tasks, video files (ffprobe) and stats; exits non-zero
     /// on any problem, listing each with its file and episode.
-    Verify { dir: PathBuf },
+    Verify {
+        #[command(flatten)]
+        src: Source,
+    },
     /// Convert a v2.1 dataset to a new v3.0 dataset (videos stream-copied, not re-encoded).
     Convert { src: PathBuf, dst: PathBuf },
     /// Generate a synthetic SO-100-like v3.0 dataset (demo, benchmarks, tests).
@@ -60,14 +91,32 @@ enum Cmd {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Info { dir, json } => info(&dir, json),
-        Cmd::Show { dir, episode, frame, json } => show(&dir, episode, frame, json),
-        Cmd::Verify { dir } => verify(&dir),
-        Cmd::Synth { dir, episodes, frames, cameras, seed, vcodec } => synth(&dir, episodes, frames, &cameras, seed, vcodec),
+        Cmd::Info { src, json } => info(&src.path()?, json),
+        Cmd::Show {
+            src,
+            episode,
+            frame,
+            json,
+        } => show(&src.path()?, episode, frame, json),
+        Cmd::Verify { src } => verify(&src.path()?),
+        Cmd::Synth {
+            dir,
+            episodes,
+            frames,
+            cameras,
+            seed,
+            vcodec,
+        } => synth(&dir, episodes, frames, &cameras, seed, vcodec),
         Cmd::Convert { src, dst } => {
             let ds = lerobot_dataset::convert::convert_v21_to_v30(&src, &dst)
                 .with_context(|| format!("converting {} to {}", src.display(), dst.display()))?;
-            println!("converted {} → {} ({} episodes, {} frames, v3.0)", src.display(), dst.display(), ds.episodes().len(), ds.len());
+            println!(
+                "converted {} → {} ({} episodes, {} frames, v3.0)",
+                src.display(),
+                dst.display(),
+                ds.episodes().len(),
+                ds.len()
+            );
             Ok(())
         }
     }
@@ -82,7 +131,9 @@ fn list_files(root: &Path) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let path = entry?.path();
             if path.is_dir() {
                 stack.push(path);
@@ -102,7 +153,12 @@ fn info(dir: &Path, json: bool) -> anyhow::Result<()> {
     let features: serde_json::Map<String, serde_json::Value> = i
         .features
         .iter()
-        .map(|(k, f)| (k.to_string(), serde_json::json!({"dtype": f.dtype, "shape": f.shape, "names": f.names})))
+        .map(|(k, f)| {
+            (
+                k.to_string(),
+                serde_json::json!({"dtype": f.dtype, "shape": f.shape, "names": f.names}),
+            )
+        })
         .collect();
     let episodes: Vec<serde_json::Value> = ds
         .episodes()
@@ -143,7 +199,12 @@ fn info(dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("episodes (index: length, tasks)");
     for e in ds.episodes() {
-        println!("  {:>5}: {:>6}  {}", e.episode_index, e.length, e.tasks.join(" | "));
+        println!(
+            "  {:>5}: {:>6}  {}",
+            e.episode_index,
+            e.length,
+            e.tasks.join(" | ")
+        );
     }
     println!("files ({})", files.len());
     for f in &files {
@@ -154,11 +215,21 @@ fn info(dir: &Path, json: bool) -> anyhow::Result<()> {
 
 fn show(dir: &Path, episode: usize, frame: usize, json: bool) -> anyhow::Result<()> {
     let ds = open(dir)?;
-    let f = ds
-        .get_episode_frame(episode, frame)
-        .with_context(|| format!("reading episode {episode} frame {frame} of {}", dir.display()))?;
+    let f = ds.get_episode_frame(episode, frame).with_context(|| {
+        format!(
+            "reading episode {episode} frame {frame} of {}",
+            dir.display()
+        )
+    })?;
     let v = f.to_show_json();
-    println!("{}", if json { serde_json::to_string(&v)? } else { serde_json::to_string_pretty(&v)? });
+    println!(
+        "{}",
+        if json {
+            serde_json::to_string(&v)?
+        } else {
+            serde_json::to_string_pretty(&v)?
+        }
+    );
     Ok(())
 }
 
@@ -182,20 +253,47 @@ fn verify(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn synth(dir: &Path, episodes: usize, frames: usize, cameras: &[String], seed: u64, vcodec: String) -> anyhow::Result<()> {
+fn synth(
+    dir: &Path,
+    episodes: usize,
+    frames: usize,
+    cameras: &[String],
+    seed: u64,
+    vcodec: String,
+) -> anyhow::Result<()> {
     use lerobot_dataset::synth::{generate, SynthConfig};
     let cameras = cameras
         .iter()
         .map(|c| {
-            let (name, size) = c.split_once(':').context("camera must be NAME:WIDTHxHEIGHT")?;
-            let (w, h) = size.split_once('x').context("camera size must be WIDTHxHEIGHT")?;
+            let (name, size) = c
+                .split_once(':')
+                .context("camera must be NAME:WIDTHxHEIGHT")?;
+            let (w, h) = size
+                .split_once('x')
+                .context("camera size must be WIDTHxHEIGHT")?;
             Ok((name.to_string(), w.parse()?, h.parse()?))
         })
         .collect::<anyhow::Result<Vec<(String, u32, u32)>>>()?;
     let preset = (vcodec == "libsvtav1").then_some(12);
-    let encoder = lerobot_dataset::video::EncoderConfig { vcodec, preset, ..Default::default() };
-    let cfg = SynthConfig { episodes, frames_per_episode: frames, cameras, seed, encoder, ..Default::default() };
+    let encoder = lerobot_dataset::video::EncoderConfig {
+        vcodec,
+        preset,
+        ..Default::default()
+    };
+    let cfg = SynthConfig {
+        episodes,
+        frames_per_episode: frames,
+        cameras,
+        seed,
+        encoder,
+        ..Default::default()
+    };
     let ds = generate(dir, &cfg).with_context(|| format!("generating {}", dir.display()))?;
-    println!("wrote {} ({} episodes, {} frames)", dir.display(), ds.episodes().len(), ds.len());
+    println!(
+        "wrote {} ({} episodes, {} frames)",
+        dir.display(),
+        ds.episodes().len(),
+        ds.len()
+    );
     Ok(())
 }

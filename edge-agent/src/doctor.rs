@@ -94,9 +94,13 @@ fn check_config(explicit: Option<&Path>) -> ConfigCheck {
 
 /// `zk0-train` beside this binary, else on PATH; its `--version` names the libtorch it runs on.
 fn find_worker() -> Option<Worker> {
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("zk0-train")));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("zk0-train")));
     let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("zk0-train")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join("zk0-train"))
+            .find(|p| p.is_file())
     });
     let path = beside.filter(|p| p.is_file()).or(on_path)?;
     let version = run_with_timeout(&path, &["--version"], Duration::from_secs(20));
@@ -148,21 +152,40 @@ fn build_report(args: &Args) -> Report {
 
     let mut checks = Checklist::default();
     let mut check = |name, ok, warn_only, detail: String| checks.add(name, ok, warn_only, detail);
-    check("cpu", true, false, format!("{} ({} cores, {})", host.cpu, host.cores, host.arch));
+    check(
+        "cpu",
+        true,
+        false,
+        format!("{} ({} cores, {})", host.cpu, host.cores, host.arch),
+    );
     check(
         "memory",
         memory.total_bytes >= 4 << 30,
         true,
-        format!("{} total, {} available", gib(memory.total_bytes), gib(memory.available_bytes)),
+        format!(
+            "{} total, {} available",
+            gib(memory.total_bytes),
+            gib(memory.available_bytes)
+        ),
     );
     match &disk {
         Some(d) => check(
             "disk",
             d.available_bytes >= 10 << 30,
             true,
-            format!("{} free of {} at {}", gib(d.available_bytes), gib(d.total_bytes), d.mount_point),
+            format!(
+                "{} free of {} at {}",
+                gib(d.available_bytes),
+                gib(d.total_bytes),
+                d.mount_point
+            ),
         ),
-        None => check("disk", false, true, "no filesystem found for the state dir".into()),
+        None => check(
+            "disk",
+            false,
+            true,
+            "no filesystem found for the state dir".into(),
+        ),
     }
     match &gpu {
         Some(g) => check("gpu", true, true, g.name.clone()),
@@ -178,16 +201,30 @@ fn build_report(args: &Args) -> Report {
                 (None, e) => format!("{} does not load: {}", o.path, e.as_deref().unwrap_or("?")),
             },
         ),
-        None => check("onnxruntime", false, false, "not found: set ORT_DYLIB_PATH".into()),
+        None => check(
+            "onnxruntime",
+            false,
+            false,
+            "not found: set ORT_DYLIB_PATH".into(),
+        ),
     }
     match &zk0_train {
         Some(w) => check(
             "zk0-train",
             w.version.is_some(),
             false,
-            format!("{} ({})", w.path, w.version.as_deref().unwrap_or("does not run")),
+            format!(
+                "{} ({})",
+                w.path,
+                w.version.as_deref().unwrap_or("does not run")
+            ),
         ),
-        None => check("zk0-train", false, false, "not beside zk0-agent nor on PATH".into()),
+        None => check(
+            "zk0-train",
+            false,
+            false,
+            "not beside zk0-agent nor on PATH".into(),
+        ),
     }
     let usable_ports = serial_ports.iter().filter(|p| p.accessible).count();
     check(
@@ -197,7 +234,10 @@ fn build_report(args: &Args) -> Report {
         if serial_ports.is_empty() {
             "none (is the servo bus adapter plugged in?)".into()
         } else {
-            format!("{} found, {usable_ports} usable (others: join the dialout group)", serial_ports.len())
+            format!(
+                "{} found, {usable_ports} usable (others: join the dialout group)",
+                serial_ports.len()
+            )
         },
     );
     let usable_cams = video_devices.iter().filter(|v| v.accessible).count();
@@ -208,7 +248,10 @@ fn build_report(args: &Args) -> Report {
         if video_devices.is_empty() {
             "none".into()
         } else {
-            format!("{} found, {usable_cams} usable (others: join the video group)", video_devices.len())
+            format!(
+                "{} found, {usable_cams} usable (others: join the video group)",
+                video_devices.len()
+            )
         },
     );
     check(
@@ -241,7 +284,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         zk0_host::emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        let head = format!("zk0-agent {} on {} ({})\n", report.version, report.host.os, report.host.kernel);
+        let head = format!(
+            "zk0-agent {} on {} ({})\n",
+            report.version, report.host.os, report.host.kernel
+        );
         zk0_host::emit(&(head + &report.checks.render()))?;
     }
     if args.strict && report.checks.any_failed() {

@@ -10,8 +10,16 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn agent(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zk0-agent")).args(args).env("RUST_LOG", "error").output().unwrap();
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    let out = Command::new(env!("CARGO_BIN_EXE_zk0-agent"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
@@ -28,21 +36,53 @@ fn check_show(name: &str) {
 }
 
 fn check_show_at(name: &str, dir: &std::path::Path) {
-    let exp: Value = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}.expected.json"))).unwrap()).unwrap();
+    let exp: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{name}.expected.json"))).unwrap(),
+    )
+    .unwrap();
     let tol = exp["pixel_mean_tolerance_0_255"].as_f64().unwrap();
     for fr in exp["frames"].as_array().unwrap() {
-        let (e, f) = (fr["episode_index"].to_string(), fr["frame_index"].to_string());
-        let (ok, out, err) = agent(&["dataset", "show", dir.to_str().unwrap(), "--episode", &e, "--frame", &f, "--json"]);
+        let (e, f) = (
+            fr["episode_index"].to_string(),
+            fr["frame_index"].to_string(),
+        );
+        let (ok, out, err) = agent(&[
+            "dataset",
+            "show",
+            dir.to_str().unwrap(),
+            "--episode",
+            &e,
+            "--frame",
+            &f,
+            "--json",
+        ]);
         assert!(ok, "{name} e{e} f{f}: {err}");
         let got: Value = serde_json::from_str(&out).unwrap();
         let keys: Vec<&String> = got.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["episode_index", "features", "frame_index", "images", "index", "task", "timestamp"]);
+        assert_eq!(
+            keys,
+            [
+                "episode_index",
+                "features",
+                "frame_index",
+                "images",
+                "index",
+                "task",
+                "timestamp"
+            ]
+        );
         for k in ["episode_index", "frame_index", "index", "task"] {
             assert_eq!(got[k], fr[k], "{name} {k}");
         }
-        assert_eq!(got["timestamp"].as_f64().unwrap() as f32, fr["timestamp"].as_f64().unwrap() as f32);
+        assert_eq!(
+            got["timestamp"].as_f64().unwrap() as f32,
+            fr["timestamp"].as_f64().unwrap() as f32
+        );
         for (k, v) in fr.as_object().unwrap() {
-            if k.starts_with("images_") || ["episode_index", "frame_index", "index", "task", "timestamp"].contains(&k.as_str()) {
+            if k.starts_with("images_")
+                || ["episode_index", "frame_index", "index", "task", "timestamp"]
+                    .contains(&k.as_str())
+            {
                 continue;
             }
             let g = &got["features"][k];
@@ -58,7 +98,11 @@ fn check_show_at(name: &str, dir: &std::path::Path) {
         for (cam, mean) in cams {
             let g = f32s(&got["images"][cam]["mean_rgb"]);
             for (c, w) in f32s(mean).into_iter().enumerate() {
-                assert!((g[c] - w).abs() as f64 <= tol, "{name} e{e} f{f} {cam} channel {c}: {} vs {w}", g[c]);
+                assert!(
+                    (g[c] - w).abs() as f64 <= tol,
+                    "{name} e{e} f{f} {cam} channel {c}: {} vs {w}",
+                    g[c]
+                );
             }
         }
     }
@@ -66,11 +110,20 @@ fn check_show_at(name: &str, dir: &std::path::Path) {
     let (ok, out, err) = agent(&["dataset", "info", dir.to_str().unwrap(), "--json"]);
     assert!(ok, "{err}");
     let info: Value = serde_json::from_str(&out).unwrap();
-    for k in ["codebase_version", "fps", "robot_type", "total_episodes", "total_frames"] {
+    for k in [
+        "codebase_version",
+        "fps",
+        "robot_type",
+        "total_episodes",
+        "total_frames",
+    ] {
         assert_eq!(info[k], exp[k], "{name} info {k}");
     }
     for f in exp["files"].as_array().unwrap() {
-        assert!(info["files"].as_array().unwrap().contains(f), "{name}: {f} not listed");
+        assert!(
+            info["files"].as_array().unwrap().contains(f),
+            "{name}: {f} not listed"
+        );
     }
     let (ok, out, _) = agent(&["dataset", "info", dir.to_str().unwrap()]);
     assert!(ok && out.contains("frames"));
@@ -99,31 +152,65 @@ fn show_v3_converted_tiny() {
 #[test]
 fn show_out_of_range_is_a_clear_error() {
     let dir = fixture("lerobot-v3-tiny");
-    let (ok, _, err) = agent(&["dataset", "show", dir.to_str().unwrap(), "--episode", "3", "--frame", "0", "--json"]);
+    let (ok, _, err) = agent(&[
+        "dataset",
+        "show",
+        dir.to_str().unwrap(),
+        "--episode",
+        "3",
+        "--frame",
+        "0",
+        "--json",
+    ]);
     assert!(!ok);
     assert!(err.contains("episode 3 out of range"), "{err}");
-    let (ok, _, err) = agent(&["dataset", "show", dir.to_str().unwrap(), "--episode", "0", "--frame", "24", "--json"]);
+    let (ok, _, err) = agent(&[
+        "dataset",
+        "show",
+        dir.to_str().unwrap(),
+        "--episode",
+        "0",
+        "--frame",
+        "24",
+        "--json",
+    ]);
     assert!(!ok);
     assert!(err.contains("episode 0 has 24 frames"), "{err}");
 }
 
 #[test]
 fn verify_fixtures_and_a_broken_copy() {
-    for name in ["lerobot-v3-tiny", "lerobot-v3-edge", "lerobot-v21-tiny", "lerobot-v3-converted-tiny"] {
+    for name in [
+        "lerobot-v3-tiny",
+        "lerobot-v3-edge",
+        "lerobot-v21-tiny",
+        "lerobot-v3-converted-tiny",
+    ] {
         let (ok, out, err) = agent(&["dataset", "verify", fixture(name).to_str().unwrap()]);
         assert!(ok && out.starts_with("ok:"), "{name}: {out} {err}");
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let src = fixture("lerobot-v3-tiny");
-    for f in ["meta/info.json", "meta/stats.json", "meta/tasks.parquet", "meta/episodes/chunk-000/file-000.parquet", "data/chunk-000/file-000.parquet"] {
+    for f in [
+        "meta/info.json",
+        "meta/stats.json",
+        "meta/tasks.parquet",
+        "meta/episodes/chunk-000/file-000.parquet",
+        "data/chunk-000/file-000.parquet",
+    ] {
         std::fs::create_dir_all(dir.join(f).parent().unwrap()).unwrap();
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     // No videos copied: verify reports the missing mp4 by file and episode.
     let (ok, _, err) = agent(&["dataset", "verify", dir.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("videos/observation.images.front/chunk-000/file-000.mp4") && err.contains("episode 0") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("videos/observation.images.front/chunk-000/file-000.mp4")
+            && err.contains("episode 0")
+            && err.contains("missing"),
+        "{err}"
+    );
 }
 
 /// The v2.1 fixture after `dataset convert` reads back as LeRobot's own conversion's expected.json.
@@ -131,7 +218,12 @@ fn verify_fixtures_and_a_broken_copy() {
 fn convert_v21_then_show() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("converted");
-    let (ok, stdout, err) = agent(&["dataset", "convert", fixture("lerobot-v21-tiny").to_str().unwrap(), out.to_str().unwrap()]);
+    let (ok, stdout, err) = agent(&[
+        "dataset",
+        "convert",
+        fixture("lerobot-v21-tiny").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("3 episodes, 75 frames"), "{stdout}");
     let (ok, _, err) = agent(&["dataset", "verify", out.to_str().unwrap()]);
@@ -153,14 +245,30 @@ fn kill_9_after(delay_ms: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let mut child = Command::new(env!("CARGO_BIN_EXE_zk0-agent"))
-        .args(["dataset", "synth", dir.to_str().unwrap(), "--episodes", "500", "--frames", "20", "--camera", "front:64x64", "--vcodec", "libx264"])
+        .args([
+            "dataset",
+            "synth",
+            dir.to_str().unwrap(),
+            "--episodes",
+            "500",
+            "--frames",
+            "20",
+            "--camera",
+            "front:64x64",
+            "--vcodec",
+            "libx264",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let info = dir.join("meta/info.json");
     let committed = |p: &std::path::Path| -> u64 {
-        std::fs::read_to_string(p).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).and_then(|v| v["total_episodes"].as_u64()).unwrap_or(0)
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["total_episodes"].as_u64())
+            .unwrap_or(0)
     };
     let start = std::time::Instant::now();
     while committed(&info) < 3 && start.elapsed().as_secs() < 60 {
@@ -175,9 +283,70 @@ fn kill_9_after(delay_ms: u64) {
     let (ok, out, err) = agent(&["dataset", "verify", dir.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     for e in 0..n {
-        let (ok, out, err) = agent(&["dataset", "show", dir.to_str().unwrap(), "--episode", &e.to_string(), "--frame", "19", "--json"]);
+        let (ok, out, err) = agent(&[
+            "dataset",
+            "show",
+            dir.to_str().unwrap(),
+            "--episode",
+            &e.to_string(),
+            "--frame",
+            "19",
+            "--json",
+        ]);
         assert!(ok, "{err}");
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["index"].as_u64().unwrap(), e * 20 + 19);
     }
+}
+
+/// `--repo-id` resolves through the hf-hub cache; offline mode never touches the network.
+#[test]
+fn repo_id_from_offline_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("datasets--local--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
+    let snap = repo.join("snapshots/c0ffee");
+    let src = fixture("lerobot-v3-tiny");
+    for f in [
+        "meta/info.json",
+        "meta/stats.json",
+        "meta/tasks.parquet",
+        "meta/episodes/chunk-000/file-000.parquet",
+        "data/chunk-000/file-000.parquet",
+        "videos/observation.images.front/chunk-000/file-000.mp4",
+    ] {
+        std::fs::create_dir_all(snap.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(src.join(f), snap.join(f)).unwrap();
+    }
+    let run = |repo_id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_zk0-agent"))
+            .args([
+                "dataset",
+                "show",
+                "--repo-id",
+                repo_id,
+                "--episode",
+                "1",
+                "--frame",
+                "5",
+                "--json",
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HUB_CACHE", cache.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let out = run("local/tiny");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["index"], 29);
+    let out = run("local/absent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HF_HUB_OFFLINE"));
 }

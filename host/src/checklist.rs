@@ -25,13 +25,23 @@ pub struct Checklist(pub Vec<Check>);
 impl Checklist {
     /// Records a check: `ok`, else a warning when `warn_only` (the host still works without
     /// it, e.g. no GPU), else a failure.
-    pub fn add(&mut self, name: &'static str, ok: bool, warn_only: bool, detail: impl Into<String>) {
+    pub fn add(
+        &mut self,
+        name: &'static str,
+        ok: bool,
+        warn_only: bool,
+        detail: impl Into<String>,
+    ) {
         let status = match (ok, warn_only) {
             (true, _) => Status::Ok,
             (false, true) => Status::Warn,
             (false, false) => Status::Fail,
         };
-        self.0.push(Check { name, status, detail: detail.into() });
+        self.0.push(Check {
+            name,
+            status,
+            detail: detail.into(),
+        });
     }
 
     pub fn any_failed(&self) -> bool {
@@ -81,7 +91,11 @@ mod tests {
         c.add("onnxruntime", false, false, "not found");
         assert!(c.any_failed());
         let text = c.render();
-        assert!(text.contains("[warn] gpu") && text.contains("[FAIL] onnxruntime") && text.contains("[ok  ] cpu"));
+        assert!(
+            text.contains("[warn] gpu")
+                && text.contains("[FAIL] onnxruntime")
+                && text.contains("[ok  ] cpu")
+        );
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json[2]["status"], "fail");
         assert_eq!(gib(3 << 29), "1.5 GiB");

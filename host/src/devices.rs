@@ -23,7 +23,11 @@ pub struct VideoDevice {
 }
 
 fn accessible(path: &Path) -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open(path).is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .is_ok()
 }
 
 fn dev_entries(dev: &Path, prefixes: &[&str]) -> Vec<String> {
@@ -60,7 +64,10 @@ fn serial_ports_in(dev: &Path) -> Vec<SerialPort> {
         .map(|name| {
             let path = dev.join(&name);
             SerialPort {
-                by_id: by_id.iter().find(|(_, t)| *t == path).map(|(l, _)| l.clone()),
+                by_id: by_id
+                    .iter()
+                    .find(|(_, t)| *t == path)
+                    .map(|(l, _)| l.clone()),
                 accessible: accessible(&path),
                 path: path.display().to_string(),
             }
@@ -96,11 +103,22 @@ mod tests {
         for f in ["ttyUSB0", "ttyACM1", "tty0", "video0"] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
-        std::os::unix::fs::symlink(dir.join("ttyACM1"), dir.join("serial/by-id/usb-Feetech-if00")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.join("ttyACM1"),
+            dir.join("serial/by-id/usb-Feetech-if00"),
+        )
+        .unwrap();
         let ports = serial_ports_in(&dir);
-        let paths: Vec<&str> = ports.iter().map(|p| p.path.rsplit('/').next().unwrap()).collect();
+        let paths: Vec<&str> = ports
+            .iter()
+            .map(|p| p.path.rsplit('/').next().unwrap())
+            .collect();
         assert_eq!(paths, ["ttyACM1", "ttyUSB0"]);
-        assert!(ports[0].by_id.as_deref().unwrap().ends_with("usb-Feetech-if00"));
+        assert!(ports[0]
+            .by_id
+            .as_deref()
+            .unwrap()
+            .ends_with("usb-Feetech-if00"));
         assert!(ports[1].by_id.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

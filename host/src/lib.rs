@@ -7,6 +7,7 @@
 pub mod checklist;
 mod devices;
 mod onnxruntime;
+pub mod systemd;
 
 pub use checklist::{emit, gib, Check, Checklist, Status};
 pub use devices::{serial_ports, video_devices, SerialPort, VideoDevice};
@@ -97,7 +98,10 @@ pub fn disk_for(path: &Path) -> Option<Disk> {
 /// The NVIDIA GPU (discrete, via nvidia-smi) or Jetson module (via the L4T release file).
 pub fn gpu() -> Option<Gpu> {
     let smi = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+        .args([
+            "--query-gpu=name,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
         .output();
     if let Ok(out) = smi {
         if out.status.success() {
@@ -128,7 +132,12 @@ pub fn gpu() -> Option<Gpu> {
     std::fs::read_to_string("/proc/driver/nvidia/version")
         .ok()
         .map(|v| Gpu {
-            name: v.lines().next().unwrap_or("NVIDIA driver").trim().to_string(),
+            name: v
+                .lines()
+                .next()
+                .unwrap_or("NVIDIA driver")
+                .trim()
+                .to_string(),
             memory_bytes: None,
             source: "procfs".into(),
         })

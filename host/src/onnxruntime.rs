@@ -93,9 +93,14 @@ mod tests {
         };
         let ort = find_onnxruntime().expect("ORT_DYLIB_PATH points at a file");
         assert_eq!(Path::new(&ort.path), Path::new(&path));
-        let v = ort.version.unwrap_or_else(|| panic!("load failed: {:?}", ort.error));
+        let v = ort
+            .version
+            .unwrap_or_else(|| panic!("load failed: {:?}", ort.error));
         // The file name carries the version too (libonnxruntime.so.1.32.0).
-        assert!(ort.path.ends_with(&v) || v.split('.').count() == 3, "odd version {v}");
+        assert!(
+            ort.path.ends_with(&v) || v.split('.').count() == 3,
+            "odd version {v}"
+        );
     }
 
     #[test]

@@ -14,14 +14,33 @@ use rand::SeedableRng;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let tmp = tempfile::tempdir()?;
-    let dir = args.first().map(std::path::PathBuf::from).unwrap_or_else(|| tmp.path().join("bench"));
+    let dir = args
+        .first()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().join("bench"));
     let episodes = args.get(1).map_or(Ok(4), |s| s.parse())?;
     let frames = args.get(2).map_or(Ok(60), |s| s.parse())?;
-    let (w, h) = args.get(3).and_then(|s| s.split_once('x')).map_or((640, 480), |(w, h)| (w.parse().unwrap_or(640), h.parse().unwrap_or(480)));
+    let (w, h) = args
+        .get(3)
+        .and_then(|s| s.split_once('x'))
+        .map_or((640, 480), |(w, h)| {
+            (w.parse().unwrap_or(640), h.parse().unwrap_or(480))
+        });
     if !dir.join("meta/info.json").exists() {
         let t = Instant::now();
-        generate(&dir, &SynthConfig { episodes, frames_per_episode: frames, cameras: vec![("front".into(), w, h)], ..Default::default() })?;
-        println!("generated {episodes}x{frames} frames at {w}x{h} in {:.2}s", t.elapsed().as_secs_f64());
+        generate(
+            &dir,
+            &SynthConfig {
+                episodes,
+                frames_per_episode: frames,
+                cameras: vec![("front".into(), w, h)],
+                ..Default::default()
+            },
+        )?;
+        println!(
+            "generated {episodes}x{frames} frames at {w}x{h} in {:.2}s",
+            t.elapsed().as_secs_f64()
+        );
     }
     let ds = LeRobotDataset::open(&dir)?;
     let n = ds.len();
@@ -44,6 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ds.get(i)?;
     }
     let rnd = idx.len() as f64 / t.elapsed().as_secs_f64();
-    println!("{n} frames, 1 camera {w}x{h}: sequential {seq:.1} frames/s, random {rnd:.1} frames/s");
+    println!(
+        "{n} frames, 1 camera {w}x{h}: sequential {seq:.1} frames/s, random {rnd:.1} frames/s"
+    );
     Ok(())
 }

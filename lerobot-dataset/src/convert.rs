@@ -16,7 +16,11 @@ use crate::writer::{DatasetConfig, DatasetWriter, FrameData};
 pub fn convert_v21_to_v30(src: &Path, dst: &Path) -> Result<LeRobotDataset> {
     let ds = LeRobotDataset::open(src)?;
     if ds.version() != Version::V21 {
-        return Err(DatasetError::Usage(format!("{} is {}, not v2.1", src.display(), ds.info().codebase_version)));
+        return Err(DatasetError::Usage(format!(
+            "{} is {}, not v2.1",
+            src.display(),
+            ds.info().codebase_version
+        )));
     }
     let info = ds.info();
     let user: Vec<_> = info
@@ -40,17 +44,38 @@ pub fn convert_v21_to_v30(src: &Path, dst: &Path) -> Result<LeRobotDataset> {
         encoder: EncoderConfig::default(),
     };
     let mut w = DatasetWriter::create(dst, cfg)?;
-    let image_keys: Vec<String> = info.features.iter().filter(|(_, f)| f.is_image()).map(|(k, _)| k.to_string()).collect();
+    let image_keys: Vec<String> = info
+        .features
+        .iter()
+        .filter(|(_, f)| f.is_image())
+        .map(|(k, _)| k.to_string())
+        .collect();
     for ep in ds.episodes() {
         for idx in ep.dataset_from_index..ep.dataset_to_index {
-            let mut fr = if image_keys.is_empty() { ds.get_values(idx)? } else { ds.get(idx)? };
+            let mut fr = if image_keys.is_empty() {
+                ds.get_values(idx)?
+            } else {
+                ds.get(idx)?
+            };
             for d in crate::meta::DEFAULT_FEATURE_NAMES {
                 fr.features.remove(d);
             }
-            let images = fr.images.into_iter().filter(|(k, _)| image_keys.contains(k)).collect();
-            w.add_frame(FrameData { values: fr.features, images, task: fr.task })?;
+            let images = fr
+                .images
+                .into_iter()
+                .filter(|(k, _)| image_keys.contains(k))
+                .collect();
+            w.add_frame(FrameData {
+                values: fr.features,
+                images,
+                task: fr.task,
+            })?;
         }
-        let videos = ep.videos.iter().map(|(k, v)| (k.clone(), ds.root().join(&v.path))).collect();
+        let videos = ep
+            .videos
+            .iter()
+            .map(|(k, v)| (k.clone(), ds.root().join(&v.path)))
+            .collect();
         let camera_stats: Stats = ep
             .stats
             .iter()

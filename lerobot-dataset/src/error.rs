@@ -54,6 +54,9 @@ pub enum DatasetError {
     },
     #[error("{0}")]
     Usage(String),
+    /// Resolving a dataset on the Hugging Face Hub failed.
+    #[error("hub: {0}")]
+    Hub(String),
 }
 
 /// Crate-wide result alias.

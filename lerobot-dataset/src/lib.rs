@@ -13,10 +13,12 @@
 //! - [`writer`]: [`DatasetWriter`], v3.0 recording with LeRobot's file rollover, atomic saves.
 //! - [`synth`]: seeded SO-100-like synthetic datasets for demos, benches and trainer tests.
 //! - [`convert`]: v2.1 → v3.0 conversion (videos stream-copied, never re-encoded).
+//! - [`hub`]: `--repo-id user/name` through hf-hub's cache (offline mode honoured).
 //! - [`error`]: [`DatasetError`], which always names the file (and episode) at fault.
 
 pub mod convert;
 pub mod error;
+pub mod hub;
 pub mod loader;
 pub mod meta;
 pub mod reader;
@@ -24,8 +26,8 @@ pub mod stats;
 pub mod synth;
 pub mod table;
 pub mod verify;
-pub mod writer;
 pub mod video;
+pub mod writer;
 
 pub use error::{DatasetError, Result};
 pub use loader::Prefetcher;

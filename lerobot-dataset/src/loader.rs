@@ -22,14 +22,23 @@ impl Prefetcher {
     /// Starts the worker. `indices` are global frame indices (shuffle them for training);
     /// `deltas` is LeRobot's `delta_timestamps` (feature → offsets in seconds); the last batch
     /// may be short. After an error the iterator yields it and ends.
-    pub fn new(dataset: Arc<LeRobotDataset>, indices: Vec<usize>, batch_size: usize, deltas: BTreeMap<String, Vec<f64>>, depth: usize) -> Self {
+    pub fn new(
+        dataset: Arc<LeRobotDataset>,
+        indices: Vec<usize>,
+        batch_size: usize,
+        deltas: BTreeMap<String, Vec<f64>>,
+        depth: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel(depth.max(1));
         let batch_size = batch_size.max(1);
         let worker = std::thread::Builder::new()
             .name("lerobot-prefetch".into())
             .spawn(move || {
                 for chunk in indices.chunks(batch_size) {
-                    let batch: Result<Vec<DeltaSample>> = chunk.iter().map(|&i| dataset.get_deltas(i, &deltas)).collect();
+                    let batch: Result<Vec<DeltaSample>> = chunk
+                        .iter()
+                        .map(|&i| dataset.get_deltas(i, &deltas))
+                        .collect();
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         return;

@@ -15,15 +15,23 @@ use crate::table::{self, cell_json, column, FeatureValue};
 /// `DEFAULT_DATA_PATH` (v3.0).
 pub const DEFAULT_DATA_PATH: &str = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet";
 /// `DEFAULT_VIDEO_PATH` (v3.0).
-pub const DEFAULT_VIDEO_PATH: &str = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4";
+pub const DEFAULT_VIDEO_PATH: &str =
+    "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4";
 /// `DEFAULT_EPISODES_PATH`: not templated in info.json.
-pub const DEFAULT_EPISODES_PATH: &str = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet";
+pub const DEFAULT_EPISODES_PATH: &str =
+    "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet";
 pub const DEFAULT_TASKS_PATH: &str = "meta/tasks.parquet";
 pub const DEFAULT_CHUNK_SIZE: usize = 1000;
 pub const DEFAULT_DATA_FILE_SIZE_IN_MB: f64 = 100.0;
 pub const DEFAULT_VIDEO_FILE_SIZE_IN_MB: f64 = 200.0;
 /// The five columns LeRobot appends to every dataset (`DEFAULT_FEATURES`).
-pub const DEFAULT_FEATURE_NAMES: [&str; 5] = ["timestamp", "frame_index", "episode_index", "index", "task_index"];
+pub const DEFAULT_FEATURE_NAMES: [&str; 5] = [
+    "timestamp",
+    "frame_index",
+    "episode_index",
+    "index",
+    "task_index",
+];
 
 /// Format generation of a dataset on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +164,10 @@ impl Info {
     pub fn load(root: &Path) -> Result<Info> {
         let path = root.join("meta/info.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let info: Info = serde_json::from_str(&text).map_err(|source| DatasetError::Json { path: path.clone(), source })?;
+        let info: Info = serde_json::from_str(&text).map_err(|source| DatasetError::Json {
+            path: path.clone(),
+            source,
+        })?;
         if info.fps == 0 {
             return Err(inconsistent(&path, "fps must be > 0"));
         }
@@ -167,24 +178,38 @@ impl Info {
         match self.codebase_version.as_str() {
             "v3.0" => Ok(Version::V30),
             "v2.1" | "v2.0" => Ok(Version::V21),
-            v => Err(DatasetError::UnsupportedVersion { path: path.to_path_buf(), version: v.into() }),
+            v => Err(DatasetError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                version: v.into(),
+            }),
         }
     }
 }
 
 /// Fills a Python-format path template: `{name}` or `{name:0Nd}` with named integer or string
 /// arguments (`str.format` as LeRobot uses it; widths widen past 999 like `:03d`).
-pub fn format_path(template: &str, ints: &[(&str, usize)], strs: &[(&str, &str)]) -> Result<String> {
+pub fn format_path(
+    template: &str,
+    ints: &[(&str, usize)],
+    strs: &[(&str, &str)],
+) -> Result<String> {
     let bad = |m: String| DatasetError::Usage(format!("path template {template:?}: {m}"));
     let mut out = String::with_capacity(template.len() + 16);
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
-        let close = rest[open..].find('}').ok_or_else(|| bad("unclosed '{'".into()))? + open;
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| bad("unclosed '{'".into()))?
+            + open;
         let field = &rest[open + 1..close];
         let (name, spec) = field.split_once(':').unwrap_or((field, ""));
         if let Some((_, v)) = ints.iter().find(|(n, _)| *n == name) {
-            let width: usize = spec.trim_start_matches('0').trim_end_matches('d').parse().unwrap_or(0);
+            let width: usize = spec
+                .trim_start_matches('0')
+                .trim_end_matches('d')
+                .parse()
+                .unwrap_or(0);
             out.push_str(&format!("{v:0width$}"));
         } else if let Some((_, v)) = strs.iter().find(|(n, _)| *n == name) {
             out.push_str(v);
@@ -284,7 +309,13 @@ fn tasks_from_pairs(mut pairs: Vec<(usize, String)>, path: &Path) -> Result<Vec<
     pairs.sort_by_key(|(i, _)| *i);
     for (pos, (i, _)) in pairs.iter().enumerate() {
         if *i != pos {
-            return Err(inconsistent(path, format!("task_index values are not 0..{}: found {i} at position {pos}", pairs.len())));
+            return Err(inconsistent(
+                path,
+                format!(
+                    "task_index values are not 0..{}: found {i} at position {pos}",
+                    pairs.len()
+                ),
+            ));
         }
     }
     Ok(pairs.into_iter().map(|(_, t)| t).collect())
@@ -294,53 +325,102 @@ fn tasks_from_pairs(mut pairs: Vec<(usize, String)>, path: &Path) -> Result<Vec<
 pub fn load_episodes_v3(root: &Path, info: &Info) -> Result<Vec<Episode>> {
     let files = chunked_files(&root.join("meta/episodes"))?;
     if files.is_empty() && info.total_episodes > 0 {
-        return Err(inconsistent(root.join("meta/episodes"), "no episode metadata files"));
+        return Err(inconsistent(
+            root.join("meta/episodes"),
+            "no episode metadata files",
+        ));
     }
-    let video_keys: Vec<&str> = info.features.iter().filter(|(_, f)| f.is_video()).map(|(k, _)| k).collect();
+    let video_keys: Vec<&str> = info
+        .features
+        .iter()
+        .filter(|(_, f)| f.is_video())
+        .map(|(k, _)| k)
+        .collect();
     let mut episodes = Vec::new();
     for path in files {
         let batch = table::read_parquet(&path)?;
         for row in 0..batch.num_rows() {
-            let int = |name: &str| -> Result<usize> { usize_of(table::int_cell(&batch, name, row, &path)?, &path, name) };
+            let int = |name: &str| -> Result<usize> {
+                usize_of(table::int_cell(&batch, name, row, &path)?, &path, name)
+            };
             let episode_index = int("episode_index")?;
-            let ep_err = |m: String| DatasetError::Episode { path: path.clone(), episode: episode_index, message: m };
+            let ep_err = |m: String| DatasetError::Episode {
+                path: path.clone(),
+                episode: episode_index,
+                message: m,
+            };
             let tasks = match batch.column_by_name("tasks") {
                 Some(col) => match cell_json(col.as_ref(), row) {
-                    serde_json::Value::Array(a) => a.into_iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                    serde_json::Value::Array(a) => a
+                        .into_iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect(),
                     _ => return Err(ep_err("column \"tasks\" is not a list of strings".into())),
                 },
                 None => Vec::new(),
             };
             let (dc, df) = (int("data/chunk_index")?, int("data/file_index")?);
-            let data_path = format_path(&info.data_path, &[("chunk_index", dc), ("file_index", df)], &[])?;
+            let data_path = format_path(
+                &info.data_path,
+                &[("chunk_index", dc), ("file_index", df)],
+                &[],
+            )?;
             let mut videos = BTreeMap::new();
             for key in &video_keys {
-                let template = info
-                    .video_path
-                    .as_deref()
-                    .ok_or_else(|| inconsistent(root.join("meta/info.json"), "video features but video_path is null"))?;
-                let (vc, vf) = (int(&format!("videos/{key}/chunk_index"))?, int(&format!("videos/{key}/file_index"))?);
-                let p = format_path(template, &[("chunk_index", vc), ("file_index", vf)], &[("video_key", key)])?;
+                let template = info.video_path.as_deref().ok_or_else(|| {
+                    inconsistent(
+                        root.join("meta/info.json"),
+                        "video features but video_path is null",
+                    )
+                })?;
+                let (vc, vf) = (
+                    int(&format!("videos/{key}/chunk_index"))?,
+                    int(&format!("videos/{key}/file_index"))?,
+                );
+                let p = format_path(
+                    template,
+                    &[("chunk_index", vc), ("file_index", vf)],
+                    &[("video_key", key)],
+                )?;
                 videos.insert(
                     key.to_string(),
                     VideoSpan {
                         path: p.into(),
                         chunk_index: vc,
                         file_index: vf,
-                        from_timestamp: table::float_cell(&batch, &format!("videos/{key}/from_timestamp"), row, &path)?,
-                        to_timestamp: table::float_cell(&batch, &format!("videos/{key}/to_timestamp"), row, &path)?,
+                        from_timestamp: table::float_cell(
+                            &batch,
+                            &format!("videos/{key}/from_timestamp"),
+                            row,
+                            &path,
+                        )?,
+                        to_timestamp: table::float_cell(
+                            &batch,
+                            &format!("videos/{key}/to_timestamp"),
+                            row,
+                            &path,
+                        )?,
                     },
                 );
             }
-            let meta_location = match (batch.column_by_name("meta/episodes/chunk_index"), batch.column_by_name("meta/episodes/file_index")) {
-                (Some(_), Some(_)) => Some((int("meta/episodes/chunk_index")?, int("meta/episodes/file_index")?)),
+            let meta_location = match (
+                batch.column_by_name("meta/episodes/chunk_index"),
+                batch.column_by_name("meta/episodes/file_index"),
+            ) {
+                (Some(_), Some(_)) => Some((
+                    int("meta/episodes/chunk_index")?,
+                    int("meta/episodes/file_index")?,
+                )),
                 _ => None,
             };
             let mut stats: BTreeMap<String, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
             for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
                 if let Some(rest) = field.name().strip_prefix("stats/") {
                     if let Some((feat, stat)) = rest.rsplit_once('/') {
-                        stats.entry(feat.to_string()).or_default().insert(stat.to_string(), cell_json(col.as_ref(), row));
+                        stats
+                            .entry(feat.to_string())
+                            .or_default()
+                            .insert(stat.to_string(), cell_json(col.as_ref(), row));
                     }
                 }
             }
@@ -366,7 +446,12 @@ fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|source| DatasetError::Json { path: path.to_path_buf(), source }))
+        .map(|l| {
+            serde_json::from_str(l).map_err(|source| DatasetError::Json {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
         .collect()
 }
 
@@ -375,8 +460,12 @@ pub fn load_tasks_v21(root: &Path) -> Result<Vec<String>> {
     let path = root.join("meta/tasks.jsonl");
     let mut pairs = Vec::new();
     for v in read_jsonl(&path)? {
-        let i = v["task_index"].as_u64().ok_or_else(|| inconsistent(&path, "task_index missing"))?;
-        let t = v["task"].as_str().ok_or_else(|| inconsistent(&path, "task missing"))?;
+        let i = v["task_index"]
+            .as_u64()
+            .ok_or_else(|| inconsistent(&path, "task_index missing"))?;
+        let t = v["task"]
+            .as_str()
+            .ok_or_else(|| inconsistent(&path, "task missing"))?;
         pairs.push((i as usize, t.to_string()));
     }
     tasks_from_pairs(pairs, &path)
@@ -386,21 +475,43 @@ pub fn load_tasks_v21(root: &Path) -> Result<Vec<String>> {
 /// episode has its own data file and, per camera, its own mp4 starting at t = 0.
 pub fn load_episodes_v21(root: &Path, info: &Info) -> Result<Vec<Episode>> {
     let path = root.join("meta/episodes.jsonl");
-    let mut stats_by_ep: BTreeMap<usize, BTreeMap<String, BTreeMap<String, serde_json::Value>>> = BTreeMap::new();
+    let mut stats_by_ep: BTreeMap<usize, BTreeMap<String, BTreeMap<String, serde_json::Value>>> =
+        BTreeMap::new();
     let stats_path = root.join("meta/episodes_stats.jsonl");
     if stats_path.exists() {
         for v in read_jsonl(&stats_path)? {
-            let e = v["episode_index"].as_u64().ok_or_else(|| inconsistent(&stats_path, "episode_index missing"))? as usize;
-            let s = serde_json::from_value(v["stats"].clone()).map_err(|source| DatasetError::Json { path: stats_path.clone(), source })?;
+            let e = v["episode_index"]
+                .as_u64()
+                .ok_or_else(|| inconsistent(&stats_path, "episode_index missing"))?
+                as usize;
+            let s = serde_json::from_value(v["stats"].clone()).map_err(|source| {
+                DatasetError::Json {
+                    path: stats_path.clone(),
+                    source,
+                }
+            })?;
             stats_by_ep.insert(e, s);
         }
     }
     let chunks_size = info.chunks_size.max(1);
     let mut rows: Vec<(usize, Vec<String>, usize)> = Vec::new();
     for v in read_jsonl(&path)? {
-        let e = v["episode_index"].as_u64().ok_or_else(|| inconsistent(&path, "episode_index missing"))? as usize;
-        let len = v["length"].as_u64().ok_or_else(|| DatasetError::Episode { path: path.clone(), episode: e, message: "length missing".into() })? as usize;
-        let tasks = v["tasks"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect()).unwrap_or_default();
+        let e = v["episode_index"]
+            .as_u64()
+            .ok_or_else(|| inconsistent(&path, "episode_index missing"))? as usize;
+        let len = v["length"].as_u64().ok_or_else(|| DatasetError::Episode {
+            path: path.clone(),
+            episode: e,
+            message: "length missing".into(),
+        })? as usize;
+        let tasks = v["tasks"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
         rows.push((e, tasks, len));
     }
     rows.sort_by_key(|r| r.0);
@@ -408,16 +519,38 @@ pub fn load_episodes_v21(root: &Path, info: &Info) -> Result<Vec<Episode>> {
     let mut episodes = Vec::with_capacity(rows.len());
     for (e, tasks, length) in rows {
         let chunk = e / chunks_size;
-        let data_path = format_path(&info.data_path, &[("episode_chunk", chunk), ("episode_index", e)], &[])?;
+        let data_path = format_path(
+            &info.data_path,
+            &[("episode_chunk", chunk), ("episode_index", e)],
+            &[],
+        )?;
         let mut videos = BTreeMap::new();
         for (key, f) in info.features.iter() {
             if !f.is_video() {
                 continue;
             }
-            let template = info.video_path.as_deref().ok_or_else(|| inconsistent(root.join("meta/info.json"), "video features but video_path is null"))?;
-            let p = format_path(template, &[("episode_chunk", chunk), ("episode_index", e)], &[("video_key", key)])?;
+            let template = info.video_path.as_deref().ok_or_else(|| {
+                inconsistent(
+                    root.join("meta/info.json"),
+                    "video features but video_path is null",
+                )
+            })?;
+            let p = format_path(
+                template,
+                &[("episode_chunk", chunk), ("episode_index", e)],
+                &[("video_key", key)],
+            )?;
             let duration = length as f64 / f64::from(info.fps);
-            videos.insert(key.to_string(), VideoSpan { path: p.into(), chunk_index: chunk, file_index: e, from_timestamp: 0.0, to_timestamp: duration });
+            videos.insert(
+                key.to_string(),
+                VideoSpan {
+                    path: p.into(),
+                    chunk_index: chunk,
+                    file_index: e,
+                    from_timestamp: 0.0,
+                    to_timestamp: duration,
+                },
+            );
         }
         episodes.push(Episode {
             episode_index: e,
@@ -443,5 +576,7 @@ pub fn load_stats(root: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    serde_json::from_str(&text).map(Some).map_err(|source| DatasetError::Json { path, source })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| DatasetError::Json { path, source })
 }

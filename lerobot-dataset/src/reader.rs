@@ -20,6 +20,66 @@ use crate::video;
 /// Data files kept decoded in memory (each up to `data_files_size_in_mb`, 100 MB by default).
 const MAX_CACHED_FILES: usize = 8;
 
+/// Video frames are decoded in blocks of this many consecutive episode frames (one ffmpeg run
+/// each) and kept in [`FrameCache`]; with LeRobot's g=2 the seek to a block start is cheap.
+const VIDEO_BLOCK_FRAMES: usize = 32;
+
+/// Default bound of the decoded-frame cache; `ZK0_DATASET_FRAME_CACHE_MB` overrides it.
+const DEFAULT_FRAME_CACHE_BYTES: usize = 1 << 30;
+
+/// Decoded video blocks keyed by `(camera, episode, block)`, least recently used evicted first
+/// once the total size passes `max_bytes`.
+#[derive(Debug, Default)]
+struct FrameCache {
+    blocks: HashMap<(String, usize, usize), (Arc<Vec<RgbImage>>, u64)>,
+    bytes: usize,
+    max_bytes: usize,
+    clock: u64,
+}
+
+impl FrameCache {
+    fn new(max_bytes: usize) -> Self {
+        FrameCache {
+            max_bytes,
+            ..Default::default()
+        }
+    }
+
+    fn get(&mut self, key: &(String, usize, usize)) -> Option<Arc<Vec<RgbImage>>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.blocks.get_mut(key).map(|(b, used)| {
+            *used = clock;
+            b.clone()
+        })
+    }
+
+    fn insert(&mut self, key: (String, usize, usize), block: Arc<Vec<RgbImage>>) {
+        let size: usize = block.iter().map(|f| f.as_raw().len()).sum();
+        if size > self.max_bytes {
+            return;
+        }
+        while self.bytes + size > self.max_bytes {
+            let Some(oldest) = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((b, _)) = self.blocks.remove(&oldest) {
+                self.bytes -= b.iter().map(|f| f.as_raw().len()).sum::<usize>();
+            }
+        }
+        self.clock += 1;
+        if let Some((old, _)) = self.blocks.insert(key, (block, self.clock)) {
+            self.bytes -= old.iter().map(|f| f.as_raw().len()).sum::<usize>();
+        }
+        self.bytes += size;
+    }
+}
+
 /// One frame: its bookkeeping columns, every non-camera feature, and decoded cameras.
 #[derive(Debug, Clone)]
 pub struct Frame {
@@ -40,9 +100,21 @@ impl Frame {
     /// The `dataset show --json` shape: `{"episode_index", "frame_index", "index", "timestamp",
     /// "task", "features": {name: [values]}, "images": {camera: {"mean_rgb": [r, g, b]}}}`.
     pub fn to_show_json(&self) -> serde_json::Value {
-        let features: serde_json::Map<String, serde_json::Value> = self.features.iter().map(|(k, v)| (k.clone(), v.to_json_list())).collect();
-        let images: serde_json::Map<String, serde_json::Value> =
-            self.images.iter().map(|(k, img)| (k.clone(), serde_json::json!({ "mean_rgb": video::mean_rgb(img) }))).collect();
+        let features: serde_json::Map<String, serde_json::Value> = self
+            .features
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json_list()))
+            .collect();
+        let images: serde_json::Map<String, serde_json::Value> = self
+            .images
+            .iter()
+            .map(|(k, img)| {
+                (
+                    k.clone(),
+                    serde_json::json!({ "mean_rgb": video::mean_rgb(img) }),
+                )
+            })
+            .collect();
         serde_json::json!({
             "episode_index": self.episode_index,
             "frame_index": self.frame_index,
@@ -80,6 +152,7 @@ pub struct LeRobotDataset {
     episodes: Vec<Episode>,
     stats: Option<serde_json::Value>,
     cache: Mutex<HashMap<PathBuf, Arc<RecordBatch>>>,
+    frames: Mutex<FrameCache>,
 }
 
 impl LeRobotDataset {
@@ -89,8 +162,16 @@ impl LeRobotDataset {
         let info = Info::load(&root)?;
         let version = info.version(&root.join("meta/info.json"))?;
         let (tasks, episodes, stats) = match version {
-            Version::V30 => (meta::load_tasks_v3(&root)?, meta::load_episodes_v3(&root, &info)?, meta::load_stats(&root)?),
-            Version::V21 => (meta::load_tasks_v21(&root)?, meta::load_episodes_v21(&root, &info)?, meta::load_stats(&root)?),
+            Version::V30 => (
+                meta::load_tasks_v3(&root)?,
+                meta::load_episodes_v3(&root, &info)?,
+                meta::load_stats(&root)?,
+            ),
+            Version::V21 => (
+                meta::load_tasks_v21(&root)?,
+                meta::load_episodes_v21(&root, &info)?,
+                meta::load_stats(&root)?,
+            ),
         };
         // info.json is the writer's commit point: rows and tasks past its totals belong to an
         // episode whose save was interrupted, and are not part of the dataset.
@@ -99,9 +180,32 @@ impl LeRobotDataset {
         if tasks.len() > info.total_tasks {
             tasks.truncate(info.total_tasks);
         }
-        let ds = LeRobotDataset { root, version, info, tasks, episodes, stats, cache: Mutex::new(HashMap::new()) };
+        let ds = LeRobotDataset {
+            root,
+            version,
+            info,
+            tasks,
+            episodes,
+            stats,
+            cache: Mutex::new(HashMap::new()),
+            frames: Mutex::new(FrameCache::new(
+                std::env::var("ZK0_DATASET_FRAME_CACHE_MB")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .map_or(DEFAULT_FRAME_CACHE_BYTES, |mb| mb << 20),
+            )),
+        };
         ds.check_metadata()?;
         Ok(ds)
+    }
+
+    /// Bounds the decoded-video-frame cache (bytes; 0 disables it). Random access decodes a
+    /// block of [`VIDEO_BLOCK_FRAMES`] frames around each request and keeps it here, so nearby and
+    /// repeated requests (a shuffled epoch, delta-timestamp windows) need no new decoder run.
+    pub fn set_frame_cache_bytes(&self, max_bytes: usize) {
+        if let Ok(mut c) = self.frames.lock() {
+            *c = FrameCache::new(max_bytes);
+        }
     }
 
     /// Metadata-only consistency: episode numbering, contiguous index ranges, totals.
@@ -113,11 +217,21 @@ impl LeRobotDataset {
         };
         let mut next = 0;
         for (i, ep) in self.episodes.iter().enumerate() {
-            let err = |m: String| DatasetError::Episode { path: meta_path.clone(), episode: ep.episode_index, message: m };
+            let err = |m: String| DatasetError::Episode {
+                path: meta_path.clone(),
+                episode: ep.episode_index,
+                message: m,
+            };
             if ep.episode_index != i {
-                return Err(err(format!("episode indices are not 0..{}: found {} at position {i}", self.episodes.len(), ep.episode_index)));
+                return Err(err(format!(
+                    "episode indices are not 0..{}: found {} at position {i}",
+                    self.episodes.len(),
+                    ep.episode_index
+                )));
             }
-            if ep.dataset_from_index != next || ep.dataset_to_index != ep.dataset_from_index + ep.length {
+            if ep.dataset_from_index != next
+                || ep.dataset_to_index != ep.dataset_from_index + ep.length
+            {
                 return Err(err(format!(
                     "index range [{}, {}) does not continue at {next} with length {}",
                     ep.dataset_from_index, ep.dataset_to_index, ep.length
@@ -126,13 +240,33 @@ impl LeRobotDataset {
             next = ep.dataset_to_index;
         }
         if self.episodes.len() != self.info.total_episodes {
-            return Err(inconsistent(&info_path, format!("total_episodes is {} but the metadata lists {} episodes", self.info.total_episodes, self.episodes.len())));
+            return Err(inconsistent(
+                &info_path,
+                format!(
+                    "total_episodes is {} but the metadata lists {} episodes",
+                    self.info.total_episodes,
+                    self.episodes.len()
+                ),
+            ));
         }
         if next != self.info.total_frames {
-            return Err(inconsistent(&info_path, format!("total_frames is {} but the episodes add up to {next}", self.info.total_frames)));
+            return Err(inconsistent(
+                &info_path,
+                format!(
+                    "total_frames is {} but the episodes add up to {next}",
+                    self.info.total_frames
+                ),
+            ));
         }
         if self.tasks.len() != self.info.total_tasks {
-            return Err(inconsistent(&info_path, format!("total_tasks is {} but there are {} tasks", self.info.total_tasks, self.tasks.len())));
+            return Err(inconsistent(
+                &info_path,
+                format!(
+                    "total_tasks is {} but there are {} tasks",
+                    self.info.total_tasks,
+                    self.tasks.len()
+                ),
+            ));
         }
         Ok(())
     }
@@ -169,27 +303,47 @@ impl LeRobotDataset {
     }
     /// Camera feature keys (video and image), in info.json order.
     pub fn camera_keys(&self) -> Vec<String> {
-        self.info.features.cameras().map(|(k, _)| k.to_string()).collect()
+        self.info
+            .features
+            .cameras()
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     pub fn episode(&self, episode: usize) -> Result<&Episode> {
-        self.episodes.get(episode).ok_or_else(|| DatasetError::OutOfRange { what: "episode", value: episode, bound: format!("dataset has {} episodes", self.episodes.len()) })
+        self.episodes
+            .get(episode)
+            .ok_or_else(|| DatasetError::OutOfRange {
+                what: "episode",
+                value: episode,
+                bound: format!("dataset has {} episodes", self.episodes.len()),
+            })
     }
 
     /// The episode containing global frame `index`.
     pub fn episode_of(&self, index: usize) -> Result<&Episode> {
-        let pos = self.episodes.partition_point(|e| e.dataset_to_index <= index);
+        let pos = self
+            .episodes
+            .partition_point(|e| e.dataset_to_index <= index);
         self.episodes
             .get(pos)
             .filter(|e| index >= e.dataset_from_index)
-            .ok_or_else(|| DatasetError::OutOfRange { what: "frame index", value: index, bound: format!("dataset has {} frames", self.len()) })
+            .ok_or_else(|| DatasetError::OutOfRange {
+                what: "frame index",
+                value: index,
+                bound: format!("dataset has {} frames", self.len()),
+            })
     }
 
     /// Global index of `(episode, frame_index)`.
     pub fn global_index(&self, episode: usize, frame_index: usize) -> Result<usize> {
         let ep = self.episode(episode)?;
         if frame_index >= ep.length {
-            return Err(DatasetError::OutOfRange { what: "frame", value: frame_index, bound: format!("episode {episode} has {} frames", ep.length) });
+            return Err(DatasetError::OutOfRange {
+                what: "frame",
+                value: frame_index,
+                bound: format!("episode {episode} has {} frames", ep.length),
+            });
         }
         Ok(ep.dataset_from_index + frame_index)
     }
@@ -197,14 +351,26 @@ impl LeRobotDataset {
     /// The whole data file holding an episode, cached.
     fn data_file(&self, ep: &Episode) -> Result<Arc<RecordBatch>> {
         let path = self.root.join(&ep.data_path);
-        if let Some(b) = self.cache.lock().map_err(|_| inconsistent(&path, "cache lock poisoned"))?.get(&path) {
+        if let Some(b) = self
+            .cache
+            .lock()
+            .map_err(|_| inconsistent(&path, "cache lock poisoned"))?
+            .get(&path)
+        {
             return Ok(b.clone());
         }
         if !path.exists() {
-            return Err(DatasetError::Episode { path, episode: ep.episode_index, message: "data file is missing".into() });
+            return Err(DatasetError::Episode {
+                path,
+                episode: ep.episode_index,
+                message: "data file is missing".into(),
+            });
         }
         let batch = Arc::new(table::read_parquet(&path)?);
-        let mut cache = self.cache.lock().map_err(|_| inconsistent(&path, "cache lock poisoned"))?;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| inconsistent(&path, "cache lock poisoned"))?;
         // Bounded: a long random-access run over a many-file dataset must not hold every file.
         if cache.len() >= MAX_CACHED_FILES {
             if let Some(k) = cache.keys().next().cloned() {
@@ -221,13 +387,19 @@ impl LeRobotDataset {
     fn locate_row(&self, ep: &Episode, index: usize) -> Result<(Arc<RecordBatch>, usize)> {
         let batch = self.data_file(ep)?;
         let path = self.root.join(&ep.data_path);
-        let err = |m: String| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: m };
+        let err = |m: String| DatasetError::Episode {
+            path: path.clone(),
+            episode: ep.episode_index,
+            message: m,
+        };
         if batch.num_rows() == 0 {
             return Err(err("data file has no rows".into()));
         }
         let first = table::int_cell(&batch, "index", 0, &path)?;
         let guess = (index as i64 - first).max(0) as usize;
-        if guess < batch.num_rows() && table::int_cell(&batch, "index", guess, &path)? == index as i64 {
+        if guess < batch.num_rows()
+            && table::int_cell(&batch, "index", guess, &path)? == index as i64
+        {
             return Ok((batch, guess));
         }
         let col = table::column(&batch, "index", &path)?;
@@ -262,30 +434,52 @@ impl LeRobotDataset {
         let path = self.root.join(&ep.data_path);
         let int = |name: &str| -> Result<usize> {
             let v = table::int_cell(&batch, name, row, &path)?;
-            usize::try_from(v).map_err(|_| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("negative {name} at row {row}") })
+            usize::try_from(v).map_err(|_| DatasetError::Episode {
+                path: path.clone(),
+                episode: ep.episode_index,
+                message: format!("negative {name} at row {row}"),
+            })
         };
         let episode_index = int("episode_index")?;
         if episode_index != ep.episode_index {
-            return Err(DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("row {row} (index {index}) belongs to episode {episode_index}") });
+            return Err(DatasetError::Episode {
+                path: path.clone(),
+                episode: ep.episode_index,
+                message: format!("row {row} (index {index}) belongs to episode {episode_index}"),
+            });
         }
         let task_index = int("task_index")?;
-        let task = self.tasks.get(task_index).cloned().ok_or_else(|| DatasetError::Episode {
-            path: path.clone(),
-            episode: ep.episode_index,
-            message: format!("task_index {task_index} at row {row} is not in the tasks table ({} tasks)", self.tasks.len()),
-        })?;
+        let task = self
+            .tasks
+            .get(task_index)
+            .cloned()
+            .ok_or_else(|| DatasetError::Episode {
+                path: path.clone(),
+                episode: ep.episode_index,
+                message: format!(
+                    "task_index {task_index} at row {row} is not in the tasks table ({} tasks)",
+                    self.tasks.len()
+                ),
+            })?;
         let mut features = BTreeMap::new();
         for (name, f) in self.info.features.iter() {
             if f.is_camera() {
                 continue;
             }
             let Some(col) = batch.column_by_name(name) else {
-                return Err(DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: format!("feature {name:?} has no column") });
+                return Err(DatasetError::Episode {
+                    path: path.clone(),
+                    episode: ep.episode_index,
+                    message: format!("feature {name:?} has no column"),
+                });
             };
             let v = table::cell_value(col.as_ref(), row).ok_or_else(|| DatasetError::Episode {
                 path: path.clone(),
                 episode: ep.episode_index,
-                message: format!("column {name:?} (type {}) at row {row} is not a supported value", col.data_type()),
+                message: format!(
+                    "column {name:?} (type {}) at row {row} is not a supported value",
+                    col.data_type()
+                ),
             })?;
             features.insert(name.to_string(), v);
         }
@@ -302,39 +496,118 @@ impl LeRobotDataset {
     }
 
     /// Decodes one camera of the frame at `index` (`timestamp` from its row).
-    fn decode_camera(&self, ep: &Episode, key: &str, index: usize, timestamp: f32) -> Result<RgbImage> {
-        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+    fn decode_camera(
+        &self,
+        ep: &Episode,
+        key: &str,
+        index: usize,
+        timestamp: f32,
+    ) -> Result<RgbImage> {
+        let f = self
+            .info
+            .features
+            .get(key)
+            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
         if f.is_image() {
             let (batch, row) = self.locate_row(ep, index)?;
             let path = self.root.join(&ep.data_path);
-            let err = |m: String| DatasetError::Episode { path: path.clone(), episode: ep.episode_index, message: m };
+            let err = |m: String| DatasetError::Episode {
+                path: path.clone(),
+                episode: ep.episode_index,
+                message: m,
+            };
             let col = table::column(&batch, key, &path)?;
-            let bytes = table::image_bytes(col.as_ref(), row).ok_or_else(|| err(format!("image column {key:?} row {row} has no bytes")))?;
-            let img = image::load_from_memory(bytes).map_err(|e| err(format!("image {key:?} row {row}: {e}")))?;
+            let bytes = table::image_bytes(col.as_ref(), row)
+                .ok_or_else(|| err(format!("image column {key:?} row {row} has no bytes")))?;
+            let img = image::load_from_memory(bytes)
+                .map_err(|e| err(format!("image {key:?} row {row}: {e}")))?;
             return Ok(img.to_rgb8());
         }
-        let mut frames = self.decode_video(ep, key, f64::from(timestamp), 1)?;
-        frames.pop().ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
+        self.video_frame(ep, key, index, timestamp)
+    }
+
+    /// Video camera `key` at global `index` through the block cache. The block holding the
+    /// frame is decoded in one run from its first frame's timestamp, exactly like the sequential
+    /// path ([`Self::decode_episode`]); frames of a block are consecutive stream frames.
+    /// `timestamp` (the frame's own) is only used when the cache is disabled.
+    fn video_frame(
+        &self,
+        ep: &Episode,
+        key: &str,
+        index: usize,
+        timestamp: f32,
+    ) -> Result<RgbImage> {
+        let cache_on = self.frames.lock().map(|c| c.max_bytes > 0).unwrap_or(false);
+        if !cache_on {
+            let mut frames = self.decode_video(ep, key, f64::from(timestamp), 1)?;
+            return frames
+                .pop()
+                .ok_or_else(|| DatasetError::Usage("no frame decoded".into()));
+        }
+        let fi = index - ep.dataset_from_index;
+        let block = fi / VIDEO_BLOCK_FRAMES;
+        let ck = (key.to_string(), ep.episode_index, block);
+        let hit = self.frames.lock().ok().and_then(|mut c| c.get(&ck));
+        let frames = match hit {
+            Some(b) => b,
+            None => {
+                let start = block * VIDEO_BLOCK_FRAMES;
+                let count = VIDEO_BLOCK_FRAMES.min(ep.length - start);
+                let t0 = self.get_values(ep.dataset_from_index + start)?.timestamp;
+                let b = Arc::new(self.decode_video(ep, key, f64::from(t0), count)?);
+                if let Ok(mut c) = self.frames.lock() {
+                    c.insert(ck, b.clone());
+                }
+                b
+            }
+        };
+        frames
+            .get(fi % VIDEO_BLOCK_FRAMES)
+            .cloned()
+            .ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
     }
 
     /// `count` consecutive frames of video camera `key` from episode time `t` on.
     fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
-        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
-        let (h, w) = f.hw().ok_or_else(|| inconsistent(self.root.join("meta/info.json"), format!("camera {key:?} shape is not [H, W, C]")))?;
+        let f = self
+            .info
+            .features
+            .get(key)
+            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        let (h, w) = f.hw().ok_or_else(|| {
+            inconsistent(
+                self.root.join("meta/info.json"),
+                format!("camera {key:?} shape is not [H, W, C]"),
+            )
+        })?;
         let span = ep.videos.get(key).ok_or_else(|| DatasetError::Episode {
             path: self.root.join("meta/episodes"),
             episode: ep.episode_index,
             message: format!("no video location for camera {key:?}"),
         })?;
-        video::decode_frames(&self.root.join(&span.path), span.from_timestamp + t, f64::from(self.info.fps), count, w, h, ep.episode_index)
+        video::decode_frames(
+            &self.root.join(&span.path),
+            span.from_timestamp + t,
+            f64::from(self.info.fps),
+            count,
+            w,
+            h,
+            ep.episode_index,
+        )
     }
 
     /// Every frame of one camera over a whole episode, in one decoder pass (sequential access).
     pub fn decode_episode(&self, episode: usize, key: &str) -> Result<Vec<RgbImage>> {
         let ep = self.episode(episode)?.clone();
-        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        let f = self
+            .info
+            .features
+            .get(key)
+            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
         if f.is_image() {
-            return (ep.dataset_from_index..ep.dataset_to_index).map(|i| self.decode_camera(&ep, key, i, 0.0)).collect();
+            return (ep.dataset_from_index..ep.dataset_to_index)
+                .map(|i| self.decode_camera(&ep, key, i, 0.0))
+                .collect();
         }
         let t0 = f64::from(self.get_values(ep.dataset_from_index)?.timestamp);
         self.decode_video(&ep, key, t0, ep.length)
@@ -342,14 +615,20 @@ impl LeRobotDataset {
 
     /// LeRobot's delta-timestamp query: for each `feature → offsets (s)`, the values at
     /// `index + round(offset·fps)` clamped into the episode, with `is_pad` where clamping happened.
-    pub fn get_deltas(&self, index: usize, deltas: &BTreeMap<String, Vec<f64>>) -> Result<DeltaSample> {
+    pub fn get_deltas(
+        &self,
+        index: usize,
+        deltas: &BTreeMap<String, Vec<f64>>,
+    ) -> Result<DeltaSample> {
         let ep = self.episode_of(index)?.clone();
         let fps = f64::from(self.info.fps);
         let mut values = BTreeMap::new();
         let mut images = BTreeMap::new();
         let mut is_pad = BTreeMap::new();
         for (key, offsets) in deltas {
-            let feature = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("delta_timestamps: no feature {key:?}")))?;
+            let feature = self.info.features.get(key).ok_or_else(|| {
+                DatasetError::Usage(format!("delta_timestamps: no feature {key:?}"))
+            })?;
             let (lo, hi) = (ep.dataset_from_index as i64, ep.dataset_to_index as i64);
             let mut query = Vec::with_capacity(offsets.len());
             let mut pad = Vec::with_capacity(offsets.len());
@@ -364,7 +643,9 @@ impl LeRobotDataset {
                 let mut v = Vec::with_capacity(query.len());
                 for &q in &query {
                     let mut fr = self.get_values(q)?;
-                    v.push(fr.features.remove(key).ok_or_else(|| DatasetError::Usage(format!("feature {key:?} not in data")))?);
+                    v.push(fr.features.remove(key).ok_or_else(|| {
+                        DatasetError::Usage(format!("feature {key:?} not in data"))
+                    })?);
                 }
                 values.insert(key.clone(), v);
             }
@@ -377,17 +658,33 @@ impl LeRobotDataset {
                 frame.images.insert(key, img);
             }
         }
-        Ok(DeltaSample { frame, values, images, is_pad })
+        Ok(DeltaSample {
+            frame,
+            values,
+            images,
+            is_pad,
+        })
     }
 
     /// Frames of one camera at the given global indices of one episode; a video camera is
     /// decoded once over the covered range instead of once per index.
     fn camera_frames(&self, ep: &Episode, key: &str, indices: &[usize]) -> Result<Vec<RgbImage>> {
-        let f = self.info.features.get(key).ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
-        if f.is_image() || indices.is_empty() {
-            return indices.iter().map(|&i| self.decode_camera(ep, key, i, 0.0)).collect();
+        let f = self
+            .info
+            .features
+            .get(key)
+            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        let cache_on = self.frames.lock().map(|c| c.max_bytes > 0).unwrap_or(false);
+        if f.is_image() || indices.is_empty() || cache_on {
+            return indices
+                .iter()
+                .map(|&i| self.decode_camera(ep, key, i, 0.0))
+                .collect();
         }
-        let (lo, hi) = (*indices.iter().min().unwrap_or(&0), *indices.iter().max().unwrap_or(&0));
+        let (lo, hi) = (
+            *indices.iter().min().unwrap_or(&0),
+            *indices.iter().max().unwrap_or(&0),
+        );
         let t0 = f64::from(self.get_values(lo)?.timestamp);
         let run = self.decode_video(ep, key, t0, hi - lo + 1)?;
         Ok(indices.iter().map(|&i| run[i - lo].clone()).collect())

@@ -11,7 +11,13 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 /// `DEFAULT_QUANTILES` and their stat names.
-pub const QUANTILES: [(&str, f64); 5] = [("q01", 0.01), ("q10", 0.10), ("q50", 0.50), ("q90", 0.90), ("q99", 0.99)];
+pub const QUANTILES: [(&str, f64); 5] = [
+    ("q01", 0.01),
+    ("q10", 0.10),
+    ("q50", 0.50),
+    ("q90", 0.90),
+    ("q99", 0.99),
+];
 
 /// Statistics of one feature.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +41,15 @@ impl FeatureStats {
     pub fn compute(samples: &[Vec<f64>], camera: bool) -> Option<FeatureStats> {
         let dim = samples.first()?.len();
         let n = samples.len() as f64;
-        let mut st = FeatureStats { min: vec![f64::INFINITY; dim], max: vec![f64::NEG_INFINITY; dim], mean: vec![0.0; dim], std: vec![0.0; dim], count: samples.len() as u64, quantiles: BTreeMap::new(), camera };
+        let mut st = FeatureStats {
+            min: vec![f64::INFINITY; dim],
+            max: vec![f64::NEG_INFINITY; dim],
+            mean: vec![0.0; dim],
+            std: vec![0.0; dim],
+            count: samples.len() as u64,
+            quantiles: BTreeMap::new(),
+            camera,
+        };
         for s in samples {
             for (d, &x) in s.iter().enumerate().take(dim) {
                 st.min[d] = st.min[d].min(x);
@@ -70,7 +84,13 @@ impl FeatureStats {
     /// Per-channel stats of RGB frames, scaled to 0–1 (LeRobot's image stats).
     pub fn compute_rgb(frames: &[&image::RgbImage]) -> Option<FeatureStats> {
         // Each pixel is one sample of a 3-vector; count is the number of frames, like LeRobot.
-        let samples: Vec<Vec<f64>> = frames.iter().flat_map(|f| f.pixels().map(|p| p.0.iter().map(|&c| f64::from(c) / 255.0).collect())).collect();
+        let samples: Vec<Vec<f64>> = frames
+            .iter()
+            .flat_map(|f| {
+                f.pixels()
+                    .map(|p| p.0.iter().map(|&c| f64::from(c) / 255.0).collect())
+            })
+            .collect();
         let mut st = FeatureStats::compute(&samples, true)?;
         st.count = frames.len() as u64;
         Some(st)
@@ -112,8 +132,19 @@ impl FeatureStats {
         };
         let camera = matches!(v.get("mean"), Some(Value::Array(a)) if a.first().is_some_and(Value::is_array));
         let count = get("count")?.first().copied()? as u64;
-        let quantiles = QUANTILES.iter().filter_map(|(k, _)| Some((k.to_string(), get(k)?))).collect();
-        Some(FeatureStats { min: get("min")?, max: get("max")?, mean: get("mean")?, std: get("std")?, count, quantiles, camera })
+        let quantiles = QUANTILES
+            .iter()
+            .filter_map(|(k, _)| Some((k.to_string(), get(k)?)))
+            .collect();
+        Some(FeatureStats {
+            min: get("min")?,
+            max: get("max")?,
+            mean: get("mean")?,
+            std: get("std")?,
+            count,
+            quantiles,
+            camera,
+        })
     }
 }
 
@@ -122,7 +153,15 @@ pub fn aggregate_feature(parts: &[&FeatureStats]) -> Option<FeatureStats> {
     let first = parts.first()?;
     let dim = first.mean.len();
     let total: f64 = parts.iter().map(|p| p.count as f64).sum();
-    let mut out = FeatureStats { min: first.min.clone(), max: first.max.clone(), mean: vec![0.0; dim], std: vec![0.0; dim], count: total as u64, quantiles: BTreeMap::new(), camera: first.camera };
+    let mut out = FeatureStats {
+        min: first.min.clone(),
+        max: first.max.clone(),
+        mean: vec![0.0; dim],
+        std: vec![0.0; dim],
+        count: total as u64,
+        quantiles: BTreeMap::new(),
+        camera: first.camera,
+    };
     for p in parts {
         let w = p.count as f64 / total;
         for d in 0..dim {
@@ -169,10 +208,21 @@ pub fn aggregate(parts: &[&Stats]) -> Stats {
 
 /// Stats as the `stats.json` object.
 pub fn to_json(stats: &Stats) -> Value {
-    Value::Object(stats.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+    Value::Object(
+        stats
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect(),
+    )
 }
 
 /// Parses a `{feature: {stat: …}}` JSON object (features that do not parse are skipped).
 pub fn from_json(v: &Value) -> Stats {
-    v.as_object().map(|m| m.iter().filter_map(|(k, s)| Some((k.clone(), FeatureStats::from_json(s)?))).collect()).unwrap_or_default()
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, s)| Some((k.clone(), FeatureStats::from_json(s)?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -15,7 +15,11 @@ use crate::video::EncoderConfig;
 use crate::writer::{DatasetConfig, DatasetWriter, FrameData};
 
 /// Tasks cycled through by the generated episodes.
-pub const TASKS: [&str; 3] = ["Pick up the red cube.", "Put the cube in the bowl.", "Open the drawer."];
+pub const TASKS: [&str; 3] = [
+    "Pick up the red cube.",
+    "Put the cube in the bowl.",
+    "Open the drawer.",
+];
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -31,33 +35,58 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { episodes: 3, frames_per_episode: 30, cameras: vec![("front".into(), 64, 64)], seed: 0, fps: 30, encoder: EncoderConfig::default() }
+        SynthConfig {
+            episodes: 3,
+            frames_per_episode: 30,
+            cameras: vec![("front".into(), 64, 64)],
+            seed: 0,
+            fps: 30,
+            encoder: EncoderConfig::default(),
+        }
     }
 }
 
 /// The source colours `(left, right)` of camera `cam` at frame `i` of episode `ep`.
 pub fn frame_colours(ep: usize, i: usize, cam: usize) -> ([u8; 3], [u8; 3]) {
     let b = |x: usize| (x % 200 + 28) as u8;
-    ([b(40 + 7 * i + 50 * cam), b(100 + 30 * ep), b(60 + 3 * i)], [b(150 + 5 * i), b(30 + 60 * cam + 4 * i), b(90 + 20 * ep)])
+    (
+        [b(40 + 7 * i + 50 * cam), b(100 + 30 * ep), b(60 + 3 * i)],
+        [b(150 + 5 * i), b(30 + 60 * cam + 4 * i), b(90 + 20 * ep)],
+    )
 }
 
 /// Writes a synthetic dataset to `root` and opens it.
 pub fn generate(root: &Path, cfg: &SynthConfig) -> Result<LeRobotDataset> {
-    let cams: Vec<(&str, u32, u32)> = cfg.cameras.iter().map(|(n, w, h)| (n.as_str(), *w, *h)).collect();
+    let cams: Vec<(&str, u32, u32)> = cfg
+        .cameras
+        .iter()
+        .map(|(n, w, h)| (n.as_str(), *w, *h))
+        .collect();
     let mut dc = DatasetConfig::so100(&cams);
     dc.fps = cfg.fps;
     dc.encoder = cfg.encoder.clone();
     let mut w = DatasetWriter::create(root, dc)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     for ep in 0..cfg.episodes {
-        let phase: Vec<f64> = (0..6).map(|_| rng.gen_range(0.0..std::f64::consts::TAU)).collect();
+        let phase: Vec<f64> = (0..6)
+            .map(|_| rng.gen_range(0.0..std::f64::consts::TAU))
+            .collect();
         let amp: Vec<f64> = (0..6).map(|_| rng.gen_range(10.0..40.0)).collect();
         for i in 0..cfg.frames_per_episode {
             let t = i as f64 / f64::from(cfg.fps);
-            let joint = |lead: f64| -> Vec<f64> { (0..6).map(|j| f64::from((amp[j] * (t * 2.0 + lead + phase[j]).sin()) as f32)).collect() };
-            let mut f = FrameData { task: TASKS[ep % TASKS.len()].to_string(), ..Default::default() };
-            f.values.insert("observation.state".into(), FeatureValue::Float(joint(0.0)));
-            f.values.insert("action".into(), FeatureValue::Float(joint(0.1)));
+            let joint = |lead: f64| -> Vec<f64> {
+                (0..6)
+                    .map(|j| f64::from((amp[j] * (t * 2.0 + lead + phase[j]).sin()) as f32))
+                    .collect()
+            };
+            let mut f = FrameData {
+                task: TASKS[ep % TASKS.len()].to_string(),
+                ..Default::default()
+            };
+            f.values
+                .insert("observation.state".into(), FeatureValue::Float(joint(0.0)));
+            f.values
+                .insert("action".into(), FeatureValue::Float(joint(0.1)));
             for (c, (name, wd, ht)) in cfg.cameras.iter().enumerate() {
                 let (l, r) = frame_colours(ep, i, c);
                 let img = RgbImage::from_fn(*wd, *ht, |x, _| Rgb(if x < wd / 2 { l } else { r }));

@@ -8,7 +8,10 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type,
+    UInt32Type, UInt64Type, UInt8Type,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{inconsistent, io_err, DatasetError, Result};
@@ -22,8 +25,13 @@ pub fn read_parquet(path: &Path) -> Result<RecordBatch> {
     let file = File::open(path).map_err(io_err(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq_err(&e))?;
     let schema = builder.schema().clone();
-    let reader = builder.with_batch_size(64 * 1024).build().map_err(|e| pq_err(&e))?;
-    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| pq_err(&e))?;
+    let reader = builder
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(|e| pq_err(&e))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pq_err(&e))?;
     arrow::compute::concat_batches(&schema, &batches).map_err(|e| pq_err(&e))
 }
 
@@ -99,7 +107,12 @@ pub fn cell_value(array: &dyn Array, row: usize) -> Option<FeatureValue> {
 }
 
 /// Appends `len` consecutive elements starting at `offset` of `array` (recursing through lists).
-fn flatten_into(array: &dyn Array, offset: usize, len: usize, out: &mut Option<FeatureValue>) -> Option<()> {
+fn flatten_into(
+    array: &dyn Array,
+    offset: usize,
+    len: usize,
+    out: &mut Option<FeatureValue>,
+) -> Option<()> {
     if offset + len > array.len() {
         return None;
     }
@@ -117,7 +130,9 @@ fn flatten_into(array: &dyn Array, offset: usize, len: usize, out: &mut Option<F
         DataType::Float32 | DataType::Float64 => {
             let v: Vec<f64> = if let DataType::Float32 = array.data_type() {
                 let a = array.as_primitive::<Float32Type>();
-                (offset..offset + len).map(|i| f64::from(a.value(i))).collect()
+                (offset..offset + len)
+                    .map(|i| f64::from(a.value(i)))
+                    .collect()
             } else {
                 let a = array.as_primitive::<Float64Type>();
                 (offset..offset + len).map(|i| a.value(i)).collect()
@@ -143,19 +158,33 @@ fn flatten_into(array: &dyn Array, offset: usize, len: usize, out: &mut Option<F
                 _ => return None,
             }
         }
-        DataType::Utf8 if len == 1 => *out = Some(FeatureValue::Text(array.as_string::<i32>().value(offset).to_string())),
-        DataType::LargeUtf8 if len == 1 => *out = Some(FeatureValue::Text(array.as_string::<i64>().value(offset).to_string())),
+        DataType::Utf8 if len == 1 => {
+            *out = Some(FeatureValue::Text(
+                array.as_string::<i32>().value(offset).to_string(),
+            ))
+        }
+        DataType::LargeUtf8 if len == 1 => {
+            *out = Some(FeatureValue::Text(
+                array.as_string::<i64>().value(offset).to_string(),
+            ))
+        }
         DataType::List(_) => {
             let a = array.as_list::<i32>();
             for i in offset..offset + len {
-                let (s, e) = (a.value_offsets()[i] as usize, a.value_offsets()[i + 1] as usize);
+                let (s, e) = (
+                    a.value_offsets()[i] as usize,
+                    a.value_offsets()[i + 1] as usize,
+                );
                 flatten_into(a.values().as_ref(), s, e - s, out)?;
             }
         }
         DataType::LargeList(_) => {
             let a = array.as_list::<i64>();
             for i in offset..offset + len {
-                let (s, e) = (a.value_offsets()[i] as usize, a.value_offsets()[i + 1] as usize);
+                let (s, e) = (
+                    a.value_offsets()[i] as usize,
+                    a.value_offsets()[i + 1] as usize,
+                );
                 flatten_into(a.values().as_ref(), s, e - s, out)?;
             }
         }
@@ -175,15 +204,25 @@ pub fn cell_json(array: &dyn Array, row: usize) -> serde_json::Value {
     if array.is_null(row) {
         return Value::Null;
     }
-    let list = |values: &ArrayRef, s: usize, e: usize| Value::Array((s..e).map(|i| cell_json(values.as_ref(), i)).collect());
+    let list = |values: &ArrayRef, s: usize, e: usize| {
+        Value::Array((s..e).map(|i| cell_json(values.as_ref(), i)).collect())
+    };
     match array.data_type() {
         DataType::List(_) => {
             let a = array.as_list::<i32>();
-            list(a.values(), a.value_offsets()[row] as usize, a.value_offsets()[row + 1] as usize)
+            list(
+                a.values(),
+                a.value_offsets()[row] as usize,
+                a.value_offsets()[row + 1] as usize,
+            )
         }
         DataType::LargeList(_) => {
             let a = array.as_list::<i64>();
-            list(a.values(), a.value_offsets()[row] as usize, a.value_offsets()[row + 1] as usize)
+            list(
+                a.values(),
+                a.value_offsets()[row] as usize,
+                a.value_offsets()[row + 1] as usize,
+            )
         }
         DataType::FixedSizeList(_, n) => {
             let n = *n as usize;
@@ -203,7 +242,10 @@ pub fn cell_json(array: &dyn Array, row: usize) -> serde_json::Value {
 pub fn int_cell(batch: &RecordBatch, name: &str, row: usize, path: &Path) -> Result<i64> {
     match cell_value(column(batch, name, path)?.as_ref(), row) {
         Some(FeatureValue::Int(v)) if v.len() == 1 => Ok(v[0]),
-        _ => Err(inconsistent(path, format!("column {name:?} row {row}: expected an integer"))),
+        _ => Err(inconsistent(
+            path,
+            format!("column {name:?} row {row}: expected an integer"),
+        )),
     }
 }
 
@@ -212,7 +254,10 @@ pub fn float_cell(batch: &RecordBatch, name: &str, row: usize, path: &Path) -> R
     match cell_value(column(batch, name, path)?.as_ref(), row) {
         Some(FeatureValue::Float(v)) if v.len() == 1 => Ok(v[0]),
         Some(FeatureValue::Int(v)) if v.len() == 1 => Ok(v[0] as f64),
-        _ => Err(inconsistent(path, format!("column {name:?} row {row}: expected a number"))),
+        _ => Err(inconsistent(
+            path,
+            format!("column {name:?} row {row}: expected a number"),
+        )),
     }
 }
 

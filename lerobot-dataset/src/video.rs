@@ -20,29 +20,72 @@ use crate::error::{DatasetError, Result};
 
 /// Decodes `count` consecutive frames starting at the frame nearest to `time_s` (seconds from the
 /// start of the file). `width`/`height` are the stream's size (from info.json).
-pub fn decode_frames(path: &Path, time_s: f64, fps: f64, count: usize, width: usize, height: usize, episode: usize) -> Result<Vec<RgbImage>> {
-    let fail = |message: String| DatasetError::Video { path: path.to_path_buf(), episode, timestamp: time_s, message };
+pub fn decode_frames(
+    path: &Path,
+    time_s: f64,
+    fps: f64,
+    count: usize,
+    width: usize,
+    height: usize,
+    episode: usize,
+) -> Result<Vec<RgbImage>> {
+    let fail = |message: String| DatasetError::Video {
+        path: path.to_path_buf(),
+        episode,
+        timestamp: time_s,
+        message,
+    };
     if !path.exists() {
         return Err(fail("video file is missing".into()));
     }
     let start = (time_s - 0.5 / fps).max(0.0);
     let mut child = Command::new("ffmpeg")
-        .args(["-nostdin", "-hide_banner", "-v", "error", "-ss", &format!("{start:.6}"), "-i"])
+        .args([
+            "-nostdin",
+            "-hide_banner",
+            "-v",
+            "error",
+            "-ss",
+            &format!("{start:.6}"),
+            "-i",
+        ])
         .arg(path)
-        .args(["-map", "0:v:0", "-frames:v", &count.to_string(), "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
+        .args([
+            "-map",
+            "0:v:0",
+            "-frames:v",
+            &count.to_string(),
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "pipe:1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| DatasetError::Tool { program: "ffmpeg", source })?;
+        .map_err(|source| DatasetError::Tool {
+            program: "ffmpeg",
+            source,
+        })?;
     let frame_bytes = width * height * 3;
     let mut buf = Vec::with_capacity(frame_bytes * count);
-    let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout pipe".into()))?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("no stdout pipe".into()))?;
     let read = stdout.read_to_end(&mut buf);
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     read.map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
-        return Err(fail(format!("ffmpeg exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(fail(format!(
+            "ffmpeg exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     if buf.len() != frame_bytes * count {
         return Err(fail(format!(
@@ -53,7 +96,10 @@ pub fn decode_frames(path: &Path, time_s: f64, fps: f64, count: usize, width: us
     }
     Ok(buf
         .chunks_exact(frame_bytes)
-        .map(|c| RgbImage::from_raw(width as u32, height as u32, c.to_vec()).expect("chunk has exactly one frame"))
+        .map(|c| {
+            RgbImage::from_raw(width as u32, height as u32, c.to_vec())
+                .expect("chunk has exactly one frame")
+        })
         .collect())
 }
 
@@ -75,20 +121,45 @@ pub struct Probe {
 /// Runs `ffprobe` on a video file.
 pub fn probe(path: &Path) -> Result<Probe> {
     let out = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=codec_name,width,height,pix_fmt,nb_frames,duration,r_frame_rate", "-of", "json"])
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_name,width,height,pix_fmt,nb_frames,duration,r_frame_rate",
+            "-of",
+            "json",
+        ])
         .arg(path)
         .output()
-        .map_err(|source| DatasetError::Tool { program: "ffprobe", source })?;
-    let fail = |m: String| DatasetError::Video { path: path.to_path_buf(), episode: 0, timestamp: 0.0, message: m };
+        .map_err(|source| DatasetError::Tool {
+            program: "ffprobe",
+            source,
+        })?;
+    let fail = |m: String| DatasetError::Video {
+        path: path.to_path_buf(),
+        episode: 0,
+        timestamp: 0.0,
+        message: m,
+    };
     if !out.status.success() {
-        return Err(fail(format!("ffprobe failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(fail(format!(
+            "ffprobe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| fail(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| fail(e.to_string()))?;
     let s = &v["streams"][0];
     if s.is_null() {
         return Err(fail("no video stream".into()));
     }
-    let num = |k: &str| s[k].as_str().and_then(|x| x.parse::<f64>().ok()).or_else(|| s[k].as_f64());
+    let num = |k: &str| {
+        s[k].as_str()
+            .and_then(|x| x.parse::<f64>().ok())
+            .or_else(|| s[k].as_f64())
+    };
     let fps = s["r_frame_rate"].as_str().and_then(|r| {
         let (a, b) = r.split_once('/')?;
         Some(a.parse::<f64>().ok()? / b.parse::<f64>().ok()?)
@@ -131,20 +202,38 @@ pub struct EncoderConfig {
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        EncoderConfig { vcodec: "libsvtav1".into(), pix_fmt: "yuv420p".into(), g: 2, crf: 30, preset: Some(12) }
+        EncoderConfig {
+            vcodec: "libsvtav1".into(),
+            pix_fmt: "yuv420p".into(),
+            g: 2,
+            crf: 30,
+            preset: Some(12),
+        }
     }
 }
 
 fn run_ffmpeg(args: &[String], stdin_data: Option<Vec<u8>>, path: &Path) -> Result<()> {
     use std::io::Write;
-    let fail = |message: String| DatasetError::Video { path: path.to_path_buf(), episode: 0, timestamp: 0.0, message };
+    let fail = |message: String| DatasetError::Video {
+        path: path.to_path_buf(),
+        episode: 0,
+        timestamp: 0.0,
+        message,
+    };
     let mut child = Command::new("ffmpeg")
         .args(args)
-        .stdin(if stdin_data.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin_data.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| DatasetError::Tool { program: "ffmpeg", source })?;
+        .map_err(|source| DatasetError::Tool {
+            program: "ffmpeg",
+            source,
+        })?;
     // Feed stdin from a thread so a full stderr pipe can never deadlock us.
     let feeder = match (stdin_data, child.stdin.take()) {
         (Some(data), Some(mut stdin)) => Some(std::thread::spawn(move || stdin.write_all(&data))),
@@ -155,25 +244,63 @@ fn run_ffmpeg(args: &[String], stdin_data: Option<Vec<u8>>, path: &Path) -> Resu
         let _ = f.join();
     }
     if !out.status.success() {
-        return Err(fail(format!("ffmpeg exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(fail(format!(
+            "ffmpeg exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
 
 /// Encodes RGB frames into an mp4 at `fps` (constant frame rate; pts of frame i = i/fps).
 pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &Path) -> Result<()> {
-    let first = frames.first().ok_or_else(|| DatasetError::Usage("no frames to encode".into()))?;
+    let first = frames
+        .first()
+        .ok_or_else(|| DatasetError::Usage("no frames to encode".into()))?;
     let (w, h) = first.dimensions();
     let mut raw = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
     for f in frames {
         if f.dimensions() != (w, h) {
-            return Err(DatasetError::Usage(format!("frame size {:?} differs from the first frame's {:?}", f.dimensions(), (w, h))));
+            return Err(DatasetError::Usage(format!(
+                "frame size {:?} differs from the first frame's {:?}",
+                f.dimensions(),
+                (w, h)
+            )));
         }
         raw.extend_from_slice(f.as_raw());
     }
-    let mut args: Vec<String> = ["-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"].map(String::from).to_vec();
-    args.extend(["-s".into(), format!("{w}x{h}"), "-r".into(), fps.to_string(), "-i".into(), "pipe:0".into()]);
-    args.extend(["-c:v".into(), cfg.vcodec.clone(), "-pix_fmt".into(), cfg.pix_fmt.clone(), "-g".into(), cfg.g.to_string(), "-crf".into(), cfg.crf.to_string()]);
+    let mut args: Vec<String> = [
+        "-nostdin",
+        "-hide_banner",
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "-s".into(),
+        format!("{w}x{h}"),
+        "-r".into(),
+        fps.to_string(),
+        "-i".into(),
+        "pipe:0".into(),
+    ]);
+    args.extend([
+        "-c:v".into(),
+        cfg.vcodec.clone(),
+        "-pix_fmt".into(),
+        cfg.pix_fmt.clone(),
+        "-g".into(),
+        cfg.g.to_string(),
+        "-crf".into(),
+        cfg.crf.to_string(),
+    ]);
     if cfg.vcodec == "libsvtav1" {
         if let Some(p) = cfg.preset {
             args.extend(["-preset".into(), p.to_string()]);
@@ -181,7 +308,14 @@ pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &P
         args.extend(["-svtav1-params".into(), "fast-decode=0".into()]);
     }
     // Tag limited range like LeRobot's streams so decoders pick BT.601 limited.
-    args.extend(["-color_range".into(), "tv".into(), "-movflags".into(), "+faststart".into(), "-f".into(), "mp4".into()]);
+    args.extend([
+        "-color_range".into(),
+        "tv".into(),
+        "-movflags".into(),
+        "+faststart".into(),
+        "-f".into(),
+        "mp4".into(),
+    ]);
     args.push(out.to_string_lossy().into_owned());
     run_ffmpeg(&args, Some(raw), out)
 }
@@ -189,13 +323,41 @@ pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &P
 /// Concatenates mp4s without re-encoding (`concatenate_video_files`: concat demuxer, stream copy).
 pub fn concat_files(inputs: &[&Path], out: &Path) -> Result<()> {
     let list_path = out.with_extension("concat.txt");
-    let list: String = inputs.iter().map(|p| format!("file '{}'\n", p.display().to_string().replace('\'', "'\\''"))).collect();
-    std::fs::write(&list_path, list).map_err(crate::error::io_err(&list_path))?;
-    let args: Vec<String> = ["-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i"]
-        .map(String::from)
-        .into_iter()
-        .chain([list_path.to_string_lossy().into_owned(), "-c".into(), "copy".into(), "-movflags".into(), "+faststart".into(), "-f".into(), "mp4".into(), out.to_string_lossy().into_owned()])
+    let list: String = inputs
+        .iter()
+        .map(|p| {
+            format!(
+                "file '{}'\n",
+                p.display().to_string().replace('\'', "'\\''")
+            )
+        })
         .collect();
+    std::fs::write(&list_path, list).map_err(crate::error::io_err(&list_path))?;
+    let args: Vec<String> = [
+        "-nostdin",
+        "-hide_banner",
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([
+        list_path.to_string_lossy().into_owned(),
+        "-c".into(),
+        "copy".into(),
+        "-movflags".into(),
+        "+faststart".into(),
+        "-f".into(),
+        "mp4".into(),
+        out.to_string_lossy().into_owned(),
+    ])
+    .collect();
     let r = run_ffmpeg(&args, None, out);
     let _ = std::fs::remove_file(&list_path);
     r

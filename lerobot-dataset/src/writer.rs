@@ -15,7 +15,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BinaryArray, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, Float64Builder, Int32Array, Int64Array, Int64Builder, ListBuilder, RecordBatch, StringArray, StringBuilder, StructArray};
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, BooleanArray, FixedSizeListArray, Float32Array, Float64Array,
+    Float64Builder, Int32Array, Int64Array, Int64Builder, ListBuilder, RecordBatch, StringArray,
+    StringBuilder, StructArray,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use image::RgbImage;
 use parquet::arrow::ArrowWriter;
@@ -23,13 +27,23 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{io_err, DatasetError, Result};
-use crate::meta::{format_path, Feature, Features, Info, DEFAULT_EPISODES_PATH, DEFAULT_TASKS_PATH, DEFAULT_VIDEO_PATH};
+use crate::meta::{
+    format_path, Feature, Features, Info, DEFAULT_EPISODES_PATH, DEFAULT_TASKS_PATH,
+    DEFAULT_VIDEO_PATH,
+};
 use crate::stats::{self, FeatureStats, Stats, QUANTILES};
 use crate::table::FeatureValue;
 use crate::video::{self, EncoderConfig};
 
 /// Joint names of the SO-100/SO-101 follower (`so100_follower`, `so101_follower`).
-pub const SO100_JOINTS: [&str; 6] = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"];
+pub const SO100_JOINTS: [&str; 6] = [
+    "shoulder_pan.pos",
+    "shoulder_lift.pos",
+    "elbow_flex.pos",
+    "wrist_flex.pos",
+    "wrist_roll.pos",
+    "gripper.pos",
+];
 
 /// What to create: user features (the five defaults are appended), rate, sizes, encoder.
 #[derive(Debug, Clone)]
@@ -47,12 +61,25 @@ impl DatasetConfig {
     /// SO-100/SO-101 follower at 30 fps: 6-joint `observation.state` and `action`, plus one video
     /// camera `observation.images.<name>` per `(name, width, height)`.
     pub fn so100(cameras: &[(&str, u32, u32)]) -> Self {
-        let joints = || Feature { dtype: "float32".into(), shape: vec![6], names: serde_json::json!(SO100_JOINTS), info: None };
-        let mut features = vec![("observation.state".to_string(), joints()), ("action".to_string(), joints())];
+        let joints = || Feature {
+            dtype: "float32".into(),
+            shape: vec![6],
+            names: serde_json::json!(SO100_JOINTS),
+            info: None,
+        };
+        let mut features = vec![
+            ("observation.state".to_string(), joints()),
+            ("action".to_string(), joints()),
+        ];
         for (name, w, h) in cameras {
             features.push((
                 format!("observation.images.{name}"),
-                Feature { dtype: "video".into(), shape: vec![*h as usize, *w as usize, 3], names: serde_json::json!(["height", "width", "channels"]), info: None },
+                Feature {
+                    dtype: "video".into(),
+                    shape: vec![*h as usize, *w as usize, 3],
+                    names: serde_json::json!(["height", "width", "channels"]),
+                    info: None,
+                },
             ));
         }
         DatasetConfig {
@@ -129,16 +156,28 @@ pub struct DatasetWriter {
 }
 
 fn default_feature(dtype: &str) -> Feature {
-    Feature { dtype: dtype.into(), shape: vec![1], names: serde_json::Value::Null, info: None }
+    Feature {
+        dtype: dtype.into(),
+        shape: vec![1],
+        names: serde_json::Value::Null,
+        info: None,
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
     write(&tmp)?;
-    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     // Directory fsync makes the rename durable (best effort: not every filesystem allows it).
     if let Ok(d) = File::open(dir) {
@@ -148,7 +187,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 }
 
 fn file_mb(path: &Path) -> f64 {
-    std::fs::metadata(path).map(|m| m.len() as f64 / (1024.0 * 1024.0)).unwrap_or(0.0)
+    std::fs::metadata(path)
+        .map(|m| m.len() as f64 / (1024.0 * 1024.0))
+        .unwrap_or(0.0)
 }
 
 fn arrow_type(dtype: &str) -> Result<DataType> {
@@ -159,15 +200,24 @@ fn arrow_type(dtype: &str) -> Result<DataType> {
         "int32" => DataType::Int32,
         "bool" => DataType::Boolean,
         "string" => DataType::Utf8,
-        d => return Err(DatasetError::Usage(format!("unsupported feature dtype {d:?}"))),
+        d => {
+            return Err(DatasetError::Usage(format!(
+                "unsupported feature dtype {d:?}"
+            )))
+        }
     })
 }
 
 fn write_parquet(path: &Path, schema: Arc<Schema>, batches: &[RecordBatch]) -> Result<()> {
     write_atomic(path, |tmp| {
-        let pq = |e: &dyn std::fmt::Display| DatasetError::Parquet { path: path.to_path_buf(), message: e.to_string() };
+        let pq = |e: &dyn std::fmt::Display| DatasetError::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
         let file = File::create(tmp).map_err(io_err(tmp))?;
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
         let mut w = ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| pq(&e))?;
         for b in batches {
             // One row group per batch (per episode), as LeRobot's `write_table` does.
@@ -184,17 +234,24 @@ impl DatasetWriter {
     pub fn create(root: impl AsRef<Path>, cfg: DatasetConfig) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         if root.join("meta/info.json").exists() {
-            return Err(DatasetError::Usage(format!("{} already holds a dataset", root.display())));
+            return Err(DatasetError::Usage(format!(
+                "{} already holds a dataset",
+                root.display()
+            )));
         }
         let mut features = cfg.features.0.clone();
         for (name, f) in &features {
             if crate::meta::DEFAULT_FEATURE_NAMES.contains(&name.as_str()) {
-                return Err(DatasetError::Usage(format!("feature {name:?} is added by the writer")));
+                return Err(DatasetError::Usage(format!(
+                    "feature {name:?} is added by the writer"
+                )));
             }
             if !f.is_camera() {
                 arrow_type(&f.dtype)?;
             } else if f.hw().is_none() {
-                return Err(DatasetError::Usage(format!("camera {name:?} needs shape [H, W, 3]")));
+                return Err(DatasetError::Usage(format!(
+                    "camera {name:?} needs shape [H, W, 3]"
+                )));
             }
         }
         features.push(("timestamp".into(), default_feature("float32")));
@@ -217,8 +274,25 @@ impl DatasetWriter {
             robot_type: cfg.robot_type,
             splits: serde_json::json!({}),
         };
-        let videos = info.features.iter().filter(|(_, f)| f.is_video()).map(|(k, _)| (k.to_string(), Cursor::default())).collect();
-        let w = DatasetWriter { root, info, encoder: cfg.encoder, tasks: Vec::new(), buffer: Vec::new(), stats: Vec::new(), data: Cursor::default(), data_batches: Vec::new(), videos, meta: Cursor::default(), meta_rows: Vec::new() };
+        let videos = info
+            .features
+            .iter()
+            .filter(|(_, f)| f.is_video())
+            .map(|(k, _)| (k.to_string(), Cursor::default()))
+            .collect();
+        let w = DatasetWriter {
+            root,
+            info,
+            encoder: cfg.encoder,
+            tasks: Vec::new(),
+            buffer: Vec::new(),
+            stats: Vec::new(),
+            data: Cursor::default(),
+            data_batches: Vec::new(),
+            videos,
+            meta: Cursor::default(),
+            meta_rows: Vec::new(),
+        };
         w.write_info()?;
         Ok(w)
     }
@@ -248,12 +322,22 @@ impl DatasetWriter {
                 };
                 let (h, w) = f.hw().unwrap_or_default();
                 if img.dimensions() != (w as u32, h as u32) {
-                    return Err(DatasetError::Usage(format!("camera {name:?}: frame is {:?}, feature is {w}x{h}", img.dimensions())));
+                    return Err(DatasetError::Usage(format!(
+                        "camera {name:?}: frame is {:?}, feature is {w}x{h}",
+                        img.dimensions()
+                    )));
                 }
             } else {
-                let v = frame.values.get(name).ok_or_else(|| DatasetError::Usage(format!("frame lacks feature {name:?}")))?;
+                let v = frame
+                    .values
+                    .get(name)
+                    .ok_or_else(|| DatasetError::Usage(format!("frame lacks feature {name:?}")))?;
                 if v.len() != f.numel() {
-                    return Err(DatasetError::Usage(format!("feature {name:?}: {} values, shape {:?}", v.len(), f.shape)));
+                    return Err(DatasetError::Usage(format!(
+                        "feature {name:?}: {} values, shape {:?}",
+                        v.len(),
+                        f.shape
+                    )));
                 }
             }
         }
@@ -268,7 +352,11 @@ impl DatasetWriter {
 
     fn write_info(&self) -> Result<()> {
         let path = self.root.join("meta/info.json");
-        let text = serde_json::to_string_pretty(&self.info).map_err(|source| DatasetError::Json { path: path.clone(), source })?;
+        let text =
+            serde_json::to_string_pretty(&self.info).map_err(|source| DatasetError::Json {
+                path: path.clone(),
+                source,
+            })?;
         write_atomic(&path, |tmp| std::fs::write(tmp, text).map_err(io_err(tmp)))
     }
 
@@ -279,11 +367,20 @@ impl DatasetWriter {
                 continue;
             }
             let dt = if f.is_image() {
-                DataType::Struct(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)].into())
+                DataType::Struct(
+                    vec![
+                        Field::new("bytes", DataType::Binary, true),
+                        Field::new("path", DataType::Utf8, true),
+                    ]
+                    .into(),
+                )
             } else if f.numel() == 1 {
                 arrow_type(&f.dtype)?
             } else {
-                DataType::FixedSizeList(Arc::new(Field::new("element", arrow_type(&f.dtype)?, true)), f.numel() as i32)
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("element", arrow_type(&f.dtype)?, true)),
+                    f.numel() as i32,
+                )
             };
             fields.push(Field::new(name, dt, true));
         }
@@ -291,41 +388,69 @@ impl DatasetWriter {
     }
 
     /// One column of the episode's data batch.
-    fn column(&self, name: &str, f: &Feature, frames: &[FrameData], defaults: &BTreeMap<&str, Vec<f64>>) -> Result<ArrayRef> {
+    fn column(
+        &self,
+        name: &str,
+        f: &Feature,
+        frames: &[FrameData],
+        defaults: &BTreeMap<&str, Vec<f64>>,
+    ) -> Result<ArrayRef> {
         if f.is_image() {
             let mut bytes = Vec::with_capacity(frames.len());
             for (i, fr) in frames.iter().enumerate() {
                 let mut png = Vec::new();
                 fr.images[name]
                     .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .map_err(|e| DatasetError::Usage(format!("PNG encode of {name:?} frame {i}: {e}")))?;
+                    .map_err(|e| {
+                        DatasetError::Usage(format!("PNG encode of {name:?} frame {i}: {e}"))
+                    })?;
                 bytes.push(png);
             }
-            let paths: Vec<String> = (0..frames.len()).map(|i| format!("frame-{i:06}.png")).collect();
+            let paths: Vec<String> = (0..frames.len())
+                .map(|i| format!("frame-{i:06}.png"))
+                .collect();
             let b: ArrayRef = Arc::new(BinaryArray::from_iter_values(bytes.iter()));
             let p: ArrayRef = Arc::new(StringArray::from_iter_values(paths));
-            return Ok(Arc::new(StructArray::from(vec![(Arc::new(Field::new("bytes", DataType::Binary, true)), b), (Arc::new(Field::new("path", DataType::Utf8, true)), p)])));
+            return Ok(Arc::new(StructArray::from(vec![
+                (Arc::new(Field::new("bytes", DataType::Binary, true)), b),
+                (Arc::new(Field::new("path", DataType::Utf8, true)), p),
+            ])));
         }
         let flat: Vec<f64> = match defaults.get(name) {
             Some(v) => v.clone(),
-            None => frames.iter().flat_map(|fr| fr.values[name].to_f64()).collect(),
+            None => frames
+                .iter()
+                .flat_map(|fr| fr.values[name].to_f64())
+                .collect(),
         };
         let values: ArrayRef = match arrow_type(&f.dtype)? {
-            DataType::Float32 => Arc::new(Float32Array::from_iter_values(flat.iter().map(|&x| x as f32))),
+            DataType::Float32 => Arc::new(Float32Array::from_iter_values(
+                flat.iter().map(|&x| x as f32),
+            )),
             DataType::Float64 => Arc::new(Float64Array::from(flat)),
-            DataType::Int64 => Arc::new(Int64Array::from_iter_values(flat.iter().map(|&x| x as i64))),
-            DataType::Int32 => Arc::new(Int32Array::from_iter_values(flat.iter().map(|&x| x as i32))),
-            DataType::Boolean => Arc::new(BooleanArray::from(flat.iter().map(|&x| x != 0.0).collect::<Vec<_>>())),
-            _ => Arc::new(StringArray::from_iter_values(frames.iter().map(|fr| match &fr.values[name] {
-                FeatureValue::Text(s) => s.clone(),
-                _ => String::new(),
-            }))),
+            DataType::Int64 => {
+                Arc::new(Int64Array::from_iter_values(flat.iter().map(|&x| x as i64)))
+            }
+            DataType::Int32 => {
+                Arc::new(Int32Array::from_iter_values(flat.iter().map(|&x| x as i32)))
+            }
+            DataType::Boolean => Arc::new(BooleanArray::from(
+                flat.iter().map(|&x| x != 0.0).collect::<Vec<_>>(),
+            )),
+            _ => Arc::new(StringArray::from_iter_values(frames.iter().map(
+                |fr| match &fr.values[name] {
+                    FeatureValue::Text(s) => s.clone(),
+                    _ => String::new(),
+                },
+            ))),
         };
         if f.numel() == 1 {
             return Ok(values);
         }
         let item = Arc::new(Field::new("element", values.data_type().clone(), true));
-        FixedSizeListArray::try_new(item, f.numel() as i32, values, None).map(|a| Arc::new(a) as ArrayRef).map_err(|e| DatasetError::Usage(format!("feature {name:?}: {e}")))
+        FixedSizeListArray::try_new(item, f.numel() as i32, values, None)
+            .map(|a| Arc::new(a) as ArrayRef)
+            .map_err(|e| DatasetError::Usage(format!("feature {name:?}: {e}")))
     }
 
     /// Writes the buffered frames as the next episode; returns its index.
@@ -336,7 +461,11 @@ impl DatasetWriter {
     /// Like [`save_episode`](Self::save_episode), but video cameras listed in `videos` take that
     /// already-encoded mp4 (one episode, `fps`, stream-copied, never re-encoded) instead of the
     /// frames' images, with their stats from `camera_stats` (the v2.1 converter's path).
-    pub fn save_episode_with_videos(&mut self, videos: BTreeMap<String, PathBuf>, camera_stats: Stats) -> Result<usize> {
+    pub fn save_episode_with_videos(
+        &mut self,
+        videos: BTreeMap<String, PathBuf>,
+        camera_stats: Stats,
+    ) -> Result<usize> {
         if self.buffer.is_empty() {
             return Err(DatasetError::Usage("save_episode with no frames".into()));
         }
@@ -361,7 +490,10 @@ impl DatasetWriter {
             }
         }
         let defaults: BTreeMap<&str, Vec<f64>> = BTreeMap::from([
-            ("timestamp", (0..len).map(|i| f64::from(i as f32 / fps as f32)).collect()),
+            (
+                "timestamp",
+                (0..len).map(|i| f64::from(i as f32 / fps as f32)).collect(),
+            ),
             ("frame_index", (0..len).map(|i| i as f64).collect()),
             ("episode_index", vec![ep as f64; len]),
             ("index", (from..from + len).map(|i| i as f64).collect()),
@@ -377,7 +509,16 @@ impl DatasetWriter {
                 None
             } else if f.is_camera() {
                 let step = sample_step(len);
-                let sampled = frames.iter().step_by(step).map(|fr| fr.images.get(name)).collect::<Option<Vec<&RgbImage>>>().ok_or_else(|| DatasetError::Usage(format!("camera {name:?}: frames without images and no video given")))?;
+                let sampled = frames
+                    .iter()
+                    .step_by(step)
+                    .map(|fr| fr.images.get(name))
+                    .collect::<Option<Vec<&RgbImage>>>()
+                    .ok_or_else(|| {
+                        DatasetError::Usage(format!(
+                            "camera {name:?}: frames without images and no video given"
+                        ))
+                    })?;
                 FeatureStats::compute_rgb(&sampled)
             } else if f.dtype == "string" {
                 None
@@ -402,8 +543,15 @@ impl DatasetWriter {
             .filter(|(_, f)| !f.is_video())
             .map(|(n, f)| self.column(n, f, &frames, &defaults))
             .collect::<Result<Vec<_>>>()?;
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| DatasetError::Usage(e.to_string()))?;
-        let data_path = |c: &Cursor| -> Result<PathBuf> { Ok(self.root.join(format_path(&self.info.data_path, &[("chunk_index", c.chunk), ("file_index", c.file)], &[])?)) };
+        let batch = RecordBatch::try_new(schema.clone(), columns)
+            .map_err(|e| DatasetError::Usage(e.to_string()))?;
+        let data_path = |c: &Cursor| -> Result<PathBuf> {
+            Ok(self.root.join(format_path(
+                &self.info.data_path,
+                &[("chunk_index", c.chunk), ("file_index", c.file)],
+                &[],
+            )?))
+        };
         if self.data.open {
             let size = file_mb(&data_path(&self.data)?);
             let per_frame = size / self.data.frames.max(1) as f64;
@@ -422,36 +570,72 @@ impl DatasetWriter {
         let mut video_locs = BTreeMap::new();
         let video_keys: Vec<String> = self.videos.keys().cloned().collect();
         for key in video_keys {
-            let template = self.info.video_path.clone().unwrap_or_else(|| DEFAULT_VIDEO_PATH.into());
-            let cur = self.videos.get_mut(&key).ok_or_else(|| DatasetError::Usage(key.clone()))?;
-            let path_of = |c: &Cursor| -> Result<PathBuf> { Ok(self.root.join(format_path(&template, &[("chunk_index", c.chunk), ("file_index", c.file)], &[("video_key", &key)])?)) };
+            let template = self
+                .info
+                .video_path
+                .clone()
+                .unwrap_or_else(|| DEFAULT_VIDEO_PATH.into());
+            let cur = self
+                .videos
+                .get_mut(&key)
+                .ok_or_else(|| DatasetError::Usage(key.clone()))?;
+            let path_of = |c: &Cursor| -> Result<PathBuf> {
+                Ok(self.root.join(format_path(
+                    &template,
+                    &[("chunk_index", c.chunk), ("file_index", c.file)],
+                    &[("video_key", &key)],
+                )?))
+            };
             let ep_tmp = self.root.join(format!("videos/{key}/.episode-{ep:06}.mp4"));
-            std::fs::create_dir_all(ep_tmp.parent().unwrap_or(&self.root)).map_err(io_err(&ep_tmp))?;
+            std::fs::create_dir_all(ep_tmp.parent().unwrap_or(&self.root))
+                .map_err(io_err(&ep_tmp))?;
             match videos.get(&key) {
                 Some(src) => {
                     std::fs::copy(src, &ep_tmp).map_err(io_err(src))?;
                 }
                 None => {
-                    let imgs: Vec<RgbImage> = frames.iter().map(|fr| fr.images.get(&key).cloned()).collect::<Option<_>>().ok_or_else(|| DatasetError::Usage(format!("camera {key:?}: frames without images and no video given")))?;
+                    let imgs: Vec<RgbImage> = frames
+                        .iter()
+                        .map(|fr| fr.images.get(&key).cloned())
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| {
+                            DatasetError::Usage(format!(
+                                "camera {key:?}: frames without images and no video given"
+                            ))
+                        })?;
                     video::encode_frames(&imgs, fps, &self.encoder, &ep_tmp)?;
                 }
             }
-            if cur.open && file_mb(&path_of(cur)?) + file_mb(&ep_tmp) >= self.info.video_files_size_in_mb {
+            if cur.open
+                && file_mb(&path_of(cur)?) + file_mb(&ep_tmp) >= self.info.video_files_size_in_mb
+            {
                 cur.advance(self.info.chunks_size);
             }
             let target = path_of(cur)?;
             if cur.open {
                 let joined = ep_tmp.with_extension("joined.mp4");
                 video::concat_files(&[&target, &ep_tmp], &joined)?;
-                write_atomic(&target, |tmp| std::fs::rename(&joined, tmp).map_err(io_err(tmp)))?;
+                write_atomic(&target, |tmp| {
+                    std::fs::rename(&joined, tmp).map_err(io_err(tmp))
+                })?;
                 let _ = std::fs::remove_file(&ep_tmp);
             } else {
-                write_atomic(&target, |tmp| std::fs::rename(&ep_tmp, tmp).map_err(io_err(tmp)))?;
+                write_atomic(&target, |tmp| {
+                    std::fs::rename(&ep_tmp, tmp).map_err(io_err(tmp))
+                })?;
             }
             let from_ts = cur.frames as f64 / f64::from(fps);
             cur.open = true;
             cur.frames += len;
-            video_locs.insert(key.clone(), (cur.chunk, cur.file, from_ts, from_ts + len as f64 / f64::from(fps)));
+            video_locs.insert(
+                key.clone(),
+                (
+                    cur.chunk,
+                    cur.file,
+                    from_ts,
+                    from_ts + len as f64 / f64::from(fps),
+                ),
+            );
             if ep == 0 {
                 self.set_video_info(&key, &target)?;
             }
@@ -459,27 +643,51 @@ impl DatasetWriter {
 
         // meta/episodes row (rolls over on the data size knob, like LeRobot).
         if self.meta.open {
-            let size = file_mb(&self.root.join(format_path(DEFAULT_EPISODES_PATH, &[("chunk_index", self.meta.chunk), ("file_index", self.meta.file)], &[])?));
+            let size = file_mb(&self.root.join(format_path(
+                DEFAULT_EPISODES_PATH,
+                &[
+                    ("chunk_index", self.meta.chunk),
+                    ("file_index", self.meta.file),
+                ],
+                &[],
+            )?));
             if size + size / self.meta_rows.len().max(1) as f64 >= self.info.data_files_size_in_mb {
                 self.meta.advance(self.info.chunks_size);
                 self.meta_rows.clear();
             }
         }
-        self.meta_rows.push(EpisodeRow { episode_index: ep, tasks: ep_tasks, length: len, data: data_loc, from, videos: video_locs, stats: ep_stats.clone(), meta: (self.meta.chunk, self.meta.file) });
+        self.meta_rows.push(EpisodeRow {
+            episode_index: ep,
+            tasks: ep_tasks,
+            length: len,
+            data: data_loc,
+            from,
+            videos: video_locs,
+            stats: ep_stats.clone(),
+            meta: (self.meta.chunk, self.meta.file),
+        });
         self.write_meta_episodes()?;
         self.meta.open = true;
         self.write_tasks()?;
         self.stats.push(ep_stats);
         let agg = stats::aggregate(&self.stats.iter().collect::<Vec<_>>());
         let stats_path = self.root.join("meta/stats.json");
-        let text = serde_json::to_string_pretty(&stats::to_json(&agg)).map_err(|source| DatasetError::Json { path: stats_path.clone(), source })?;
-        write_atomic(&stats_path, |tmp| std::fs::write(tmp, text).map_err(io_err(tmp)))?;
+        let text = serde_json::to_string_pretty(&stats::to_json(&agg)).map_err(|source| {
+            DatasetError::Json {
+                path: stats_path.clone(),
+                source,
+            }
+        })?;
+        write_atomic(&stats_path, |tmp| {
+            std::fs::write(tmp, text).map_err(io_err(tmp))
+        })?;
 
         // Commit point.
         self.info.total_episodes += 1;
         self.info.total_frames += len;
         self.info.total_tasks = self.tasks.len();
-        self.info.splits = serde_json::json!({ "train": format!("0:{}", self.info.total_episodes) });
+        self.info.splits =
+            serde_json::json!({ "train": format!("0:{}", self.info.total_episodes) });
         self.write_info()?;
         Ok(ep)
     }
@@ -509,12 +717,18 @@ impl DatasetWriter {
             "attributes": {}, "creator": {"library": "pyarrow", "version": "21.0.0"}, "pandas_version": "2.3.3",
         });
         let schema = Arc::new(Schema::new_with_metadata(
-            vec![Field::new("task_index", DataType::Int64, true), Field::new("task", DataType::Utf8, true)],
+            vec![
+                Field::new("task_index", DataType::Int64, true),
+                Field::new("task", DataType::Utf8, true),
+            ],
             [("pandas".to_string(), pandas.to_string())].into(),
         ));
         let batch = RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(Int64Array::from_iter_values(0..self.tasks.len() as i64)), Arc::new(StringArray::from_iter_values(&self.tasks))],
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..self.tasks.len() as i64)),
+                Arc::new(StringArray::from_iter_values(&self.tasks)),
+            ],
         )
         .map_err(|e| DatasetError::Usage(e.to_string()))?;
         write_parquet(&self.root.join(DEFAULT_TASKS_PATH), schema, &[batch])
@@ -524,11 +738,17 @@ impl DatasetWriter {
         let rows = &self.meta_rows;
         let mut fields: Vec<Field> = Vec::new();
         let mut cols: Vec<ArrayRef> = Vec::new();
-        let push_int = |fields: &mut Vec<Field>, cols: &mut Vec<ArrayRef>, name: String, v: Vec<i64>| {
-            fields.push(Field::new(name, DataType::Int64, true));
-            cols.push(Arc::new(Int64Array::from(v)));
-        };
-        push_int(&mut fields, &mut cols, "episode_index".into(), rows.iter().map(|r| r.episode_index as i64).collect());
+        let push_int =
+            |fields: &mut Vec<Field>, cols: &mut Vec<ArrayRef>, name: String, v: Vec<i64>| {
+                fields.push(Field::new(name, DataType::Int64, true));
+                cols.push(Arc::new(Int64Array::from(v)));
+            };
+        push_int(
+            &mut fields,
+            &mut cols,
+            "episode_index".into(),
+            rows.iter().map(|r| r.episode_index as i64).collect(),
+        );
         let mut tasks = ListBuilder::new(StringBuilder::new());
         for r in rows {
             for t in &r.tasks {
@@ -539,18 +759,59 @@ impl DatasetWriter {
         let tasks = tasks.finish();
         fields.push(Field::new("tasks", tasks.data_type().clone(), true));
         cols.push(Arc::new(tasks));
-        push_int(&mut fields, &mut cols, "length".into(), rows.iter().map(|r| r.length as i64).collect());
-        push_int(&mut fields, &mut cols, "data/chunk_index".into(), rows.iter().map(|r| r.data.0 as i64).collect());
-        push_int(&mut fields, &mut cols, "data/file_index".into(), rows.iter().map(|r| r.data.1 as i64).collect());
-        push_int(&mut fields, &mut cols, "dataset_from_index".into(), rows.iter().map(|r| r.from as i64).collect());
-        push_int(&mut fields, &mut cols, "dataset_to_index".into(), rows.iter().map(|r| (r.from + r.length) as i64).collect());
+        push_int(
+            &mut fields,
+            &mut cols,
+            "length".into(),
+            rows.iter().map(|r| r.length as i64).collect(),
+        );
+        push_int(
+            &mut fields,
+            &mut cols,
+            "data/chunk_index".into(),
+            rows.iter().map(|r| r.data.0 as i64).collect(),
+        );
+        push_int(
+            &mut fields,
+            &mut cols,
+            "data/file_index".into(),
+            rows.iter().map(|r| r.data.1 as i64).collect(),
+        );
+        push_int(
+            &mut fields,
+            &mut cols,
+            "dataset_from_index".into(),
+            rows.iter().map(|r| r.from as i64).collect(),
+        );
+        push_int(
+            &mut fields,
+            &mut cols,
+            "dataset_to_index".into(),
+            rows.iter().map(|r| (r.from + r.length) as i64).collect(),
+        );
         for key in self.videos.keys() {
             let v = |r: &EpisodeRow| r.videos.get(key).copied().unwrap_or_default();
-            push_int(&mut fields, &mut cols, format!("videos/{key}/chunk_index"), rows.iter().map(|r| v(r).0 as i64).collect());
-            push_int(&mut fields, &mut cols, format!("videos/{key}/file_index"), rows.iter().map(|r| v(r).1 as i64).collect());
+            push_int(
+                &mut fields,
+                &mut cols,
+                format!("videos/{key}/chunk_index"),
+                rows.iter().map(|r| v(r).0 as i64).collect(),
+            );
+            push_int(
+                &mut fields,
+                &mut cols,
+                format!("videos/{key}/file_index"),
+                rows.iter().map(|r| v(r).1 as i64).collect(),
+            );
             for (i, s) in [(2, "from_timestamp"), (3, "to_timestamp")] {
-                fields.push(Field::new(format!("videos/{key}/{s}"), DataType::Float64, true));
-                cols.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| if i == 2 { v(r).2 } else { v(r).3 }))));
+                fields.push(Field::new(
+                    format!("videos/{key}/{s}"),
+                    DataType::Float64,
+                    true,
+                ));
+                cols.push(Arc::new(Float64Array::from_iter_values(
+                    rows.iter().map(|r| if i == 2 { v(r).2 } else { v(r).3 }),
+                )));
             }
         }
         // stats/<feature>/<stat>: list<double> (vectors), list<list<list<double>>> (cameras), list<int64> (count).
@@ -558,8 +819,17 @@ impl DatasetWriter {
             if !rows.iter().all(|r| r.stats.contains_key(name)) {
                 continue;
             }
-            let names: Vec<&str> = ["min", "max", "mean", "std"].into_iter().chain(QUANTILES.iter().map(|(q, _)| *q)).collect();
-            for stat in names.iter().take(4).copied().chain(["count"]).chain(names.iter().skip(4).copied()) {
+            let names: Vec<&str> = ["min", "max", "mean", "std"]
+                .into_iter()
+                .chain(QUANTILES.iter().map(|(q, _)| *q))
+                .collect();
+            for stat in names
+                .iter()
+                .take(4)
+                .copied()
+                .chain(["count"])
+                .chain(names.iter().skip(4).copied())
+            {
                 let get = |r: &EpisodeRow| -> Vec<f64> {
                     let s = &r.stats[name];
                     match stat {
@@ -578,7 +848,8 @@ impl DatasetWriter {
                     }
                     Arc::new(b.finish())
                 } else if f.is_camera() {
-                    let mut b = ListBuilder::new(ListBuilder::new(ListBuilder::new(Float64Builder::new())));
+                    let mut b =
+                        ListBuilder::new(ListBuilder::new(ListBuilder::new(Float64Builder::new())));
                     for r in rows {
                         for x in get(r) {
                             b.values().values().values().append_value(x);
@@ -596,15 +867,37 @@ impl DatasetWriter {
                     }
                     Arc::new(b.finish())
                 };
-                fields.push(Field::new(format!("stats/{name}/{stat}"), arr.data_type().clone(), true));
+                fields.push(Field::new(
+                    format!("stats/{name}/{stat}"),
+                    arr.data_type().clone(),
+                    true,
+                ));
                 cols.push(arr);
             }
         }
-        push_int(&mut fields, &mut cols, "meta/episodes/chunk_index".into(), rows.iter().map(|r| r.meta.0 as i64).collect());
-        push_int(&mut fields, &mut cols, "meta/episodes/file_index".into(), rows.iter().map(|r| r.meta.1 as i64).collect());
+        push_int(
+            &mut fields,
+            &mut cols,
+            "meta/episodes/chunk_index".into(),
+            rows.iter().map(|r| r.meta.0 as i64).collect(),
+        );
+        push_int(
+            &mut fields,
+            &mut cols,
+            "meta/episodes/file_index".into(),
+            rows.iter().map(|r| r.meta.1 as i64).collect(),
+        );
         let schema = Arc::new(Schema::new(fields));
-        let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| DatasetError::Usage(e.to_string()))?;
-        let path = self.root.join(format_path(DEFAULT_EPISODES_PATH, &[("chunk_index", self.meta.chunk), ("file_index", self.meta.file)], &[])?);
+        let batch = RecordBatch::try_new(schema.clone(), cols)
+            .map_err(|e| DatasetError::Usage(e.to_string()))?;
+        let path = self.root.join(format_path(
+            DEFAULT_EPISODES_PATH,
+            &[
+                ("chunk_index", self.meta.chunk),
+                ("file_index", self.meta.file),
+            ],
+            &[],
+        )?);
         write_parquet(&path, schema, &[batch])
     }
 }

@@ -38,7 +38,10 @@ fn truncated_data_parquet() {
     assert!(ds.get(0).is_ok(), "other files still read");
     let err = ds.get(60).unwrap_err();
     assert!(matches!(err, DatasetError::Parquet { .. }), "{err:?}");
-    assert!(err.to_string().contains("data/chunk-000/file-001.parquet"), "{err}");
+    assert!(
+        err.to_string().contains("data/chunk-000/file-001.parquet"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -50,28 +53,46 @@ fn corrupt_episodes_parquet() {
     bytes[n - 12..n - 4].fill(0xff); // footer length garbage
     std::fs::write(&f, &bytes).unwrap();
     let err = LeRobotDataset::open(&dir).unwrap_err();
-    assert!(err.to_string().contains("meta/episodes/chunk-000/file-000.parquet"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("meta/episodes/chunk-000/file-000.parquet"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_video() {
     let (_t, dir) = scratch("lerobot-v3-edge");
-    std::fs::remove_file(dir.join("videos/observation.images.front/chunk-000/file-001.mp4")).unwrap();
+    std::fs::remove_file(dir.join("videos/observation.images.front/chunk-000/file-001.mp4"))
+        .unwrap();
     let ds = LeRobotDataset::open(&dir).unwrap();
     let err = ds.get_episode_frame(2, 0).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("chunk-000/file-001.mp4") && msg.contains("episode 2") && msg.contains("missing"), "{msg}");
-    assert!(ds.get_values(ds.global_index(2, 0).unwrap()).is_ok(), "parquet values still readable");
+    assert!(
+        msg.contains("chunk-000/file-001.mp4")
+            && msg.contains("episode 2")
+            && msg.contains("missing"),
+        "{msg}"
+    );
+    assert!(
+        ds.get_values(ds.global_index(2, 0).unwrap()).is_ok(),
+        "parquet values still readable"
+    );
 }
 
 #[test]
 fn inconsistent_totals() {
     let (_t, dir) = scratch("lerobot-v3-tiny");
     let p = dir.join("meta/info.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"total_frames\": 75", "\"total_frames\": 80");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"total_frames\": 75", "\"total_frames\": 80");
     std::fs::write(&p, text).unwrap();
     let err = LeRobotDataset::open(&dir).unwrap_err();
-    assert!(err.to_string().contains("total_frames is 80") && err.to_string().contains("info.json"), "{err}");
+    assert!(
+        err.to_string().contains("total_frames is 80") && err.to_string().contains("info.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -80,9 +101,15 @@ fn unknown_version_and_bad_json() {
     let p = dir.join("meta/info.json");
     let text = std::fs::read_to_string(&p).unwrap();
     std::fs::write(&p, text.replace("\"v3.0\"", "\"v9.9\"")).unwrap();
-    assert!(matches!(LeRobotDataset::open(&dir).unwrap_err(), DatasetError::UnsupportedVersion { .. }));
+    assert!(matches!(
+        LeRobotDataset::open(&dir).unwrap_err(),
+        DatasetError::UnsupportedVersion { .. }
+    ));
     std::fs::write(&p, &text[..text.len() / 2]).unwrap();
-    assert!(matches!(LeRobotDataset::open(&dir).unwrap_err(), DatasetError::Json { .. }));
+    assert!(matches!(
+        LeRobotDataset::open(&dir).unwrap_err(),
+        DatasetError::Json { .. }
+    ));
 }
 
 #[test]
@@ -91,7 +118,10 @@ fn v21_missing_episode_file() {
     std::fs::remove_file(dir.join("data/chunk-000/episode_000001.parquet")).unwrap();
     let ds = LeRobotDataset::open(&dir).unwrap();
     let err = ds.get(30).unwrap_err().to_string();
-    assert!(err.contains("episode_000001.parquet") && err.contains("episode 1"), "{err}");
+    assert!(
+        err.contains("episode_000001.parquet") && err.contains("episode 1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,7 +138,12 @@ fn every_truncation_of_a_data_file_errors_cleanly() {
 
 #[test]
 fn verify_passes_on_every_fixture() {
-    for name in ["lerobot-v3-tiny", "lerobot-v3-edge", "lerobot-v21-tiny", "lerobot-v3-converted-tiny"] {
+    for name in [
+        "lerobot-v3-tiny",
+        "lerobot-v3-edge",
+        "lerobot-v21-tiny",
+        "lerobot-v3-converted-tiny",
+    ] {
         let ds = LeRobotDataset::open(fixture(name)).unwrap();
         let r = lerobot_dataset::verify::verify(&ds);
         assert!(r.problems.is_empty(), "{name}: {:?}", r.problems);
@@ -119,9 +154,35 @@ fn verify_passes_on_every_fixture() {
 fn verify_names_file_and_episode() {
     let (_t, dir) = scratch("lerobot-v3-edge");
     // The file of episodes 0 and 1 (55 frames) is replaced by episode 4's (30 frames).
-    std::fs::copy(dir.join("videos/observation.images.front/chunk-001/file-000.mp4"), dir.join("videos/observation.images.front/chunk-000/file-000.mp4")).unwrap();
+    std::fs::copy(
+        dir.join("videos/observation.images.front/chunk-001/file-000.mp4"),
+        dir.join("videos/observation.images.front/chunk-000/file-000.mp4"),
+    )
+    .unwrap();
     let ds = LeRobotDataset::open(&dir).unwrap();
     let r = lerobot_dataset::verify::verify(&ds);
     let msgs: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
-    assert!(msgs.iter().any(|m| m.contains("chunk-000/file-000.mp4") && m.contains("episode 0") && m.contains("frames")), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.contains("chunk-000/file-000.mp4")
+            && m.contains("episode 0")
+            && m.contains("frames")),
+        "{msgs:?}"
+    );
+}
+
+/// A dataset in hf-hub's cache layout resolves to its snapshot directory (offline path).
+#[test]
+fn hub_cache_snapshot_resolves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("datasets--local--lerobot-v3-tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    copy_dir(
+        &fixture("lerobot-v3-tiny"),
+        &repo.join("snapshots/0123abcd"),
+    );
+    let root =
+        lerobot_dataset::hub::cached_snapshot(tmp.path(), "local/lerobot-v3-tiny", None).unwrap();
+    assert_eq!(LeRobotDataset::open(root).unwrap().len(), 75);
+    assert!(lerobot_dataset::hub::cached_snapshot(tmp.path(), "local/absent", None).is_none());
 }

@@ -9,10 +9,12 @@
 //!
 //! The delta is SYNTHETIC (no real fine-tuning delta exists yet): names and shapes are the
 //! `trainable: true` parameters of `tests/fixtures/smolvla-base-manifest.json`; values are drawn
-//! as described in [`synth_delta`]. Options: `--scale F` (shrink every tensor's first dimension
-//! by F, default 1 = the full ~100M parameters), `--reps N` (timed repetitions, median reported,
-//! default 5), `--warmup N` (untimed runs first, default 1), `--zstd-level L` (default 3),
-//! `--manifest PATH`, `--seed S`.
+//! as described in [`synth_delta`].
+//!
+//! Options: `--scale F` (shrink every tensor's first dimension by F; default 1 = the full ~100M
+//! parameters), `--reps N` (timed repetitions, median reported; default 5), `--warmup N`
+//! (untimed runs first; default 1), `--zstd-level L` (default 3), `--manifest PATH`, `--seed S`.
+//! An unoptimised build (`cargo test --benches`) defaults to `--scale 0.01 --reps 1`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -33,9 +35,11 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, String> {
+    // An unoptimised build (`cargo test --benches`) only smoke-tests: 1 % of the model, once.
+    let debug = cfg!(debug_assertions);
     let mut o = Opts {
-        scale: 1.0,
-        reps: 5,
+        scale: if debug { 0.01 } else { 1.0 },
+        reps: if debug { 1 } else { 5 },
         warmup: 1,
         zstd_level: 3,
         manifest: PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -306,6 +306,25 @@ impl SmolVlaPolicy {
         Ok(())
     }
 
+    /// Writes a `pretrained_model/`-style directory as LeRobot's `save_pretrained` does:
+    /// `config.json` and `model.safetensors` (every parameter under its LeRobot name), plus
+    /// `vlm_config.json` so the backbone shape is known without the Hub (LeRobot ignores it).
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let write_json = |name: &str, v: serde_json::Result<String>| -> Result<()> {
+            let path = dir.join(name);
+            let text = v.map_err(|e| Error::json(&path, e))?;
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        };
+        write_json("config.json", serde_json::to_string_pretty(&self.config))?;
+        write_json(
+            "vlm_config.json",
+            serde_json::to_string_pretty(&self.vlm_config),
+        )?;
+        self.save_weights(dir.join("model.safetensors"))
+    }
+
     fn get<'a>(&self, batch: &'a Batch, key: &str) -> Result<&'a Tensor> {
         batch
             .get(key)

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::{Error, Result, SmolVlaConfig};
 
 /// LeRobot's `resize_with_pad`: keep the aspect ratio (bilinear, align_corners=false, no
 /// antialias), then pad with `pad_value` on the LEFT and TOP to (height, width).
@@ -67,18 +67,29 @@ impl TaskTokenizer {
     pub fn from_file(path: &Path, max_length: usize, pad_token: &str) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let pad_id = inner
-            .token_to_id(pad_token)
-            .ok_or_else(|| Error::Tokenizer(format!("{}: no pad token {pad_token:?}", path.display())))?;
-        Ok(Self { inner, max_length, pad_id })
+        let pad_id = inner.token_to_id(pad_token).ok_or_else(|| {
+            Error::Tokenizer(format!("{}: no pad token {pad_token:?}", path.display()))
+        })?;
+        Ok(Self {
+            inner,
+            max_length,
+            pad_id,
+        })
     }
 
     /// Token ids [B, L] (int64) and attention mask [B, L] (bool), L = longest prompt.
     pub fn encode(&self, tasks: &[String]) -> Result<(Tensor, Tensor)> {
         let mut ids: Vec<Vec<i64>> = Vec::with_capacity(tasks.len());
         for t in tasks {
-            let text = if t.ends_with('\n') { t.clone() } else { format!("{t}\n") };
-            let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let text = if t.ends_with('\n') {
+                t.clone()
+            } else {
+                format!("{t}\n")
+            };
+            let enc = self
+                .inner
+                .encode(text, true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
             let mut v: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
             v.truncate(self.max_length);
             ids.push(v);
@@ -94,7 +105,10 @@ impl TaskTokenizer {
             }
         }
         let l = longest as i64;
-        Ok((Tensor::from_slice(&flat).view([b, l]), Tensor::from_slice(&mask).view([b, l])))
+        Ok((
+            Tensor::from_slice(&flat).view([b, l]),
+            Tensor::from_slice(&mask).view([b, l]),
+        ))
     }
 }
 
@@ -107,7 +121,9 @@ pub struct Stats {
 
 impl Stats {
     pub fn from_safetensors(path: &Path) -> Result<Self> {
-        Ok(Self { tensors: Tensor::read_safetensors(path)?.into_iter().collect() })
+        Ok(Self {
+            tensors: Tensor::read_safetensors(path)?.into_iter().collect(),
+        })
     }
 
     /// From `<feature>.<stat>` tensors (e.g. built from a dataset's `meta/stats.json`).
@@ -125,17 +141,40 @@ impl Stats {
                 _ => {}
             }
         }
+        /// The nested-list shape (`[3, 1, 1]` for per-channel image statistics).
+        fn shape(v: &serde_json::Value) -> Vec<i64> {
+            match v {
+                serde_json::Value::Array(a) => {
+                    let mut s = vec![a.len() as i64];
+                    if let Some(first) = a.first() {
+                        s.extend(shape(first));
+                    }
+                    s
+                }
+                _ => vec![],
+            }
+        }
         let mut tensors = BTreeMap::new();
         if let Some(obj) = v.as_object() {
             for (feature, stats) in obj {
                 for (stat, val) in stats.as_object().into_iter().flatten() {
                     let mut xs = Vec::new();
                     flat(val, &mut xs);
-                    tensors.insert(format!("{feature}.{stat}"), Tensor::from_slice(&xs));
+                    let mut t = Tensor::from_slice(&xs);
+                    let dims = shape(val);
+                    if dims.len() > 1 && dims.iter().product::<i64>() == xs.len() as i64 {
+                        t = t.reshape(dims.as_slice());
+                    }
+                    tensors.insert(format!("{feature}.{stat}"), t);
                 }
             }
         }
         Self { tensors }
+    }
+
+    /// Every `<feature>.<stat>` tensor, as the normalizer's state file stores them.
+    pub fn named(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
     }
 
     fn get(&self, feature: &str, stat: &str) -> Result<&Tensor> {
@@ -146,13 +185,104 @@ impl Stats {
 
     /// MEAN_STD normalization of `feature`.
     pub fn normalize(&self, feature: &str, x: &Tensor) -> Result<Tensor> {
-        Ok(normalize_mean_std(x, self.get(feature, "mean")?, self.get(feature, "std")?))
+        Ok(normalize_mean_std(
+            x,
+            self.get(feature, "mean")?,
+            self.get(feature, "std")?,
+        ))
     }
 
     /// MEAN_STD unnormalization of `feature`.
     pub fn unnormalize(&self, feature: &str, x: &Tensor) -> Result<Tensor> {
-        Ok(unnormalize_mean_std(x, self.get(feature, "mean")?, self.get(feature, "std")?))
+        Ok(unnormalize_mean_std(
+            x,
+            self.get(feature, "mean")?,
+            self.get(feature, "std")?,
+        ))
     }
+}
+
+/// File names of the normalizer states inside a LeRobot SmolVLA checkpoint (step 5 of the
+/// preprocessor, step 0 of the postprocessor).
+pub const PREPROCESSOR_STATE: &str = "policy_preprocessor_step_5_normalizer_processor.safetensors";
+pub const POSTPROCESSOR_STATE: &str =
+    "policy_postprocessor_step_0_unnormalizer_processor.safetensors";
+
+/// Writes LeRobot's SmolVLA processor pipelines into a checkpoint directory, as
+/// `make_smolvla_pre_post_processors(...)` followed by `save_pretrained` does:
+/// `policy_preprocessor.json` (rename → to-batch → task newline → tokenizer → device →
+/// normalizer) and `policy_postprocessor.json` (unnormalizer → device to CPU), each with the
+/// normalizer statistics in a safetensors state file.
+pub fn save_processors(dir: &Path, config: &SmolVlaConfig, stats: &Stats) -> Result<()> {
+    use serde_json::{json, Value};
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let device = config
+        .extra
+        .get("device")
+        .and_then(Value::as_str)
+        .unwrap_or("cpu")
+        .to_string();
+    let norm_map = serde_json::to_value(&config.normalization_mapping)
+        .map_err(|e| Error::json(&dir.join("config.json"), e))?;
+    let features = |maps: &[&crate::config::OrderedMap<crate::config::PolicyFeature>]| {
+        let mut m = serde_json::Map::new();
+        for map in maps {
+            for (k, f) in map.iter() {
+                m.insert(k.clone(), json!({"type": f.kind, "shape": f.shape}));
+            }
+        }
+        Value::Object(m)
+    };
+    let pre = json!({
+        "name": "policy_preprocessor",
+        "steps": [
+            {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+            {"registry_name": "to_batch_processor", "config": {}},
+            {"registry_name": "smolvla_new_line_processor", "config": {}},
+            {"registry_name": "tokenizer_processor", "config": {
+                "max_length": config.tokenizer_max_length,
+                "task_key": "task",
+                "padding_side": "right",
+                "padding": config.pad_language_to,
+                "truncation": true,
+                "tokenizer_name": config.vlm_model_name,
+            }},
+            {"registry_name": "device_processor", "config": {"device": device, "float_dtype": null}},
+            {"registry_name": "normalizer_processor", "config": {
+                "eps": 1e-8,
+                "features": features(&[&config.input_features, &config.output_features]),
+                "norm_map": norm_map,
+            }, "state_file": PREPROCESSOR_STATE},
+        ]
+    });
+    let post = json!({
+        "name": "policy_postprocessor",
+        "steps": [
+            {"registry_name": "unnormalizer_processor", "config": {
+                "eps": 1e-8,
+                "features": features(&[&config.output_features]),
+                "norm_map": norm_map,
+            }, "state_file": POSTPROCESSOR_STATE},
+            {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": null}},
+        ]
+    });
+    for (name, v) in [
+        ("policy_preprocessor.json", pre),
+        ("policy_postprocessor.json", post),
+    ] {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::json(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    let named: Vec<(String, Tensor)> = stats
+        .named()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_kind(Kind::Float).contiguous()))
+        .collect();
+    for name in [PREPROCESSOR_STATE, POSTPROCESSOR_STATE] {
+        Tensor::write_safetensors(&named, dir.join(name))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

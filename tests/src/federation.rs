@@ -1,5 +1,6 @@
 //! A whole federation on loopback for end-to-end tests: one `zk0-aggregator`, N `zk0-agent`
-//! daemons running the test-only `zk0-fake-worker`, and an observer MQTT client that records
+//! daemons running a training worker (the test-only `zk0-fake-worker`, or the real `zk0-train`
+//! with [`Federation::datasets`] and [`Federation::agent_extra`]), and an observer MQTT client that records
 //! every update and model blob so a test can recompute each round's weighted average itself.
 
 use std::collections::{BTreeMap, HashMap};
@@ -216,6 +217,19 @@ pub struct Federation {
     pub metrics_listen: String,
     /// Broker logins: username → password. Empty runs everything with `--insecure`.
     pub users: BTreeMap<String, String>,
+    /// Directory of `zk0-aggregator certs init` output: serve and connect over mqtts.
+    pub tls_dir: Option<PathBuf>,
+    /// Per-client dataset directory (default: `<dir>/<cid>/ds-<cid>` with an `examples.txt`
+    /// for the fake worker).
+    pub datasets: BTreeMap<String, PathBuf>,
+    /// Extra TOML lines for every agent's config (e.g. `model_dir`, `worker_args`).
+    pub agent_toml: String,
+    /// Per-client extra TOML lines, after [`Federation::agent_toml`].
+    pub agent_extra: BTreeMap<String, String>,
+    /// Extra aggregator TOML (e.g. a `[rounds]` table), written to a config file.
+    pub aggregator_toml: String,
+    /// Chunk size the aggregator announces (small by default, so blobs span many chunks).
+    pub chunk_size: usize,
 }
 
 impl Federation {
@@ -227,14 +241,22 @@ impl Federation {
         worker: &Path,
         clients: &[(&str, u64, &str)],
     ) -> Result<Federation> {
+        Self::setup_with_model(dir, kind, worker, clients, &tiny_model())
+    }
+
+    /// Like [`Federation::setup`], with `model` (trainable tensors) as the initial global model.
+    pub fn setup_with_model(
+        dir: &Path,
+        kind: BrokerKind,
+        worker: &Path,
+        clients: &[(&str, u64, &str)],
+        model: &TensorSet,
+    ) -> Result<Federation> {
         anyhow::ensure!(worker.exists(), "worker not found at {}", worker.display());
         let federation = "e2e".to_string();
         let state_dir = dir.join("aggregator");
         let model_path = dir.join("initial.safetensors");
-        std::fs::write(
-            &model_path,
-            write_safetensors(&tiny_model(), &BTreeMap::new()),
-        )?;
+        std::fs::write(&model_path, write_safetensors(model, &BTreeMap::new()))?;
         run_ok(
             Command::new(bin("zk0-aggregator"))
                 .arg("--state-dir")
@@ -280,6 +302,12 @@ impl Federation {
             worker: worker.to_path_buf(),
             metrics_listen: String::new(),
             users: BTreeMap::new(),
+            tls_dir: None,
+            datasets: BTreeMap::new(),
+            agent_toml: String::new(),
+            agent_extra: BTreeMap::new(),
+            aggregator_toml: String::new(),
+            chunk_size: 4096,
         })
     }
 
@@ -316,17 +344,29 @@ impl Federation {
     /// Starts the aggregator for `rounds` rounds with the given deadline.
     pub fn start_aggregator(&mut self, rounds: u64, timeout_s: f64, extra: &[&str]) -> Result<()> {
         let mut cmd = Command::new(bin("zk0-aggregator"));
-        if self.users.is_empty() {
+        if self.users.is_empty() && self.tls_dir.is_none() && self.aggregator_toml.is_empty() {
             cmd.arg("--state-dir")
                 .arg(&self.state_dir)
                 .arg("serve")
                 .arg("--insecure");
         } else {
-            // Authenticated embedded broker: the users go in a config file.
-            let mut toml = String::from("[broker.users]\n");
-            for (u, p) in &self.users {
-                toml.push_str(&format!("{u:?} = {p:?}\n"));
+            // Authenticated embedded broker or extra settings: a config file.
+            let mut toml = String::from("[broker]\n");
+            if let Some(d) = &self.tls_dir {
+                toml.push_str(&format!(
+                    "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
+                    d.join("server.pem"),
+                    d.join("server.key"),
+                    d.join("ca.pem")
+                ));
             }
+            if !self.users.is_empty() {
+                toml.push_str("[broker.users]\n");
+                for (u, p) in &self.users {
+                    toml.push_str(&format!("{u:?} = {p:?}\n"));
+                }
+            }
+            toml.push_str(&self.aggregator_toml);
             let path = self.dir.join("aggregator.toml");
             std::fs::write(&path, toml)?;
             cmd.arg("--config")
@@ -334,6 +374,9 @@ impl Federation {
                 .arg("--state-dir")
                 .arg(&self.state_dir)
                 .arg("serve");
+            if self.users.is_empty() && self.tls_dir.is_none() {
+                cmd.arg("--insecure");
+            }
         }
         cmd.arg("--exit-when-done");
         cmd.args([
@@ -352,7 +395,7 @@ impl Federation {
             "--round-timeout-s",
             &timeout_s.to_string(),
             "--chunk-size",
-            "4096",
+            &self.chunk_size.to_string(),
         ]);
         match self.broker_kind {
             BrokerKind::Embedded => {
@@ -397,18 +440,29 @@ impl Federation {
         let cdir = self.dir.join(cid);
         let worker = self.worker.clone();
         let cfg = format!(
-            "client_id = {cid:?}\nfederation = {fed:?}\nbroker = \"mqtt://127.0.0.1:{port}\"\n{login}\n\
+            "client_id = {cid:?}\nfederation = {fed:?}\nbroker = \"{scheme}://127.0.0.1:{port}\"\n{login}\n{ca}\n\
              key_file = {key:?}\naggregator_key = {agg:?}\ndataset = {ds:?}\ncache_dir = {cache:?}\n\
-             work_dir = {work:?}\ncodec = {codec:?}\nworker = [{worker:?}, \"train\"]\n",
+             work_dir = {work:?}\ncodec = {codec:?}\nworker = [{worker:?}, \"train\"]\n{common}\n{extra}\n",
             fed = self.federation,
             port = self.port,
+            scheme = if self.tls_dir.is_some() { "mqtts" } else { "mqtt" },
+            ca = match &self.tls_dir {
+                Some(d) => format!("ca_file = {:?}", d.join("ca.pem")),
+                None => String::new(),
+            },
             login = match self.users.get(cid) {
                 Some(p) => format!("username = {cid:?}\npassword = {p:?}"),
                 None => "insecure = true".to_string(),
             },
             key = cdir.join("agent.key"),
             agg = self.state_dir.join("aggregator.pub"),
-            ds = cdir.join(format!("ds-{cid}")),
+            ds = self
+                .datasets
+                .get(cid)
+                .cloned()
+                .unwrap_or_else(|| cdir.join(format!("ds-{cid}"))),
+            common = self.agent_toml,
+            extra = self.agent_extra.get(cid).map(String::as_str).unwrap_or(""),
             cache = cdir.join("cache"),
             work = cdir.join("work"),
         );

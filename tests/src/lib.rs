@@ -8,6 +8,7 @@
 //! `zk0-fake-worker` comes from this crate (`CARGO_BIN_EXE_zk0-fake-worker` in test targets).
 
 pub mod federation;
+pub mod smolvla;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -14,7 +14,11 @@ fn target_dir() -> PathBuf {
 
 fn bin(name: &str) -> PathBuf {
     let p = target_dir().join("debug").join(name);
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins` (cargo xtask test does)", p.display());
+    assert!(
+        p.is_file(),
+        "{} not built: run `cargo build --workspace --bins` (cargo xtask test does)",
+        p.display()
+    );
     p
 }
 
@@ -24,9 +28,15 @@ fn repo() -> PathBuf {
 
 /// In CI a missing system tool is a failure, not a skip.
 fn require_tool(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "{tool} is missing in CI (.ci/run installs it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing in CI (.ci/run installs it)"
+        );
         eprintln!("skipped: {tool} not installed");
     }
     ok
@@ -50,12 +60,18 @@ fn daemons_do_not_link_libtorch() {
     for name in ["zk0-agent", "zk0-aggregator"] {
         let deps = ldd(&bin(name));
         assert!(!links_libtorch(&deps), "{name} links libtorch:\n{deps}");
-        assert!(deps.contains("libc.so"), "ldd output for {name} looks wrong:\n{deps}");
+        assert!(
+            deps.contains("libc.so"),
+            "ldd output for {name} looks wrong:\n{deps}"
+        );
     }
     // The same check sees libtorch where it is (zk0-train), so its silence above means something.
     let train = target_dir().join("debug/zk0-train");
     if train.is_file() {
-        assert!(links_libtorch(&ldd(&train)), "zk0-train should link libtorch");
+        assert!(
+            links_libtorch(&ldd(&train)),
+            "zk0-train should link libtorch"
+        );
     }
 }
 
@@ -69,15 +85,27 @@ fn verify_units(units: &[(&str, String)]) -> (bool, String) {
         std::fs::write(&p, text).unwrap();
         paths.push(p);
     }
-    let out = Command::new("systemd-analyze").arg("verify").args(&paths).output().unwrap();
-    let msg = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&paths)
+        .output()
+        .unwrap();
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success() && msg.trim().is_empty(), msg)
 }
 
 fn unit_with_local_binary(name: &str) -> String {
-    let text = std::fs::read_to_string(repo().join("systemd").join(format!("{name}.service"))).unwrap();
+    let text =
+        std::fs::read_to_string(repo().join("systemd").join(format!("{name}.service"))).unwrap();
     let exec = format!("/usr/bin/{name} ");
-    assert!(text.contains(&exec), "{name}.service must start /usr/bin/{name}");
+    assert!(
+        text.contains(&exec),
+        "{name}.service must start /usr/bin/{name}"
+    );
     text.replace(&exec, &format!("{} ", bin(name).display()))
 }
 
@@ -88,10 +116,26 @@ fn systemd_units_verify_without_warnings() {
     }
     let units: Vec<(&str, String)> = ["zk0-agent", "zk0-aggregator"]
         .iter()
-        .map(|n| (if *n == "zk0-agent" { "zk0-agent.service" } else { "zk0-aggregator.service" }, unit_with_local_binary(n)))
+        .map(|n| {
+            (
+                if *n == "zk0-agent" {
+                    "zk0-agent.service"
+                } else {
+                    "zk0-aggregator.service"
+                },
+                unit_with_local_binary(n),
+            )
+        })
         .collect();
     for (_, text) in &units {
-        for key in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory="] {
+        for key in [
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "StateDirectory=",
+        ] {
             assert!(text.contains(key), "unit lacks {key}");
         }
     }
@@ -100,9 +144,14 @@ fn systemd_units_verify_without_warnings() {
     assert!(ok, "systemd-analyze verify complained:\n{msg}");
 
     // A misspelt directive must be caught, or this test proves nothing.
-    let broken = units[0].1.replace("Restart=on-failure", "Restartt=on-failure");
+    let broken = units[0]
+        .1
+        .replace("Restart=on-failure", "Restartt=on-failure");
     let (ok, msg) = verify_units(&[("zk0-agent.service", broken)]);
-    assert!(!ok && msg.contains("Restartt"), "verify missed a bad directive: {msg}");
+    assert!(
+        !ok && msg.contains("Restartt"),
+        "verify missed a bad directive: {msg}"
+    );
 }
 
 #[test]
@@ -114,14 +163,23 @@ fn sysusers_puts_the_agent_in_dialout_and_video() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     for user in ["zk0-agent", "zk0-aggregator"] {
-        assert!(lines.iter().any(|l| l[0] == "u" && l[1] == user), "no user {user}");
+        assert!(
+            lines.iter().any(|l| l[0] == "u" && l[1] == user),
+            "no user {user}"
+        );
     }
     for group in ["dialout", "video"] {
-        assert!(lines.iter().any(|l| l[..3] == ["m", "zk0-agent", group]), "zk0-agent not in {group}");
+        assert!(
+            lines.iter().any(|l| l[..3] == ["m", "zk0-agent", group]),
+            "zk0-agent not in {group}"
+        );
     }
     for unit in ["zk0-agent", "zk0-aggregator"] {
         let text = std::fs::read_to_string(repo().join(format!("systemd/{unit}.service"))).unwrap();
-        assert!(text.contains(&format!("User={unit}")), "{unit}.service runs as another user");
+        assert!(
+            text.contains(&format!("User={unit}")),
+            "{unit}.service runs as another user"
+        );
     }
 }
 
@@ -135,8 +193,13 @@ fn doctor_json_reports_the_host() {
         .arg(&config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
     assert_eq!(v["host"]["arch"], std::env::consts::ARCH);
     assert!(v["host"]["cores"].as_u64().unwrap() >= 1);
     assert!(v["memory"]["total_bytes"].as_u64().unwrap() > 0);
@@ -148,17 +211,44 @@ fn doctor_json_reports_the_host() {
     assert_eq!(v["config"]["path"], config.display().to_string());
     // onnxruntime: found with its version wherever cargo xtask set ORT_DYLIB_PATH.
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        assert_eq!(v["onnxruntime"]["path"], Path::new(&p).display().to_string());
-        assert!(v["onnxruntime"]["version"].as_str().is_some_and(|s| s.contains('.')), "{}", v["onnxruntime"]);
+        assert_eq!(
+            v["onnxruntime"]["path"],
+            Path::new(&p).display().to_string()
+        );
+        assert!(
+            v["onnxruntime"]["version"]
+                .as_str()
+                .is_some_and(|s| s.contains('.')),
+            "{}",
+            v["onnxruntime"]
+        );
     }
-    let names: Vec<&str> = v["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for n in ["cpu", "memory", "disk", "gpu", "onnxruntime", "serial ports", "cameras", "config"] {
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "cpu",
+        "memory",
+        "disk",
+        "gpu",
+        "onnxruntime",
+        "serial ports",
+        "cameras",
+        "config",
+    ] {
         assert!(names.contains(&n), "check {n} missing from {names:?}");
     }
 
     // A broken config is reported as such.
     std::fs::write(&config, "client_id = \n").unwrap();
-    let out = Command::new(bin("zk0-agent")).args(["doctor", "--json", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(bin("zk0-agent"))
+        .args(["doctor", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["config"]["valid"], false);
     assert!(v["config"]["error"].as_str().is_some());

@@ -92,7 +92,7 @@ fn send(
 fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
@@ -122,6 +122,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             "m-nan",
             "m-oversize",
             "m-flood",
+            "m-codec",
         ];
         for id in ids {
             zk0_e2e::run_ok(
@@ -210,6 +211,23 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             &blob,
             &manifest("m-nan", 2, &base, &blob, &mallory),
         )?;
+        // Codec mismatch: the blob is int8 but the signed manifest declares f32.
+        let blob = encode_delta(
+            &delta(0.001),
+            &EncodeOptions {
+                codec: Codec::Int8,
+                zstd_level: 1,
+            },
+            None,
+        )?;
+        send(
+            &c,
+            &topics,
+            "m-codec",
+            2,
+            &blob,
+            &manifest("m-codec", 2, &base, &blob, &mallory),
+        )?;
         // Oversize: claims a blob far over max_update_bytes.
         let mut m = manifest("m-oversize", 2, &base, &good, &mallory);
         m.total_len = 1 << 40;
@@ -250,6 +268,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             ("m-nan", 2, "non_finite"),
             ("m-oversize", 2, "oversize"),
             ("m-flood", 2, "chunk_flood"),
+            ("m-codec", 2, "unsupported_codec"),
             ("robot-a", 1, "late_or_old_round"),
         ];
         zk0_e2e::wait_for(Duration::from_secs(20), "every rejection ack", || {

@@ -1,6 +1,7 @@
-//! End-to-end: one real `zk0-aggregator`, three real `zk0-agent` daemons (running the test-only
-//! `zk0-fake-worker` in place of `zk0-train` until it exists), three FedProx rounds over a real
-//! MQTT broker on loopback. After every round the model published on the wire must equal,
+//! End-to-end: one real `zk0-aggregator`, three real `zk0-agent` daemons (running the fast,
+//! test-only `zk0-fake-worker`; `federation_smolvla` runs the real `zk0-train`), three FedProx
+//! rounds over a real MQTT broker on loopback. robot-c's worker writes a delta
+//! (`worker_output = "delta"`), the others trained tensors (the agent subtracts the global). After every round the model published on the wire must equal,
 //! within 1e-6, the example-weighted average the test recomputes from the deltas it observed.
 //!
 //! The daemons are built by `cargo build -p aggregator -p edge-agent` from the test (see
@@ -26,6 +27,8 @@ fn three_rounds(kind: BrokerKind) -> Result<()> {
         env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
         &CLIENTS,
     )?;
+    fed.agent_extra
+        .insert("robot-c".into(), "worker_output = \"delta\"".into());
     let result = (|| -> Result<usize> {
         if !fed.start_broker()? {
             return Ok(0);

@@ -270,3 +270,18 @@ pub fn run(fixture: &Path, dataset: Option<&PathBuf>) -> Result<(Value, bool)> {
     report["tensors"] = json!(rows);
     Ok((report, ok))
 }
+
+/// `zk0-train loss`: the flow-matching loss of the checkpoint in `model` on a batch at the model
+/// boundary (`inputs.safetensors` in the fixture format: the batch plus the `noise` and `time`
+/// to use). The same number LeRobot's `SmolVLAPolicy.forward(batch, noise, time)` gives.
+pub fn loss(model: &Path, inputs: &Path) -> Result<Value> {
+    let policy = load_policy(model)?;
+    let inputs = read_tensors(inputs)?;
+    let batch = batch_of(&inputs);
+    let (noise, time) = (input(&inputs, "noise")?, input(&inputs, "time")?);
+    let out = tch::no_grad(|| policy.forward(&batch, Some(noise), Some(time), &mut Trace::off()))?;
+    Ok(json!({
+        "loss": out.loss.double_value(&[]),
+        "per_sample_loss": Vec::<f64>::try_from(&out.per_sample.to_kind(Kind::Double))?,
+    }))
+}

@@ -1,8 +1,10 @@
 //! `zk0-train`: the libtorch worker of zk0 — parity checks against LeRobot fixtures
-//! (`compare`), device diagnostics (`doctor`) and FedProx local training (`train`).
+//! (`compare`), device diagnostics (`doctor`), FedProx local training (`train`), dataset
+//! evaluation (`eval`) and the loss of a checkpoint on one batch (`loss`).
 
 mod compare;
 mod doctor;
+mod eval;
 mod pipeline;
 mod train;
 
@@ -46,6 +48,43 @@ enum Cmd {
     },
     /// Run a small tensor op on every available device and print JSON.
     Doctor,
+    /// Policy loss over a LeRobot dataset (every frame of all or the first N episodes, LeRobot's
+    /// preprocessing, seeded noise/time); the JSON report goes to --out and stdout.
+    Eval {
+        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        #[arg(long)]
+        model: PathBuf,
+        /// Weights (safetensors, LeRobot names; all or a subset) applied on top of the model's.
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// LeRobot dataset directory (v3.0 or v2.1).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// tokenizer.json (default: MODEL/tokenizer.json).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Only the first N episodes (default: all).
+        #[arg(long)]
+        episodes: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Seed of the flow-matching noise and time.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// Output: the JSON report.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Flow-matching loss of a checkpoint on a batch at the model boundary (fixture-format
+    /// `inputs.safetensors`: the preprocessed batch plus `noise` and `time`); JSON on stdout.
+    Loss {
+        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors with the batch, `noise` and `time`.
+        #[arg(long)]
+        inputs: PathBuf,
+    },
     /// FedProx local training on a LeRobot dataset: JSON lines of progress on stdout, the
     /// trained trainable tensors (safetensors) and a metrics JSON written to files.
     Train {
@@ -79,6 +118,11 @@ enum Cmd {
         /// Output: metrics JSON.
         #[arg(long)]
         out_metrics: PathBuf,
+        /// Output: the trained policy as a LeRobot checkpoint directory (`save_pretrained`
+        /// layout: config.json, model.safetensors, the model's processor files), which
+        /// LeRobot's `SmolVLAPolicy.from_pretrained` loads.
+        #[arg(long)]
+        out_model: Option<PathBuf>,
     },
 }
 
@@ -116,6 +160,7 @@ fn run(cli: Cli) -> Result<bool> {
             seed,
             out_params,
             out_metrics,
+            out_model,
         } => {
             let args = train::TrainArgs {
                 model,
@@ -129,9 +174,40 @@ fn run(cli: Cli) -> Result<bool> {
                 seed,
                 out_params,
                 out_metrics,
+                out_model,
             };
             let metrics = train::run(&args)?;
-            println!("{}", serde_json::json!({"event": "done", "metrics": metrics}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "done", "metrics": metrics})
+            );
+            Ok(true)
+        }
+        Cmd::Eval {
+            model,
+            global,
+            dataset,
+            tokenizer,
+            episodes,
+            batch_size,
+            seed,
+            out,
+        } => {
+            let report = eval::run(&eval::EvalArgs {
+                model,
+                global,
+                dataset,
+                tokenizer,
+                episodes,
+                batch_size,
+                seed,
+                out,
+            })?;
+            println!("{report}");
+            Ok(true)
+        }
+        Cmd::Loss { model, inputs } => {
+            println!("{}", compare::loss(&model, &inputs)?);
             Ok(true)
         }
         Cmd::Doctor => {

@@ -68,48 +68,83 @@ pub(crate) fn pad_token(dir: &Path) -> String {
 /// Returns the report rows (names prefixed `pipeline.`) and the tolerances used.
 pub fn run(fixture: &Path, dir: &Path) -> Result<(Vec<Value>, Value)> {
     let meta: PipelineMeta = read_json(&dir.join("pipeline.json"))?;
-    let tol = Tolerance { atol: meta.tolerance.atol, rtol: meta.tolerance.rtol };
-    let img_tol = Tolerance { atol: meta.tolerance.images_atol, rtol: 0.0 };
-    let model_dir: PathBuf = if dir.join("model").join("config.json").exists() { dir.join("model") } else { fixture.into() };
+    let tol = Tolerance {
+        atol: meta.tolerance.atol,
+        rtol: meta.tolerance.rtol,
+    };
+    let img_tol = Tolerance {
+        atol: meta.tolerance.images_atol,
+        rtol: 0.0,
+    };
+    let model_dir: PathBuf = if dir.join("model").join("config.json").exists() {
+        dir.join("model")
+    } else {
+        fixture.into()
+    };
     let policy = SmolVlaPolicy::from_dir(&model_dir, Device::Cpu)
         .with_context(|| format!("loading the policy from {}", model_dir.display()))?;
     let raw = read_tensors(&dir.join("inputs.safetensors"))?;
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
     let pre = stats_of(dir, "policy_preprocessor.json", "normalizer_processor")?;
     let post = stats_of(dir, "policy_postprocessor.json", "unnormalizer_processor")?;
-    let tok = TaskTokenizer::from_file(&dir.join("tokenizer.json"), meta.tokenizer_max_length, &pad_token(dir))?;
+    let tok = TaskTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        meta.tokenizer_max_length,
+        &pad_token(dir),
+    )?;
 
-    let get = |k: &str| raw.get(k).with_context(|| format!("inputs.safetensors has no `{k}`"));
+    let get = |k: &str| {
+        raw.get(k)
+            .with_context(|| format!("inputs.safetensors has no `{k}`"))
+    };
     let mut batch: Batch = BTreeMap::new();
     for key in policy.config.image_keys() {
         if let Some(img) = raw.get(&format!("raw.{key}")) {
             batch.insert(key.clone(), img.shallow_clone()); // VISUAL: IDENTITY
         }
     }
-    batch.insert(OBS_STATE.into(), pre.normalize(OBS_STATE, get("raw.observation.state")?)?);
+    batch.insert(
+        OBS_STATE.into(),
+        pre.normalize(OBS_STATE, get("raw.observation.state")?)?,
+    );
     batch.insert(ACTION.into(), pre.normalize(ACTION, get("raw.action")?)?);
-    batch.insert(ACTION_IS_PAD.into(), get("raw.action_is_pad")?.shallow_clone());
+    batch.insert(
+        ACTION_IS_PAD.into(),
+        get("raw.action_is_pad")?.shallow_clone(),
+    );
     let (tokens, mask) = tok.encode(&meta.tasks)?;
     batch.insert(OBS_TOKENS.into(), tokens);
     batch.insert(OBS_TOKEN_MASK.into(), mask);
 
-    let mut computed: BTreeMap<String, Tensor> =
-        batch.iter().map(|(k, v)| (format!("batch.{k}"), v.shallow_clone())).collect();
-    let lo = policy.forward(&batch, Some(get("noise")?), Some(get("time")?), &mut Trace::off())?;
+    let mut computed: BTreeMap<String, Tensor> = batch
+        .iter()
+        .map(|(k, v)| (format!("batch.{k}"), v.shallow_clone()))
+        .collect();
+    let lo = policy.forward(
+        &batch,
+        Some(get("noise")?),
+        Some(get("time")?),
+        &mut Trace::off(),
+    )?;
     computed.insert("train.loss".into(), lo.loss.detach().reshape([1]));
     let obs: Batch = batch
         .iter()
         .filter(|(k, _)| k.as_str() != ACTION && k.as_str() != ACTION_IS_PAD)
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
-    let actions = policy.predict_action_chunk(&obs, Some(get("sample_noise")?), &mut Trace::off())?;
+    let actions =
+        policy.predict_action_chunk(&obs, Some(get("sample_noise")?), &mut Trace::off())?;
     computed.insert("sample.actions".into(), post.unnormalize(ACTION, &actions)?);
     computed.insert("sample.actions_normalized".into(), actions);
 
     let rows = expected
         .iter()
         .map(|(name, e)| {
-            let t = if name.starts_with("batch.observation.images.") { img_tol } else { tol };
+            let t = if name.starts_with("batch.observation.images.") {
+                img_tol
+            } else {
+                tol
+            };
             let mut row = compare_tensor(name, computed.get(name), e, t);
             row["name"] = json!(format!("pipeline.{name}"));
             row["file"] = json!("pipeline/expected.safetensors");

@@ -35,6 +35,8 @@ pub struct TrainArgs {
     pub seed: i64,
     pub out_params: PathBuf,
     pub out_metrics: PathBuf,
+    /// Where to write the trained policy as a LeRobot checkpoint directory, if anywhere.
+    pub out_model: Option<PathBuf>,
 }
 
 fn floats(v: &FeatureValue, what: &str) -> Result<Vec<f32>> {
@@ -47,16 +49,22 @@ fn floats(v: &FeatureValue, what: &str) -> Result<Vec<f32>> {
 
 /// Normalization statistics: the checkpoint's preprocessor state when present (what LeRobot
 /// uses), else the dataset's `meta/stats.json`.
-fn load_stats(model: &Path, ds: &LeRobotDataset) -> Result<Stats> {
+pub(crate) fn load_stats(model: &Path, ds: &LeRobotDataset) -> Result<Stats> {
     if model.join("policy_preprocessor.json").exists() {
-        return crate::pipeline::stats_of(model, "policy_preprocessor.json", "normalizer_processor");
+        return crate::pipeline::stats_of(
+            model,
+            "policy_preprocessor.json",
+            "normalizer_processor",
+        );
     }
-    let v = ds.stats().context("the dataset has no meta/stats.json and the model no preprocessor")?;
+    let v = ds
+        .stats()
+        .context("the dataset has no meta/stats.json and the model no preprocessor")?;
     Ok(Stats::from_stats_json(v))
 }
 
 /// One training batch at the model boundary (LeRobot's preprocessor applied).
-fn make_batch(
+pub(crate) fn make_batch(
     ds: &LeRobotDataset,
     policy: &SmolVlaPolicy,
     tok: &TaskTokenizer,
@@ -65,27 +73,50 @@ fn make_batch(
 ) -> Result<Batch> {
     let fps = f64::from(ds.fps());
     let chunk = policy.config.chunk_size;
-    let deltas: BTreeMap<String, Vec<f64>> =
-        [(ACTION.to_string(), (0..chunk).map(|k| k as f64 / fps).collect())].into_iter().collect();
+    let deltas: BTreeMap<String, Vec<f64>> = [(
+        ACTION.to_string(),
+        (0..chunk).map(|k| k as f64 / fps).collect(),
+    )]
+    .into_iter()
+    .collect();
     let cams = policy.config.image_keys();
-    let (mut states, mut actions, mut pads, mut tasks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut states, mut actions, mut pads, mut tasks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut images: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
     for &i in indices {
-        let s = ds.get_deltas(i, &deltas).with_context(|| format!("dataset item {i}"))?;
-        let st = s.frame.features.get(OBS_STATE).with_context(|| format!("item {i} has no {OBS_STATE}"))?;
+        let s = ds
+            .get_deltas(i, &deltas)
+            .with_context(|| format!("dataset item {i}"))?;
+        let st = s
+            .frame
+            .features
+            .get(OBS_STATE)
+            .with_context(|| format!("item {i} has no {OBS_STATE}"))?;
         states.push(Tensor::from_slice(&floats(st, OBS_STATE)?));
         let acts = s.values.get(ACTION).context("no action chunk")?;
-        let rows: Vec<Tensor> =
-            acts.iter().map(|a| floats(a, ACTION).map(|v| Tensor::from_slice(&v))).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> = acts
+            .iter()
+            .map(|a| floats(a, ACTION).map(|v| Tensor::from_slice(&v)))
+            .collect::<Result<_>>()?;
         actions.push(Tensor::stack(&rows, 0));
-        let pad = s.is_pad.get(&format!("{ACTION}_is_pad")).context("no action padding flags")?;
+        let pad = s
+            .is_pad
+            .get(&format!("{ACTION}_is_pad"))
+            .context("no action padding flags")?;
         pads.push(Tensor::from_slice(pad));
         tasks.push(s.frame.task.clone());
         for cam in &cams {
-            let img = s.frame.images.get(cam).with_context(|| format!("item {i} has no camera {cam}"))?;
+            let img = s
+                .frame
+                .images
+                .get(cam)
+                .with_context(|| format!("item {i} has no camera {cam}"))?;
             let (w, h) = (img.width() as i64, img.height() as i64);
             // HWC u8 → CHW float in [0, 1], as LeRobot's dataset returns frames.
-            let t = Tensor::from_slice(img.as_raw().as_slice()).view([h, w, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
+            let t = Tensor::from_slice(img.as_raw().as_slice())
+                .view([h, w, 3])
+                .permute([2, 0, 1])
+                .to_kind(Kind::Float)
                 / 255.0;
             images.entry(cam.clone()).or_default().push(t);
         }
@@ -94,8 +125,14 @@ fn make_batch(
     for (cam, frames) in images {
         batch.insert(cam, Tensor::stack(&frames, 0));
     }
-    batch.insert(OBS_STATE.into(), stats.normalize(OBS_STATE, &Tensor::stack(&states, 0))?);
-    batch.insert(ACTION.into(), stats.normalize(ACTION, &Tensor::stack(&actions, 0))?);
+    batch.insert(
+        OBS_STATE.into(),
+        stats.normalize(OBS_STATE, &Tensor::stack(&states, 0))?,
+    );
+    batch.insert(
+        ACTION.into(),
+        stats.normalize(ACTION, &Tensor::stack(&actions, 0))?,
+    );
     batch.insert(ACTION_IS_PAD.into(), Tensor::stack(&pads, 0));
     let (tokens, mask) = tok.encode(&tasks)?;
     batch.insert(OBS_TOKENS.into(), tokens);
@@ -110,14 +147,21 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let mut policy = SmolVlaPolicy::from_dir(&args.model, Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
     if let Some(g) = &args.global {
-        let tensors = Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
-        policy.load_subset(&tensors).with_context(|| format!("applying {}", g.display()))?;
+        let tensors =
+            Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
+        policy
+            .load_subset(&tensors)
+            .with_context(|| format!("applying {}", g.display()))?;
     }
-    let ds = LeRobotDataset::open(&args.dataset).with_context(|| format!("opening {}", args.dataset.display()))?;
+    let ds = LeRobotDataset::open(&args.dataset)
+        .with_context(|| format!("opening {}", args.dataset.display()))?;
     if ds.is_empty() {
         bail!("dataset {} is empty", args.dataset.display());
     }
-    let tok_path = args.tokenizer.clone().unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tok_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let tok = TaskTokenizer::from_file(
         &tok_path,
         policy.config.tokenizer_max_length as usize,
@@ -135,8 +179,15 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), acfg);
     let (mut sum_loss, mut sum_prox, mut last_gn) = (0.0, 0.0, 0.0);
     for step in 0..args.steps {
-        let idx = Tensor::randint(ds.len() as i64, [args.batch_size as i64], (Kind::Int64, Device::Cpu));
-        let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?.into_iter().map(|i| i as usize).collect();
+        let idx = Tensor::randint(
+            ds.len() as i64,
+            [args.batch_size as i64],
+            (Kind::Int64, Device::Cpu),
+        );
+        let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?
+            .into_iter()
+            .map(|i| i as usize)
+            .collect();
         let batch = make_batch(&ds, &policy, &tok, &stats, &indices)?;
         opt.zero_grad();
         let lo = policy.forward(&batch, None, None, &mut Trace::off())?;
@@ -155,9 +206,25 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
                    "grad_norm": gn, "lr": acfg.lr})
         );
     }
-    let update_norm = tch::no_grad(|| sq_distance(&params, &global)).double_value(&[]).sqrt();
-    let out: Vec<(String, Tensor)> = trainable.iter().map(|(n, p)| (n.clone(), p.detach().contiguous())).collect();
-    Tensor::write_safetensors(&out, &args.out_params).with_context(|| format!("writing {}", args.out_params.display()))?;
+    let update_norm = tch::no_grad(|| sq_distance(&params, &global))
+        .double_value(&[])
+        .sqrt();
+    let out: Vec<(String, Tensor)> = trainable
+        .iter()
+        .map(|(n, p)| (n.clone(), p.detach().contiguous()))
+        .collect();
+    Tensor::write_safetensors(&out, &args.out_params)
+        .with_context(|| format!("writing {}", args.out_params.display()))?;
+    if let Some(dir) = &args.out_model {
+        save_checkpoint(&policy, &args.model, &stats, dir)?;
+        // The tokenizer trained with (given by --tokenizer), for a self-contained checkpoint.
+        let tok_out = dir.join("tokenizer.json");
+        if !tok_out.exists() {
+            std::fs::copy(&tok_path, &tok_out).with_context(|| {
+                format!("copying {} to {}", tok_path.display(), tok_out.display())
+            })?;
+        }
+    }
     let n = args.steps.max(1) as f64;
     let metrics = json!({
         "loss": sum_loss / n,
@@ -172,4 +239,50 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     std::fs::write(&args.out_metrics, serde_json::to_vec_pretty(&metrics)?)
         .with_context(|| format!("writing {}", args.out_metrics.display()))?;
     Ok(metrics)
+}
+
+/// Files of a LeRobot checkpoint besides the policy's own (`config.json`, `model.safetensors`):
+/// the processor pipelines with their state and the tokenizer, carried over unchanged (training
+/// changes no normalization statistics).
+fn is_processor_file(name: &str) -> bool {
+    name.starts_with("policy_preprocessor")
+        || name.starts_with("policy_postprocessor")
+        || matches!(
+            name,
+            "tokenizer.json" | "tokenizer_config.json" | "special_tokens_map.json"
+        )
+}
+
+/// Writes `policy` as LeRobot's `save_pretrained` does (config.json, model.safetensors, plus
+/// vlm_config.json for the backbone shape) with the processor files: those of the checkpoint it
+/// was loaded from when it has them, else LeRobot's SmolVLA processors with the statistics
+/// used in training, so the result is a complete LeRobot `pretrained_model/` directory.
+pub fn save_checkpoint(
+    policy: &SmolVlaPolicy,
+    from: &Path,
+    stats: &Stats,
+    dir: &Path,
+) -> Result<()> {
+    policy
+        .save_pretrained(dir)
+        .with_context(|| format!("saving the policy to {}", dir.display()))?;
+    if from == dir {
+        return Ok(());
+    }
+    if !from.join("policy_preprocessor.json").exists() {
+        smolvla::processor::save_processors(dir, &policy.config, stats)
+            .with_context(|| format!("saving the processors to {}", dir.display()))?;
+    }
+    for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if path.is_file() && is_processor_file(name) {
+            std::fs::copy(&path, dir.join(name))
+                .with_context(|| format!("copying {} to {}", path.display(), dir.display()))?;
+        }
+    }
+    Ok(())
 }

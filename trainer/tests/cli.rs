@@ -36,35 +36,77 @@ fn copy_fixture(to: &Path) {
     }
 }
 
+/// Every `tests/fixtures/smolvla-*` directory that is a LeRobot parity fixture (has a
+/// `fixture.json`): the original seed-0 one and the ones made with other seeds, batch sizes,
+/// token lengths, two cameras and another chunk size.
+fn parity_fixtures() -> Vec<PathBuf> {
+    let root = PathBuf::from(FIXTURE).parent().unwrap().to_path_buf();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("smolvla-"))
+                && p.join("fixture.json").is_file()
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn expected_tensor_count(dir: &Path) -> usize {
+    ["expected.safetensors", "expected_extra.safetensors"]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.is_file())
+        .map(|p| Tensor::read_safetensors(&p).unwrap().len())
+        .sum()
+}
+
 #[test]
-fn compare_passes_on_the_vendored_fixture() {
-    let (code, report) = compare(&PathBuf::from(FIXTURE));
-    assert_eq!(code, 0, "report: {report:#}");
-    assert_eq!(report["pass"], Value::Bool(true));
-    let rows = report["tensors"].as_array().unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+fn compare_passes_on_every_vendored_fixture() {
+    let dirs = parity_fixtures();
+    // smolvla-tiny (seed 0), seed1-b3-t9, two-cameras, chunk5.
+    assert!(dirs.len() >= 4, "fixtures found: {dirs:?}");
+    for dir in dirs {
+        let (code, report) = compare(&dir);
+        assert_eq!(code, 0, "{}: report: {report:#}", dir.display());
+        assert_eq!(report["pass"], Value::Bool(true), "{}", dir.display());
+        let rows = report["tensors"].as_array().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(rows.len(), expected_tensor_count(&dir), "{}", dir.display());
+        for must in [
+            "train.loss",
+            "train.v_t",
+            "train.per_sample_loss",
+            "train.grad_norm",
+            "sample.actions",
+            "sample.v_t_steps",
+            "select.action_step1",
+            "schedule.lr",
+            "full.grad_norm",
+            "grad.model.action_out_proj.weight",
+            "updated.model.vlm_with_expert.lm_expert.layers.1.self_attn.k_proj.weight",
+            "full.updated.model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding.weight",
+        ] {
+            assert!(names.contains(&must), "{}: {must} not reported", dir.display());
+        }
+        for r in rows {
+            assert_eq!(r["pass"], Value::Bool(true), "{}: {r}", dir.display());
+            assert!(
+                r["max_abs_err"].as_f64().unwrap() <= 1e-5,
+                "{}: {r}",
+                dir.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_original_fixture_checks_172_tensors() {
     // 109 tensors in expected.safetensors + 63 in expected_extra.safetensors.
-    assert_eq!(rows.len(), 172);
-    for must in [
-        "train.loss",
-        "train.v_t",
-        "train.per_sample_loss",
-        "train.grad_norm",
-        "sample.actions",
-        "sample.v_t_steps",
-        "select.action_step1",
-        "schedule.lr",
-        "full.grad_norm",
-        "grad.model.action_out_proj.weight",
-        "updated.model.vlm_with_expert.lm_expert.layers.1.self_attn.k_proj.weight",
-        "full.updated.model.vlm_with_expert.vlm.model.vision_model.embeddings.patch_embedding.weight",
-    ] {
-        assert!(names.contains(&must), "{must} not reported");
-    }
-    for r in rows {
-        assert_eq!(r["pass"], Value::Bool(true), "{r}");
-        assert!(r["max_abs_err"].as_f64().unwrap() <= 1e-5, "{r}");
-    }
+    assert_eq!(expected_tensor_count(Path::new(FIXTURE)), 172);
 }
 
 #[test]
@@ -146,7 +188,12 @@ fn compare_passes_on_the_pipeline_fixture() {
         .unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "{report:#}");
-    let names: Vec<&str> = report["tensors"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     for must in [
         "pipeline.batch.observation.language.tokens",
         "pipeline.batch.observation.state",
@@ -163,23 +210,48 @@ fn compare_passes_on_the_pipeline_fixture() {
 
 fn train(dir: &Path, mu: &str) -> Value {
     let pipeline = PathBuf::from(FIXTURE).join("pipeline");
-    let (params, metrics) = (dir.join(format!("p{mu}.safetensors")), dir.join(format!("m{mu}.json")));
+    let (params, metrics) = (
+        dir.join(format!("p{mu}.safetensors")),
+        dir.join(format!("m{mu}.json")),
+    );
     let out = zk0_train()
         .args(["--threads", "1", "train", "--model"])
         .arg(pipeline.join("model"))
         .arg("--tokenizer")
         .arg(pipeline.join("tokenizer.json"))
         .arg("--dataset")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/lerobot-v3-tiny"))
-        .args(["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--seed", "7", "--mu", mu, "--out-params"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/lerobot-v3-tiny"
+        ))
+        .args([
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "7",
+            "--mu",
+            mu,
+            "--out-params",
+        ])
         .arg(&params)
         .arg("--out-metrics")
         .arg(&metrics)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["event"], "step");
     // θ = θ_global at the first step: no proximal term.
@@ -187,7 +259,15 @@ fn train(dir: &Path, mu: &str) -> Value {
     let trained = Tensor::read_safetensors(&params).unwrap();
     assert_eq!(trained.len(), 47);
     let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
-    for k in ["loss", "fedprox_loss", "grad_norm", "update_norm", "examples", "steps", "seconds"] {
+    for k in [
+        "loss",
+        "fedprox_loss",
+        "grad_norm",
+        "update_norm",
+        "examples",
+        "steps",
+        "seconds",
+    ] {
         assert!(m.get(k).is_some(), "{k} missing in {m}");
     }
     assert_eq!(m["examples"], 6);
@@ -201,6 +281,173 @@ fn fedprox_term_shrinks_the_update() {
     let prox = train(dir.path(), "1000");
     assert_eq!(free["fedprox_loss"].as_f64().unwrap(), 0.0);
     assert!(prox["fedprox_loss"].as_f64().unwrap() > 0.0);
-    let (u0, u1) = (free["update_norm"].as_f64().unwrap(), prox["update_norm"].as_f64().unwrap());
+    let (u0, u1) = (
+        free["update_norm"].as_f64().unwrap(),
+        prox["update_norm"].as_f64().unwrap(),
+    );
     assert!(u1 < u0, "update norm with mu: {u1}, without: {u0}");
+}
+
+fn eval(dir: &Path, extra: &[&str]) -> Value {
+    let pipeline = PathBuf::from(FIXTURE).join("pipeline");
+    let out_file = dir.join(format!("eval{}.json", extra.join("")));
+    let out = zk0_train()
+        .args(["--threads", "1", "eval", "--model"])
+        .arg(pipeline.join("model"))
+        .arg("--tokenizer")
+        .arg(pipeline.join("tokenizer.json"))
+        .arg("--dataset")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/lerobot-v3-tiny"
+        ))
+        .args(extra)
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    written
+}
+
+#[test]
+fn eval_reports_the_policy_loss_over_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = eval(dir.path(), &[]);
+    // lerobot-v3-tiny: 3 episodes, 24 + 31 + 20 frames.
+    assert_eq!(all["episodes"], 3);
+    assert_eq!(all["frames"], 75);
+    let eps = all["per_episode"].as_array().unwrap();
+    let frames: Vec<u64> = eps.iter().map(|e| e["frames"].as_u64().unwrap()).collect();
+    assert_eq!(frames, [24, 31, 20]);
+    let loss = all["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{all}");
+    let per: Vec<f64> = eps.iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+    let (lo, hi) = per
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(
+        lo <= loss && loss <= hi,
+        "{loss} outside the episodes' {per:?}"
+    );
+    // Seeded: the first episode alone gives the same number as within the full run.
+    let first = eval(dir.path(), &["--episodes", "1"]);
+    assert_eq!(first["episodes"], 1);
+    assert_eq!(first["frames"], 24);
+    assert_eq!(first["loss"], eps[0]["loss"]);
+    // Another seed draws other noise and time.
+    let other = eval(dir.path(), &["--seed", "5"]);
+    assert_ne!(other["loss"], all["loss"]);
+}
+
+#[test]
+fn train_saves_a_lerobot_checkpoint_with_lerobot_processors() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = PathBuf::from(FIXTURE).join("pipeline");
+    let saved = dir.path().join("pretrained_model");
+    let out = zk0_train()
+        .args(["--threads", "1", "train", "--model"])
+        .arg(pipeline.join("model"))
+        .arg("--tokenizer")
+        .arg(pipeline.join("tokenizer.json"))
+        .arg("--dataset")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/lerobot-v3-tiny"
+        ))
+        .args(["--steps", "1", "--batch-size", "2", "--out-params"])
+        .arg(dir.path().join("p.safetensors"))
+        .arg("--out-metrics")
+        .arg(dir.path().join("m.json"))
+        .arg("--out-model")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The processor files equal the ones LeRobot's make_smolvla_pre_post_processors +
+    // save_pretrained wrote for the same config and dataset (pipeline fixture).
+    for f in ["policy_preprocessor.json", "policy_postprocessor.json"] {
+        let ours: Value = serde_json::from_slice(&std::fs::read(saved.join(f)).unwrap()).unwrap();
+        let lerobot: Value =
+            serde_json::from_slice(&std::fs::read(pipeline.join(f)).unwrap()).unwrap();
+        assert_eq!(ours, lerobot, "{f}");
+    }
+    for f in [
+        "policy_preprocessor_step_5_normalizer_processor.safetensors",
+        "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+    ] {
+        let ours: std::collections::BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(saved.join(f))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let lerobot = Tensor::read_safetensors(pipeline.join(f)).unwrap();
+        assert_eq!(ours.len(), lerobot.len(), "{f}");
+        for (k, t) in lerobot {
+            let o = ours.get(&k).unwrap_or_else(|| panic!("{f}: no {k}"));
+            let d = (o.flatten(0, -1) - t.flatten(0, -1))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d <= 1e-6, "{f}: {k} differs by {d}");
+        }
+    }
+    // The checkpoint is complete: zk0-train computes its loss and trains from it alone.
+    let out = zk0_train()
+        .args(["--threads", "1", "loss", "--model"])
+        .arg(&saved)
+        .arg("--inputs")
+        .arg(pipeline.join("model/inputs.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap() > 0.0, "{v}");
+    let out = zk0_train()
+        .args(["--threads", "1", "eval", "--model"])
+        .arg(&saved)
+        .arg("--dataset")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/lerobot-v3-tiny"
+        ))
+        .args(["--episodes", "1", "--out"])
+        .arg(dir.path().join("e.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn loss_matches_the_fixture() {
+    let out = zk0_train()
+        .args(["--threads", "1", "loss", "--model", FIXTURE, "--inputs"])
+        .arg(PathBuf::from(FIXTURE).join("inputs.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = Tensor::read_safetensors(PathBuf::from(FIXTURE).join("expected.safetensors"))
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "train.loss")
+        .unwrap()
+        .1;
+    assert_eq!(v["loss"].as_f64().unwrap(), expected.double_value(&[0]));
+    assert_eq!(v["per_sample_loss"].as_array().unwrap().len(), 2);
 }

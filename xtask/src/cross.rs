@@ -29,8 +29,19 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     build
         .current_dir(root())
-        .args(["build", "--target", TARGET, "-p", "edge-agent", "-p", "aggregator"])
-        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+        .args([
+            "build",
+            "--target",
+            TARGET,
+            "-p",
+            "edge-agent",
+            "-p",
+            "aggregator",
+        ])
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        )
         .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
         .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar")
         // Proof by construction: no libtorch anywhere near this build.
@@ -45,14 +56,25 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
     for bin in BINARIES {
         let path = dir.join(bin);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        if bytes.get(..4) != Some(b"\x7fELF".as_slice()) || bytes.get(18..20) != Some([0xb7, 0x00].as_slice()) {
+        if bytes.get(..4) != Some(b"\x7fELF".as_slice())
+            || bytes.get(18..20) != Some([0xb7, 0x00].as_slice())
+        {
             bail!("{} is not an aarch64 ELF binary", path.display());
         }
         let glibc = max_glibc(&bytes);
         if glibc > MAX_GLIBC {
-            bail!("{bin} needs GLIBC_{}.{}, newer than JetPack 6's 2.35", glibc.0, glibc.1);
+            bail!(
+                "{bin} needs GLIBC_{}.{}, newer than JetPack 6's 2.35",
+                glibc.0,
+                glibc.1
+            );
         }
-        eprintln!("{bin}: aarch64 ELF, {} MB, needs GLIBC_{}.{} at most", bytes.len() >> 20, glibc.0, glibc.1);
+        eprintln!(
+            "{bin}: aarch64 ELF, {} MB, needs GLIBC_{}.{} at most",
+            bytes.len() >> 20,
+            glibc.0,
+            glibc.1
+        );
         if args.no_run {
             continue;
         }
@@ -65,12 +87,20 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
                 .context("running qemu-aarch64-static")?;
             let stdout = String::from_utf8_lossy(&out.stdout);
             if !out.status.success() {
-                bail!("{bin} {} under qemu failed: {}\n{}", cmd_args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "{bin} {} under qemu failed: {}\n{}",
+                    cmd_args.join(" "),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             if cmd_args[0] == "doctor" {
                 let v: serde_json::Value = serde_json::from_str(&stdout)
                     .with_context(|| format!("{bin} doctor --json printed no JSON:\n{stdout}"))?;
-                let arch = v.pointer("/host/arch").and_then(|a| a.as_str()).unwrap_or("?");
+                let arch = v
+                    .pointer("/host/arch")
+                    .and_then(|a| a.as_str())
+                    .unwrap_or("?");
                 if arch != "aarch64" {
                     bail!("{bin} doctor under qemu reports arch {arch:?}, expected aarch64");
                 }

@@ -123,7 +123,10 @@ impl Env {
         for (k, v) in self.vars() {
             if k == "LD_LIBRARY_PATH" {
                 let lib = self.libtorch.as_ref().unwrap().join("lib");
-                out += &format!("export {k}='{}'${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n", lib.display());
+                out += &format!(
+                    "export {k}='{}'${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n",
+                    lib.display()
+                );
             } else {
                 out += &format!("export {k}='{v}'\n");
             }
@@ -145,7 +148,9 @@ fn tmp_sibling(dir: &Path) -> PathBuf {
 }
 
 fn var_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn libtorch_ok(dir: &Path) -> bool {
@@ -207,7 +212,10 @@ pub fn run(args: &SetupArgs) -> Result<Env> {
 fn find_or_fetch_libtorch(cache: &Path, cuda: bool) -> Result<(PathBuf, &'static str)> {
     if let Some(dir) = var_path("LIBTORCH") {
         if !libtorch_ok(&dir) {
-            bail!("LIBTORCH={} has no lib/libtorch_cpu.so and include/", dir.display());
+            bail!(
+                "LIBTORCH={} has no lib/libtorch_cpu.so and include/",
+                dir.display()
+            );
         }
         return Ok((dir, "from LIBTORCH"));
     }
@@ -230,7 +238,11 @@ fn find_or_fetch_libtorch(cache: &Path, cuda: bool) -> Result<(PathBuf, &'static
     pip_download(&dl, &pkgs, !cuda)?;
     let tmp = tmp_sibling(&dir);
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut unpack = vec!["libtorch".to_string(), dl.display().to_string(), tmp.display().to_string()];
+    let mut unpack = vec![
+        "libtorch".to_string(),
+        dl.display().to_string(),
+        tmp.display().to_string(),
+    ];
     if cuda {
         unpack.push("--cuda".into());
     }
@@ -270,7 +282,12 @@ fn find_or_fetch_ort(cache: &Path) -> Result<(PathBuf, &'static str)> {
     if let Some(p) = find_lib_in(&dir) {
         return Ok((p, "cached"));
     }
-    for sys in ["/usr/local/lib", "/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"] {
+    for sys in [
+        "/usr/local/lib",
+        "/usr/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+    ] {
         if let Some(p) = find_lib_in(Path::new(sys)) {
             return Ok((p, "system"));
         }
@@ -280,7 +297,11 @@ fn find_or_fetch_ort(cache: &Path) -> Result<(PathBuf, &'static str)> {
     pip_download(&dl, &[format!("onnxruntime=={ORT_VERSION}")], true)?;
     let tmp = tmp_sibling(&dir);
     let _ = std::fs::remove_dir_all(&tmp);
-    run_python_script(&["onnxruntime".into(), dl.display().to_string(), tmp.display().to_string()])?;
+    run_python_script(&[
+        "onnxruntime".into(),
+        dl.display().to_string(),
+        tmp.display().to_string(),
+    ])?;
     std::fs::rename(&tmp, &dir)?;
     let _ = std::fs::remove_dir_all(&dl);
     find_lib_in(&dir)
@@ -307,13 +328,23 @@ fn find_lib_in(dir: &Path) -> Option<PathBuf> {
 fn pip_download(dest: &Path, pkgs: &[String], no_deps: bool) -> Result<()> {
     std::fs::create_dir_all(dest)?;
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "download", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
-        .arg(dest);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on",
+        "-d",
+    ])
+    .arg(dest);
     if no_deps {
         cmd.arg("--no-deps");
     }
     cmd.args(pkgs);
-    let status = cmd.status().context("running python3 -m pip (is Python with pip installed?)")?;
+    let status = cmd
+        .status()
+        .context("running python3 -m pip (is Python with pip installed?)")?;
     if !status.success() {
         bail!("pip download {} failed ({status})", pkgs.join(" "));
     }
@@ -353,7 +384,10 @@ fn python312() -> Option<PathBuf> {
         })
         .collect();
     versions.sort();
-    versions.into_iter().map(|v| v.join("bin/python3")).find(|p| p.is_file())
+    versions
+        .into_iter()
+        .map(|v| v.join("bin/python3"))
+        .find(|p| p.is_file())
 }
 
 fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
@@ -362,15 +396,31 @@ fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
         return Ok((py, "cached"));
     }
     let base = python312().context("lerobot needs Python >= 3.12 (python3.12 on PATH or pyenv)")?;
-    eprintln!("building LeRobot {LEROBOT_VERSION} venv with {} (a few minutes, ~5 GB) ...", base.display());
+    eprintln!(
+        "building LeRobot {LEROBOT_VERSION} venv with {} (a few minutes, ~5 GB) ...",
+        base.display()
+    );
     let _ = std::fs::remove_dir_all(venv);
-    let ok = Command::new(&base).args(["-m", "venv"]).arg(venv).status()?.success();
+    let ok = Command::new(&base)
+        .args(["-m", "venv"])
+        .arg(venv)
+        .status()?
+        .success();
     if !ok {
         bail!("creating the venv at {} failed", venv.display());
     }
     let ok = Command::new(&py)
-        .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "on"])
-        .arg(format!("lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+        ])
+        .arg(format!(
+            "lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"
+        ))
         .status()?
         .success();
     if !ok {

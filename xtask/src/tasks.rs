@@ -7,7 +7,10 @@ use std::process::Command;
 
 /// Repository root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Run a command to completion, failing with its command line when it fails.
@@ -38,17 +41,35 @@ fn have(tool: &str) -> bool {
 
 /// Install missing system tools (Debian packages) when we may, else say how.
 pub fn ensure_system(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let sudo = !is_root && Command::new("sudo").args(["-n", "true"]).status().is_ok_and(|s| s.success());
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let sudo = !is_root
+        && Command::new("sudo")
+            .args(["-n", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
     if !is_root && !sudo {
-        bail!("missing system packages; install them with:\n  sudo apt-get install -y {}", missing.join(" "));
+        bail!(
+            "missing system packages; install them with:\n  sudo apt-get install -y {}",
+            missing.join(" ")
+        );
     }
     let apt = |args: &[&str]| {
-        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        let mut cmd = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
         if sudo {
             cmd.arg("apt-get");
         }
@@ -67,7 +88,9 @@ pub fn ensure_rustup(components: &[&str], targets: &[&str]) -> Result<()> {
         return Ok(());
     }
     if !components.is_empty() {
-        run(Command::new("rustup").args(["component", "add"]).args(components))?;
+        run(Command::new("rustup")
+            .args(["component", "add"])
+            .args(components))?;
     }
     if !targets.is_empty() {
         run(Command::new("rustup").args(["target", "add"]).args(targets))?;
@@ -100,7 +123,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if !args.no_lint {
         ensure_rustup(&["rustfmt", "clippy"], &[])?;
         run(cargo(&env).args(["fmt", "--all", "--", "--check"]))?;
-        run(cargo(&env).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run(cargo(&env).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     no_libtorch_check(&env)?;
     // End-to-end tests start the real binaries, so build them all first.
@@ -121,48 +151,111 @@ pub fn test(args: &TestArgs) -> Result<()> {
 /// The daemons and pure libraries must not need libtorch: their dependency graph has no
 /// `torch-sys`, and they build with no LIBTORCH in the environment.
 fn no_libtorch_check(env: &Env) -> Result<()> {
-    let pkgs = ["-p", "edge-agent", "-p", "aggregator", "-p", "shared-proto", "-p", "lerobot-dataset"];
+    let pkgs = [
+        "-p",
+        "edge-agent",
+        "-p",
+        "aggregator",
+        "-p",
+        "shared-proto",
+        "-p",
+        "lerobot-dataset",
+    ];
     let out = cargo(env)
         .args(["tree", "-e", "normal,build", "--prefix", "none"])
         .args(pkgs)
         .output()
         .context("cargo tree")?;
     if !out.status.success() {
-        bail!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let tree = String::from_utf8_lossy(&out.stdout);
-    if let Some(line) = tree.lines().find(|l| l.starts_with("torch-sys") || l.starts_with("tch ")) {
+    if let Some(line) = tree
+        .lines()
+        .find(|l| l.starts_with("torch-sys") || l.starts_with("tch "))
+    {
         bail!("a daemon or pure library depends on libtorch: {line}");
     }
     let mut build = cargo(env);
-    build.args(["build"]).args(pkgs).env_remove("LIBTORCH").env_remove("LIBTORCH_USE_PYTORCH");
+    build
+        .args(["build"])
+        .args(pkgs)
+        .env_remove("LIBTORCH")
+        .env_remove("LIBTORCH_USE_PYTORCH");
     run(&mut build)?;
-    eprintln!("ok: zk0-agent, zk0-aggregator, shared-proto and lerobot-dataset build without libtorch");
+    eprintln!(
+        "ok: zk0-agent, zk0-aggregator, shared-proto and lerobot-dataset build without libtorch"
+    );
     Ok(())
 }
 
+/// `cargo xtask demo [zk0-demo args]`: builds the four binaries (dev profile: dependencies at
+/// opt-level 2 and the tensor work in libtorch, so the demo runs as fast as with `--release`,
+/// while a release build of the whole tree costs many times the demo itself on a small machine)
+/// and runs `zk0-demo` with the libtorch environment. The run directory defaults to
+/// `target/zk0-demo/run-<unix time>`.
 pub fn demo(args: &[String]) -> Result<()> {
     ensure_system(&[("ffmpeg", "ffmpeg"), ("ffprobe", "ffmpeg")])?;
     let env = setup::run(&SetupArgs::default())?;
-    run(cargo(&env).args(["build", "--release", "--workspace", "--bins"]))?;
-    let demo = root().join("target/release/zk0-demo");
-    if !demo.is_file() {
-        bail!(
-            "the demo is not there yet: it needs `zk0-train train` (SmolVLA worker, issue 6) and \
-             the round/checkpoint/plot outputs (issue 5); see README.md 'Status'"
-        );
-    }
+    run(cargo(&env).args([
+        "build",
+        "-p",
+        "aggregator",
+        "-p",
+        "edge-agent",
+        "-p",
+        "trainer",
+        "-p",
+        "zk0-e2e",
+        "--bins",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root().join(t) })
+        .unwrap_or_else(|| root().join("target"));
+    let demo = target
+        .join("debug")
+        .join(format!("zk0-demo{}", std::env::consts::EXE_SUFFIX));
     let mut cmd = Command::new(demo);
     env.apply(&mut cmd);
+    if !args
+        .iter()
+        .any(|a| a == "--dir" || a.starts_with("--dir=") || a == "-h" || a == "--help")
+    {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        cmd.arg("--dir")
+            .arg(target.join("zk0-demo").join(format!("run-{secs}")));
+    }
     run(cmd.args(args))
 }
 
 /// Benchmarks: name → (package, bench target). Each prints its figures and the ratio to a
 /// baseline measured in the same run.
 const BENCHES: &[(&str, &str, &str, &str)] = &[
-    ("federation", "shared-proto", "federation", "codec MB/s and ratios, aggregation vs memcpy"),
-    ("dataset", "lerobot-dataset", "dataset", "frames/s, ours vs LeRobot"),
-    ("train", "trainer", "train", "training steps/s and RSS, zk0-train vs LeRobot"),
+    (
+        "federation",
+        "shared-proto",
+        "federation",
+        "codec MB/s and ratios, aggregation vs memcpy",
+    ),
+    (
+        "dataset",
+        "lerobot-dataset",
+        "dataset",
+        "frames/s, ours vs LeRobot",
+    ),
+    (
+        "train",
+        "trainer",
+        "train",
+        "training steps/s and RSS, zk0-train vs LeRobot",
+    ),
 ];
 
 pub fn bench(name: &str, args: &[String]) -> Result<()> {
@@ -177,9 +270,15 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
         }
         bail!("no benchmark named {name:?}");
     };
-    let bench_file = root().join(pkg).join("benches").join(format!("{target}.rs"));
+    let bench_file = root()
+        .join(pkg)
+        .join("benches")
+        .join(format!("{target}.rs"));
     if !bench_file.is_file() {
-        bail!("benchmark {name:?} is not there yet ({} missing)", bench_file.display());
+        bail!(
+            "benchmark {name:?} is not there yet ({} missing)",
+            bench_file.display()
+        );
     }
     let env = setup::run(&SetupArgs::default())?;
     run(cargo(&env)
@@ -191,7 +290,10 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
     if !root().join("fuzz/Cargo.toml").is_file() {
         bail!("no fuzz/ directory");
     }
-    let have_fuzz = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !have_fuzz {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
@@ -199,5 +301,11 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root())
         .env("RUSTC_BOOTSTRAP", "1")
-        .args(["fuzz", "run", target, "--", &format!("-max_total_time={seconds}")]))
+        .args([
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={seconds}"),
+        ]))
 }

@@ -7,6 +7,7 @@
 //! username = ""                          # broker credentials, if the broker wants them
 //! password = ""
 //! insecure = false                       # allow connecting without credentials
+//! ca_file = "/etc/zk0/ca.pem"            # CA for mqtts:// brokers (zk0-aggregator certs init)
 //! key_file = "/var/lib/zk0-agent/agent.key"        # from `zk0-agent keys init`
 //! aggregator_key = "/etc/zk0/aggregator.pub"       # pinned aggregator public key
 //! dataset = "/var/lib/zk0-agent/dataset"
@@ -16,6 +17,11 @@
 //! codec = "int8"                         # must be among the round's accepted codecs
 //! zstd_level = 3
 //! worker = ["zk0-train", "train"]        # the training worker command
+//! worker_args = ["--threads", "2"]       # extra worker arguments, after the command
+//! worker_output = "params"               # "params": the worker writes trained tensors (zk0-train;
+//!                                        # the agent computes trained − global); "delta": a delta
+//! model_dir = "/var/lib/zk0-agent/smolvla_base"   # base LeRobot checkpoint (--model)
+//! tokenizer = ""                         # tokenizer.json (--tokenizer; default: the model's)
 //! max_packet_bytes = 4194304
 //! fetch_window = 8                       # model chunks requested at once
 //! ```
@@ -24,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+use super::worker::WorkerOutput;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,6 +42,8 @@ pub struct AgentConfig {
     pub username: String,
     pub password: String,
     pub insecure: bool,
+    /// CA certificate (PEM) trusted for `mqtts://` brokers.
+    pub ca_file: PathBuf,
     pub key_file: PathBuf,
     pub aggregator_key: PathBuf,
     pub dataset: PathBuf,
@@ -43,6 +53,14 @@ pub struct AgentConfig {
     pub codec: String,
     pub zstd_level: i32,
     pub worker: Vec<String>,
+    /// Extra arguments passed to the worker after `worker`.
+    pub worker_args: Vec<String>,
+    /// What the worker writes: trained tensors (`params`, zk0-train) or a `delta`.
+    pub worker_output: WorkerOutput,
+    /// Base LeRobot checkpoint directory given to the worker as `--model` (empty: none).
+    pub model_dir: PathBuf,
+    /// Tokenizer file given to the worker as `--tokenizer` (empty: none).
+    pub tokenizer: PathBuf,
     pub max_packet_bytes: usize,
     pub fetch_window: u32,
 }
@@ -56,6 +74,7 @@ impl Default for AgentConfig {
             username: String::new(),
             password: String::new(),
             insecure: false,
+            ca_file: PathBuf::new(),
             key_file: PathBuf::from("agent.key"),
             aggregator_key: PathBuf::from("aggregator.pub"),
             dataset: PathBuf::from("dataset"),
@@ -65,6 +84,10 @@ impl Default for AgentConfig {
             codec: "int8".into(),
             zstd_level: 3,
             worker: vec!["zk0-train".into(), "train".into()],
+            worker_args: Vec::new(),
+            worker_output: WorkerOutput::Params,
+            model_dir: PathBuf::new(),
+            tokenizer: PathBuf::new(),
             max_packet_bytes: 4 << 20,
             fetch_window: 8,
         }
@@ -94,6 +117,10 @@ impl AgentConfig {
             self.client_id
         );
         anyhow::ensure!(!self.worker.is_empty(), "worker command is empty");
+        anyhow::ensure!(
+            !self.broker.starts_with("mqtts://") || !self.ca_file.as_os_str().is_empty(),
+            "an mqtts:// broker needs ca_file"
+        );
         anyhow::ensure!(self.fetch_window > 0, "fetch_window must be positive");
         self.codec
             .parse::<shared_proto::codec::Codec>()
@@ -122,5 +149,13 @@ mod tests {
         c.codec = "nope".into();
         c.insecure = true;
         assert!(c.validate().is_err());
+        let c: AgentConfig = toml::from_str(
+            "client_id = \"r1\"\ninsecure = true\nworker_output = \"delta\"\nmodel_dir = \"m\"\nworker_args = [\"--threads\", \"1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.worker_output, WorkerOutput::Delta);
+        assert_eq!(c.model_dir, PathBuf::from("m"));
+        assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Params);
+        assert!(toml::from_str::<AgentConfig>("worker_output = \"weights\"\n").is_err());
     }
 }

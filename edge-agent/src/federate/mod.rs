@@ -6,11 +6,10 @@
 //! then a manifest; resend after a reconnect until acked or the deadline passes.
 //!
 //! Layout: [`config`] (TOML), [`fetch`] (model download state), [`worker`] (the trainer child
-//! process), [`notify`] (systemd), and the event loop in this file.
+//! process), `zk0_host::systemd` (READY, watchdog), and the event loop in this file.
 
 pub mod config;
 pub mod fetch;
-pub mod notify;
 pub mod worker;
 
 use std::collections::BTreeSet;
@@ -183,19 +182,51 @@ pub fn run(args: RunArgs) -> Result<()> {
     rt.block_on(daemon(cfg, args.max_rounds))
 }
 
-fn parse_url(url: &str) -> Result<(String, u16)> {
-    let rest = url
+/// `mqtt://host:port` or `mqtts://host:port` → (tls, host, port).
+fn parse_url(url: &str) -> Result<(bool, String, u16)> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .with_context(|| format!("broker URL {url:?} must start with mqtt://"))?
-        .trim_end_matches('/');
+    {
+        (false, r)
+    } else {
+        anyhow::bail!("broker URL {url:?} must start with mqtt:// or mqtts://");
+    };
+    let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((h, p)) => Ok((
+            tls,
             h.to_string(),
             p.parse().with_context(|| format!("bad port in {url:?}"))?,
         )),
-        None => Ok((rest.to_string(), 1883)),
+        None => Ok((tls, rest.to_string(), if tls { 8883 } else { 1883 })),
     }
+}
+
+/// An mqtts transport trusting only the CA certificates in `ca_pem` (ring provider).
+fn tls_transport(ca_pem: &std::path::Path) -> Result<rumqttc_ring::Transport> {
+    use rustls_ring::pki_types::pem::PemObject;
+    let pem = std::fs::read(ca_pem)
+        .with_context(|| format!("reading CA certificate {}", ca_pem.display()))?;
+    let mut roots = rustls_ring::RootCertStore::empty();
+    for cert in rustls_ring::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.with_context(|| format!("parsing {}", ca_pem.display()))?)?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "{} holds no certificate",
+        ca_pem.display()
+    );
+    let provider = Arc::new(rustls_ring::crypto::ring::default_provider());
+    let config = rustls_ring::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc_ring::Transport::tls_with_config(
+        rumqttc_ring::TlsConfiguration::Rustls(Arc::new(config)),
+    ))
 }
 
 async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
@@ -212,12 +243,15 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         )
     })?;
     let topics = Topics::new(&cfg.federation)?;
-    let (host, port) = parse_url(&cfg.broker)?;
+    let (tls, host, port) = parse_url(&cfg.broker)?;
     let mut opts = MqttOptions::new(format!("zk0-agent-{}", cfg.client_id), host, port);
     opts.set_keep_alive(Duration::from_secs(15));
     // rumqttc's default 10 KiB cap cannot carry a model chunk.
     opts.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
     opts.set_clean_session(true);
+    if tls {
+        opts.set_transport(tls_transport(&cfg.ca_file)?);
+    }
     if !cfg.username.is_empty() {
         opts.set_credentials(cfg.username.clone(), cfg.password.clone());
     }
@@ -266,9 +300,12 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         finished: BTreeSet::new(),
         rounds_done: 0,
     };
-    notify::ready();
+    zk0_host::systemd::ready();
     let mut watchdog =
-        tokio::time::interval(notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        tokio::time::interval(zk0_host::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    // systemd stops services with SIGTERM: say goodbye on the status topic as on Ctrl-C.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tracing::info!(client = %agent.cfg.client_id, broker = %agent.cfg.broker, "agent started");
     loop {
@@ -280,9 +317,13 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
                 }
             }
             _ = tick.tick() => agent.expire(),
-            _ = watchdog.tick() => notify::watchdog(),
+            _ = watchdog.tick() => zk0_host::systemd::watchdog(),
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted");
+                break;
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("terminated");
                 break;
             }
         }
@@ -580,14 +621,20 @@ impl Agent {
         }
         let round = ann.round;
         self.busy = Some(round);
+        let nonempty = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
         let job = TrainJob {
             command: self.cfg.worker.clone(),
+            extra_args: self.cfg.worker_args.clone(),
+            model: nonempty(&self.cfg.model_dir),
+            tokenizer: nonempty(&self.cfg.tokenizer),
             global,
             dataset: self.cfg.dataset.clone(),
             steps: ann.hyper.local_steps,
             lr: ann.hyper.lr_for(&self.cfg.client_id),
             mu: ann.hyper.mu,
             batch: ann.hyper.batch_size,
+            seed: worker::seed_for(&self.cfg.client_id, round),
+            output: self.cfg.worker_output,
             out_dir: self.cfg.work_dir.join(format!("round-{round}")),
         };
         tracing::info!(round, steps = job.steps, "training started");
@@ -708,9 +755,7 @@ fn encode_update(
     ann: &RoundAnnouncement,
     out: TrainOutput,
 ) -> Result<Outbound> {
-    let bytes = std::fs::read(&out.delta_path)
-        .with_context(|| format!("reading {}", out.delta_path.display()))?;
-    let (delta, _) = shared_proto::tensor::read_safetensors(&bytes).context("worker delta")?;
+    let delta = out.delta().context("the worker's result")?;
     let codec: Codec = cfg
         .codec
         .parse()

@@ -1,8 +1,11 @@
-//! `zk0-fake-worker`: a TEST-ONLY stand-in for `zk0-train train`, until the real worker exists.
+//! `zk0-fake-worker`: a TEST-ONLY stand-in for `zk0-train train` (fast, no libtorch), for the
+//! protocol and fault tests; `federation_smolvla` runs the real worker.
 //!
-//! It honours the worker contract of `zk0-agent` (`train --global <model.safetensors> --dataset
-//! <dir> --steps N --lr X --mu M --batch B --out-delta <file> --out-metrics <file>`, JSON-lines
-//! progress on stdout) but trains nothing: the delta is a deterministic pseudo-random function
+//! It honours the worker contract of `zk0-agent` (`train [--model <dir>] [--tokenizer <file>]
+//! --global <model.safetensors> --dataset <dir> --steps N --batch-size B --lr X --mu M --seed S
+//! (--out-params | --out-delta) <file> --out-metrics <file>`, JSON-lines progress on stdout;
+//! `--out-params` gets global + delta, as zk0-train writes trained tensors) but trains
+//! nothing: the delta is a deterministic pseudo-random function
 //! of the dataset directory's name and the global model's bytes, scaled by `lr`, so an
 //! end-to-end test can recompute what every client sent. The example count is read from
 //! `<dataset>/examples.txt` (default 100). Setting `ZK0_FAKE_WORKER_SLEEP_MS` slows each step,
@@ -21,6 +24,7 @@ struct Args {
     steps: u64,
     lr: f64,
     out_delta: PathBuf,
+    out_params: PathBuf,
     out_metrics: PathBuf,
 }
 
@@ -38,8 +42,10 @@ fn parse() -> Result<Args> {
             "--dataset" => a.dataset = v.into(),
             "--steps" => a.steps = v.parse()?,
             "--lr" => a.lr = v.parse()?,
-            "--mu" | "--batch" => {}
+            "--mu" | "--batch" | "--batch-size" | "--seed" | "--model" | "--tokenizer"
+            | "--threads" => {}
             "--out-delta" => a.out_delta = v.into(),
+            "--out-params" => a.out_params = v.into(),
             "--out-metrics" => a.out_metrics = v.into(),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -104,7 +110,22 @@ fn main() -> Result<()> {
             },
         );
     }
-    std::fs::write(&a.out_delta, write_safetensors(&delta, &BTreeMap::new()))?;
+    if !a.out_delta.as_os_str().is_empty() {
+        std::fs::write(&a.out_delta, write_safetensors(&delta, &BTreeMap::new()))?;
+    }
+    if !a.out_params.as_os_str().is_empty() {
+        let mut trained = global.clone();
+        for (k, t) in trained.iter_mut() {
+            for (x, d) in t.data.iter_mut().zip(&delta[k].data) {
+                *x += d;
+            }
+        }
+        std::fs::write(&a.out_params, write_safetensors(&trained, &BTreeMap::new()))?;
+    }
+    anyhow::ensure!(
+        !a.out_delta.as_os_str().is_empty() || !a.out_params.as_os_str().is_empty(),
+        "--out-params or --out-delta is required"
+    );
     let examples: u64 = std::fs::read_to_string(a.dataset.join("examples.txt"))
         .ok()
         .and_then(|s| s.trim().parse().ok())

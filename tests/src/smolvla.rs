@@ -1,0 +1,168 @@
+//! The real SmolVLA worker in a federation: finding a runnable `zk0-train`, the vendored tiny
+//! LeRobot SmolVLA checkpoint, its trainable tensors (the global model the aggregator starts
+//! from), and small SO-100-like datasets made by `zk0-agent dataset synth`. Shared by the
+//! `federation_smolvla` test and the `zk0-demo` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use shared_proto::tensor::{read_safetensors, TensorSet};
+
+use crate::run_ok;
+
+/// Video encoder of the synthetic datasets: libsvtav1 (LeRobot's default) refuses frames under
+/// 64 pixels high, and the tiny model's camera is 48 high.
+pub const SYNTH_VCODEC: &str = "libx264";
+
+/// `tests/fixtures/smolvla-tiny`: a LeRobot SmolVLA checkpoint (config.json, model.safetensors,
+/// vlm_config.json) made by LeRobot itself.
+pub fn tiny_model_dir() -> PathBuf {
+    crate::workspace_root().join("tests/fixtures/smolvla-tiny")
+}
+
+/// The tokenizer that goes with the tiny model (a small byte-level BPE).
+pub fn tiny_tokenizer() -> PathBuf {
+    tiny_model_dir().join("pipeline/tokenizer.json")
+}
+
+/// Why `zk0-train` at `path` cannot run here, or `Ok` when `zk0-train --version` works.
+pub fn check_runnable(path: &Path) -> std::result::Result<(), String> {
+    if !path.is_file() {
+        return Err(format!("{} is not built", path.display()));
+    }
+    match Command::new(path).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{} --version failed ({}): {} (is libtorch on LD_LIBRARY_PATH? eval \"$(cargo xtask env)\")",
+            path.display(),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot start {}: {e}", path.display())),
+    }
+}
+
+/// The debug-profile `zk0-train`, built first (`cargo build -p trainer --bin zk0-train`) when
+/// `LIBTORCH` is set and `ZK0_E2E_NO_BUILD` is not; `Err(reason)` when it cannot run here.
+/// A failed build falls back to an existing binary (others may be mid-edit in trainer/).
+pub fn zk0_train() -> std::result::Result<PathBuf, String> {
+    let path = crate::bin("zk0-train");
+    if std::env::var_os("LIBTORCH").is_some() && std::env::var_os("ZK0_E2E_NO_BUILD").is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(crate::workspace_root())
+            .args(["build", "-p", "trainer", "--bin", "zk0-train"])
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            eprintln!("warning: building zk0-train failed; using the binary already built, if any");
+        }
+    }
+    check_runnable(&path).map(|()| path)
+}
+
+/// Trainable tensors of the tiny fixture: `model.safetensors` restricted to the names LeRobot
+/// reported as trainable (`fixture.json` → `trainable_parameters`).
+pub fn tiny_trainable() -> Result<TensorSet> {
+    let dir = tiny_model_dir();
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("fixture.json"))?)?;
+    let names: Vec<&str> = meta["trainable_parameters"]
+        .as_array()
+        .context("fixture.json lacks trainable_parameters")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let (all, _) = read_safetensors(&std::fs::read(dir.join("model.safetensors"))?)?;
+    names
+        .iter()
+        .map(|n| {
+            all.get(*n)
+                .cloned()
+                .map(|t| (n.to_string(), t))
+                .with_context(|| format!("model.safetensors lacks {n}"))
+        })
+        .collect()
+}
+
+/// Trainable tensors of any LeRobot SmolVLA checkpoint, as `zk0-train` sees them: a zero-step
+/// `zk0-train train` writes exactly the trainable tensors, untouched. Needs a dataset the
+/// model can read (cameras, state and action names).
+pub fn extract_trainable(
+    zk0_train: &Path,
+    model: &Path,
+    tokenizer: Option<&Path>,
+    dataset: &Path,
+    out: &Path,
+) -> Result<TensorSet> {
+    let metrics = out.with_extension("metrics.json");
+    let mut cmd = Command::new(zk0_train);
+    cmd.args(["--threads", "1", "train", "--model"])
+        .arg(model)
+        .arg("--dataset")
+        .arg(dataset)
+        .args(["--steps", "0", "--batch-size", "1", "--out-params"])
+        .arg(out)
+        .arg("--out-metrics")
+        .arg(&metrics);
+    if let Some(t) = tokenizer {
+        cmd.arg("--tokenizer").arg(t);
+    }
+    run_ok(&mut cmd)?;
+    let _ = std::fs::remove_file(&metrics);
+    Ok(read_safetensors(&std::fs::read(out)?)?.0)
+}
+
+/// The cameras a LeRobot checkpoint expects, as `zk0-agent dataset synth --camera` values
+/// (`NAME:WIDTHxHEIGHT`), from the `VISUAL` entries of its config.json `input_features`
+/// (`observation.images.<NAME>`, shape `[3, H, W]`). For the tiny model: `front:64x48`.
+pub fn cameras_of(model: &Path) -> Result<Vec<String>> {
+    let path = model.join("config.json");
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    let feats = cfg["input_features"]
+        .as_object()
+        .with_context(|| format!("{} has no input_features", path.display()))?;
+    let mut cams = Vec::new();
+    for (key, f) in feats {
+        if f["type"] != "VISUAL" {
+            continue;
+        }
+        let name = key
+            .strip_prefix("observation.images.")
+            .with_context(|| format!("camera feature {key} is not observation.images.*"))?;
+        let shape: Vec<u64> = f["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        anyhow::ensure!(shape.len() == 3, "{key}: shape {shape:?} is not [3, H, W]");
+        cams.push(format!("{name}:{}x{}", shape[2], shape[1]));
+    }
+    anyhow::ensure!(!cams.is_empty(), "{} declares no camera", path.display());
+    Ok(cams)
+}
+
+/// Writes a synthetic SO-100-like LeRobot v3.0 dataset with `zk0-agent dataset synth`
+/// (`dir` is made absolute: the dataset writer needs absolute paths).
+pub fn synth_dataset(
+    zk0_agent: &Path,
+    dir: &Path,
+    cameras: &[String],
+    seed: u64,
+    episodes: usize,
+    frames: usize,
+) -> Result<PathBuf> {
+    let dir = std::path::absolute(dir)?;
+    let mut cmd = Command::new(zk0_agent);
+    cmd.args(["dataset", "synth"])
+        .arg(&dir)
+        .args(["--episodes", &episodes.to_string()])
+        .args(["--frames", &frames.to_string()])
+        .args(["--vcodec", SYNTH_VCODEC])
+        .args(["--seed", &seed.to_string()]);
+    for c in cameras {
+        cmd.args(["--camera", c]);
+    }
+    run_ok(&mut cmd).with_context(|| format!("generating {}", dir.display()))?;
+    Ok(dir)
+}
