@@ -81,9 +81,10 @@ fn check_config(explicit: Option<&Path>) -> ConfigCheck {
             error: None,
         };
     };
-    let parsed = std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| t.parse::<toml::Table>().map_err(|e| e.to_string()));
+    // The daemon's own loader and checks, so "valid" means `zk0-agent run` accepts it.
+    let parsed = crate::federate::config::AgentConfig::load(Some(path))
+        .and_then(|c| c.validate())
+        .map_err(|e| format!("{e:#}"));
     ConfigCheck {
         path: Some(path.display().to_string()),
         found: true,
@@ -259,7 +260,7 @@ fn build_report(args: &Args) -> Report {
         config.valid,
         !config.found,
         match (&config.path, config.found, &config.error) {
-            (Some(p), true, None) => format!("{p} (valid TOML)"),
+            (Some(p), true, None) => format!("{p} (valid)"),
             (Some(p), true, Some(e)) => format!("{p}: {e}"),
             _ => "no agent.toml found".into(),
         },

@@ -350,3 +350,39 @@ fn repo_id_from_offline_cache() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HF_HUB_OFFLINE"));
 }
+
+/// A relative output path works (ffmpeg's concat list once doubled it).
+#[test]
+fn synth_into_a_relative_path_then_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zk0-agent"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "dataset",
+        "synth",
+        "ds",
+        "--episodes",
+        "2",
+        "--frames",
+        "10",
+        "--camera",
+        "front:64x64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["dataset", "verify", "ds"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 episodes, 20 frames"));
+}

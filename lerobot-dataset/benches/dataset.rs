@@ -65,6 +65,14 @@ fn main() -> Res<()> {
         std::env::temp_dir().join(format!("zk0-bench-dataset-{episodes}x{frames}-{w}x{h}")),
     );
     if LeRobotDataset::open(&dir).map_or(true, |d| d.len() != episodes * frames) {
+        // Only ever delete our own scratch directory; a --dir holding something else is an error.
+        if dir.exists() && args.iter().any(|a| a == "--dir") {
+            return Err(format!(
+                "{} exists but is not a {episodes}x{frames} bench dataset; pass an empty or new --dir",
+                dir.display()
+            )
+            .into());
+        }
         let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
         generate(

@@ -1,5 +1,6 @@
 //! Reader throughput on a generated dataset: sequential (one decoder pass per episode) and
-//! random access (one ffmpeg seek per frame).
+//! random access (through the reader's block cache). `cargo xtask bench dataset` is the fuller
+//! benchmark, against LeRobot.
 //!
 //! `cargo run --release -p lerobot-dataset --example read_bench -- [DIR] [EPISODES] [FRAMES] [WxH]`
 //! generates DIR (default: a temporary directory) if it holds no dataset yet.

@@ -24,6 +24,9 @@ const MAX_CACHED_FILES: usize = 8;
 /// each) and kept in [`FrameCache`]; with LeRobot's g=2 the seek to a block start is cheap.
 const VIDEO_BLOCK_FRAMES: usize = 32;
 
+/// Long-lived decoders kept open (each an idle `ffmpeg` blocked on its pipe).
+const MAX_LIVE_STREAMS: usize = 4;
+
 /// Default bound of the decoded-frame cache; `ZK0_DATASET_FRAME_CACHE_MB` overrides it.
 const DEFAULT_FRAME_CACHE_BYTES: usize = 1 << 30;
 
@@ -153,6 +156,8 @@ pub struct LeRobotDataset {
     stats: Option<serde_json::Value>,
     cache: Mutex<HashMap<PathBuf, Arc<RecordBatch>>>,
     frames: Mutex<FrameCache>,
+    /// `(camera, episode)` → a decoder positioned at the start of block `.1`; `.2` last use.
+    streams: Mutex<HashMap<(String, usize), (video::FrameStream, usize, u64)>>,
 }
 
 impl LeRobotDataset {
@@ -194,6 +199,7 @@ impl LeRobotDataset {
                     .and_then(|v| v.parse::<usize>().ok())
                     .map_or(DEFAULT_FRAME_CACHE_BYTES, |mb| mb << 20),
             )),
+            streams: Mutex::new(HashMap::new()),
         };
         ds.check_metadata()?;
         Ok(ds)
@@ -553,8 +559,35 @@ impl LeRobotDataset {
             None => {
                 let start = block * VIDEO_BLOCK_FRAMES;
                 let count = VIDEO_BLOCK_FRAMES.min(ep.length - start);
-                let t0 = self.get_values(ep.dataset_from_index + start)?.timestamp;
-                let b = Arc::new(self.decode_video(ep, key, f64::from(t0), count)?);
+                let sk = (key.to_string(), ep.episode_index);
+                // A live decoder that stopped right before this block continues (sequential
+                // access: one ffmpeg run per episode); otherwise start one here that runs to the
+                // episode's end, kept for the blocks after this one.
+                let live = self
+                    .streams
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.remove(&sk))
+                    .filter(|(_, next, _)| *next == block);
+                let mut stream = match live {
+                    Some((s, _, _)) => s,
+                    None => self.open_stream(ep, key, start)?,
+                };
+                let b = Arc::new(stream.read(count)?);
+                if stream.remaining() > 0 {
+                    if let Ok(mut m) = self.streams.lock() {
+                        let used = m.values().map(|v| v.2).max().unwrap_or(0) + 1;
+                        m.insert(sk, (stream, block + 1, used));
+                        while m.len() > MAX_LIVE_STREAMS {
+                            let Some(oldest) =
+                                m.iter().min_by_key(|(_, v)| v.2).map(|(k, _)| k.clone())
+                            else {
+                                break;
+                            };
+                            m.remove(&oldest);
+                        }
+                    }
+                }
                 if let Ok(mut c) = self.frames.lock() {
                     c.insert(ck, b.clone());
                 }
@@ -565,6 +598,36 @@ impl LeRobotDataset {
             .get(fi % VIDEO_BLOCK_FRAMES)
             .cloned()
             .ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
+    }
+
+    /// A decoder over camera `key` of `ep` from episode frame `start` to the episode's end.
+    fn open_stream(&self, ep: &Episode, key: &str, start: usize) -> Result<video::FrameStream> {
+        let f = self
+            .info
+            .features
+            .get(key)
+            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
+        let (h, w) = f.hw().ok_or_else(|| {
+            inconsistent(
+                self.root.join("meta/info.json"),
+                format!("camera {key:?} shape is not [H, W, C]"),
+            )
+        })?;
+        let span = ep.videos.get(key).ok_or_else(|| DatasetError::Episode {
+            path: self.root.join("meta/episodes"),
+            episode: ep.episode_index,
+            message: format!("no video location for camera {key:?}"),
+        })?;
+        let t0 = self.get_values(ep.dataset_from_index + start)?.timestamp;
+        video::FrameStream::open(
+            &self.root.join(&span.path),
+            span.from_timestamp + f64::from(t0),
+            f64::from(self.info.fps),
+            ep.length - start,
+            w,
+            h,
+            ep.episode_index,
+        )
     }
 
     /// `count` consecutive frames of video camera `key` from episode time `t` on.

@@ -9,6 +9,10 @@
 //! input `-ss` to half a frame before the query makes ffmpeg (accurate seek: it starts at the
 //! previous keyframe and drops earlier frames) emit exactly that nearest frame first. Reading `n`
 //! frames from there gives a whole episode in one process (the sequential path).
+//!
+//! Process start-up (~80 ms for AV1) dominates a one-frame decode, so the reader does not decode
+//! per frame: [`FrameStream`] keeps one `ffmpeg` per (camera, episode) open and reads frames from
+//! it block by block, and decoded blocks are cached (see `reader`).
 
 use std::io::Read;
 use std::path::Path;
@@ -101,6 +105,132 @@ pub fn decode_frames(
                 .expect("chunk has exactly one frame")
         })
         .collect())
+}
+
+/// A long-lived decoder: one `ffmpeg` run from the frame nearest to `time_s` over `count`
+/// consecutive frames, read on demand. The reader keeps one per (camera, episode) so that
+/// sequential access costs one process per episode, not one per block.
+#[derive(Debug)]
+pub struct FrameStream {
+    child: std::process::Child,
+    stdout: std::process::ChildStdout,
+    path: std::path::PathBuf,
+    time_s: f64,
+    episode: usize,
+    width: usize,
+    height: usize,
+    remaining: usize,
+}
+
+impl FrameStream {
+    /// Starts decoding (same frame selection as [`decode_frames`]).
+    pub fn open(
+        path: &Path,
+        time_s: f64,
+        fps: f64,
+        count: usize,
+        width: usize,
+        height: usize,
+        episode: usize,
+    ) -> Result<Self> {
+        if !path.exists() {
+            return Err(DatasetError::Video {
+                path: path.to_path_buf(),
+                episode,
+                timestamp: time_s,
+                message: "video file is missing".into(),
+            });
+        }
+        let start = (time_s - 0.5 / fps).max(0.0);
+        let mut child = Command::new("ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-v", "error", "-ss"])
+            .arg(format!("{start:.6}"))
+            .arg("-i")
+            .arg(path)
+            .args(["-map", "0:v:0", "-frames:v"])
+            .arg(count.to_string())
+            .args([
+                "-fps_mode",
+                "passthrough",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "pipe:1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| DatasetError::Tool {
+                program: "ffmpeg",
+                source,
+            })?;
+        let stdout = child.stdout.take().ok_or_else(|| DatasetError::Video {
+            path: path.to_path_buf(),
+            episode,
+            timestamp: time_s,
+            message: "no stdout pipe".into(),
+        })?;
+        Ok(FrameStream {
+            child,
+            stdout,
+            path: path.to_path_buf(),
+            time_s,
+            episode,
+            width,
+            height,
+            remaining: count,
+        })
+    }
+
+    /// Frames not read yet.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Reads the next `n` frames (at most [`Self::remaining`]).
+    pub fn read(&mut self, n: usize) -> Result<Vec<RgbImage>> {
+        let n = n.min(self.remaining);
+        let frame_bytes = self.width * self.height * 3;
+        let mut out = Vec::with_capacity(n);
+        for k in 0..n {
+            let mut buf = vec![0u8; frame_bytes];
+            if let Err(e) = self.stdout.read_exact(&mut buf) {
+                let _ = self.child.kill();
+                let mut err = String::new();
+                if let Some(mut s) = self.child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                let _ = self.child.wait();
+                self.remaining = 0;
+                return Err(DatasetError::Video {
+                    path: self.path.clone(),
+                    episode: self.episode,
+                    timestamp: self.time_s,
+                    message: format!(
+                        "decoder stopped after {k} of {n} requested frame(s) of {}x{} ({e}); the video is shorter than the metadata says or its size differs{}",
+                        self.width,
+                        self.height,
+                        if err.trim().is_empty() { String::new() } else { format!(": {}", err.trim()) }
+                    ),
+                });
+            }
+            out.push(
+                RgbImage::from_raw(self.width as u32, self.height as u32, buf)
+                    .expect("buffer has exactly one frame"),
+            );
+        }
+        self.remaining -= n;
+        Ok(out)
+    }
+}
+
+impl Drop for FrameStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// What `ffprobe` says about the first video stream of a file.
@@ -326,9 +456,12 @@ pub fn concat_files(inputs: &[&Path], out: &Path) -> Result<()> {
     let list: String = inputs
         .iter()
         .map(|p| {
+            // ffmpeg resolves relative entries against the list file's own directory, so
+            // a relative dataset root would be doubled: always list absolute paths.
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
             format!(
                 "file '{}'\n",
-                p.display().to_string().replace('\'', "'\\''")
+                abs.display().to_string().replace('\'', "'\\''")
             )
         })
         .collect();

@@ -54,9 +54,8 @@ fn full_size_matches_the_lerobot_manifest() {
     assert_eq!(trainable, m["trainable_parameters"].as_i64().unwrap());
 }
 
-/// One training step of the full-size model on CPU (slow: run with `--ignored`).
+/// One training step of the full-size model on CPU (~25 s on 2 cores).
 #[test]
-#[ignore]
 fn full_size_training_step_runs_on_cpu() {
     use smolvla::optim::{clip_grad_norm, AdamW, AdamWConfig};
     use smolvla::{Batch, Trace};

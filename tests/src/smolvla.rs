@@ -65,7 +65,8 @@ pub fn zk0_train() -> std::result::Result<PathBuf, String> {
 /// reported as trainable (`fixture.json` → `trainable_parameters`).
 pub fn tiny_trainable() -> Result<TensorSet> {
     let dir = tiny_model_dir();
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("fixture.json"))?)?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("fixture.json"))?)?;
     let names: Vec<&str> = meta["trainable_parameters"]
         .as_array()
         .context("fixture.json lacks trainable_parameters")?

@@ -187,7 +187,7 @@ fn sysusers_puts_the_agent_in_dialout_and_video() {
 fn doctor_json_reports_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    std::fs::write(&config, "client_id = \"robot-1\"\n").unwrap();
+    std::fs::write(&config, "client_id = \"robot-1\"\ninsecure = true\n").unwrap();
     let out = Command::new(bin("zk0-agent"))
         .args(["doctor", "--json", "--config"])
         .arg(&config)
@@ -252,4 +252,33 @@ fn doctor_json_reports_the_host() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["config"]["valid"], false);
     assert!(v["config"]["error"].as_str().is_some());
+}
+
+/// The shipped example configs are accepted by the daemons' own loaders and checks.
+#[test]
+fn example_configs_are_valid() {
+    let agent = repo().join("systemd/agent.example.toml");
+    let out = Command::new(bin("zk0-agent"))
+        .args(["doctor", "--json", "--config"])
+        .arg(&agent)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["config"]["valid"], true, "{}", v["config"]);
+
+    let agg = repo().join("systemd/aggregator.example.toml");
+    let out = Command::new(bin("zk0-aggregator"))
+        .arg("--config")
+        .arg(&agg)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "config")
+        .unwrap();
+    assert_eq!(config["status"], "ok", "{config}");
 }

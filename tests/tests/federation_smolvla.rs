@@ -68,13 +68,8 @@ fn three_rounds_of_real_smolvla_training() -> Result<()> {
         "zk0-train's trainable tensors differ from fixture.json's trainable_parameters"
     );
 
-    let mut fed = Federation::setup_with_model(
-        tmp.path(),
-        BrokerKind::Embedded,
-        &train,
-        &CLIENTS,
-        &initial,
-    )?;
+    let mut fed =
+        Federation::setup_with_model(tmp.path(), BrokerKind::Embedded, &train, &CLIENTS, &initial)?;
     fed.chunk_size = 256 << 10;
     fed.aggregator_toml =
         "[rounds]\nlocal_steps = 3\nbatch_size = 4\nlr = 1e-3\nmu = 0.01\n".to_string();
@@ -118,7 +113,10 @@ fn three_rounds_of_real_smolvla_training() -> Result<()> {
                 h["round"],
                 h["accepted"]
             );
-            anyhow::ensure!(h["model_id"] != h["base_model_id"], "the model did not move");
+            anyhow::ensure!(
+                h["model_id"] != h["base_model_id"],
+                "the model did not move"
+            );
             let loss = h["metrics"]["loss"].as_f64().context("round loss")?;
             anyhow::ensure!(loss.is_finite() && loss > 0.0, "round loss {loss}");
         }

@@ -1,7 +1,7 @@
 //! `cargo xtask cross`: build the daemons for aarch64 robot hosts (Jetson, JetPack 6 =
 //! Ubuntu 22.04, glibc 2.35) and smoke-test them under qemu-user.
 
-use crate::tasks::{ensure_rustup, ensure_system, root, run};
+use crate::tasks::{ensure_rustup, ensure_system, root, run, NO_LIBTORCH_PACKAGES};
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
@@ -29,23 +29,18 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     build
         .current_dir(root())
-        .args([
-            "build",
-            "--target",
-            TARGET,
-            "-p",
-            "edge-agent",
-            "-p",
-            "aggregator",
-        ])
+        .args(["build", "--target", TARGET])
+        .args(NO_LIBTORCH_PACKAGES.iter().flat_map(|p| ["-p", p]))
         .env(
             "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
             "aarch64-linux-gnu-gcc",
         )
         .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
         .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar")
-        // Proof by construction: no libtorch anywhere near this build.
-        .env_remove("LIBTORCH");
+        // No libtorch exists for this target here: the build itself proves these packages
+        // need none.
+        .env_remove("LIBTORCH")
+        .env_remove("LIBTORCH_USE_PYTORCH");
     if args.release {
         build.arg("--release");
     }

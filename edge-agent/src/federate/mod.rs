@@ -301,8 +301,9 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         rounds_done: 0,
     };
     zk0_host::systemd::ready();
-    let mut watchdog =
-        tokio::time::interval(zk0_host::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    let mut watchdog = tokio::time::interval(
+        zk0_host::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+    );
     // systemd stops services with SIGTERM: say goodbye on the status topic as on Ctrl-C.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

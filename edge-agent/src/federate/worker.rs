@@ -93,7 +93,10 @@ impl TrainOutput {
         let mut delta = TensorSet::new();
         for (name, g) in &global {
             let t = out.get(name).with_context(|| {
-                format!("the worker's output {} lacks {name}", self.out_path.display())
+                format!(
+                    "the worker's output {} lacks {name}",
+                    self.out_path.display()
+                )
             })?;
             anyhow::ensure!(
                 t.shape == g.shape,
@@ -266,7 +269,10 @@ mod tests {
         // The worker may write more tensors than the global model has: they are ignored.
         write(
             &o,
-            &set(&[("a", vec![2], vec![1.5, 1.0]), ("frozen", vec![1], vec![9.0])]),
+            &set(&[
+                ("a", vec![2], vec![1.5, 1.0]),
+                ("frozen", vec![1], vec![9.0]),
+            ]),
         );
         let mut out = TrainOutput {
             out_path: o.clone(),

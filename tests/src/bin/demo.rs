@@ -114,7 +114,12 @@ impl Demo {
 
     fn log(&self, msg: impl AsRef<str>) {
         let t = self.t0.elapsed().as_secs_f64();
-        eprintln!("[{:>4}:{:04.1}] {}", (t / 60.0) as u64, t % 60.0, msg.as_ref());
+        eprintln!(
+            "[{:>4}:{:04.1}] {}",
+            (t / 60.0) as u64,
+            t % 60.0,
+            msg.as_ref()
+        );
     }
 }
 
@@ -337,9 +342,9 @@ fn main() -> Result<()> {
             let key = format!("{round}/{phase}");
             if key != last_phase {
                 match phase.as_str() {
-                    "waiting" => {
-                        demo.log(format!("round {round}: waiting for 3 agents to come online"))
-                    }
+                    "waiting" => demo.log(format!(
+                        "round {round}: waiting for 3 agents to come online"
+                    )),
                     "collecting" => demo.log(format!(
                         "round {round}/{}: announced; agents download the model and train",
                         args.rounds
@@ -408,7 +413,10 @@ fn main() -> Result<()> {
 
     // 5. Held-out loss of every global model (same batches, noise and times for each).
     let model_file = |id: &str| state.join("models").join(format!("{id}.safetensors"));
-    let mut ids = vec![history[0]["base_model_id"].as_str().unwrap_or("").to_string()];
+    let mut ids = vec![history[0]["base_model_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()];
     ids.extend(
         history
             .iter()
@@ -426,7 +434,16 @@ fn main() -> Result<()> {
             .arg(model_file(id))
             .arg("--dataset")
             .arg(&heldout)
-            .args(["--steps", "4", "--batch-size", "8", "--lr", "0", "--mu", "0"])
+            .args([
+                "--steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0",
+                "--mu",
+                "0",
+            ])
             .args(["--seed", "1234", "--out-params"])
             .arg(eval_dir.join("scratch.safetensors"))
             .arg("--out-metrics")
@@ -511,7 +528,8 @@ fn main() -> Result<()> {
     );
     println!(
         "  client metrics        {}",
-        dir.join("agents/<client>/work/round-N/metrics.json").display()
+        dir.join("agents/<client>/work/round-N/metrics.json")
+            .display()
     );
     println!("  datasets              {}", dir.join("datasets").display());
     println!("  logs                  {}", dir.join("logs").display());
@@ -564,6 +582,8 @@ fn main() -> Result<()> {
     }
     println!();
     println!("(train losses: each client's mean flow-matching loss over its local steps, the mean");
-    println!(" weighted by examples; held-out: the global model after that round, round 0 = initial)");
+    println!(
+        " weighted by examples; held-out: the global model after that round, round 0 = initial)"
+    );
     Ok(())
 }
