@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde::Serialize;
-use zk0_host::{gib, Checklist};
+use zk0_host::Checklist;
 
 use crate::config::Config;
 
@@ -67,36 +67,8 @@ pub fn run(cfg: &Config, config_path: Option<&Path>, json: bool) -> Result<bool>
     let host = zk0_host::host();
     let memory = zk0_host::memory();
     let disk = zk0_host::disk_for(&cfg.state_dir);
-    checks.add(
-        "cpu",
-        true,
-        false,
-        format!("{} ({} cores, {})", host.cpu, host.cores, host.arch),
-    );
-    checks.add(
-        "memory",
-        memory.total_bytes >= 2 << 30,
-        true,
-        format!(
-            "{} total, {} available",
-            gib(memory.total_bytes),
-            gib(memory.available_bytes)
-        ),
-    );
-    match &disk {
-        Some(d) => checks.add(
-            "disk",
-            d.available_bytes >= 20 << 30,
-            true,
-            format!(
-                "{} free of {} at {}",
-                gib(d.available_bytes),
-                gib(d.total_bytes),
-                d.mount_point
-            ),
-        ),
-        None => checks.add("disk", false, true, "no filesystem found for the state dir"),
-    }
+    // 2 GiB of memory and 20 GiB of disk: a model, its accumulator and spooled updates.
+    checks.add_host_checks(&host, &memory, disk.as_ref(), 2 << 30, 20 << 30);
     let sd = writable(&cfg.state_dir);
     checks.add(
         "state dir",

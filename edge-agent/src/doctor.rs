@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use zk0_host::{gib, Checklist};
+use zk0_host::Checklist;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -152,42 +152,8 @@ fn build_report(args: &Args) -> Report {
     let config = check_config(args.config.as_deref());
 
     let mut checks = Checklist::default();
+    checks.add_host_checks(&host, &memory, disk.as_ref(), 4 << 30, 10 << 30);
     let mut check = |name, ok, warn_only, detail: String| checks.add(name, ok, warn_only, detail);
-    check(
-        "cpu",
-        true,
-        false,
-        format!("{} ({} cores, {})", host.cpu, host.cores, host.arch),
-    );
-    check(
-        "memory",
-        memory.total_bytes >= 4 << 30,
-        true,
-        format!(
-            "{} total, {} available",
-            gib(memory.total_bytes),
-            gib(memory.available_bytes)
-        ),
-    );
-    match &disk {
-        Some(d) => check(
-            "disk",
-            d.available_bytes >= 10 << 30,
-            true,
-            format!(
-                "{} free of {} at {}",
-                gib(d.available_bytes),
-                gib(d.total_bytes),
-                d.mount_point
-            ),
-        ),
-        None => check(
-            "disk",
-            false,
-            true,
-            "no filesystem found for the state dir".into(),
-        ),
-    }
     match &gpu {
         Some(g) => check("gpu", true, true, g.name.clone()),
         None => check("gpu", false, true, "none: training runs on the CPU".into()),

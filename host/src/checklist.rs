@@ -44,6 +44,48 @@ impl Checklist {
         });
     }
 
+    /// The checks every zk0 host shares: CPU, memory and the disk holding the state dir, with
+    /// the minimum memory and free disk (bytes) below which they warn.
+    pub fn add_host_checks(
+        &mut self,
+        host: &crate::Host,
+        memory: &crate::Memory,
+        disk: Option<&crate::Disk>,
+        min_memory: u64,
+        min_free_disk: u64,
+    ) {
+        self.add(
+            "cpu",
+            true,
+            false,
+            format!("{} ({} cores, {})", host.cpu, host.cores, host.arch),
+        );
+        self.add(
+            "memory",
+            memory.total_bytes >= min_memory,
+            true,
+            format!(
+                "{} total, {} available",
+                gib(memory.total_bytes),
+                gib(memory.available_bytes)
+            ),
+        );
+        match disk {
+            Some(d) => self.add(
+                "disk",
+                d.available_bytes >= min_free_disk,
+                true,
+                format!(
+                    "{} free of {} at {}",
+                    gib(d.available_bytes),
+                    gib(d.total_bytes),
+                    d.mount_point
+                ),
+            ),
+            None => self.add("disk", false, true, "no filesystem found for the state dir"),
+        }
+    }
+
     pub fn any_failed(&self) -> bool {
         self.0.iter().any(|c| c.status == Status::Fail)
     }
