@@ -15,6 +15,8 @@ pub struct EmbeddedBroker {
     pub listen: SocketAddr,
     /// Largest MQTT packet accepted from a client (chunks plus headers must fit).
     pub max_packet_bytes: usize,
+    /// Unread bytes kept per subscription before the oldest are dropped.
+    pub backlog_bytes: usize,
     /// username → password; `None` accepts anyone (insecure mode).
     pub users: Option<HashMap<String, String>>,
     /// (certificate chain, key) PEM paths: serve mqtts instead of plain MQTT.
@@ -22,6 +24,10 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
+    fn segment_size(&self) -> usize {
+        (self.max_packet_bytes * 4).max(16 << 20)
+    }
+
     fn config(&self) -> Config {
         let connections = ConnectionSettings {
             connection_timeout_ms: 60_000,
@@ -50,9 +56,10 @@ impl EmbeddedBroker {
         let router = RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
-            // A segment must hold at least one whole packet.
-            max_segment_size: (self.max_packet_bytes * 4).max(16 << 20),
-            max_segment_count: 4,
+            // A segment must hold at least one whole packet; the segment count sets the
+            // backlog a slow subscriber may have before rumqttd drops its oldest messages.
+            max_segment_size: self.segment_size(),
+            max_segment_count: self.backlog_bytes.div_ceil(self.segment_size()).max(2),
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

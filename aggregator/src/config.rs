@@ -10,6 +10,7 @@
 //! url = ""                         # empty: run the embedded broker; else mqtt://host:port
 //! listen = "0.0.0.0:1883"          # embedded broker listen address
 //! max_packet_bytes = 4194304       # both broker and client limits; must exceed chunk_size
+//! backlog_bytes = 268435456        # embedded broker: unread messages kept per subscription
 //! username = ""                    # the aggregator's own login on an external broker
 //! password = ""
 //! tls_cert = ""                    # embedded broker: serve mqtts with this cert (PEM) …
@@ -56,6 +57,10 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub rounds: RoundsConfig,
     pub metrics: MetricsConfig,
+    pub schedule: crate::schedule::ScheduleConfig,
+    pub datasets: crate::datasets::DatasetsConfig,
+    /// `[outputs]`: server evaluation, plots, checkpoints (see the `outputs` module).
+    pub outputs: crate::outputs::OutputsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +69,10 @@ pub struct BrokerConfig {
     pub url: String,
     pub listen: String,
     pub max_packet_bytes: usize,
+    /// Embedded broker: bytes of published-but-unread messages kept per subscription. Past
+    /// it the oldest are dropped (the aggregator then asks clients for lost chunks), so it
+    /// bounds the broker's memory when uploads arrive faster than they are spooled.
+    pub backlog_bytes: usize,
     pub username: String,
     pub password: String,
     pub users: BTreeMap<String, String>,
@@ -111,6 +120,9 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             rounds: RoundsConfig::default(),
             metrics: MetricsConfig::default(),
+            schedule: Default::default(),
+            datasets: Default::default(),
+            outputs: Default::default(),
         }
     }
 }
@@ -121,6 +133,7 @@ impl Default for BrokerConfig {
             url: String::new(),
             listen: "0.0.0.0:1883".into(),
             max_packet_bytes: 4 << 20,
+            backlog_bytes: 256 << 20,
             username: String::new(),
             password: String::new(),
             users: BTreeMap::new(),
@@ -214,6 +227,9 @@ impl Config {
                 "TLS needs broker.tls_ca (the CA to trust)"
             );
         }
+        self.schedule.validate().map_err(anyhow::Error::msg)?;
+        self.datasets.validate().map_err(anyhow::Error::msg)?;
+        self.outputs.validate()?;
         if !self.insecure {
             let authenticated = if self.broker.url.is_empty() {
                 !self.broker.users.is_empty()

@@ -7,16 +7,27 @@
 //! - `init --model <file.safetensors>`: create the state dir, signing key and round-1 model.
 //! - `serve`: run the daemon (embedded broker unless `--broker mqtt://host:port`).
 //! - `keys enroll|list|revoke`: manage the client keys whose updates are accepted.
-//! - `status`: print the persisted round state.
+//! - `status`: the round, the daemon (running or not), the next round's scheduled LR/mu and
+//!   every client with its last loss and dataset.
+//! - `start` / `stop`: `serve` as a background daemon with a pidfile and log in the state dir.
+//! - `push --repo <owner/name> --dir <folder>`: upload a folder to the Hugging Face Hub.
 //! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
 
 mod aggregate;
 mod broker;
+mod checkpoint;
 mod config;
+mod datasets;
 mod doctor;
+mod fleet;
+mod hub;
 mod metrics;
+mod outputs;
+mod plots;
 mod round;
+mod schedule;
 mod server;
+mod server_eval;
 mod store;
 mod tls;
 
@@ -50,15 +61,44 @@ struct Cli {
 enum Command {
     /// Create the state directory, the aggregator's signing key and the initial global model.
     Init {
-        /// Trainable tensors of the initial global model (f32 safetensors).
-        #[arg(long)]
-        model: PathBuf,
+        /// Trainable tensors of the initial global model (f32 safetensors). With `--init`:
+        /// which tensors are trainable (their values come from the checkpoint).
+        #[arg(long, required_unless_present_any = ["init", "resume"])]
+        model: Option<PathBuf>,
+        /// Warm start from a LeRobot SmolVLA checkpoint: a directory, or a Hub id already in
+        /// the local Hugging Face cache. Its trainable tensors become the round-1 model.
+        #[arg(long, conflicts_with = "resume")]
+        init: Option<String>,
+        /// Continue a run from a zk0 checkpoint (`checkpoints/round_NNN`): its round, global
+        /// model, history and schedule state; `serve --rounds N` then runs up to round N.
+        #[arg(long, conflicts_with = "model")]
+        resume: Option<PathBuf>,
         /// Replace an existing state (loses its rounds).
         #[arg(long)]
         force: bool,
     },
     /// Run the aggregator daemon.
     Serve(ServeArgs),
+    /// Start `serve` in the background (same options as `serve`): pidfile and log file in the
+    /// state dir; refused while it already runs.
+    Start(ServeArgs),
+    /// Push a folder (e.g. `checkpoints/round_NNN/pretrained_model`) to a Hugging Face Hub
+    /// model repo, creating it if missing. Token: HF_TOKEN or the HF token file; endpoint:
+    /// HF_ENDPOINT.
+    Push {
+        /// Model repo id (`owner/name`).
+        #[arg(long)]
+        repo: String,
+        /// Folder to upload.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop the background daemon (SIGTERM, then wait for it to exit).
+    Stop {
+        /// Seconds to wait for the exit.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
     /// Manage enrolled client keys.
     Keys {
         #[command(subcommand)]
@@ -118,6 +158,10 @@ struct ServeArgs {
     /// Exit once every configured round is published.
     #[arg(long)]
     exit_when_done: bool,
+    /// Push the final checkpoint's `pretrained_model/` to this Hub model repo (`owner/name`;
+    /// needs a token, see `push`). Overrides `outputs.push_to_hub`.
+    #[arg(long)]
+    push_to_hub: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -166,7 +210,15 @@ fn main() -> Result<()> {
     }
     let store = Store::new(cfg.state_dir.clone());
     match cli.command {
-        Command::Init { model, force } => init(&store, &model, force),
+        Command::Init {
+            model,
+            init: from,
+            resume,
+            force,
+        } => match resume {
+            Some(ckpt) => init_resume(&store, &ckpt, force),
+            None => init(&store, model.as_deref(), from.as_deref(), force),
+        },
         Command::Serve(a) => {
             if let Some(b) = a.broker {
                 cfg.broker.url = b;
@@ -194,14 +246,61 @@ fn main() -> Result<()> {
                 cfg.broker.max_packet_bytes = cfg.broker.max_packet_bytes.max(c + (64 << 10));
             }
             cfg.insecure |= a.insecure;
+            if let Some(r) = a.push_to_hub {
+                cfg.outputs.push_to_hub = r;
+            }
             cfg.validate()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(server::run(cfg, store, a.exit_when_done))
         }
+        Command::Start(_) => {
+            // The daemon gets this very command line with `serve` for `start`, so every
+            // global and serve option means the same in both.
+            let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if let Some(a) = args.iter_mut().find(|a| *a == "start") {
+                *a = "serve".into();
+            }
+            anyhow::ensure!(
+                store.state_path().exists(),
+                "no federation in {} (run `init` first)",
+                store.dir.display()
+            );
+            let d = daemon(&store);
+            let exe = std::env::current_exe().context("locating zk0-aggregator")?;
+            let pid = d.start(&exe, &args)?;
+            println!(
+                "zk0-aggregator started (pid {pid}); log {}",
+                d.logfile().display()
+            );
+            Ok(())
+        }
+        Command::Push { repo, dir } => {
+            let token = hub::token_from_env()
+                .context("no Hugging Face token: set HF_TOKEN or log in (the HF token file)")?;
+            let r = hub::push_folder(&hub::endpoint_from_env(), &token, &repo, &dir)?;
+            println!(
+                "pushed {} regular and {} LFS files ({} already on the Hub) to {}",
+                r.regular.len(),
+                r.lfs.len() + r.lfs_skipped.len(),
+                r.lfs_skipped.len(),
+                r.repo_url
+            );
+            if !r.commit_url.is_empty() {
+                println!("commit {}", r.commit_url);
+            }
+            Ok(())
+        }
+        Command::Stop { timeout_s } => {
+            match daemon(&store).stop(std::time::Duration::from_secs(timeout_s))? {
+                Some(pid) => println!("zk0-aggregator stopped (pid {pid})"),
+                None => println!("zk0-aggregator is not running"),
+            }
+            Ok(())
+        }
         Command::Keys { cmd } => keys(&store, cmd),
-        Command::Status { json } => status(&store, json),
+        Command::Status { json } => status(&store, &cfg, json),
         Command::Doctor { json, strict } => {
             let healthy = doctor::run(&cfg, cli.config.as_deref(), json)?;
             if strict && !healthy {
@@ -219,7 +318,17 @@ fn main() -> Result<()> {
     }
 }
 
-fn init(store: &Store, model: &std::path::Path, force: bool) -> Result<()> {
+/// The background daemon's pid and log files live in the state dir.
+fn daemon(store: &Store) -> fleet::Daemon {
+    fleet::Daemon {
+        name: "zk0-aggregator",
+        dir: store.dir.clone(),
+    }
+}
+
+/// Creates the state dir and the aggregator's key pair; refuses to replace a federation
+/// unless `force`.
+fn prepare_state_dir(store: &Store, force: bool) -> Result<()> {
     if store.state_path().exists() && !force {
         anyhow::bail!(
             "{} already holds a federation (use --force to start over)",
@@ -228,17 +337,67 @@ fn init(store: &Store, model: &std::path::Path, force: bool) -> Result<()> {
     }
     std::fs::create_dir_all(&store.dir)
         .with_context(|| format!("creating {}", store.dir.display()))?;
+    // A replaced federation's run outputs would mix with the new run's; checkpoints stay (one
+    // may be what `--resume` reads).
+    for e in std::fs::read_dir(&store.dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let p = e.path();
+        if (name.starts_with("round_") && name.ends_with("_server_eval.json"))
+            || name == "policy_loss_history.json"
+            || name == "federated_metrics.json"
+        {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else if name == "rounds" || name == "plots" {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
     if !store.key_path().exists() {
         let kp = KeyPair::generate();
         shared_proto::sign::save_keypair(store.key_path(), &kp)?;
         store::write_atomic(&store.pub_path(), kp.public().to_pem().as_bytes())?;
     }
-    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-    let (tensors, _) = shared_proto::tensor::read_safetensors(&bytes)
-        .with_context(|| format!("{} is not a readable f32 safetensors file", model.display()))?;
-    shared_proto::tensor::ModelSpec::from_tensors(&tensors)
-        .validate(&tensors)
-        .with_context(|| format!("{} is not a valid model", model.display()))?;
+    Ok(())
+}
+
+fn init(
+    store: &Store,
+    model: Option<&std::path::Path>,
+    from: Option<&str>,
+    force: bool,
+) -> Result<()> {
+    let like = match model {
+        Some(model) => {
+            let bytes =
+                std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+            let (tensors, _) =
+                shared_proto::tensor::read_safetensors(&bytes).with_context(|| {
+                    format!("{} is not a readable f32 safetensors file", model.display())
+                })?;
+            shared_proto::tensor::ModelSpec::from_tensors(&tensors)
+                .validate(&tensors)
+                .with_context(|| format!("{} is not a valid model", model.display()))?;
+            Some(tensors)
+        }
+        None => None,
+    };
+    let tensors = match (from, like) {
+        (Some(from), like) => {
+            let dir = checkpoint::resolve(from)?;
+            let spec = like
+                .as_ref()
+                .map(shared_proto::tensor::ModelSpec::from_tensors);
+            let t = checkpoint::trainable_from(&dir, spec.as_ref())?;
+            println!(
+                "warm start from {} ({} trainable tensors)",
+                dir.display(),
+                t.len()
+            );
+            t
+        }
+        (None, Some(t)) => t,
+        (None, None) => anyhow::bail!("give --model, --init or --resume"),
+    };
+    prepare_state_dir(store, force)?;
     let model_id = aggregate::save_model(store, &tensors)?;
     let state = round::RoundState::new(model_id.clone());
     store.save_state(&state)?;
@@ -248,6 +407,44 @@ fn init(store: &Store, model: &std::path::Path, force: bool) -> Result<()> {
         tensors.len()
     );
     println!("aggregator public key: {}", store.pub_path().display());
+    Ok(())
+}
+
+/// `init --resume`: the state of a checkpoint's run, ready to serve its next round, with the
+/// run outputs (metrics, histories, round records) restored.
+fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()> {
+    let (t, global) = checkpoint::load_resume(ckpt)?;
+    prepare_state_dir(store, force)?;
+    let model_id = aggregate::save_model(store, &global)?;
+    anyhow::ensure!(model_id == t.model_id, "checkpoint model id mismatch");
+    let mut state = t.state.clone();
+    state.round = t.round + 1;
+    state.model_id = model_id.clone();
+    state.phase = round::Phase::Waiting;
+    state.selected.clear();
+    state.accepted.clear();
+    store.save_state(&state)?;
+    let outputs = outputs::Outputs::new(store);
+    for s in &state.history {
+        store::write_atomic(
+            &store.round_summary_path(s.round),
+            &serde_json::to_vec_pretty(s)?,
+        )?;
+    }
+    store::write_atomic(
+        &store.dir.join("federated_metrics.json"),
+        &serde_json::to_vec_pretty(&state.history)?,
+    )?;
+    outputs.save_history(&t.policy_loss)?;
+    for r in &t.rounds {
+        outputs.save_round(r)?;
+    }
+    println!(
+        "resumed {} from {} at round {} (model {model_id})",
+        store.dir.display(),
+        ckpt.display(),
+        state.round
+    );
     Ok(())
 }
 
@@ -298,7 +495,7 @@ fn keys(store: &Store, cmd: KeysCmd) -> Result<()> {
     Ok(())
 }
 
-fn status(store: &Store, json: bool) -> Result<()> {
+fn status(store: &Store, cfg: &Config, json: bool) -> Result<()> {
     let Some(state) = store.load_state()? else {
         anyhow::bail!("no federation in {} (run `init`)", store.dir.display());
     };
@@ -350,6 +547,59 @@ fn status(store: &Store, json: bool) -> Result<()> {
         for (k, v) in &last.metrics {
             println!("  {k}: {v:.6}");
         }
+    }
+    client_status(store, cfg, &state)
+}
+
+/// The daemon, the next round's schedule and one line per known client: its last loss,
+/// its next LR and its dataset.
+fn client_status(store: &Store, cfg: &Config, state: &round::RoundState) -> Result<()> {
+    match daemon(store).running()? {
+        Some(pid) => println!("daemon:    running (pid {pid})"),
+        None => println!("daemon:    not running"),
+    }
+    let r = &cfg.rounds;
+    let base = shared_proto::message::HyperParams {
+        local_steps: r.local_steps,
+        lr: r.lr,
+        mu: r.mu,
+        batch_size: r.batch_size,
+        lr_overrides: Default::default(),
+    };
+    let next = state.schedule.hyper(&cfg.schedule, &base, state.round);
+    println!(
+        "schedule:  round {} lr {:.3e} mu {:.4}{}",
+        state.round,
+        next.lr,
+        next.mu,
+        if state.schedule.spike {
+            " (spike: adjustments held)"
+        } else {
+            ""
+        }
+    );
+    let mut clients: std::collections::BTreeSet<String> =
+        store.load_keys()?.clients.keys().cloned().collect();
+    clients.extend(state.schedule.last_client_losses.keys().cloned());
+    clients.extend(state.selected.iter().cloned());
+    if clients.is_empty() {
+        return Ok(());
+    }
+    println!("clients:");
+    for c in clients {
+        let loss = state
+            .schedule
+            .last_client_losses
+            .get(&c)
+            .map_or("-".to_string(), |l| format!("{l:.6}"));
+        let dataset = cfg
+            .datasets
+            .for_client(&c)
+            .map_or("-", |d| d.repo_id.as_str());
+        println!(
+            "  {c:<24} last loss {loss:<12} next lr {:.3e}  dataset {dataset}",
+            next.lr_for(&c)
+        );
     }
     Ok(())
 }

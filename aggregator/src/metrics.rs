@@ -29,6 +29,8 @@ pub struct Metrics {
     pub model_bytes_published: Counter,
     pub connected_clients: Gauge,
     pub round_duration_seconds: Histogram,
+    pub server_eval_failures: Counter,
+    pub chunks_requested: Counter,
 }
 
 impl Metrics {
@@ -43,8 +45,20 @@ impl Metrics {
             model_bytes_published: Counter::default(),
             connected_clients: Gauge::default(),
             round_duration_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            server_eval_failures: Counter::default(),
+            chunks_requested: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "server_eval_failures",
+            "Server evaluations that failed or timed out",
+            m.server_eval_failures.clone(),
+        );
+        registry.register(
+            "update_chunks_requested",
+            "Update chunks lost on the way and asked for again",
+            m.chunks_requested.clone(),
+        );
         registry.register(
             "rounds_completed",
             "Rounds aggregated and published",

@@ -119,6 +119,9 @@ pub struct RoundState {
     pub accepted: BTreeMap<String, UpdateRecord>,
     /// Finished rounds, oldest first.
     pub history: Vec<RoundSummary>,
+    /// zk0 LR/mu scheduling state, persisted with the rounds so a resume announces the same.
+    #[serde(default)]
+    pub schedule: crate::schedule::ScheduleState,
 }
 
 impl RoundState {
@@ -131,6 +134,7 @@ impl RoundState {
             selected: BTreeSet::new(),
             accepted: BTreeMap::new(),
             history: Vec::new(),
+            schedule: Default::default(),
         }
     }
 

@@ -23,9 +23,13 @@ use tokio::sync::mpsc;
 
 use crate::aggregate::{self, Accumulator};
 use crate::broker::EmbeddedBroker;
+use crate::checkpoint;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
+use crate::outputs::{Outputs, PolicyLossPoint, RoundRecord, ServerEval};
+use crate::plots;
 use crate::round::{Admission, CloseReason, Phase, RoundState, Transition, UpdateRecord};
+use crate::server_eval;
 use crate::store::{self, KeyRegistry, Store};
 
 /// Milliseconds since the Unix epoch.
@@ -71,6 +75,8 @@ struct Server {
     keys_mtime: Option<std::time::SystemTime>,
     /// Chunk count of the model whose retained messages are currently published.
     published: Option<(String, u32)>,
+    /// Base LeRobot checkpoint the global tensors apply to (server eval, checkpoints).
+    base_dir: Option<std::path::PathBuf>,
     done: bool,
 }
 
@@ -110,6 +116,7 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
         EmbeddedBroker {
             listen,
             max_packet_bytes: cfg.broker.max_packet_bytes,
+            backlog_bytes: cfg.broker.backlog_bytes,
             users,
             tls: (!cfg.broker.tls_cert.is_empty())
                 .then(|| (cfg.broker.tls_cert.clone(), cfg.broker.tls_key.clone())),
@@ -184,6 +191,20 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
     });
 
     let (_, global) = aggregate::load_model(&store, &state.model_id)?;
+    let mut cfg = cfg;
+    cfg.outputs.resolve_eval_dataset(&cfg.datasets);
+    let base_name = if cfg.outputs.base_model_dir.is_empty() {
+        cfg.rounds.base_model.clone()
+    } else {
+        cfg.outputs.base_model_dir.clone()
+    };
+    let base_dir = match checkpoint::resolve(&base_name) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "no base checkpoint: no server evaluation, checkpoints hold only the training state");
+            None
+        }
+    };
     let mut srv = Server {
         spec: ModelSpec::from_tensors(&global),
         cfg,
@@ -198,11 +219,24 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
         keys: KeyRegistry::default(),
         keys_mtime: None,
         published: None,
+        base_dir,
         done: false,
     };
     drop(global);
     srv.metrics.current_round.set(srv.state.round as i64);
     srv.resume_uploads();
+    if srv.state.round == 1 && srv.state.history.is_empty() {
+        // Round 0 of the policy-loss history: the initial model.
+        let id = srv.state.model_id.clone();
+        let have = Outputs::new(&srv.store)
+            .load_history()
+            .is_ok_and(|h| h.points.iter().any(|p| p.round == 0 && p.model_id == id));
+        if !have {
+            if let Some(Err(e)) = srv.server_eval(0, &id).await {
+                tracing::warn!(error = %e, "initial-model evaluation failed");
+            }
+        }
+    }
     tracing::info!(round = srv.state.round, model = %srv.state.model_id, phase = ?srv.state.phase, "aggregator started");
 
     zk0_host::systemd::ready();
@@ -465,6 +499,20 @@ impl Server {
             return Ok(());
         }
         if let Err(a) = self.state.admit(cid, round) {
+            // The same update again: the client missed our ack (a reconnect, a lost message).
+            // Acknowledge it again instead of calling it a duplicate.
+            if a == Admission::Duplicate
+                && self
+                    .state
+                    .accepted
+                    .get(cid)
+                    .is_some_and(|r| r.sha256 == m.sha256)
+            {
+                let ack = Ack::accepted(cid, round);
+                self.publish(self.topics.ack(cid, round), message::encode(&ack), false)
+                    .await;
+                return Ok(());
+            }
             let (reason, detail) = match a {
                 Admission::StaleRound => (
                     RejectReason::LateOrOldRound,
@@ -605,8 +653,24 @@ impl Server {
             return Ok(());
         };
         let round = up.round;
-        if (0..m.chunk_count).any(|i| !up.chunk_lens.contains_key(&i)) {
-            return Ok(()); // wait for the missing chunks (a resend after reconnect fills them)
+        let missing: Vec<u32> = (0..m.chunk_count)
+            .filter(|i| !up.chunk_lens.contains_key(i))
+            .collect();
+        if !missing.is_empty() {
+            // The client publishes its manifest after its chunks, so chunks still missing
+            // now were lost on the way (a broker drops QoS 1 messages when a subscriber's
+            // backlog overflows): ask for exactly those. Bounded by the manifest's count.
+            tracing::info!(
+                client = cid,
+                round,
+                missing = missing.len(),
+                "asking for missing chunks"
+            );
+            self.metrics.chunks_requested.inc_by(missing.len() as u64);
+            let ack = Ack::incomplete(cid, round, missing);
+            self.publish(self.topics.ack(cid, round), message::encode(&ack), false)
+                .await;
+            return Ok(());
         }
         // Chunks past the announced count are junk; they do not join the blob.
         let dir = self.store.spool_dir(round, cid);
@@ -648,14 +712,7 @@ impl Server {
                 let _ = std::fs::remove_dir_all(&dir);
                 self.metrics.updates_accepted.inc();
                 tracing::info!(client = cid, round, examples = m.examples, bytes = m.total_len, codec = %m.codec, "update accepted");
-                let ack = Ack {
-                    v: PROTOCOL_VERSION,
-                    client_id: cid.to_string(),
-                    round,
-                    accepted: true,
-                    reason: None,
-                    detail: String::new(),
-                };
+                let ack = Ack::accepted(cid, round);
                 self.publish(self.topics.ack(cid, round), message::encode(&ack), false)
                     .await;
             }
@@ -736,14 +793,7 @@ impl Server {
     async fn reject(&self, cid: &str, round: u64, reason: RejectReason, detail: String) {
         tracing::warn!(client = cid, round, reason = reason.as_str(), %detail, "update rejected");
         self.metrics.reject(reason.as_str());
-        let ack = Ack {
-            v: PROTOCOL_VERSION,
-            client_id: cid.to_string(),
-            round,
-            accepted: false,
-            reason: Some(reason),
-            detail,
-        };
+        let ack = Ack::rejected(cid, round, reason, detail);
         self.publish(self.topics.ack(cid, round), message::encode(&ack), false)
             .await;
     }
@@ -796,13 +846,25 @@ impl Server {
             acc.add(rec.examples as f64, &delta)?;
         }
         acc.apply(&mut global, self.cfg.rounds.server_lr)?;
+        // Peak memory is about global + accumulator + one decoded update; free each as soon
+        // as it is done with, before the model is serialised and published.
+        drop(acc);
         let new_id = aggregate::save_model(&self.store, &global)?;
         drop(global);
+        // Server evaluation before `complete`: a crash during it redoes the round, so the
+        // evaluation is never lost.
+        let server_eval = self.server_eval(round, &new_id).await;
+        let accepted = self.state.accepted.clone();
         let reason = reason.unwrap_or(if self.state.dropped().is_empty() {
             CloseReason::AllReported
         } else {
             CloseReason::Deadline
         });
+        let server_loss = server_eval
+            .as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .map(|e| e.policy_loss);
+        self.observe_schedule(round, server_loss);
         let summary = self.state.complete(new_id.clone(), reason, now_ms());
         self.store.save_state(&self.state)?;
         store::write_atomic(
@@ -823,7 +885,177 @@ impl Server {
         tracing::info!(round, model = %new_id, accepted = ?summary.accepted, dropped = ?summary.dropped, metrics = ?summary.metrics, "round aggregated");
         self.publish_model().await?;
         self.publish_status(true).await;
+        self.write_outputs(&summary, &accepted, server_eval);
         Ok(())
+    }
+
+    /// Evaluates model `model_id` on the held-out dataset when round `round` is due (round 0:
+    /// the initial model). `None`: not due; `Some(Err)`: failed (logged and counted).
+    async fn server_eval(
+        &self,
+        round: u64,
+        model_id: &str,
+    ) -> Option<std::result::Result<ServerEval, String>> {
+        let o = &self.cfg.outputs;
+        let due = if round == 0 {
+            o.eval.initial && !o.eval.dataset.is_empty()
+        } else {
+            o.eval_due(round, self.cfg.rounds.rounds)
+        };
+        if !due {
+            return None;
+        }
+        let Some(base) = self.base_dir.clone() else {
+            self.metrics.server_eval_failures.inc();
+            return Some(Err(format!(
+                "no base checkpoint directory for {:?} (set outputs.base_model_dir)",
+                self.cfg.rounds.base_model
+            )));
+        };
+        tracing::info!(round, model = %model_id, dataset = %o.eval.dataset, "server evaluation");
+        let r = server_eval::evaluate(
+            &o.eval,
+            &base,
+            &self.store.model_path(model_id),
+            model_id,
+            &self.store.dir.join("eval"),
+        )
+        .await;
+        match r {
+            Ok(e) => {
+                tracing::info!(
+                    round,
+                    policy_loss = e.policy_loss,
+                    seconds = e.seconds,
+                    "server evaluation done"
+                );
+                let point = PolicyLossPoint {
+                    round,
+                    model_id: model_id.to_string(),
+                    policy_loss: e.policy_loss,
+                };
+                if let Err(err) = Outputs::new(&self.store).record_policy_loss(&e.dataset, point) {
+                    tracing::error!(
+                        error = format!("{err:#}"),
+                        "writing policy_loss_history.json"
+                    );
+                }
+                Some(Ok(e))
+            }
+            Err(err) => {
+                let msg = format!("{err:#}");
+                tracing::warn!(round, error = %msg, "server evaluation failed; the federation goes on");
+                self.metrics.server_eval_failures.inc();
+                Some(Err(msg))
+            }
+        }
+    }
+
+    /// Uploads the final checkpoint to `outputs.push_to_hub`; failures are logged (the run's
+    /// files stay on disk; `zk0-aggregator push` retries by hand).
+    fn push_to_hub(&self, dir: &std::path::Path) {
+        let repo = &self.cfg.outputs.push_to_hub;
+        let Some(token) = crate::hub::token_from_env() else {
+            tracing::warn!(%repo, "not pushed: no Hugging Face token (HF_TOKEN)");
+            return;
+        };
+        // A blocking HTTP client; keep the runtime's other tasks (MQTT polling) running.
+        let r = tokio::task::block_in_place(|| {
+            crate::hub::push_folder(&crate::hub::endpoint_from_env(), &token, repo, dir)
+        });
+        match r {
+            Ok(r) => {
+                tracing::info!(%repo, url = %r.repo_url, files = r.regular.len() + r.lfs.len(), "checkpoint pushed to the Hub")
+            }
+            Err(e) => {
+                tracing::warn!(%repo, error = format!("{e:#}"), "push to the Hub failed; retry with `zk0-aggregator push`")
+            }
+        }
+    }
+
+    /// `round_NNN_server_eval.json`, plots and, when due, a checkpoint. Failures are logged:
+    /// outputs never stop the federation.
+    fn write_outputs(
+        &self,
+        summary: &crate::round::RoundSummary,
+        accepted: &BTreeMap<String, crate::round::UpdateRecord>,
+        server_eval: Option<std::result::Result<ServerEval, String>>,
+    ) {
+        let outputs = Outputs::new(&self.store);
+        let datasets: BTreeMap<String, String> = accepted
+            .keys()
+            .filter_map(|c| Some((c.clone(), self.cfg.datasets.for_client(c)?.repo_id.clone())))
+            .collect();
+        let mut record = RoundRecord::new(summary, accepted, &datasets);
+        match server_eval {
+            Some(Ok(e)) => record.server_eval = Some(e),
+            Some(Err(e)) => record.server_eval_error = Some(e),
+            None => {}
+        }
+        let round = summary.round;
+        let result = (|| -> Result<()> {
+            outputs.save_round(&record)?;
+            let history = outputs.load_history()?;
+            let rounds = outputs.load_rounds(round)?;
+            if self.cfg.outputs.plots {
+                if let Err(e) = plots::write_all(&outputs.plots_dir(), &history, &rounds) {
+                    tracing::warn!(error = format!("{e:#}"), "plots not written");
+                }
+            }
+            if self
+                .cfg
+                .outputs
+                .checkpoint_due(round, self.cfg.rounds.rounds)
+            {
+                let (_, global) = aggregate::load_model(&self.store, &summary.model_id)?;
+                let training = checkpoint::TrainingState {
+                    round,
+                    model_id: summary.model_id.clone(),
+                    state: self.state.clone(),
+                    policy_loss: history,
+                    rounds,
+                };
+                let dir = checkpoint::write(
+                    &outputs.checkpoints_dir(),
+                    &checkpoint::CheckpointInput {
+                        cfg: &self.cfg,
+                        training: &training,
+                        global: &global,
+                        base_dir: self.base_dir.as_deref(),
+                    },
+                )?;
+                tracing::info!(round, dir = %dir.display(), lerobot = self.base_dir.is_some(), "checkpoint written");
+                let last = self.cfg.rounds.rounds > 0 && round == self.cfg.rounds.rounds;
+                if last && !self.cfg.outputs.push_to_hub.is_empty() {
+                    self.push_to_hub(&dir.join("pretrained_model"));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::error!(
+                round,
+                error = format!("{e:#}"),
+                "writing run outputs failed"
+            );
+        }
+    }
+
+    /// Feeds the closing round's client losses to the zk0 schedule, before `complete` clears
+    /// the accepted updates; it decides the adaptive part of the next announcement.
+    fn observe_schedule(&mut self, round: u64, server_loss: Option<f64>) {
+        let clients = self
+            .state
+            .accepted
+            .iter()
+            .filter_map(|(c, rec)| Some((c.clone(), (*rec.metrics.get("loss")?, rec.examples))))
+            .collect();
+        let obs = crate::schedule::RoundObservation {
+            round,
+            clients,
+            server_loss,
+        };
+        self.state.schedule.observe(&self.cfg.schedule, &obs);
     }
 
     async fn announce(&self) -> Result<()> {
@@ -836,13 +1068,19 @@ impl Server {
             round: self.state.round,
             model_id: self.state.model_id.clone(),
             base_model: r.base_model.clone(),
-            hyper: HyperParams {
-                local_steps: r.local_steps,
-                lr: r.lr,
-                mu: r.mu,
-                batch_size: r.batch_size,
-                lr_overrides: BTreeMap::new(),
-            },
+            // zk0's schedules (warm restarts, stall, adaptive mu, per-client boosts) on top of
+            // the configured values.
+            hyper: self.state.schedule.hyper(
+                &self.cfg.schedule,
+                &HyperParams {
+                    local_steps: r.local_steps,
+                    lr: r.lr,
+                    mu: r.mu,
+                    batch_size: r.batch_size,
+                    lr_overrides: BTreeMap::new(),
+                },
+                self.state.round,
+            ),
             deadline_unix_ms: deadline,
             min_clients: r.min_clients as u32,
             selected: self.state.selected.iter().cloned().collect(),
@@ -862,9 +1100,29 @@ impl Server {
         if self.published.as_ref().is_some_and(|(p, _)| *p == id) {
             return Ok(());
         }
-        let (bytes, tensors) = aggregate::load_model(&self.store, &id)?;
-        self.spec = ModelSpec::from_tensors(&tensors);
-        drop(tensors);
+        // Every global model shares the spec of the first (aggregation keeps names and
+        // shapes), so decode the tensors only when no spec is known yet.
+        let bytes = if self.spec.numel() == 0 {
+            let (bytes, tensors) = aggregate::load_model(&self.store, &id)?;
+            self.spec = ModelSpec::from_tensors(&tensors);
+            bytes
+        } else {
+            let path = self.store.model_path(&id);
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+        };
+        // Clear the superseded model first (an empty retained publish deletes the retained
+        // message), so the broker never holds two models at once.
+        if let Some((old, old_count)) = self.published.take().or_else(|| self.previous_published())
+        {
+            if old != id {
+                self.publish(self.topics.model_manifest(&old), Vec::new(), true)
+                    .await;
+                for i in 0..old_count {
+                    self.publish(self.topics.model_chunk(&old, i), Vec::new(), true)
+                        .await;
+                }
+            }
+        }
         let chunk_size = self.cfg.rounds.chunk_size;
         let count = chunk::chunk_count(bytes.len(), chunk_size);
         for (i, c) in chunk::split(&bytes, chunk_size).enumerate() {
@@ -893,18 +1151,6 @@ impl Server {
         self.metrics
             .model_bytes_published
             .inc_by(bytes.len() as u64);
-        // Clear the superseded model: an empty retained publish deletes the retained message.
-        if let Some((old, old_count)) = self.published.take().or_else(|| self.previous_published())
-        {
-            if old != id {
-                self.publish(self.topics.model_manifest(&old), Vec::new(), true)
-                    .await;
-                for i in 0..old_count {
-                    self.publish(self.topics.model_chunk(&old, i), Vec::new(), true)
-                        .await;
-                }
-            }
-        }
         tracing::info!(model = %id, bytes = bytes.len(), chunks = count, "global model published");
         self.published = Some((id, count));
         Ok(())

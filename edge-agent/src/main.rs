@@ -2,11 +2,13 @@
 //!
 //! It records demonstrations, takes part in federated rounds (spawning `zk0-train` for the
 //! libtorch work so this process never links libtorch), runs the ONNX policy, and checks the
-//! host (`doctor`). Each subcommand lives in its own module.
+//! host (`doctor`). Each subcommand lives in its own module; `start` / `stop` / `status` run
+//! the daemon in the background with a pidfile, log and status file in its work dir.
 
 mod dataset_cli;
 mod doctor;
 mod federate;
+mod fleet;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,25 @@ enum Command {
     /// Run the federated-learning daemon: join rounds, fetch models, train, send updates.
     #[command(alias = "federate")]
     Run(federate::RunArgs),
+    /// Start `run` in the background (same options as `run`, e.g. `--dataset <repo id or
+    /// dir>`): pidfile, log and status file in `work_dir`; refused while it already runs.
+    Start(federate::RunArgs),
+    /// Stop the background agent (SIGTERM, then wait for it to exit).
+    Stop {
+        #[command(flatten)]
+        args: fleet::ControlArgs,
+        /// Seconds to wait for the exit.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
+    /// Show whether the agent runs, is connected, its round and last local loss.
+    Status {
+        #[command(flatten)]
+        args: fleet::ControlArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage this agent's signing key pair.
     Keys {
         #[command(subcommand)]
@@ -46,5 +67,10 @@ fn main() -> anyhow::Result<()> {
         Command::Dataset(args) => dataset_cli::run(args),
         Command::Run(args) => federate::run(args),
         Command::Keys { cmd } => federate::keys(cmd),
+        Command::Start(args) => fleet::start(&args),
+        Command::Stop { args, timeout_s } => {
+            fleet::stop(&args, std::time::Duration::from_secs(timeout_s))
+        }
+        Command::Status { args, json } => fleet::status(&args, json),
     }
 }

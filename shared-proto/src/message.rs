@@ -227,6 +227,10 @@ pub struct Ack {
     pub accepted: bool,
     pub reason: Option<RejectReason>,
     pub detail: String,
+    /// Not a verdict yet: the manifest arrived but these chunk indices did not (a broker may
+    /// drop QoS 1 messages under backlog). The client resends them and the manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<u32>,
 }
 
 impl Ack {
@@ -238,7 +242,26 @@ impl Ack {
             accepted: true,
             reason: None,
             detail: String::new(),
+            missing: Vec::new(),
         }
+    }
+
+    /// A request to resend the `missing` chunks of an update (not a rejection).
+    pub fn incomplete(client_id: &str, round: u64, missing: Vec<u32>) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            client_id: client_id.to_owned(),
+            round,
+            accepted: false,
+            reason: None,
+            detail: format!("{} chunk(s) missing", missing.len()),
+            missing,
+        }
+    }
+
+    /// True for a resend request rather than a verdict.
+    pub fn is_incomplete(&self) -> bool {
+        !self.accepted && !self.missing.is_empty()
     }
 
     pub fn rejected(
@@ -254,6 +277,7 @@ impl Ack {
             accepted: false,
             reason: Some(reason),
             detail: detail.into(),
+            missing: Vec::new(),
         }
     }
 
@@ -572,8 +596,12 @@ mod tests {
                 accepted: reason.is_none(),
                 reason,
                 detail: "because".into(),
+                missing: Vec::new(),
             });
         }
+        round_trip(&Ack::incomplete("robot-1", 3, vec![0, 7, 41]));
+        assert!(Ack::incomplete("r", 1, vec![2]).is_incomplete());
+        assert!(!Ack::accepted("r", 1).is_incomplete());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum Error {
     Batch(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("hub: {0}")]
+    Hub(String),
 }
 
 impl Error {

@@ -1,8 +1,40 @@
 //! Building blocks shared by the vision tower, the text model and the action expert, with the
 //! exact numerics of LeRobot/transformers (float32 softmax, `finfo.min` masking, RoPE base 10000).
 
+use std::cell::Cell;
+
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
+
+thread_local! {
+    /// Reduced precision for the matrix products of this thread, set by [`autocast`].
+    static AUTOCAST: Cell<Option<Kind>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the linear layers and the patch convolution computed in `kind` (e.g.
+/// `Kind::BFloat16`), like torch's autocast does for its lower-precision op list; inputs and
+/// weights are cast per call, results come back as float32 so that norms, softmax, RoPE and the
+/// loss keep LeRobot's float32 numerics, and the float32 master weights receive the gradients.
+/// `None` (or `Kind::Float`) runs in full precision. Nests; the previous setting is restored.
+/// libtorch's own autocast is not used: tch exposes only the CUDA one, with float16.
+pub fn autocast<T>(kind: Option<Kind>, f: impl FnOnce() -> T) -> T {
+    let kind = kind.filter(|k| *k != Kind::Float);
+    let prev = AUTOCAST.with(|c| c.replace(kind));
+    // Restore even if `f` unwinds, so a caught panic cannot leave the thread in bf16.
+    struct Restore(Option<Kind>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            AUTOCAST.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+/// The reduced precision set by [`autocast`] on this thread, if any.
+pub fn autocast_kind() -> Option<Kind> {
+    AUTOCAST.with(Cell::get)
+}
 
 /// `nn.Linear` with the checkpoint's `weight` [out, in] / optional `bias` [out].
 #[derive(Debug)]
@@ -37,7 +69,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match autocast_kind() {
+            None => x.linear(&self.weight, self.bias.as_ref()),
+            Some(k) => {
+                let bias = self.bias.as_ref().map(|b| b.to_kind(k));
+                x.to_kind(k)
+                    .linear(&self.weight.to_kind(k), bias.as_ref())
+                    .to_kind(x.kind())
+            }
+        }
     }
 }
 
@@ -220,5 +260,22 @@ mod tests {
         let p = Tensor::zeros([1, 2], (Kind::Int64, tch::Device::Cpu));
         let y = apply_rope(&x, &p);
         assert!(y.allclose(&x, 0.0, 0.0, false));
+    }
+
+    #[test]
+    fn autocast_runs_linear_in_bf16_and_restores() {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let lin = Linear::new(&vs.root(), 64, 32, true);
+        let x = Tensor::randn([4, 64], (Kind::Float, tch::Device::Cpu));
+        let full = lin.forward(&x);
+        let half = autocast(Some(Kind::BFloat16), || {
+            assert_eq!(autocast_kind(), Some(Kind::BFloat16));
+            lin.forward(&x)
+        });
+        assert_eq!(autocast_kind(), None);
+        assert_eq!(half.kind(), Kind::Float);
+        let err = (&half - &full).abs().max().double_value(&[]);
+        // bf16 keeps 8 mantissa bits: relative error ~2^-8 per product, summed over 64 terms.
+        assert!(err > 0.0 && err < 0.05, "bf16 error {err}");
     }
 }

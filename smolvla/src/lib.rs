@@ -15,9 +15,15 @@
 //! - [`policy`]: `SmolVLAPolicy` (weights, freeze rules, batch preparation, action queue).
 //! - [`processor`]: resize-with-pad, normalization.
 //! - [`optim`]: AdamW, gradient clipping, cosine-with-warmup schedule.
+//! - [`hub`]: checkpoints by Hub id through hf-hub's cache (offline mode honoured).
+//! - [`device`]: the `auto|cpu|cuda[:N]` device option.
+//!
+//! [`layers::autocast`] runs the matrix products in bfloat16 (`--bf16` in zk0-train).
 
 pub mod config;
+pub mod device;
 mod error;
+pub mod hub;
 pub mod layers;
 pub mod model;
 pub mod optim;

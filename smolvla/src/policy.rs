@@ -300,7 +300,7 @@ impl SmolVlaPolicy {
         let named = self.named_parameters();
         let owned: Vec<(String, Tensor)> = named
             .into_iter()
-            .map(|(n, t)| (n, t.detach().contiguous()))
+            .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous()))
             .collect();
         Tensor::write_safetensors(&owned, path.as_ref())?;
         Ok(())

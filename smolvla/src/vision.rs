@@ -60,14 +60,27 @@ impl VisionEmbeddings {
     /// `patch_attention_mask=None`), so position ids are 0..N-1 in row-major order.
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
         let p = self.patch_size;
-        let x = pixels.conv2d(
-            &self.patch_weight,
-            Some(&self.patch_bias),
-            [p, p],
-            [0, 0],
-            [1, 1],
-            1,
-        );
+        let x = match crate::layers::autocast_kind() {
+            None => pixels.conv2d(
+                &self.patch_weight,
+                Some(&self.patch_bias),
+                [p, p],
+                [0, 0],
+                [1, 1],
+                1,
+            ),
+            Some(k) => pixels
+                .to_kind(k)
+                .conv2d(
+                    &self.patch_weight.to_kind(k),
+                    Some(&self.patch_bias.to_kind(k)),
+                    [p, p],
+                    [0, 0],
+                    [1, 1],
+                    1,
+                )
+                .to_kind(pixels.kind()),
+        };
         let x = x.flatten(2, -1).transpose(1, 2);
         let n = x.size()[1];
         x + self.position_embedding.narrow(0, 0, n).unsqueeze(0)

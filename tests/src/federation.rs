@@ -36,6 +36,8 @@ pub struct Observed {
     pub model_manifests: HashMap<String, ModelManifest>,
     /// (client, round) → (accepted, reason)
     pub acks: HashMap<(String, u64), (bool, Option<String>)>,
+    /// (client, round) → chunk indices the aggregator asked to be resent (not a verdict).
+    pub missing: HashMap<(String, u64), Vec<u32>>,
 }
 
 impl Observed {
@@ -172,6 +174,10 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
         }
         Some(TopicKind::Ack { client_id, round }) => {
             if let Ok(a) = message::decode::<message::Ack>(payload, max) {
+                if a.is_incomplete() {
+                    o.missing.insert((client_id, round), a.missing);
+                    return;
+                }
                 o.acks.insert(
                     (client_id, round),
                     (a.accepted, a.reason.map(|r| r.as_str().to_string())),
@@ -211,7 +217,7 @@ pub struct Federation {
     pub agents: BTreeMap<String, ChildGuard>,
     pub broker: Option<ChildGuard>,
     pub broker_kind: BrokerKind,
-    /// The training worker the agents run (the test-only fake worker until zk0-train exists).
+    /// The training worker the agents run: the real `zk0-train` or the test-only fake worker.
     pub worker: PathBuf,
     /// Prometheus listen address given to the aggregator (empty: disabled).
     pub metrics_listen: String,
@@ -230,6 +236,9 @@ pub struct Federation {
     pub aggregator_toml: String,
     /// Chunk size the aggregator announces (small by default, so blobs span many chunks).
     pub chunk_size: usize,
+    /// Per-client worker command replacing `[worker, "train"]` (e.g. the real worker behind a
+    /// start delay, see [`crate::smolvla::delayed_worker`]).
+    pub worker_cmd: BTreeMap<String, Vec<String>>,
 }
 
 impl Federation {
@@ -308,6 +317,7 @@ impl Federation {
             agent_extra: BTreeMap::new(),
             aggregator_toml: String::new(),
             chunk_size: 4096,
+            worker_cmd: BTreeMap::new(),
         })
     }
 
@@ -438,11 +448,14 @@ impl Federation {
             .context("unknown client")?
             .clone();
         let cdir = self.dir.join(cid);
-        let worker = self.worker.clone();
+        let worker = match self.worker_cmd.get(cid) {
+            Some(cmd) => format!("{cmd:?}"),
+            None => format!("[{:?}, \"train\"]", self.worker),
+        };
         let cfg = format!(
             "client_id = {cid:?}\nfederation = {fed:?}\nbroker = \"{scheme}://127.0.0.1:{port}\"\n{login}\n{ca}\n\
              key_file = {key:?}\naggregator_key = {agg:?}\ndataset = {ds:?}\ncache_dir = {cache:?}\n\
-             work_dir = {work:?}\ncodec = {codec:?}\nworker = [{worker:?}, \"train\"]\n{common}\n{extra}\n",
+             work_dir = {work:?}\ncodec = {codec:?}\nworker = {worker}\n{common}\n{extra}\n",
             fed = self.federation,
             port = self.port,
             scheme = if self.tls_dir.is_some() { "mqtts" } else { "mqtt" },
@@ -476,6 +489,23 @@ impl Federation {
         cmd.envs(env.iter().copied());
         let g = ChildGuard::spawn(cid, cmd, &self.dir.join(format!("{cid}.log")))?;
         self.agents.insert(cid.to_string(), g);
+        Ok(())
+    }
+
+    /// SIGKILLs an agent and every process below it (its training worker), as when a robot
+    /// loses power: a worker left running would keep training for a dead agent.
+    pub fn kill_agent(&mut self, cid: &str) -> Result<()> {
+        let g = self
+            .agents
+            .get_mut(cid)
+            .with_context(|| format!("no agent {cid}"))?;
+        let tree = descendants(g.child.id());
+        g.kill();
+        for pid in tree {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         Ok(())
     }
 
@@ -605,6 +635,32 @@ impl Federation {
         }
         Ok(history.len())
     }
+}
+
+/// Every descendant of `pid` (Linux `/proc/<pid>/task/*/children`), children first.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    // Bounded: a process tree of a test agent is a handful of processes.
+    while let Some(p) = todo.pop() {
+        if out.len() > 256 {
+            break;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok())
+            {
+                out.push(k);
+                todo.push(k);
+            }
+        }
+    }
+    out
 }
 
 /// `mosquitto` on PATH or in /usr/sbin.

@@ -167,3 +167,88 @@ pub fn synth_dataset(
     run_ok(&mut cmd).with_context(|| format!("generating {}", dir.display()))?;
     Ok(dir)
 }
+
+/// The `zk0-train` to run, or `None` after printing why the test is skipped; when `CI` is set
+/// a missing worker is an error instead (CI must run the real-worker tests).
+pub fn zk0_train_or_skip() -> Result<Option<PathBuf>> {
+    match zk0_train() {
+        Ok(p) => Ok(Some(p)),
+        Err(why) if std::env::var_os("CI").is_some() => {
+            anyhow::bail!("zk0-train cannot run and CI is set: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: zk0-train cannot run here: {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// Generated datasets for `clients` (one per client, seeds 1, 2, …: 2 episodes × 20 frames,
+/// the tiny model's camera), under `dir/<cid>`.
+pub fn tiny_datasets(
+    dir: &Path,
+    clients: &[(&str, u64, &str)],
+) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let cameras = cameras_of(&tiny_model_dir())?;
+    let mut out = std::collections::BTreeMap::new();
+    for (i, (cid, _, _)) in clients.iter().enumerate() {
+        let ds = synth_dataset(
+            &crate::bin("zk0-agent"),
+            &dir.join(cid),
+            &cameras,
+            i as u64 + 1,
+            2,
+            20,
+        )?;
+        out.insert(cid.to_string(), ds);
+    }
+    Ok(out)
+}
+
+/// A [`Federation`](crate::federation::Federation) whose agents run the real `zk0-train` on
+/// the tiny SmolVLA fixture (global model: its trainable tensors), each on its dataset from
+/// `datasets` (see [`tiny_datasets`]), weighted by the clients' example counts, with
+/// `local_steps` steps of batch 4 per round and one libtorch thread per worker (2-core CI).
+pub fn real_federation(
+    dir: &Path,
+    kind: crate::federation::BrokerKind,
+    train: &Path,
+    clients: &[(&str, u64, &str)],
+    datasets: &std::collections::BTreeMap<String, PathBuf>,
+    local_steps: u32,
+) -> Result<crate::federation::Federation> {
+    let initial = tiny_trainable()?;
+    let mut fed =
+        crate::federation::Federation::setup_with_model(dir, kind, train, clients, &initial)?;
+    // ~1.8 MB of f32 trainable tensors: several chunks per update and per model.
+    fed.chunk_size = 256 << 10;
+    fed.aggregator_toml =
+        format!("[rounds]\nlocal_steps = {local_steps}\nbatch_size = 4\nlr = 1e-3\nmu = 0.01\n");
+    fed.agent_toml = format!(
+        "model_dir = {:?}\ntokenizer = {:?}\nworker_args = [\"--threads\", \"1\"]\n",
+        tiny_model_dir(),
+        tiny_tokenizer()
+    );
+    for (cid, examples, _) in clients {
+        let ds = datasets
+            .get(*cid)
+            .with_context(|| format!("no dataset for {cid}"))?;
+        fed.datasets.insert(cid.to_string(), ds.clone());
+        fed.agent_extra
+            .insert(cid.to_string(), format!("examples = {examples}"));
+    }
+    Ok(fed)
+}
+
+/// The real worker started `delay_s` seconds late (`sh -c 'sleep …; exec zk0-train "$@"'`), as
+/// an agent's worker command: it still trains and writes exactly what `zk0-train` writes, but
+/// the test knows this client reports last, so it can act while the round collects.
+pub fn delayed_worker(train: &Path, delay_s: f64) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("sleep {delay_s}; exec \"$0\" \"$@\""),
+        train.display().to_string(),
+        "train".into(),
+    ]
+}

@@ -2,6 +2,8 @@
 //! (embedded broker) while a real agent takes part in the round. Each must be rejected with its
 //! own reason in the ack and its own `updates_rejected{reason=…}` counter on `/metrics`, and the
 //! aggregator must keep serving: the round completes with the honest agent's update.
+//! A client whose chunk got lost on the way is asked for exactly that chunk, and once it
+//! resends it, its update is accepted and aggregated.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -123,6 +125,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             "m-oversize",
             "m-flood",
             "m-codec",
+            "m-lossy",
         ];
         for id in ids {
             zk0_e2e::run_ok(
@@ -138,6 +141,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         fed.start_aggregator(2, 60.0, &[])?;
         let observer = Observer::start(fed.port, &fed.federation)?;
         observer.wait_subscribed(Duration::from_secs(20))?;
+        // robot-a trains slowly (300 ms a step) so round 2 stays open while the test plays.
         fed.start_agent_env("robot-a", 2, &[("ZK0_FAKE_WORKER_SLEEP_MS", "300")])?;
         let st = fed.wait_state(Duration::from_secs(60), "round 2 to collect", |s| {
             s["round"] == 2 && s["phase"]["phase"] == "collecting"
@@ -259,6 +263,48 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         };
         send(&c, &topics, "robot-a", 1, &blob1, &m1)?;
 
+        // Lost chunk: every chunk but #1 arrives, then the manifest.
+        let lossy_blob = f32_blob(&{
+            let mut d = tiny_model();
+            d.values_mut()
+                .for_each(|t| t.data.iter_mut().for_each(|x| *x *= 1e-3));
+            d
+        });
+        let lossy = manifest("m-lossy", 2, &base, &lossy_blob, &mallory);
+        anyhow::ensure!(lossy.chunk_count >= 3, "want a multi-chunk update");
+        let chunks: Vec<&[u8]> = shared_proto::chunk::split(&lossy_blob, CHUNK).collect();
+        for (i, ch) in chunks.iter().enumerate().filter(|(i, _)| *i != 1) {
+            c.publish(
+                topics.update_chunk("m-lossy", 2, i as u32),
+                QoS::AtLeastOnce,
+                false,
+                ch.to_vec(),
+            )?;
+        }
+        c.publish(
+            topics.update_manifest("m-lossy", 2),
+            QoS::AtLeastOnce,
+            false,
+            message::encode(&lossy),
+        )?;
+        let asked = zk0_e2e::wait_for(Duration::from_secs(20), "a resend request", || {
+            let seen = observer.seen.lock().ok()?;
+            seen.missing.get(&("m-lossy".to_string(), 2)).cloned()
+        })?;
+        anyhow::ensure!(asked == vec![1], "asked for {asked:?}, lost only chunk 1");
+        c.publish(
+            topics.update_chunk("m-lossy", 2, 1),
+            QoS::AtLeastOnce,
+            false,
+            chunks[1].to_vec(),
+        )?;
+        c.publish(
+            topics.update_manifest("m-lossy", 2),
+            QoS::AtLeastOnce,
+            false,
+            message::encode(&lossy),
+        )?;
+
         let expect = [
             ("m-malformed", 2, "malformed_message"),
             ("m-hash", 2, "hash_mismatch"),
@@ -298,6 +344,15 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             "all {} bad updates rejected with their own reason and counter",
             expect.len()
         );
+        zk0_e2e::wait_for(Duration::from_secs(20), "m-lossy accepted", || {
+            let seen = observer.seen.lock().ok()?;
+            (seen.acks.get(&("m-lossy".to_string(), 2)) == Some(&(true, None))).then_some(())
+        })?;
+        let metrics = http_get(&fed.metrics_listen, "/metrics")?;
+        anyhow::ensure!(
+            metrics.contains("zk0_aggregator_update_chunks_requested_total 1"),
+            "metrics lack the chunk resend request:\n{metrics}"
+        );
 
         // The aggregator kept serving: round 2 completes with the honest update.
         let st = fed
@@ -308,7 +363,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         anyhow::ensure!(st.success(), "aggregator exited with {st}");
         let state = fed.state()?;
         anyhow::ensure!(
-            state["history"][1]["accepted"] == serde_json::json!(["robot-a"]),
+            state["history"][1]["accepted"] == serde_json::json!(["m-lossy", "robot-a"]),
             "round 2: {:?}",
             state["history"][1]
         );

@@ -59,7 +59,7 @@ fn load_policy(dir: &Path) -> Result<SmolVlaPolicy> {
 }
 
 /// The policy's batch from `inputs.safetensors` (noise/time/sample_noise excluded).
-fn batch_of(inputs: &BTreeMap<String, Tensor>) -> Batch {
+pub(crate) fn batch_of(inputs: &BTreeMap<String, Tensor>) -> Batch {
     inputs
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "noise" | "time" | "sample_noise"))
@@ -67,7 +67,7 @@ fn batch_of(inputs: &BTreeMap<String, Tensor>) -> Batch {
         .collect()
 }
 
-fn input<'a>(inputs: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
+pub(crate) fn input<'a>(inputs: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
     inputs
         .get(key)
         .with_context(|| format!("inputs.safetensors has no `{key}`"))

@@ -16,7 +16,7 @@ use smolvla::processor::TaskTokenizer;
 use smolvla::{SmolVlaPolicy, Trace};
 use tch::{Device, Kind};
 
-use crate::train::{load_stats, make_batch};
+use crate::train::{batch_to, load_stats, make_batch};
 
 /// Options of one evaluation.
 #[derive(Debug, Clone)]
@@ -32,6 +32,10 @@ pub struct EvalArgs {
     pub batch_size: usize,
     pub seed: i64,
     pub out: PathBuf,
+    /// Where the model and the batches live.
+    pub device: Device,
+    /// Reduced precision of the matrix products (`--bf16`).
+    pub autocast: Option<Kind>,
 }
 
 /// Runs the evaluation, writes the JSON report to `args.out` and returns it.
@@ -41,7 +45,7 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         bail!("--batch-size must be at least 1");
     }
     tch::manual_seed(args.seed);
-    let mut policy = SmolVlaPolicy::from_dir(&args.model, Device::Cpu)
+    let mut policy = SmolVlaPolicy::from_dir(&args.model, args.device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     if let Some(g) = &args.global {
         let tensors =
@@ -79,15 +83,20 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         let (mut ep_sum, mut ep_count) = (0.0f64, 0.0f64);
         let indices: Vec<usize> = (ep.dataset_from_index..ep.dataset_to_index).collect();
         for chunk in indices.chunks(args.batch_size) {
-            let batch = make_batch(&ds, &policy, &tok, &stats, chunk)?;
-            let out = tch::no_grad(|| policy.forward(&batch, None, None, &mut Trace::off()))?;
+            let batch = batch_to(make_batch(&ds, &policy, &tok, &stats, chunk)?, args.device);
+            let out = tch::no_grad(|| {
+                smolvla::layers::autocast(args.autocast, || {
+                    policy.forward(&batch, None, None, &mut Trace::off())
+                })
+            })?;
             // Valid action entries per sample: per_sample is a mean over them.
             let valid = batch[ACTION_IS_PAD]
                 .to_kind(Kind::Bool)
                 .logical_not()
                 .sum_dim_intlist(1, false, Kind::Double);
-            let per: Vec<f64> = Vec::try_from(&out.per_sample.to_kind(Kind::Double))?;
-            let n: Vec<f64> = Vec::try_from(&valid)?;
+            let per: Vec<f64> =
+                Vec::try_from(&out.per_sample.to_kind(Kind::Double).to_device(Device::Cpu))?;
+            let n: Vec<f64> = Vec::try_from(&valid.to_device(Device::Cpu))?;
             for (l, v) in per.iter().zip(&n) {
                 ep_sum += l * v;
                 ep_count += v;

@@ -1,7 +1,12 @@
 //! `zk0-train`: the libtorch worker of zk0 — parity checks against LeRobot fixtures
 //! (`compare`), device diagnostics (`doctor`), FedProx local training (`train`), dataset
-//! evaluation (`eval`) and the loss of a checkpoint on one batch (`loss`).
+//! evaluation (`eval`), the loss of a checkpoint on one batch (`loss`) and timed training steps
+//! on a fixed batch (`bench`, what `cargo xtask bench train` compares with LeRobot).
+//!
+//! `--model` takes a checkpoint directory or a Hugging Face Hub id (`owner/name`, resolved
+//! through hf-hub's cache; `HF_HUB_OFFLINE=1` uses the cache only).
 
+mod bench;
 mod compare;
 mod doctor;
 mod eval;
@@ -11,8 +16,9 @@ mod train;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tch::{Device, Kind};
 
 /// The crate version and the libtorch it was built against.
 fn long_version() -> &'static str {
@@ -34,6 +40,32 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where and in which precision the model runs.
+#[derive(Debug, Clone, Args)]
+struct RunOpts {
+    /// auto (CUDA when libtorch sees a GPU, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// bfloat16 autocast of the matrix products (linear layers, patch convolution); weights,
+    /// optimizer state, norms, softmax and the loss stay float32.
+    #[arg(long)]
+    bf16: bool,
+}
+
+impl RunOpts {
+    fn device(&self) -> Result<Device> {
+        Ok(smolvla::device::parse_device(&self.device)?)
+    }
+    fn autocast(&self) -> Option<Kind> {
+        self.bf16.then_some(Kind::BFloat16)
+    }
+}
+
+/// A `--model` argument: a directory, or a Hub id resolved to its cached snapshot.
+fn checkpoint(model: &str) -> Result<PathBuf> {
+    smolvla::hub::resolve_checkpoint(model).with_context(|| format!("--model {model}"))
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Recompute every expected tensor of a LeRobot SmolVLA fixture and report the errors
@@ -51,9 +83,10 @@ enum Cmd {
     /// Policy loss over a LeRobot dataset (every frame of all or the first N episodes, LeRobot's
     /// preprocessing, seeded noise/time); the JSON report goes to --out and stdout.
     Eval {
-        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        /// LeRobot SmolVLA checkpoint: a directory (config.json, model.safetensors, ...) or a
+        /// Hub id such as lerobot/smolvla_base.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Weights (safetensors, LeRobot names; all or a subset) applied on top of the model's.
         #[arg(long)]
         global: Option<PathBuf>,
@@ -74,13 +107,16 @@ enum Cmd {
         /// Output: the JSON report.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        run: RunOpts,
     },
     /// Flow-matching loss of a checkpoint on a batch at the model boundary (fixture-format
     /// `inputs.safetensors`: the preprocessed batch plus `noise` and `time`); JSON on stdout.
     Loss {
-        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        /// LeRobot SmolVLA checkpoint: a directory (config.json, model.safetensors, ...) or a
+        /// Hub id such as lerobot/smolvla_base.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// safetensors with the batch, `noise` and `time`.
         #[arg(long)]
         inputs: PathBuf,
@@ -88,9 +124,10 @@ enum Cmd {
     /// FedProx local training on a LeRobot dataset: JSON lines of progress on stdout, the
     /// trained trainable tensors (safetensors) and a metrics JSON written to files.
     Train {
-        /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, ...).
+        /// LeRobot SmolVLA checkpoint: a directory (config.json, model.safetensors, ...) or a
+        /// Hub id such as lerobot/smolvla_base.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Global model weights (safetensors, LeRobot names; all or a subset) to start from.
         #[arg(long)]
         global: Option<PathBuf>,
@@ -123,6 +160,27 @@ enum Cmd {
         /// LeRobot's `SmolVLAPolicy.from_pretrained` loads.
         #[arg(long)]
         out_model: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunOpts,
+    },
+    /// Timed training steps on one fixed batch (fixture-format inputs: the preprocessed batch
+    /// plus `noise` and `time`): forward with loss, backward, grad clip, AdamW; prints one JSON
+    /// line with steps/s (warmup excluded) and the process's peak RSS.
+    Bench {
+        /// LeRobot SmolVLA checkpoint (directory or Hub id).
+        #[arg(long)]
+        model: String,
+        /// safetensors with the batch, `noise` and `time`.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first (allocator and kernel warm-up).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[command(flatten)]
+        run: RunOpts,
     },
 }
 
@@ -161,9 +219,10 @@ fn run(cli: Cli) -> Result<bool> {
             out_params,
             out_metrics,
             out_model,
+            run,
         } => {
             let args = train::TrainArgs {
-                model,
+                model: checkpoint(&model)?,
                 global,
                 dataset,
                 tokenizer,
@@ -175,6 +234,8 @@ fn run(cli: Cli) -> Result<bool> {
                 out_params,
                 out_metrics,
                 out_model,
+                device: run.device()?,
+                autocast: run.autocast(),
             };
             let metrics = train::run(&args)?;
             println!(
@@ -192,9 +253,10 @@ fn run(cli: Cli) -> Result<bool> {
             batch_size,
             seed,
             out,
+            run,
         } => {
             let report = eval::run(&eval::EvalArgs {
-                model,
+                model: checkpoint(&model)?,
                 global,
                 dataset,
                 tokenizer,
@@ -202,12 +264,32 @@ fn run(cli: Cli) -> Result<bool> {
                 batch_size,
                 seed,
                 out,
+                device: run.device()?,
+                autocast: run.autocast(),
             })?;
             println!("{report}");
             Ok(true)
         }
         Cmd::Loss { model, inputs } => {
-            println!("{}", compare::loss(&model, &inputs)?);
+            println!("{}", compare::loss(&checkpoint(&model)?, &inputs)?);
+            Ok(true)
+        }
+        Cmd::Bench {
+            model,
+            inputs,
+            steps,
+            warmup,
+            run,
+        } => {
+            let report = bench::run(&bench::BenchArgs {
+                model: checkpoint(&model)?,
+                inputs,
+                steps,
+                warmup,
+                device: run.device()?,
+                autocast: run.autocast(),
+            })?;
+            println!("{report}");
             Ok(true)
         }
         Cmd::Doctor => {

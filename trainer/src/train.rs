@@ -37,6 +37,95 @@ pub struct TrainArgs {
     pub out_metrics: PathBuf,
     /// Where to write the trained policy as a LeRobot checkpoint directory, if anywhere.
     pub out_model: Option<PathBuf>,
+    /// Where the model and the batches live.
+    pub device: Device,
+    /// Reduced precision of the matrix products (`--bf16`), see `smolvla::layers::autocast`.
+    pub autocast: Option<Kind>,
+}
+
+/// Moves every tensor of a batch to `device` (a no-op on the CPU).
+pub(crate) fn batch_to(batch: Batch, device: Device) -> Batch {
+    if device == Device::Cpu {
+        return batch;
+    }
+    batch
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(device)))
+        .collect()
+}
+
+/// What one optimisation step reports.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepOut {
+    pub loss: f64,
+    pub prox: f64,
+    pub grad_norm: f64,
+}
+
+/// Seconds spent in each part of the training steps (CPU work is synchronous, so wall time
+/// per part is meaningful there; on CUDA it measures launch time unless a sync intervenes).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Phases {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+/// One optimisation step, the work of LeRobot's `update_policy`: forward with the flow-matching
+/// loss (under `autocast`), plus the proximal term (mu/2)·‖θ − θ_global‖² when `global` is
+/// given, backward, clip to the preset's norm, AdamW at `lr`.
+pub(crate) fn train_step(
+    policy: &SmolVlaPolicy,
+    opt: &mut AdamW,
+    params: &[Tensor],
+    global: Option<(&[Tensor], f64)>,
+    batch: &Batch,
+    noise_time: Option<(&Tensor, &Tensor)>,
+    autocast: Option<Kind>,
+    lr: f64,
+    mut phases: Option<&mut Phases>,
+) -> Result<StepOut> {
+    let mut t = Instant::now();
+    // Adds the time since the last lap to part `i` (0 forward, 1 backward, 2 optimizer).
+    let mut lap = |i: usize, phases: &mut Option<&mut Phases>| {
+        if let Some(p) = phases.as_deref_mut() {
+            let slot = match i {
+                0 => &mut p.forward,
+                1 => &mut p.backward,
+                _ => &mut p.optimizer,
+            };
+            *slot += t.elapsed().as_secs_f64();
+        }
+        t = Instant::now();
+    };
+    opt.zero_grad();
+    let lo = smolvla::layers::autocast(autocast, || {
+        policy.forward(
+            batch,
+            noise_time.map(|n| n.0),
+            noise_time.map(|n| n.1),
+            &mut Trace::off(),
+        )
+    })?;
+    let (total, prox) = match global {
+        Some((g, mu)) => {
+            let prox = sq_distance(params, g) * (mu / 2.0);
+            (&lo.loss + &prox, prox.double_value(&[]))
+        }
+        None => (lo.loss.shallow_clone(), 0.0),
+    };
+    lap(0, &mut phases);
+    total.backward();
+    lap(1, &mut phases);
+    let grad_norm =
+        clip_grad_norm(params, policy.config.optimizer_grad_clip_norm).double_value(&[]);
+    opt.step(lr);
+    lap(2, &mut phases);
+    Ok(StepOut {
+        loss: lo.loss.double_value(&[]),
+        prox,
+        grad_norm,
+    })
 }
 
 fn floats(v: &FeatureValue, what: &str) -> Result<Vec<f32>> {
@@ -144,7 +233,7 @@ pub(crate) fn make_batch(
 pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let t0 = Instant::now();
     tch::manual_seed(args.seed);
-    let mut policy = SmolVlaPolicy::from_dir(&args.model, Device::Cpu)
+    let mut policy = SmolVlaPolicy::from_dir(&args.model, args.device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     if let Some(g) = &args.global {
         let tensors =
@@ -188,15 +277,22 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
             .into_iter()
             .map(|i| i as usize)
             .collect();
-        let batch = make_batch(&ds, &policy, &tok, &stats, &indices)?;
-        opt.zero_grad();
-        let lo = policy.forward(&batch, None, None, &mut Trace::off())?;
-        let prox = sq_distance(&params, &global) * (args.mu / 2.0);
-        let total = &lo.loss + &prox;
-        total.backward();
-        let gn = clip_grad_norm(&params, policy.config.optimizer_grad_clip_norm).double_value(&[]);
-        opt.step(acfg.lr);
-        let (l, p) = (lo.loss.double_value(&[]), prox.double_value(&[]));
+        let batch = batch_to(
+            make_batch(&ds, &policy, &tok, &stats, &indices)?,
+            args.device,
+        );
+        let o = train_step(
+            &policy,
+            &mut opt,
+            &params,
+            Some((&global, args.mu)),
+            &batch,
+            None,
+            args.autocast,
+            acfg.lr,
+            None,
+        )?;
+        let (l, p, gn) = (o.loss, o.prox, o.grad_norm);
         sum_loss += l;
         sum_prox += p;
         last_gn = gn;
@@ -211,7 +307,7 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
         .sqrt();
     let out: Vec<(String, Tensor)> = trainable
         .iter()
-        .map(|(n, p)| (n.clone(), p.detach().contiguous()))
+        .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu).contiguous()))
         .collect();
     Tensor::write_safetensors(&out, &args.out_params)
         .with_context(|| format!("writing {}", args.out_params.display()))?;

@@ -133,8 +133,10 @@ pub fn test(args: &TestArgs) -> Result<()> {
         ]))?;
     }
     no_libtorch_check(&env)?;
-    // End-to-end tests start the real binaries, so build them all first.
-    run(cargo(&env).args(["build", "--workspace", "--bins"]))?;
+    // End-to-end tests start the real binaries, so build them all first. `--tests` gives this
+    // build the feature set of the test build below (dev-dependencies unified in), so nextest
+    // reuses every artifact instead of rebuilding torch and arrow a second time.
+    run(cargo(&env).args(["build", "--workspace", "--bins", "--tests"]))?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .output()
@@ -231,8 +233,8 @@ pub fn demo(args: &[String]) -> Result<()> {
     run(cmd.args(args))
 }
 
-/// Benchmarks: name → (package, bench target). Each prints its figures and the ratio to a
-/// baseline measured in the same run.
+/// Benchmarks: name → (package, bench target, description). Each prints its figures and the
+/// ratio to a baseline measured in the same run.
 const BENCHES: &[(&str, &str, &str, &str)] = &[
     (
         "federation",
@@ -252,7 +254,21 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "train",
         "training steps/s and RSS, zk0-train vs LeRobot",
     ),
+    (
+        "aggregator",
+        "zk0-e2e",
+        "aggregator",
+        "aggregator peak RSS vs clients; 100 MB via the broker vs raw TCP",
+    ),
 ];
+
+/// Directory of a workspace package whose name differs from its folder.
+fn package_dir(pkg: &str) -> &str {
+    match pkg {
+        "zk0-e2e" => "tests",
+        other => other,
+    }
+}
 
 pub fn bench(name: &str, args: &[String]) -> Result<()> {
     let known = |n: &str| BENCHES.iter().find(|b| b.0 == n);
@@ -267,7 +283,7 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
         bail!("no benchmark named {name:?}");
     };
     let bench_file = root()
-        .join(pkg)
+        .join(package_dir(pkg))
         .join("benches")
         .join(format!("{target}.rs"));
     if !bench_file.is_file() {

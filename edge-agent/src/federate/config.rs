@@ -133,6 +133,56 @@ impl AgentConfig {
     }
 }
 
+/// A dataset directory as given, or a Hub repo id (`owner/name`) found in the local LeRobot
+/// cache: `$HF_LEROBOT_HOME/<id>`, `$HF_HOME/lerobot/<id>`, `~/.cache/huggingface/lerobot/<id>`
+/// (where LeRobot downloads datasets). The agent never downloads: robots record their own.
+/// Anything else is returned unchanged (with a warning when it does not exist: the worker
+/// reports the error when a round needs the data).
+pub fn resolve_dataset(d: &Path) -> PathBuf {
+    if d.is_dir() {
+        return d.to_path_buf();
+    }
+    let s = d.to_string_lossy();
+    let is_repo_id = !d.is_absolute()
+        && !s.starts_with('.')
+        && s.split('/').count() == 2
+        && s.split('/').all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        });
+    if is_repo_id {
+        for root in lerobot_cache_roots() {
+            let p = root.join(d);
+            if p.is_dir() {
+                return p;
+            }
+        }
+    }
+    tracing::warn!(
+        dataset = %s,
+        "dataset is neither a directory nor a repo id in the local LeRobot cache \
+         ($HF_LEROBOT_HOME, $HF_HOME/lerobot, ~/.cache/huggingface/lerobot)"
+    );
+    d.to_path_buf()
+}
+
+fn lerobot_cache_roots() -> Vec<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    [
+        env("HF_LEROBOT_HOME"),
+        env("HF_HOME").map(|h| h.join("lerobot")),
+        env("HOME").map(|h| h.join(".cache/huggingface/lerobot")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

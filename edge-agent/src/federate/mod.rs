@@ -47,9 +47,14 @@ pub struct RunArgs {
     /// Override `federation`.
     #[arg(long)]
     pub federation: Option<String>,
-    /// Override `dataset`.
+    /// Override `dataset`: a LeRobot dataset directory, or a Hub repo id (`owner/name`)
+    /// already in the local LeRobot cache (`$HF_LEROBOT_HOME`, `$HF_HOME/lerobot`,
+    /// `~/.cache/huggingface/lerobot`).
     #[arg(long)]
     pub dataset: Option<PathBuf>,
+    /// Override `work_dir` (also where `start` puts the pidfile, log and status file).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
     /// Override `codec` (f32, bf16, int8, topk:<fraction>).
     #[arg(long)]
     pub codec: Option<String>,
@@ -118,6 +123,8 @@ fn pub_path(key: &std::path::Path) -> PathBuf {
 /// Events the main task reacts to.
 enum Incoming {
     Connected,
+    /// The MQTT connection failed (the event loop keeps reconnecting).
+    Disconnected,
     Publish(String, Vec<u8>),
     Trained(u64, Result<TrainOutput>),
     Encoded(u64, Result<Outbound>),
@@ -129,7 +136,17 @@ struct Outbound {
     deadline_ms: u64,
     chunks: Vec<Vec<u8>>,
     manifest: Vec<u8>,
+    /// When the manifest was last sent (0: never): with no answer for [`ACK_WAIT_MS`] it is
+    /// sent again, and the aggregator re-acks, names missing chunks or gives its verdict.
+    sent_ms: u64,
+    /// Chunk resends asked for by the aggregator this round (bounded by [`MAX_RESENDS`]).
+    resends: u32,
 }
+
+/// How long to wait for an ack before sending the manifest again.
+const ACK_WAIT_MS: u64 = 30_000;
+/// Resend requests honoured per update: a bound, should the broker keep losing chunks.
+const MAX_RESENDS: u32 = 8;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -153,6 +170,8 @@ struct Agent {
     /// Rounds this agent finished (acked, rejected, failed or expired).
     finished: BTreeSet<u64>,
     rounds_done: u64,
+    /// What `zk0-agent status` shows, mirrored to `<work_dir>/status.json`.
+    status: crate::fleet::AgentStatus,
 }
 
 /// Runs the daemon until interrupted (or `--max-rounds` rounds are done).
@@ -170,6 +189,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(v) = args.dataset {
         cfg.dataset = v;
     }
+    if let Some(v) = args.work_dir {
+        cfg.work_dir = v;
+    }
+    cfg.dataset = config::resolve_dataset(&cfg.dataset);
     if let Some(v) = args.codec {
         cfg.codec = v;
     }
@@ -276,6 +299,7 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let _ = etx.send(Incoming::Disconnected);
                     tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -299,7 +323,12 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         outbound: None,
         finished: BTreeSet::new(),
         rounds_done: 0,
+        status: crate::fleet::AgentStatus::default(),
     };
+    agent.status.client_id = agent.cfg.client_id.clone();
+    agent.status.pid = std::process::id();
+    agent.status.dataset = agent.cfg.dataset.display().to_string();
+    agent.save_status();
     zk0_host::systemd::ready();
     let mut watchdog = tokio::time::interval(
         zk0_host::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
@@ -317,7 +346,7 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
                     tracing::error!(error = format!("{e:#}"), "event handling failed");
                 }
             }
-            _ = tick.tick() => agent.expire(),
+            _ = tick.tick() => agent.expire().await,
             _ = watchdog.tick() => zk0_host::systemd::watchdog(),
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted");
@@ -344,6 +373,8 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         )
         .await;
     let _ = agent.client.disconnect().await;
+    agent.status.connected = false;
+    agent.save_status();
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(())
 }
@@ -376,6 +407,15 @@ fn status(cfg: &AgentConfig, key: &KeyPair, online: bool) -> ClientStatus {
 }
 
 impl Agent {
+    /// Rewrites `status.json`; a failure only costs `zk0-agent status` its freshness.
+    fn save_status(&mut self) {
+        self.status.rounds_done = self.rounds_done;
+        self.status.updated_unix_ms = now_ms();
+        if let Err(e) = self.status.write(&self.cfg.work_dir) {
+            tracing::warn!(error = format!("{e:#}"), "writing the status file");
+        }
+    }
+
     async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
         if let Err(e) = self
             .client
@@ -388,8 +428,16 @@ impl Agent {
 
     async fn handle(&mut self, ev: Incoming) -> Result<()> {
         match ev {
+            Incoming::Disconnected => {
+                if self.status.connected {
+                    self.status.connected = false;
+                    self.save_status();
+                }
+            }
             Incoming::Connected => {
                 tracing::info!("connected to the broker");
+                self.status.connected = true;
+                self.save_status();
                 let cid = self.cfg.client_id.clone();
                 self.client
                     .subscribe(self.topics.round(), QoS::AtLeastOnce)
@@ -425,7 +473,7 @@ impl Agent {
                     self.on_model_chunk(&model_id, index, &payload).await?
                 }
                 Some(TopicKind::Ack { client_id, round }) if client_id == self.cfg.client_id => {
-                    self.on_ack(round, &payload)
+                    self.on_ack(round, &payload).await
                 }
                 _ => {}
             },
@@ -470,6 +518,10 @@ impl Agent {
                     return Ok(());
                 }
             };
+        if self.status.round != ann.round {
+            self.status.round = ann.round;
+            self.save_status();
+        }
         self.round = Some(ann);
         self.consider_round().await
     }
@@ -672,6 +724,10 @@ impl Agent {
             loss = out.metrics.loss,
             "training finished; encoding"
         );
+        self.status.trained_round = round;
+        self.status.last_loss = Some(out.metrics.loss);
+        self.status.last_accepted = None;
+        self.save_status();
         let cfg = self.cfg.clone();
         let key = self.key.clone();
         let tx = self.tx.clone();
@@ -681,11 +737,13 @@ impl Agent {
         });
     }
 
-    async fn send_outbound(&self) {
-        let Some(o) = &self.outbound else { return };
+    async fn send_outbound(&mut self) {
+        let Some(o) = &mut self.outbound else { return };
         if o.deadline_ms <= now_ms() {
             return;
         }
+        o.sent_ms = now_ms();
+        let Some(o) = &self.outbound else { return };
         let cid = &self.cfg.client_id;
         for (i, c) in o.chunks.iter().enumerate() {
             self.publish(
@@ -703,7 +761,7 @@ impl Agent {
         .await;
     }
 
-    fn on_ack(&mut self, round: u64, payload: &[u8]) {
+    async fn on_ack(&mut self, round: u64, payload: &[u8]) {
         let ack: Ack = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
             Ok(a) => a,
             Err(e) => {
@@ -711,6 +769,10 @@ impl Agent {
                 return;
             }
         };
+        if ack.is_incomplete() {
+            self.resend_missing(round, &ack.missing).await;
+            return;
+        }
         if ack.accepted {
             tracing::info!(round, "update accepted");
         } else {
@@ -720,6 +782,8 @@ impl Agent {
         if self.outbound.as_ref().is_some_and(|o| o.round == round) {
             self.outbound = None;
             self.finish_round(round);
+            self.status.last_accepted = Some(ack.accepted);
+            self.save_status();
         }
     }
 
@@ -734,7 +798,54 @@ impl Agent {
     }
 
     /// Drops an unacknowledged update once its round's deadline passed.
-    fn expire(&mut self) {
+    /// Resends the chunks the aggregator did not get, then the manifest.
+    async fn resend_missing(&mut self, round: u64, missing: &[u32]) {
+        let Some(o) = self.outbound.as_mut().filter(|o| o.round == round) else {
+            return;
+        };
+        if o.resends >= MAX_RESENDS {
+            tracing::warn!(
+                round,
+                "chunks lost again after {MAX_RESENDS} resends; waiting for the deadline"
+            );
+            return;
+        }
+        o.resends += 1;
+        o.sent_ms = now_ms();
+        tracing::info!(round, missing = missing.len(), "resending lost chunks");
+        let Some(o) = &self.outbound else { return };
+        let cid = &self.cfg.client_id;
+        for &i in missing {
+            // Indices come from the aggregator; only ours are resent.
+            if let Some(c) = o.chunks.get(i as usize) {
+                self.publish(self.topics.update_chunk(cid, round, i), c.clone(), false)
+                    .await;
+            }
+        }
+        self.publish(
+            self.topics.update_manifest(cid, round),
+            o.manifest.clone(),
+            false,
+        )
+        .await;
+    }
+
+    /// Once a second: drop work past its deadline; send the manifest again when no ack came.
+    async fn expire(&mut self) {
+        let now = now_ms();
+        if let Some(o) = self
+            .outbound
+            .as_mut()
+            .filter(|o| o.sent_ms > 0 && o.deadline_ms > now && now - o.sent_ms >= ACK_WAIT_MS)
+        {
+            o.sent_ms = now;
+            tracing::info!(round = o.round, "no ack yet; sending the manifest again");
+            let (topic, manifest) = (
+                self.topics.update_manifest(&self.cfg.client_id, o.round),
+                o.manifest.clone(),
+            );
+            self.publish(topic, manifest, false).await;
+        }
         if let Some(o) = &self.outbound {
             if o.deadline_ms <= now_ms() {
                 tracing::warn!(
@@ -809,5 +920,7 @@ fn encode_update(
         deadline_ms: ann.deadline_unix_ms,
         chunks,
         manifest: message::encode(&manifest),
+        sent_ms: 0,
+        resends: 0,
     })
 }

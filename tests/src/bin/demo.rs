@@ -5,13 +5,11 @@
 //! synth`, initialises `zk0-aggregator` with the trainable tensors of a LeRobot SmolVLA
 //! checkpoint (the vendored tiny one by default, `--model DIR` for another), serves it with its
 //! embedded broker on a free loopback port (plain MQTT), runs three `zk0-agent run` daemons
-//! whose worker is `zk0-train train`, follows the rounds, then evaluates every global model on
-//! the held-out dataset, saves the final one as a LeRobot checkpoint, and prints where
-//! everything is with a per-round loss table.
-//!
-//! Held-out loss: `zk0-train` has no `eval` subcommand yet, so it is `zk0-train train --lr 0`
-//! (AdamW with a zero learning rate leaves the weights as they are) with the same seed for
-//! every model: the mean flow-matching loss over the same batches, noise and times.
+//! whose worker is `zk0-train train`, and follows the rounds. The aggregator itself evaluates
+//! every global model on the held-out dataset (`zk0-train eval`), writes the per-round records,
+//! the policy-loss history, plots and LeRobot checkpoints with a model card; the demo then
+//! checks that `zk0-train eval` loads the final checkpoint and gives the server's final loss,
+//! and prints where everything is with a per-round table.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +28,7 @@ use zk0_e2e::smolvla;
 )]
 struct Args {
     /// Rounds to run.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: u64,
     /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, …); default: the
     /// vendored tiny SmolVLA (tests/fixtures/smolvla-tiny). For the real model:
@@ -59,6 +57,9 @@ struct Args {
     /// libtorch threads per worker (three agents train at once).
     #[arg(long, default_value_t = 1)]
     threads: u32,
+    /// Write a checkpoint every N rounds (and always after the last).
+    #[arg(long, default_value_t = 2)]
+    checkpoint_every: u64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
@@ -248,20 +249,40 @@ fn main() -> Result<()> {
     // 3. The aggregator with its embedded broker, then the agents.
     let port = zk0_e2e::free_port()?;
     let agg_cfg = dir.join("aggregator.toml");
-    std::fs::write(
-        &agg_cfg,
-        format!(
-            "federation = \"demo\"\n[rounds]\nrounds = {}\nmin_clients = 3\nround_timeout_s = 600\n\
-             local_steps = {}\nbatch_size = {}\nlr = {}\nmu = {}\nchunk_size = 262144\n\
-             base_model = {:?}\n[metrics]\nlisten = \"\"\n",
-            args.rounds,
-            args.steps,
-            args.batch_size,
-            args.lr,
-            args.mu,
-            model.display().to_string()
-        ),
-    )?;
+    let mut toml = format!(
+        "federation = \"demo\"\n[rounds]\nrounds = {}\nmin_clients = 3\nround_timeout_s = 600\n\
+         local_steps = {}\nbatch_size = {}\nlr = {}\nmu = {}\nchunk_size = 262144\n\
+         base_model = {:?}\n[metrics]\nlisten = \"\"\n",
+        args.rounds,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.mu,
+        model.display().to_string()
+    );
+    // The federation's datasets (for the records and the model card) and the server
+    // evaluation: zk0-train eval on the held-out dataset, the same batches, noise and times
+    // for every model.
+    for (cid, ..) in CLIENTS {
+        toml.push_str(&format!(
+            "[[datasets.clients]]\nrepo_id = {:?}\nclient_id = {cid:?}\n",
+            datasets[cid].display().to_string()
+        ));
+    }
+    toml.push_str(&format!(
+        "[[datasets.server]]\nrepo_id = {:?}\n[outputs.eval]\ndataset = {:?}\nworker = {:?}\n\
+         worker_args = [\"--threads\", \"2\"]\nbatch_size = 8\nseed = 1234\n{}\
+         [outputs.checkpoint]\nevery = {}\n",
+        heldout.display().to_string(),
+        heldout.display().to_string(),
+        demo.bin("zk0-train").display().to_string(),
+        match &tokenizer {
+            Some(t) => format!("tokenizer = {:?}\n", t.display().to_string()),
+            None => String::new(),
+        },
+        args.checkpoint_every,
+    ));
+    std::fs::write(&agg_cfg, toml)?;
     let mut cmd = Command::new(&agg);
     cmd.arg("--config")
         .arg(&agg_cfg)
@@ -315,11 +336,23 @@ fn main() -> Result<()> {
         ));
     }
 
-    // 4. Follow the rounds through the aggregator's state file.
+    // 4. Follow the rounds through the aggregator's state file and run outputs.
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
     let (mut last_phase, mut last_round, mut last_accepted, mut reported) =
         (String::new(), 0u64, 0usize, 0usize);
+    let mut initial_reported = false;
     loop {
+        if !initial_reported {
+            if let Some(p) = read_json(&state.join("policy_loss_history.json"))
+                .and_then(|h| h["points"].get(0).cloned())
+            {
+                demo.log(format!(
+                    "server evaluation of the initial model: policy loss {:.4}",
+                    p["policy_loss"].as_f64().unwrap_or(f64::NAN)
+                ));
+                initial_reported = true;
+            }
+        }
         if let Some(st) = read_json(&state.join("state.json")) {
             let round = st["round"].as_u64().unwrap_or(0);
             let phase = st["phase"]["phase"].as_str().unwrap_or("").to_string();
@@ -349,19 +382,30 @@ fn main() -> Result<()> {
                         "round {round}/{}: announced; agents download the model and train",
                         args.rounds
                     )),
-                    "aggregating" => demo.log(format!("round {round}: aggregating")),
+                    "aggregating" => demo.log(format!(
+                        "round {round}: aggregating, then server evaluation on the held-out dataset"
+                    )),
                     _ => {}
                 }
                 last_phase = key;
             }
             if let Some(h) = st["history"].as_array() {
                 for s in &h[reported.min(h.len())..] {
+                    let r = s["round"].as_u64().unwrap_or(0);
+                    // Recorded before the round completes, so it is there with the history.
+                    let policy = read_json(&state.join("policy_loss_history.json")).and_then(|v| {
+                        v["points"]
+                            .as_array()?
+                            .iter()
+                            .find(|p| p["round"].as_u64() == Some(r))?["policy_loss"]
+                            .as_f64()
+                    });
                     demo.log(format!(
-                        "round {} done in {:.1} s: accepted {}, mean train loss {:.4}, new model {}…",
-                        s["round"],
+                        "round {r} done in {:.1} s: accepted {}, mean train loss {:.4}, server policy loss {}, new model {}…",
                         s["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
                         s["accepted"],
                         s["metrics"]["loss"].as_f64().unwrap_or(f64::NAN),
+                        policy.map_or("-".to_string(), |l| format!("{l:.4}")),
                         s["model_id"].as_str().and_then(|m| m.get(..12)).unwrap_or("")
                     ));
                 }
@@ -411,137 +455,120 @@ fn main() -> Result<()> {
     );
     demo.log(format!("federation finished: {} rounds", history.len()));
 
-    // 5. Held-out loss of every global model (same batches, noise and times for each).
-    let model_file = |id: &str| state.join("models").join(format!("{id}.safetensors"));
-    let mut ids = vec![history[0]["base_model_id"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()];
-    ids.extend(
-        history
-            .iter()
-            .map(|h| h["model_id"].as_str().unwrap_or("").to_string()),
-    );
-    let eval_dir = dir.join("heldout_eval");
-    std::fs::create_dir_all(&eval_dir)?;
-    let mut heldout_loss = Vec::new();
-    for (r, id) in ids.iter().enumerate() {
-        let m = eval_dir.join(format!("round_{r:03}.json"));
-        let mut cmd = Command::new(demo.bin("zk0-train"));
-        cmd.args(["--threads", "2", "train", "--model"])
-            .arg(&model)
-            .arg("--global")
-            .arg(model_file(id))
-            .arg("--dataset")
-            .arg(&heldout)
-            .args([
-                "--steps",
-                "4",
-                "--batch-size",
-                "8",
-                "--lr",
-                "0",
-                "--mu",
-                "0",
-            ])
-            .args(["--seed", "1234", "--out-params"])
-            .arg(eval_dir.join("scratch.safetensors"))
-            .arg("--out-metrics")
-            .arg(&m);
-        if let Some(t) = &tokenizer {
-            cmd.arg("--tokenizer").arg(t);
-        }
-        zk0_e2e::run_ok(&mut cmd)?;
-        let loss = read_json(&m)
-            .and_then(|v| v["loss"].as_f64())
-            .unwrap_or(f64::NAN);
-        demo.log(format!(
-            "held-out loss of {}: {loss:.4}",
-            if r == 0 {
-                "the initial model".to_string()
-            } else {
-                format!("round {r}'s model")
-            }
-        ));
-        heldout_loss.push(loss);
+    // 5. The aggregator's outputs: every one must be there.
+    let policy = read_json(&state.join("policy_loss_history.json"))
+        .context("the aggregator wrote no policy_loss_history.json (server evaluation failed? see logs/aggregator.log)")?;
+    let policy_loss: BTreeMap<u64, f64> = policy["points"]
+        .as_array()
+        .map(|pts| {
+            pts.iter()
+                .filter_map(|p| Some((p["round"].as_u64()?, p["policy_loss"].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let checkpoint = state
+        .join("checkpoints")
+        .join(format!("round_{:03}", args.rounds))
+        .join("pretrained_model");
+    let plots = state.join("plots");
+    for f in [
+        checkpoint.join("model.safetensors"),
+        checkpoint.join("config.json"),
+        checkpoint.join("README.md"),
+        checkpoint.join("metrics.json"),
+        plots.join("server_policy_loss.png"),
+        plots.join("client_loss.svg"),
+        state.join("federated_metrics.json"),
+        state.join(format!("round_{:03}_server_eval.json", args.rounds)),
+    ] {
+        anyhow::ensure!(f.is_file(), "the aggregator did not write {}", f.display());
     }
-    let _ = std::fs::remove_file(eval_dir.join("scratch.safetensors"));
-    std::fs::write(
-        dir.join("heldout_loss.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({
-            "what": "mean flow-matching loss on the held-out dataset (zk0-train train --lr 0, seed 1234, 4 batches of 8)",
-            "rounds": (0..ids.len()).collect::<Vec<_>>(),
-            "model_ids": ids,
-            "loss": heldout_loss,
-        }))?,
-    )?;
+    let final_loss = policy_loss
+        .get(&args.rounds)
+        .copied()
+        .context("no server evaluation of the final model")?;
 
-    // 6. The final model as a LeRobot checkpoint directory.
-    let final_id = ids.last().cloned().unwrap_or_default();
-    let final_dir = dir.join("final_model");
+    // 6. The final checkpoint is a LeRobot model directory zk0-train loads as is: its
+    // held-out loss (same seed and batches) must be the server's final policy loss.
+    let check = dir.join("final_checkpoint_eval.json");
     let mut cmd = Command::new(demo.bin("zk0-train"));
-    cmd.args(["--threads", "2", "train", "--model"])
-        .arg(&model)
-        .arg("--global")
-        .arg(model_file(&final_id))
+    cmd.args(["--threads", "2", "eval", "--model"])
+        .arg(&checkpoint)
         .arg("--dataset")
         .arg(&heldout)
-        .args(["--steps", "0", "--out-params"])
-        .arg(eval_dir.join("scratch.safetensors"))
-        .arg("--out-metrics")
-        .arg(eval_dir.join("scratch.json"))
-        .arg("--out-model")
-        .arg(&final_dir);
+        .args(["--batch-size", "8", "--seed", "1234", "--out"])
+        .arg(&check);
     if let Some(t) = &tokenizer {
         cmd.arg("--tokenizer").arg(t);
     }
     zk0_e2e::run_ok(&mut cmd)?;
-    let _ = std::fs::remove_file(eval_dir.join("scratch.safetensors"));
-    let _ = std::fs::remove_file(eval_dir.join("scratch.json"));
+    let reloaded = read_json(&check)
+        .and_then(|v| v["loss"].as_f64())
+        .unwrap_or(f64::NAN);
+    // Equal up to the checkpoint's dtype (bf16 weights round the global f32 tensors).
+    let same = (reloaded - final_loss).abs() <= 1e-3 * final_loss.abs().max(1.0);
+    demo.log(format!(
+        "final checkpoint reloaded by zk0-train eval: policy loss {reloaded:.6} (server: {final_loss:.6}) {}",
+        if same { "- match" } else { "- MISMATCH" }
+    ));
+    anyhow::ensure!(
+        same,
+        "the checkpoint does not reproduce the server's final loss"
+    );
 
-    // 7. Where everything is, and the loss table.
+    // 7. Where everything is, and the per-round table.
     let elapsed = demo.t0.elapsed().as_secs_f64();
     println!();
     println!("zk0 demo finished in {elapsed:.0} s");
-    println!("  run dir               {}", dir.display());
-    println!("  aggregator state      {}", state.display());
+    println!("  run dir                {}", dir.display());
+    println!("  aggregator state       {}", state.display());
     println!(
-        "  federated metrics     {}",
+        "  round records          {}",
+        state.join("round_NNN_server_eval.json").display()
+    );
+    println!(
+        "  policy loss history    {}",
+        state.join("policy_loss_history.json").display()
+    );
+    println!(
+        "  federated metrics      {}",
         state.join("federated_metrics.json").display()
     );
     println!(
-        "  per-round summaries   {}",
-        state.join("rounds/round_NNN.json").display()
-    );
-    println!(
-        "  global models         {}",
-        state.join("models/<model id>.safetensors").display()
-    );
-    println!("  final model id        {final_id}");
-    println!(
-        "  final model (LeRobot) {}  (from_pretrained-loadable)",
-        final_dir.display()
-    );
-    println!(
-        "  held-out losses       {}",
-        dir.join("heldout_loss.json").display()
-    );
-    println!(
-        "  client metrics        {}",
-        dir.join("agents/<client>/work/round-N/metrics.json")
+        "  plots (PNG + SVG)      {}",
+        plots
+            .join("{server_policy_loss,client_loss,update_norms,bytes_per_round}.png")
             .display()
     );
-    println!("  datasets              {}", dir.join("datasets").display());
-    println!("  logs                  {}", dir.join("logs").display());
+    println!(
+        "  checkpoints            {}",
+        state
+            .join("checkpoints/round_NNN/pretrained_model")
+            .display()
+    );
+    println!("  final model (LeRobot)  {}", checkpoint.display());
+    println!(
+        "  model card             {}",
+        checkpoint.join("README.md").display()
+    );
+    println!(
+        "  global models          {}",
+        state.join("models/<model id>.safetensors").display()
+    );
+    println!(
+        "  datasets               {}",
+        dir.join("datasets").display()
+    );
+    println!("  logs                   {}", dir.join("logs").display());
     println!();
     let names: Vec<&str> = CLIENTS.iter().map(|c| c.0).collect();
     print!("round  clients  mean-train-loss");
     for n in &names {
         print!("  {n:>9}");
     }
-    println!("  update-norm  held-out-loss  seconds");
+    println!("  update-norm  server-policy-loss  seconds");
     println!(
-        "{:>5}  {:>7}  {:>15}{}  {:>11}  {:>13.4}  {:>7}",
+        "{:>5}  {:>7}  {:>15}{}  {:>11}  {:>18}  {:>7}",
         0,
         "-",
         "-",
@@ -550,20 +577,24 @@ fn main() -> Result<()> {
             .map(|_| format!("  {:>9}", "-"))
             .collect::<String>(),
         "-",
-        heldout_loss[0],
+        policy_loss
+            .get(&0)
+            .map_or("-".to_string(), |l| format!("{l:.4}")),
         "-"
     );
-    for (i, h) in history.iter().enumerate() {
+    for h in &history {
         let r = h["round"].as_u64().unwrap_or(0);
+        let rec = read_json(&state.join(format!("round_{r:03}_server_eval.json")));
         let per: String = names
             .iter()
             .map(|n| {
-                let l = read_json(
-                    &dir.join("agents")
-                        .join(n)
-                        .join(format!("work/round-{r}/metrics.json")),
-                )
-                .and_then(|v| v["loss"].as_f64());
+                let l = rec.as_ref().and_then(|v| {
+                    v["clients"]
+                        .as_array()?
+                        .iter()
+                        .find(|c| c["client_id"] == *n)?["loss"]
+                        .as_f64()
+                });
                 match l {
                     Some(l) => format!("  {l:>9.4}"),
                     None => format!("  {:>9}", "-"),
@@ -571,19 +602,20 @@ fn main() -> Result<()> {
             })
             .collect();
         println!(
-            "{:>5}  {:>7}  {:>15.4}{per}  {:>11.4}  {:>13.4}  {:>7.1}",
+            "{:>5}  {:>7}  {:>15.4}{per}  {:>11.4}  {:>18}  {:>7.1}",
             r,
             h["accepted"].as_array().map_or(0, Vec::len),
             h["metrics"]["loss"].as_f64().unwrap_or(f64::NAN),
             h["metrics"]["update_norm"].as_f64().unwrap_or(f64::NAN),
-            heldout_loss.get(i + 1).copied().unwrap_or(f64::NAN),
+            policy_loss
+                .get(&r)
+                .map_or("-".to_string(), |l| format!("{l:.4}")),
             h["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
         );
     }
     println!();
     println!("(train losses: each client's mean flow-matching loss over its local steps, the mean");
-    println!(
-        " weighted by examples; held-out: the global model after that round, round 0 = initial)"
-    );
+    println!(" weighted by examples; server policy loss: the aggregator's zk0-train eval of the");
+    println!(" global model after that round on the held-out dataset, round 0 = initial model)");
     Ok(())
 }

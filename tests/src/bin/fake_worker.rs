@@ -1,5 +1,6 @@
 //! `zk0-fake-worker`: a TEST-ONLY stand-in for `zk0-train train` (fast, no libtorch), for the
-//! protocol and fault tests; `federation_smolvla` runs the real worker.
+//! protocol tests that need what the real worker never does (a `delta` output, a failing
+//! worker) or no libtorch; the round, mosquitto and fault tests run the real worker.
 //!
 //! It honours the worker contract of `zk0-agent` (`train [--model <dir>] [--tokenizer <file>]
 //! --global <model.safetensors> --dataset <dir> --steps N --batch-size B --lr X --mu M --seed S

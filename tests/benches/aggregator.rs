@@ -1,0 +1,815 @@
+//! `cargo xtask bench aggregator` (= `cargo bench -p zk0-e2e --bench aggregator -- [opts]`).
+//!
+//! Two measurements on the REAL `zk0-aggregator` process (release build, made first with
+//! `cargo build --release -p aggregator` unless `ZK0_BENCH_NO_BUILD` is set):
+//!
+//! - **rss**: for N = 2, 8, 32 clients, the aggregator starts from a synthetic f32 model of
+//!   `--params` parameters (default 100 M, 400 MB), N test clients connect to its embedded
+//!   broker, announce themselves, and upload a signed `int8`+zstd delta of the whole model
+//!   (what a robot on a normal uplink sends; `f32` would exceed the default 256 MiB
+//!   `max_update_bytes`), `--uplinks K` clients at a time (default 1: the next starts when the
+//!   previous one's ack is in). Several 100 MB uploads at once overrun the embedded rumqttd's
+//!   commit log for the aggregator's `client/+/update/#` subscription (4 segments of 16 MiB):
+//!   rumqttd skips the aggregator's cursor ahead and chunks are lost, which is a finding of this
+//!   bench, not a property of the measurement. The aggregator verifies, spools,
+//!   aggregates and publishes one round; once the new model's manifest is out, its peak RSS is
+//!   read from `VmHWM` in `/proc/<pid>/status`.
+//!   Baseline: the model's own f32 size, so "peak / model" should stay flat in N.
+//! - **broker**: a `--blob-mb` MB blob (default 100) published in 1 MiB QoS 1 chunks through the
+//!   aggregator's embedded rumqttd and reassembled (then SHA-256-checked) by a subscriber, vs the
+//!   same bytes through one loopback `TcpStream`, in the same run; median of `--reps` runs.
+//!
+//! Options: `--only rss|broker`, `--params P`, `--clients 2,8,32`, `--uplinks K`,
+//! `--blob-mb M`, `--reps N`.
+//! An unoptimised build (`cargo test --benches`) only smoke-tests: 2 M parameters, N = 2, 3,
+//! a 8 MB blob, one rep.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rumqttc_ring::{Client, Event, MqttOptions, Packet, QoS};
+use shared_proto::codec::{encode_delta, Codec, EncodeOptions};
+use shared_proto::message::{
+    self, Ack, ClientMetrics, ClientStatus, HardwareInfo, ModelManifest, RoundAnnouncement,
+    UpdateManifest, PROTOCOL_VERSION,
+};
+use shared_proto::sign::KeyPair;
+use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
+use shared_proto::topic::Topics;
+
+const CHUNK: usize = 1 << 20;
+const FEDERATION: &str = "bench";
+
+struct Opts {
+    only: Option<String>,
+    params: usize,
+    clients: Vec<usize>,
+    blob_mb: usize,
+    reps: usize,
+    uplinks: usize,
+}
+
+fn parse_args() -> Result<Opts> {
+    let debug = cfg!(debug_assertions);
+    let mut o = Opts {
+        only: None,
+        params: if debug { 2_000_000 } else { 100_000_000 },
+        clients: if debug { vec![2, 3] } else { vec![2, 8, 32] },
+        blob_mb: if debug { 8 } else { 100 },
+        reps: if debug { 1 } else { 3 },
+        uplinks: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--bench" => {} // cargo bench passes it to harness-less targets
+            "--only" => {
+                let v = val()?;
+                anyhow::ensure!(v == "rss" || v == "broker", "--only rss|broker, not {v:?}");
+                o.only = Some(v);
+            }
+            "--params" => o.params = val()?.parse().context("--params")?,
+            "--clients" => {
+                o.clients = val()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--clients: comma-separated counts")?;
+            }
+            "--blob-mb" => o.blob_mb = val()?.parse().context("--blob-mb")?,
+            "--reps" => o.reps = val()?.parse::<usize>().context("--reps")?.max(1),
+            "--uplinks" => o.uplinks = val()?.parse::<usize>().context("--uplinks")?.max(1),
+            "-h" | "--help" => anyhow::bail!(
+                "usage: aggregator [--only rss|broker] [--params P] [--clients 2,8,32] \
+                 [--blob-mb M] [--reps N] [--uplinks K]"
+            ),
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    anyhow::ensure!(o.params >= 4096, "--params must be at least 4096");
+    anyhow::ensure!(
+        !o.clients.is_empty() && o.clients.iter().all(|&n| (1..=256).contains(&n)),
+        "--clients must be counts in 1..=256"
+    );
+    anyhow::ensure!(
+        (1..=4096).contains(&o.blob_mb),
+        "--blob-mb must be in 1..=4096"
+    );
+    Ok(o)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The release `zk0-aggregator`, built first unless `ZK0_BENCH_NO_BUILD` is set.
+fn aggregator_bin() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        workspace_root().join(target)
+    };
+    if std::env::var_os("ZK0_BENCH_NO_BUILD").is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--release", "-p", "aggregator"])
+            .status()
+            .context("running cargo build")?;
+        anyhow::ensure!(
+            st.success(),
+            "cargo build --release -p aggregator failed: {st}"
+        );
+    }
+    let p = target.join("release").join("zk0-aggregator");
+    anyhow::ensure!(p.is_file(), "{} is not built", p.display());
+    Ok(p)
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(
+            t0.elapsed() < timeout,
+            "nothing listens on {port} after {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// splitmix64, for cheap deterministic data.
+fn next(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform in [-scale, scale).
+fn fill(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| ((next(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// `params` f32 parameters as tensors of up to 1024 × 4096 (the last one smaller).
+fn synth(params: usize, scale: f32, seed: u64) -> TensorSet {
+    let cols = 4096;
+    let mut rows = params / cols;
+    let mut m = TensorSet::new();
+    let mut i = 0;
+    while rows > 0 {
+        let r = rows.min(1024);
+        m.insert(
+            format!("layers.{i:03}.weight"),
+            Tensor {
+                shape: vec![r, cols],
+                data: fill(r * cols, scale, seed + i as u64),
+            },
+        );
+        rows -= r;
+        i += 1;
+    }
+    m
+}
+
+/// The aggregator child, killed and reaped on drop.
+struct Aggregator(Child);
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `VmHWM` (peak resident set) of a live process, in bytes, from `/proc/<pid>/status`.
+fn vm_hwm(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading /proc/<pid>/status (Linux only)")?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}
+
+/// Waits (bounded) for the first round's new model id in the aggregator's `state.json`.
+fn wait_first_round(state: &Path, timeout: Duration) -> Result<String> {
+    let t0 = Instant::now();
+    loop {
+        let id = std::fs::read(state.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["history"][0]["model_id"].as_str().map(String::from));
+        if let Some(id) = id {
+            return Ok(id);
+        }
+        anyhow::ensure!(
+            t0.elapsed() < timeout,
+            "round 1 not aggregated after {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until the aggregator has published the manifest of model `id` (its last
+/// message for the model, after every chunk).
+fn wait_model_published(port: u16, id: &str, timeout: Duration) -> Result<()> {
+    let topics = Topics::new(FEDERATION)?;
+    let (c, mut conn) = mqtt(port, "zk0-bench-watch");
+    let (tx, rx) = mpsc::channel();
+    let filter = topics.all_model_manifests();
+    let want = id.to_string();
+    thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c.subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => {
+                    if let Ok(m) = message::decode::<ModelManifest>(
+                        &p.payload,
+                        message::DEFAULT_MAX_MESSAGE_LEN,
+                    ) {
+                        if m.model_id == want {
+                            let _ = tx.send(());
+                            let _ = c.disconnect();
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .with_context(|| format!("model {id} not published after {timeout:?}"))
+}
+
+fn mqtt(port: u16, id: &str) -> (Client, rumqttc_ring::Connection) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_max_packet_size(8 << 20, 8 << 20);
+    opts.set_keep_alive(Duration::from_secs(30));
+    Client::new(opts, 64)
+}
+
+/// Upload slots shared by the test clients: a client takes one before its first chunk and gives
+/// it back when its ack arrives.
+#[derive(Clone)]
+struct Uplink {
+    take: Arc<std::sync::Mutex<mpsc::Receiver<()>>>,
+    give: mpsc::Sender<()>,
+}
+
+impl Uplink {
+    fn new(slots: usize) -> Uplink {
+        let (give, take) = mpsc::channel();
+        for _ in 0..slots {
+            let _ = give.send(());
+        }
+        Uplink {
+            take: Arc::new(std::sync::Mutex::new(take)),
+            give,
+        }
+    }
+
+    fn acquire(&self) -> Result<()> {
+        let rx = self
+            .take
+            .lock()
+            .map_err(|_| anyhow::anyhow!("uplink poisoned"))?;
+        rx.recv_timeout(Duration::from_secs(1800))
+            .context("no upload slot after 30 min")
+    }
+}
+
+/// One test client: says it is online, waits for a round that selects it, takes an upload
+/// slot, uploads `blob` (chunks then a signed manifest) and returns its ack.
+fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) -> Result<Ack> {
+    let topics = Topics::new(FEDERATION)?;
+    let (c, mut conn) = mqtt(port, &cid);
+    let status = ClientStatus {
+        v: PROTOCOL_VERSION,
+        client_id: cid.clone(),
+        online: true,
+        dataset: "synthetic".into(),
+        examples: 100,
+        hardware: HardwareInfo {
+            cpu: String::new(),
+            cores: 1,
+            mem_bytes: 0,
+            gpu: None,
+        },
+        version: env!("CARGO_PKG_VERSION").into(),
+        public_key: key.public().to_compact(),
+    };
+    let mut uploading: Option<thread::JoinHandle<Result<()>>> = None;
+    let t0 = Instant::now();
+    for ev in conn.iter() {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "{cid}: no ack after 30 min"
+        );
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                c.subscribe(topics.round(), QoS::AtLeastOnce)?;
+                c.subscribe(topics.acks_for(&cid), QoS::AtLeastOnce)?;
+                c.publish(
+                    topics.client_status(&cid),
+                    QoS::AtLeastOnce,
+                    true,
+                    message::encode(&status),
+                )?;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => {
+                if p.topic == topics.round() && uploading.is_none() {
+                    let a: RoundAnnouncement =
+                        message::decode(&p.payload, message::DEFAULT_MAX_MESSAGE_LEN)?;
+                    if a.round == 0 || !a.is_selected(&cid) {
+                        continue;
+                    }
+                    let (c2, cid2, topics2, blob2, up2) = (
+                        c.clone(),
+                        cid.clone(),
+                        topics.clone(),
+                        blob.clone(),
+                        up.clone(),
+                    );
+                    let mut m = UpdateManifest {
+                        v: PROTOCOL_VERSION,
+                        client_id: cid.clone(),
+                        round: a.round,
+                        base_model_id: a.model_id.clone(),
+                        codec: "int8".into(),
+                        total_len: blob.len() as u64,
+                        chunk_count: shared_proto::chunk::chunk_count(
+                            blob.len(),
+                            a.chunk_size as usize,
+                        ),
+                        chunk_size: a.chunk_size,
+                        sha256: shared_proto::hash::sha256_hex(&blob),
+                        examples: 100,
+                        metrics: ClientMetrics {
+                            loss: 1.0,
+                            fedprox_loss: 0.0,
+                            grad_norm: 1.0,
+                            update_norm: 1.0,
+                            steps: 1,
+                            seconds: 1.0,
+                        },
+                        signature: Vec::new(),
+                    };
+                    m.sign_with(&key);
+                    // Publishing blocks when the request queue is full, so not on this thread,
+                    // which drives the connection.
+                    uploading = Some(thread::spawn(move || -> Result<()> {
+                        up2.acquire()?;
+                        let round = m.round;
+                        for (i, ch) in
+                            shared_proto::chunk::split(&blob2, m.chunk_size as usize).enumerate()
+                        {
+                            c2.publish(
+                                topics2.update_chunk(&cid2, round, i as u32),
+                                QoS::AtLeastOnce,
+                                false,
+                                ch.to_vec(),
+                            )?;
+                        }
+                        c2.publish(
+                            topics2.update_manifest(&cid2, round),
+                            QoS::AtLeastOnce,
+                            false,
+                            message::encode(&m),
+                        )?;
+                        Ok(())
+                    }));
+                } else if p.topic.contains("/ack/") {
+                    let ack: Ack = message::decode(&p.payload, message::DEFAULT_MAX_MESSAGE_LEN)?;
+                    let _ = up.give.send(());
+                    if let Some(h) = uploading.take() {
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("{cid}: upload thread panicked"))??;
+                    }
+                    let _ = c.disconnect();
+                    return Ok(ack);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("{cid}: connection: {e}"),
+        }
+    }
+    anyhow::bail!("{cid}: connection closed before the ack")
+}
+
+struct RssRow {
+    n: usize,
+    peak: u64,
+    upload_s: f64,
+    total_s: f64,
+}
+
+fn rss_run(
+    agg: &Path,
+    dir: &Path,
+    model_path: &Path,
+    n: usize,
+    blob: &Arc<Vec<u8>>,
+    uplinks: usize,
+) -> Result<RssRow> {
+    let state = dir.join(format!("state-{n}"));
+    run_ok(
+        Command::new(agg)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("init")
+            .arg("--model")
+            .arg(model_path),
+    )?;
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let cid = format!("c{i:03}");
+        let key = KeyPair::generate();
+        let pubp = dir.join(format!("{cid}.pub"));
+        shared_proto::sign::save_public_key(&pubp, &key.public())?;
+        run_ok(
+            Command::new(agg)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["keys", "enroll", "--client-id", &cid])
+                .arg(&pubp),
+        )?;
+        keys.push((cid, key));
+    }
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.join(format!("aggregator-{n}.log")))?;
+    let t0 = Instant::now();
+    let child = Command::new(agg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["serve", "--insecure"])
+        .args(["--federation", FEDERATION, "--metrics-listen", ""])
+        .args(["--rounds", "1", "--min-clients", &n.to_string()])
+        .args(["--round-timeout-s", "1800"])
+        .args(["--chunk-size", &CHUNK.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting zk0-aggregator")?;
+    let a = Aggregator(child);
+    wait_port(port, Duration::from_secs(120))?;
+    let up = Uplink::new(uplinks);
+    let handles: Vec<_> = keys
+        .into_iter()
+        .map(|(cid, key)| {
+            let (b, u) = (blob.clone(), up.clone());
+            thread::spawn(move || client(port, cid, key, b, u))
+        })
+        .collect();
+    let mut accepted = 0;
+    for h in handles {
+        let ack = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        anyhow::ensure!(
+            ack.accepted,
+            "{} rejected: {:?} {}",
+            ack.client_id,
+            ack.reason,
+            ack.detail
+        );
+        accepted += 1;
+    }
+    let upload_s = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(accepted == n, "{accepted} of {n} accepted");
+    // Aggregated and published: every large allocation of the round is behind us.
+    let id = wait_first_round(&state, Duration::from_secs(1800))?;
+    wait_model_published(port, &id, Duration::from_secs(600))?;
+    let total_s = t0.elapsed().as_secs_f64();
+    let peak = vm_hwm(a.0.id())?;
+    drop(a);
+    // The round really aggregated every client.
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("state.json"))?)?;
+    let got = st["history"][0]["accepted"].as_array().map_or(0, Vec::len);
+    anyhow::ensure!(got == n, "round 1 aggregated {got} of {n} updates");
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(RssRow {
+        n,
+        peak,
+        upload_s,
+        total_s,
+    })
+}
+
+fn bench_rss(o: &Opts, agg: &Path) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("zk0-bench-agg-")
+        .tempdir()?;
+    let t = Instant::now();
+    let model = synth(o.params, 0.05, 1);
+    let params: usize = model.values().map(|t| t.data.len()).sum();
+    let model_bytes = params as u64 * 4;
+    let model_path = dir.path().join("model.safetensors");
+    std::fs::write(&model_path, write_safetensors(&model, &BTreeMap::new()))?;
+    drop(model);
+    let delta = synth(o.params, 1e-3, 2);
+    let blob = encode_delta(
+        &delta,
+        &EncodeOptions {
+            codec: Codec::Int8,
+            zstd_level: 3,
+        },
+        None,
+    )?;
+    drop(delta);
+    eprintln!(
+        "model: {params} f32 parameters ({:.1} MB); update: int8+zstd 3, {:.1} MB, {} chunks of 1 MiB (setup {:.1?})",
+        model_bytes as f64 / 1e6,
+        blob.len() as f64 / 1e6,
+        blob.len().div_ceil(CHUNK),
+        t.elapsed()
+    );
+    let blob = Arc::new(blob);
+    let mut rows = Vec::new();
+    for &n in &o.clients {
+        let r = rss_run(agg, dir.path(), &model_path, n, &blob, o.uplinks)
+            .with_context(|| format!("N = {n} (logs in {})", dir.path().display()))?;
+        eprintln!(
+            "N = {n}: peak RSS {:.1} MB in {:.1} s",
+            r.peak as f64 / 1e6,
+            r.total_s
+        );
+        rows.push(r);
+    }
+    println!();
+    println!(
+        "aggregator peak RSS, one round, {params} params ({:.1} MB f32 model), int8+zstd updates of {:.1} MB, {} upload(s) at a time",
+        model_bytes as f64 / 1e6,
+        blob.len() as f64 / 1e6,
+        o.uplinks
+    );
+    println!("| clients N | update bytes in (MB) | peak RSS (MB) | peak / model size | uploads acked (s) | round done (s) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            r.n,
+            (r.n * blob.len()) as f64 / 1e6,
+            r.peak as f64 / 1e6,
+            r.peak as f64 / model_bytes as f64,
+            r.upload_s,
+            r.total_s
+        );
+    }
+    if let (Some(lo), Some(hi)) = (rows.first(), rows.last()) {
+        println!(
+            "peak RSS at N = {} / at N = {}: {:.2}",
+            hi.n,
+            lo.n,
+            hi.peak as f64 / lo.peak as f64
+        );
+    }
+    Ok(())
+}
+
+/// Seconds to move `blob` through the broker on `port` in QoS 1 chunks, reassembled by a
+/// subscriber in this process (SHA-256 checked after the clock stops).
+fn through_broker(port: u16, blob: &Arc<Vec<u8>>, rep: usize) -> Result<f64> {
+    let prefix = format!("zk0bench/blob{rep}");
+    let n = blob.len().div_ceil(CHUNK);
+    let (sub, mut sconn) = mqtt(port, &format!("zk0-bench-sub-{rep}"));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let filter = format!("{prefix}/+");
+    let total = blob.len();
+    let receiver = thread::spawn(move || -> Result<(Vec<u8>, Instant)> {
+        let mut out = vec![0u8; total];
+        let mut got = vec![false; n];
+        let mut left = n;
+        for ev in sconn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    sub.subscribe(filter.clone(), QoS::AtLeastOnce)?;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let i: usize = p
+                        .topic
+                        .rsplit('/')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .context("chunk topic")?;
+                    anyhow::ensure!(i < n, "chunk index {i} out of range");
+                    let off = i * CHUNK;
+                    anyhow::ensure!(off + p.payload.len() <= total, "chunk {i} too long");
+                    out[off..off + p.payload.len()].copy_from_slice(&p.payload);
+                    if !got[i] {
+                        got[i] = true;
+                        left -= 1;
+                        if left == 0 {
+                            let done = Instant::now();
+                            let _ = sub.disconnect();
+                            return Ok((out, done));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("subscriber: {e}"),
+            }
+        }
+        anyhow::bail!("subscriber connection ended early")
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("subscriber never subscribed")?;
+    let (publ, mut pconn) = mqtt(port, &format!("zk0-bench-pub-{rep}"));
+    let driver = thread::spawn(move || {
+        for ev in pconn.iter() {
+            if ev.is_err() {
+                return;
+            }
+        }
+    });
+    let t0 = Instant::now();
+    for (i, ch) in shared_proto::chunk::split(blob, CHUNK).enumerate() {
+        publ.publish(
+            format!("{prefix}/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            ch.to_vec(),
+        )?;
+    }
+    let (out, done) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("subscriber panicked"))??;
+    let secs = done.duration_since(t0).as_secs_f64();
+    let _ = publ.disconnect();
+    let _ = driver.join();
+    anyhow::ensure!(
+        shared_proto::hash::sha256(&out) == shared_proto::hash::sha256(blob),
+        "the reassembled blob differs"
+    );
+    Ok(secs)
+}
+
+/// Seconds to move `blob` through one loopback TCP connection in the same 1 MiB writes.
+fn through_tcp(blob: &Arc<Vec<u8>>) -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let total = blob.len();
+    let receiver = thread::spawn(move || -> Result<(Vec<u8>, Instant)> {
+        let (mut s, _) = l.accept()?;
+        let mut out = vec![0u8; total];
+        s.read_exact(&mut out)?;
+        Ok((out, Instant::now()))
+    });
+    let mut s = TcpStream::connect(addr)?;
+    let t0 = Instant::now();
+    for ch in shared_proto::chunk::split(blob, CHUNK) {
+        s.write_all(ch)?;
+    }
+    s.flush()?;
+    let (out, done) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    anyhow::ensure!(
+        shared_proto::hash::sha256(&out) == shared_proto::hash::sha256(blob),
+        "the received blob differs"
+    );
+    Ok(done.duration_since(t0).as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_broker(o: &Opts, agg: &Path) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("zk0-bench-broker-")
+        .tempdir()?;
+    // A tiny model: the aggregator only serves as the broker here (nobody joins a round).
+    let model_path = dir.path().join("model.safetensors");
+    std::fs::write(
+        &model_path,
+        write_safetensors(&synth(4096, 0.05, 1), &BTreeMap::new()),
+    )?;
+    let state = dir.path().join("state");
+    run_ok(
+        Command::new(agg)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("init")
+            .arg("--model")
+            .arg(&model_path),
+    )?;
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.path().join("aggregator.log"))?;
+    let child = Command::new(agg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["serve", "--insecure"])
+        .args(["--federation", FEDERATION, "--metrics-listen", ""])
+        .args(["--rounds", "1", "--min-clients", "1"])
+        .args(["--chunk-size", &CHUNK.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting zk0-aggregator")?;
+    let _a = Aggregator(child);
+    wait_port(port, Duration::from_secs(60))?;
+    let len = o.blob_mb * 1_000_000;
+    let mut s = 7u64;
+    let blob: Vec<u8> = (0..len.div_ceil(8))
+        .flat_map(|_| next(&mut s).to_le_bytes())
+        .take(len)
+        .collect();
+    let blob = Arc::new(blob);
+    let (mut b, mut t) = (Vec::new(), Vec::new());
+    for rep in 0..o.reps {
+        t.push(through_tcp(&blob)?);
+        b.push(through_broker(port, &blob, rep)?);
+        eprintln!("rep {rep}: broker {:.3} s, tcp {:.3} s", b[rep], t[rep]);
+    }
+    let (bm, tm) = (median(b), median(t));
+    let mb = len as f64 / 1e6;
+    println!();
+    println!(
+        "{mb:.0} MB blob in {} chunks of 1 MiB, loopback, median of {} runs",
+        len.div_ceil(CHUNK),
+        o.reps
+    );
+    println!("| path | seconds | MB/s |");
+    println!("|---|---:|---:|");
+    println!(
+        "| embedded broker (zk0-aggregator's rumqttd), QoS 1 publish → subscriber reassembly | {bm:.3} | {:.0} |",
+        mb / bm
+    );
+    println!(
+        "| raw TCP loopback, one stream | {tm:.3} | {:.0} |",
+        mb / tm
+    );
+    println!("broker time / raw TCP time: {:.1}", bm / tm);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let r = (|| -> Result<()> {
+        let o = parse_args()?;
+        let agg = aggregator_bin()?;
+        if o.only.as_deref() != Some("rss") {
+            bench_broker(&o, &agg)?;
+        }
+        if o.only.as_deref() != Some("broker") {
+            bench_rss(&o, &agg)?;
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
