@@ -472,7 +472,7 @@ impl Server {
         up.bytes = up.bytes - prev + payload.len() as u64;
         up.chunk_lens.insert(index, payload.len());
         if up.manifest.is_some() {
-            self.try_complete(cid).await?;
+            self.try_complete(cid, false).await?;
         }
         Ok(())
     }
@@ -641,11 +641,12 @@ impl Server {
         }
         up.rejected = false;
         up.manifest = Some(m);
-        self.try_complete(cid).await
+        self.try_complete(cid, true).await
     }
 
-    /// Verifies and accepts an upload once its manifest and every chunk are in.
-    async fn try_complete(&mut self, cid: &str) -> Result<()> {
+    /// Verifies and accepts an upload once its manifest and every chunk are in. On a manifest's
+    /// arrival (`on_manifest`) missing chunks are asked for; a chunk's arrival only checks.
+    async fn try_complete(&mut self, cid: &str, on_manifest: bool) -> Result<()> {
         let Some(up) = self.uploads.get(cid) else {
             return Ok(());
         };
@@ -657,6 +658,9 @@ impl Server {
             .filter(|i| !up.chunk_lens.contains_key(i))
             .collect();
         if !missing.is_empty() {
+            if !on_manifest {
+                return Ok(()); // resent chunks still on their way; the manifest follows them
+            }
             // The client publishes its manifest after its chunks, so chunks still missing
             // now were lost on the way (a broker drops QoS 1 messages when a subscriber's
             // backlog overflows): ask for exactly those. Bounded by the manifest's count.

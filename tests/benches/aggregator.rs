@@ -9,9 +9,10 @@
 //!   (what a robot on a normal uplink sends; `f32` would exceed the default 256 MiB
 //!   `max_update_bytes`), `--uplinks K` clients at a time (default 1: the next starts when the
 //!   previous one's ack is in). Several 100 MB uploads at once overrun the embedded rumqttd's
-//!   commit log for the aggregator's `client/+/update/#` subscription (4 segments of 16 MiB):
-//!   rumqttd skips the aggregator's cursor ahead and chunks are lost, which is a finding of this
-//!   bench, not a property of the measurement. The aggregator verifies, spools,
+//!   log for the aggregator's `client/+/update/#` subscription (`[broker] backlog_bytes`):
+//!   rumqttd skips the aggregator's cursor ahead and chunks are lost; the aggregator then asks
+//!   for them (an `Ack` with `missing`) and the clients resend them, as zk0-agent does, and a
+//!   manifest with no answer for 10 s is sent again. The aggregator verifies, spools,
 //!   aggregates and publishes one round; once the new model's manifest is out, its peak RSS is
 //!   read from `VmHWM` in `/proc/<pid>/status`.
 //!   Baseline: the model's own f32 size, so "peak / model" should stay flat in N.
@@ -340,12 +341,40 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
         public_key: key.public().to_compact(),
     };
     let mut uploading: Option<thread::JoinHandle<Result<()>>> = None;
+    // The manifest being sent, kept to answer the aggregator's requests for lost chunks.
+    let mut sent: Option<UpdateManifest> = None;
+    let mut resending: Vec<thread::JoinHandle<Result<()>>> = Vec::new();
     let t0 = Instant::now();
-    for ev in conn.iter() {
+    // When the manifest went out last: with no answer for 10 s it may have been lost, so it
+    // is sent again (zk0-agent does the same after 30 s).
+    // Set by the upload thread once its manifest is out (it may wait for an uplink first).
+    let manifest_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut manifest_sent: Option<Instant> = None;
+    loop {
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(1800),
             "{cid}: no ack after 30 min"
         );
+        let ev = match conn.recv_timeout(Duration::from_secs(1)) {
+            Ok(ev) => ev,
+            Err(rumqttc_ring::RecvTimeoutError::Timeout) => {
+                if manifest_sent.is_none() && manifest_out.load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    manifest_sent = Some(Instant::now());
+                }
+                let quiet = manifest_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(10));
+                if let (true, Some(m)) = (quiet, sent.clone()) {
+                    manifest_sent = Some(Instant::now());
+                    let (c2, topic) = (c.clone(), topics.update_manifest(&cid, m.round));
+                    resending.push(thread::spawn(move || -> Result<()> {
+                        c2.publish(topic, QoS::AtLeastOnce, false, message::encode(&m))?;
+                        Ok(())
+                    }));
+                }
+                continue;
+            }
+            Err(e) => anyhow::bail!("{cid}: connection: {e:?}"),
+        };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 c.subscribe(topics.round(), QoS::AtLeastOnce)?;
@@ -396,6 +425,8 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                         signature: Vec::new(),
                     };
                     m.sign_with(&key);
+                    sent = Some(m.clone());
+                    let out = manifest_out.clone();
                     // Publishing blocks when the request queue is full, so not on this thread,
                     // which drives the connection.
                     uploading = Some(thread::spawn(move || -> Result<()> {
@@ -417,16 +448,52 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                             false,
                             message::encode(&m),
                         )?;
+                        out.store(true, std::sync::atomic::Ordering::SeqCst);
                         Ok(())
                     }));
                 } else if p.topic.contains("/ack/") {
                     let ack: Ack = message::decode(&p.payload, message::DEFAULT_MAX_MESSAGE_LEN)?;
+                    if ack.is_incomplete() {
+                        // Chunks lost on the way (a broker backlog overrun): resend exactly
+                        // those, then the manifest, as zk0-agent does.
+                        // Not joined here: this thread drives the connection, and a publish
+                        // blocked on a full queue would wait for it forever.
+                        let m = sent.clone().context("resend request before any upload")?;
+                        eprintln!("  {cid}: {} chunk(s) lost, resending", ack.missing.len());
+                        manifest_sent = Some(Instant::now());
+                        let (c2, cid2, topics2, blob2) =
+                            (c.clone(), cid.clone(), topics.clone(), blob.clone());
+                        resending.push(thread::spawn(move || -> Result<()> {
+                            let size = m.chunk_size as usize;
+                            for i in ack.missing {
+                                let start = (i as usize).saturating_mul(size).min(blob2.len());
+                                let end = start.saturating_add(size).min(blob2.len());
+                                c2.publish(
+                                    topics2.update_chunk(&cid2, m.round, i),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    blob2[start..end].to_vec(),
+                                )?;
+                            }
+                            c2.publish(
+                                topics2.update_manifest(&cid2, m.round),
+                                QoS::AtLeastOnce,
+                                false,
+                                message::encode(&m),
+                            )?;
+                            Ok(())
+                        }));
+                        continue;
+                    }
                     let _ = up.give.send(());
                     if let Some(h) = uploading.take() {
                         h.join()
                             .map_err(|_| anyhow::anyhow!("{cid}: upload thread panicked"))??;
                     }
+                    // Resend threads are done once the verdict is in (it answers their
+                    // manifest), except a redundant one still queued: leave those be.
                     let _ = c.disconnect();
+                    drop(resending);
                     return Ok(ack);
                 }
             }
@@ -434,7 +501,6 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
             Err(e) => anyhow::bail!("{cid}: connection: {e}"),
         }
     }
-    anyhow::bail!("{cid}: connection closed before the ack")
 }
 
 struct RssRow {
