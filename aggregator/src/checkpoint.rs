@@ -52,7 +52,11 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
         !id_or_dir.is_empty() && id_or_dir.split('/').count() == 2 && !p.exists(),
         "{id_or_dir:?} is neither a checkpoint directory nor a Hub id (owner/name)"
     );
-    let cache = hf_hub::Cache::from_env();
+    // HF_HUB_CACHE first, as huggingface_hub does; hf-hub's `from_env` reads only HF_HOME.
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) if !dir.is_empty() => hf_hub::Cache::new(PathBuf::from(dir)),
+        _ => hf_hub::Cache::from_env(),
+    };
     let config = cache
         .model(id_or_dir.to_string())
         .get("config.json")

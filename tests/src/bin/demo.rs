@@ -30,11 +30,12 @@ struct Args {
     /// Rounds to run.
     #[arg(long, default_value_t = 5)]
     rounds: u64,
-    /// LeRobot SmolVLA checkpoint directory (config.json, model.safetensors, …); default: the
-    /// vendored tiny SmolVLA (tests/fixtures/smolvla-tiny). For the real model:
-    /// `hf download lerobot/smolvla_base --local-dir DIR`.
+    /// LeRobot SmolVLA checkpoint: a directory (config.json, model.safetensors, …) or a Hub id
+    /// such as `lerobot/smolvla_base` in the local Hugging Face cache (`hf download
+    /// lerobot/smolvla_base` first; HF_HOME / HF_HUB_CACHE honoured). Default: the vendored
+    /// tiny SmolVLA (tests/fixtures/smolvla-tiny).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// tokenizer.json (default: MODEL/tokenizer.json, or the tiny model's own).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -145,7 +146,7 @@ fn main() -> Result<()> {
     smolvla::check_runnable(&demo.bin("zk0-train")).map_err(|e| anyhow::anyhow!(e))?;
 
     let model = match &args.model {
-        Some(m) => std::path::absolute(m)?,
+        Some(m) => resolve_model(m)?,
         None => smolvla::tiny_model_dir(),
     };
     let tokenizer = match (&args.tokenizer, &args.model) {
@@ -618,4 +619,36 @@ fn main() -> Result<()> {
     println!(" weighted by examples; server policy loss: the aggregator's zk0-train eval of the");
     println!(" global model after that round on the held-out dataset, round 0 = initial model)");
     Ok(())
+}
+
+/// A checkpoint directory, or a Hub id (`owner/name`) looked up in the local Hugging Face
+/// cache: the demo never downloads (the snapshot directory holds the checkpoint's files).
+fn resolve_model(m: &str) -> Result<PathBuf> {
+    let p = Path::new(m);
+    if p.is_dir() {
+        return Ok(std::path::absolute(p)?);
+    }
+    anyhow::ensure!(
+        m.split('/').count() == 2 && !p.exists(),
+        "--model {m:?} is neither a checkpoint directory nor a Hub id (owner/name)"
+    );
+    // HF_HUB_CACHE first, as huggingface_hub does; hf-hub's `from_env` reads only HF_HOME.
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) if !dir.is_empty() => hf_hub::Cache::new(PathBuf::from(dir)),
+        _ => hf_hub::Cache::from_env(),
+    };
+    let config = cache
+        .model(m.to_string())
+        .get("config.json")
+        .with_context(|| {
+            format!(
+                "{m} is not in the local Hugging Face cache ({}); run `hf download {m}` first or \
+             pass the checkpoint directory",
+                cache.path().display()
+            )
+        })?;
+    Ok(config
+        .parent()
+        .context("cached config.json has no parent")?
+        .to_path_buf())
 }
