@@ -158,7 +158,7 @@ fn is_due(round: u64, rounds: u64, every: u64) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub client_id: String,
-    /// From the config's `[datasets]` clients list; agents do not report their dataset.
+    /// From the config's `[datasets]` clients list, else what the agent reports in its status.
     pub dataset: Option<String>,
     pub loss: Option<f64>,
     pub fedprox_loss: Option<f64>,

@@ -68,6 +68,9 @@ struct Server {
     topics: Topics,
     client: AsyncClient,
     online: BTreeSet<String>,
+    /// The dataset each client says it trains on (its retained status), for the round records
+    /// when the federation config does not name one.
+    reported_datasets: BTreeMap<String, String>,
     uploads: HashMap<String, Upload>,
     spec: ModelSpec,
     /// Enrolled keys, re-read when `keys.json` changes (so `keys enroll|revoke` apply live).
@@ -215,6 +218,7 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
         topics,
         client,
         online: BTreeSet::new(),
+        reported_datasets: BTreeMap::new(),
         uploads: HashMap::new(),
         keys: KeyRegistry::default(),
         keys_mtime: None,
@@ -390,7 +394,12 @@ impl Server {
         let enrolled = self.keys()?.clients.contains_key(cid);
         let online = !payload.is_empty()
             && match message::decode::<ClientStatus>(payload, MAX_MESSAGE_BYTES) {
-                Ok(s) => s.online && s.client_id == cid,
+                Ok(s) => {
+                    if enrolled && s.client_id == cid && !s.dataset.is_empty() {
+                        self.reported_datasets.insert(cid.to_string(), s.dataset);
+                    }
+                    s.online && s.client_id == cid
+                }
                 Err(e) => {
                     tracing::warn!(client = cid, error = %e, "malformed client status");
                     false
@@ -988,7 +997,13 @@ impl Server {
         let outputs = Outputs::new(&self.store);
         let datasets: BTreeMap<String, String> = accepted
             .keys()
-            .filter_map(|c| Some((c.clone(), self.cfg.datasets.for_client(c)?.repo_id.clone())))
+            .filter_map(|c| {
+                let configured = self.cfg.datasets.for_client(c).map(|d| d.repo_id.clone());
+                Some((
+                    c.clone(),
+                    configured.or_else(|| self.reported_datasets.get(c).cloned())?,
+                ))
+            })
             .collect();
         let mut record = RoundRecord::new(summary, accepted, &datasets);
         match server_eval {

@@ -141,6 +141,13 @@ fn check_outputs(fed: &Federation, base: &Path, stopped_at: Option<u64>) -> Resu
         for (c, (cid, examples, codec)) in clients.iter().zip(CLIENTS) {
             anyhow::ensure!(c["client_id"] == cid && c["codec"] == codec, "{c}");
             anyhow::ensure!(c["examples"] == examples, "{c}");
+            // No `[datasets]` in this config: the dataset each agent reports in its status.
+            anyhow::ensure!(
+                c["dataset"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with(&format!("ds-{cid}"))),
+                "dataset in {c}"
+            );
             for k in ["loss", "fedprox_loss", "grad_norm", "update_norm"] {
                 anyhow::ensure!(c[k].as_f64().is_some_and(f64::is_finite), "{k} in {c}");
             }
