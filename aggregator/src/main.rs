@@ -19,7 +19,6 @@ mod checkpoint;
 mod config;
 mod datasets;
 mod doctor;
-mod fleet;
 mod hub;
 mod metrics;
 mod outputs;
@@ -319,8 +318,8 @@ fn main() -> Result<()> {
 }
 
 /// The background daemon's pid and log files live in the state dir.
-fn daemon(store: &Store) -> fleet::Daemon {
-    fleet::Daemon {
+fn daemon(store: &Store) -> zk0_host::daemon::Daemon {
+    zk0_host::daemon::Daemon {
         name: "zk0-aggregator",
         dir: store.dir.clone(),
     }

@@ -5,6 +5,7 @@
 //! /proc, /sys, /dev) and never fails: what cannot be read is reported as absent.
 
 pub mod checklist;
+pub mod daemon;
 mod devices;
 mod onnxruntime;
 pub mod systemd;

@@ -1,11 +1,9 @@
-//! `start` / `stop` for the daemon, with zk0bot's habits: `start` runs `serve` as a detached
+//! `start` / `stop` for a daemon, with zk0bot's habits: `start` runs the daemon as a detached
 //! background process (its own process group, stdin closed, output appended to a log file)
-//! and records its pid in a pidfile in the state dir; a second `start` is refused while that
-//! process lives; `stop` sends SIGTERM and waits for the exit. A pidfile whose process is gone
-//! (or is some other program that reused the pid) is stale and removed.
-//!
-//! The edge agent has the same module (`edge-agent/src/fleet.rs`); the two daemons share no
-//! library that could hold it without pulling the other's dependencies.
+//! and records its pid in a pidfile; a second `start` is refused while that process lives;
+//! `stop` sends SIGTERM and waits for the exit. A pidfile whose process is gone (or is some
+//! other program that reused the pid) is stale and removed. Shared by `zk0-aggregator
+//! start|stop` and `zk0-agent start|stop`.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -192,7 +190,7 @@ mod tests {
     fn stale_and_foreign_pidfiles_are_not_running() {
         let dir = tempfile::tempdir().unwrap();
         let d = Daemon {
-            name: "zk0-aggregator",
+            name: "zk0-test-daemon",
             dir: dir.path().to_path_buf(),
         };
         assert_eq!(d.running().unwrap(), None);
