@@ -333,6 +333,9 @@ fn pip_download(dest: &Path, pkgs: &[String], no_deps: bool) -> Result<()> {
         "pip",
         "download",
         "--disable-pip-version-check",
+        // The wheels are unpacked into our own cache dir; pip's cache would keep a second
+        // copy (gigabytes) outside it.
+        "--no-cache-dir",
         "--progress-bar",
         "on",
         "-d",
@@ -415,6 +418,7 @@ fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
             "pip",
             "install",
             "--disable-pip-version-check",
+            "--no-cache-dir",
             "--progress-bar",
             "on",
         ])
