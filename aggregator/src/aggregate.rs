@@ -1,91 +1,60 @@
 //! FedProx/FedAvg server step and global-model files.
 //!
-//! `global += server_lr · Σ wᵢ·Δᵢ / Σ wᵢ`, with wᵢ the client's example count. Deltas are
-//! folded one at a time into a single f32 accumulator, so memory is about two models (global +
-//! accumulator) plus the one delta being read, whatever the number of clients. Clients are
-//! folded in sorted id order, so a resumed round produces bit-identical results.
+//! `global += server_lr · Σ wᵢ·Δᵢ / Σ wᵢ`, with wᵢ the client's example count. Every weight is
+//! known before the first delta is read (the accepted updates are on disk), so each delta is
+//! folded straight into the global model, one tensor at a time as it is decoded: memory is one
+//! model plus one update's encoded blob, whatever the number of clients. Clients are folded in
+//! sorted id order, so a resumed round produces bit-identical results.
 
 use anyhow::{Context, Result};
-use shared_proto::tensor::{read_safetensors, write_safetensors, ModelSpec, TensorSet};
+use shared_proto::tensor::{read_safetensors, write_safetensors, TensorSet};
 
 use crate::store::{write_atomic, Store};
 
-/// Running weighted sum of deltas.
+/// The server step under way: folds weighted deltas into the global model in place.
 #[derive(Debug)]
-pub struct Accumulator {
-    sum: TensorSet,
-    total_weight: f64,
+pub struct ServerStep<'a> {
+    global: &'a mut TensorSet,
+    /// `server_lr / Σ wᵢ`: a delta of weight w is added with factor `w · per_weight`.
+    per_weight: f64,
 }
 
-impl Accumulator {
-    /// A zero accumulator shaped like `spec`.
-    pub fn new(spec: &ModelSpec) -> Self {
-        let sum = spec
-            .tensors
-            .iter()
-            .map(|(name, shape)| {
-                let n: usize = shape.iter().product();
-                (
-                    name.clone(),
-                    shared_proto::tensor::Tensor {
-                        shape: shape.clone(),
-                        data: vec![0.0; n],
-                    },
-                )
-            })
-            .collect();
-        Accumulator {
-            sum,
-            total_weight: 0.0,
-        }
-    }
-
-    /// Adds `weight · delta`. The delta was validated against the model spec on receipt, so a
-    /// mismatch here is an internal error.
-    pub fn add(&mut self, weight: f64, delta: &TensorSet) -> Result<()> {
+impl<'a> ServerStep<'a> {
+    /// A step over updates whose weights sum to `total_weight`. With no weight (no
+    /// contributions) nothing may be added and the model is kept.
+    pub fn new(global: &'a mut TensorSet, total_weight: f64, server_lr: f64) -> Result<Self> {
         anyhow::ensure!(
-            weight > 0.0 && weight.is_finite(),
-            "weight {weight} must be positive"
+            total_weight >= 0.0 && total_weight.is_finite() && server_lr.is_finite(),
+            "total weight {total_weight} and server lr {server_lr} must be finite, weight >= 0"
         );
-        // Check every tensor before touching any, so a bad delta leaves the sum unchanged.
-        for (name, acc) in &self.sum {
-            let d = delta
-                .get(name)
-                .with_context(|| format!("delta lacks {name}"))?;
-            anyhow::ensure!(
-                d.data.len() == acc.data.len(),
-                "delta {name} has the wrong length"
-            );
-        }
-        let w = weight as f32;
-        for (name, acc) in self.sum.iter_mut() {
-            if let Some(d) = delta.get(name) {
-                for (a, x) in acc.data.iter_mut().zip(&d.data) {
-                    *a += w * *x;
-                }
-            }
-        }
-        self.total_weight += weight;
-        Ok(())
+        let per_weight = if total_weight > 0.0 {
+            server_lr / total_weight
+        } else {
+            0.0
+        };
+        Ok(ServerStep { global, per_weight })
     }
 
-    /// Applies the server step to `global` in place. With no contributions the model is kept.
-    pub fn apply(&self, global: &mut TensorSet, server_lr: f64) -> Result<()> {
-        if self.total_weight <= 0.0 {
-            return Ok(());
-        }
-        let scale = (server_lr / self.total_weight) as f32;
-        for (name, acc) in &self.sum {
-            let g = global
-                .get_mut(name)
-                .with_context(|| format!("global model lacks {name}"))?;
-            anyhow::ensure!(
-                g.data.len() == acc.data.len(),
-                "global {name} has the wrong length"
-            );
-            for (x, a) in g.data.iter_mut().zip(&acc.data) {
-                *x += scale * *a;
-            }
+    /// Adds `weight · delta` for one tensor of one client's update. The update was validated
+    /// against the model spec on receipt, so a mismatch here is an internal error.
+    pub fn add_tensor(&mut self, weight: f64, name: &str, delta: &[f32]) -> Result<()> {
+        anyhow::ensure!(
+            weight > 0.0 && weight.is_finite() && self.per_weight > 0.0,
+            "weight {weight} must be positive (and the step's total weight too)"
+        );
+        let g = self
+            .global
+            .get_mut(name)
+            .with_context(|| format!("global model lacks {name}"))?;
+        anyhow::ensure!(
+            g.data.len() == delta.len(),
+            "delta {name} has {} values, the model {}",
+            delta.len(),
+            g.data.len()
+        );
+        let f = (weight * self.per_weight) as f32;
+        for (x, d) in g.data.iter_mut().zip(delta) {
+            *x += f * *d;
         }
         Ok(())
     }
@@ -131,21 +100,30 @@ mod tests {
     #[test]
     fn weighted_average_server_step() {
         let mut g = set(&[1.0, 1.0]);
-        let spec = ModelSpec::from_tensors(&g);
-        let mut acc = Accumulator::new(&spec);
-        acc.add(1.0, &set(&[1.0, 0.0])).unwrap();
-        acc.add(3.0, &set(&[0.0, 4.0])).unwrap();
-        acc.apply(&mut g, 1.0).unwrap();
+        let mut step = ServerStep::new(&mut g, 4.0, 1.0).unwrap();
+        step.add_tensor(1.0, "w", &[1.0, 0.0]).unwrap();
+        step.add_tensor(3.0, "w", &[0.0, 4.0]).unwrap();
         assert_eq!(g["w"].data, vec![1.25, 4.0]);
+        // The server learning rate scales the averaged delta.
+        let mut g = set(&[0.0]);
+        let mut step = ServerStep::new(&mut g, 2.0, 0.5).unwrap();
+        step.add_tensor(2.0, "w", &[4.0]).unwrap();
+        assert_eq!(g["w"].data, vec![2.0]);
     }
 
     #[test]
-    fn no_contributions_keep_the_model_and_bad_weights_fail() {
+    fn bad_weights_names_and_lengths_fail_without_touching_the_model() {
         let mut g = set(&[2.0]);
-        let mut acc = Accumulator::new(&ModelSpec::from_tensors(&g));
-        assert!(acc.add(0.0, &set(&[1.0])).is_err());
-        assert!(acc.add(1.0, &set(&[1.0, 2.0])).is_err());
-        acc.apply(&mut g, 1.0).unwrap();
+        let mut step = ServerStep::new(&mut g, 1.0, 1.0).unwrap();
+        assert!(step.add_tensor(0.0, "w", &[1.0]).is_err());
+        assert!(step.add_tensor(f64::NAN, "w", &[1.0]).is_err());
+        assert!(step.add_tensor(1.0, "w", &[1.0, 2.0]).is_err());
+        assert!(step.add_tensor(1.0, "other", &[1.0]).is_err());
+        assert_eq!(g["w"].data, vec![2.0]);
+        // No contributions: nothing can be added, the model stays.
+        let mut step = ServerStep::new(&mut g, 0.0, 1.0).unwrap();
+        assert!(step.add_tensor(1.0, "w", &[1.0]).is_err());
+        assert!(ServerStep::new(&mut g, f64::INFINITY, 1.0).is_err());
         assert_eq!(g["w"].data, vec![2.0]);
     }
 }

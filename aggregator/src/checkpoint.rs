@@ -42,35 +42,9 @@ pub struct TrainingState {
 }
 
 /// A LeRobot checkpoint directory from a path or a Hub id already in the local Hugging Face
-/// cache (`HF_HOME`/`HF_HUB_CACHE`; nothing is downloaded).
+/// cache (`HF_HUB_CACHE`, else `HF_HOME/hub`; nothing is downloaded).
 pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
-    let p = Path::new(id_or_dir);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    anyhow::ensure!(
-        !id_or_dir.is_empty() && id_or_dir.split('/').count() == 2 && !p.exists(),
-        "{id_or_dir:?} is neither a checkpoint directory nor a Hub id (owner/name)"
-    );
-    // HF_HUB_CACHE first, as huggingface_hub does; hf-hub's `from_env` reads only HF_HOME.
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) if !dir.is_empty() => hf_hub::Cache::new(PathBuf::from(dir)),
-        _ => hf_hub::Cache::from_env(),
-    };
-    let config = cache
-        .model(id_or_dir.to_string())
-        .get("config.json")
-        .with_context(|| {
-            format!(
-                "{id_or_dir} is not in the local Hugging Face cache ({}); download it first \
-                 (`hf download {id_or_dir}`) or pass its directory",
-                cache.path().display()
-            )
-        })?;
-    Ok(config
-        .parent()
-        .context("cached config.json has no parent")?
-        .to_path_buf())
+    zk0_host::hf_cache::cached_checkpoint(id_or_dir)
 }
 
 /// Whether LeRobot trains `name` with SmolVLA's default freeze settings (`train_expert_only`,

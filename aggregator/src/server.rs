@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc_ring::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use shared_proto::chunk;
-use shared_proto::codec::{decode_delta, decode_delta_with_codec, Codec};
+use shared_proto::codec::{decode_delta_each, decode_delta_with_codec, Codec};
 use shared_proto::message::{
     self, Ack, ClientStatus, HyperParams, ModelBlobKind, ModelManifest, RejectReason,
     RoundAnnouncement, ServerStatus, UpdateManifest, PROTOCOL_VERSION,
@@ -21,7 +21,7 @@ use shared_proto::tensor::ModelSpec;
 use shared_proto::topic::{TopicKind, Topics};
 use tokio::sync::mpsc;
 
-use crate::aggregate::{self, Accumulator};
+use crate::aggregate::{self, ServerStep};
 use crate::broker::EmbeddedBroker;
 use crate::checkpoint;
 use crate::config::Config;
@@ -848,20 +848,25 @@ impl Server {
     async fn aggregate(&mut self, reason: Option<CloseReason>) -> Result<()> {
         let round = self.state.round;
         let (_, mut global) = aggregate::load_model(&self.store, &self.state.model_id)?;
-        let mut acc = Accumulator::new(&self.spec);
         let max_decoded = self.spec.f32_bytes().saturating_add(1 << 20);
+        let total: f64 = self
+            .state
+            .accepted
+            .values()
+            .map(|r| r.examples as f64)
+            .sum();
+        let mut step = ServerStep::new(&mut global, total, self.cfg.rounds.server_lr)?;
         for (cid, rec) in &self.state.accepted {
             let path = self.store.accepted_path(round, cid);
             let blob =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let delta = decode_delta(&blob, &self.spec, max_decoded)
-                .with_context(|| format!("decoding {}", path.display()))?;
-            acc.add(rec.examples as f64, &delta)?;
+            // Each tensor goes into the model as soon as it is decoded: peak memory is the
+            // global model plus this one update's blob (compressed and decompressed).
+            decode_delta_each(&blob, &self.spec, max_decoded, |name, _, delta| {
+                step.add_tensor(rec.examples as f64, name, &delta)
+            })
+            .with_context(|| format!("decoding {}", path.display()))?;
         }
-        acc.apply(&mut global, self.cfg.rounds.server_lr)?;
-        // Peak memory is about global + accumulator + one decoded update; free each as soon
-        // as it is done with, before the model is serialised and published.
-        drop(acc);
         let new_id = aggregate::save_model(&self.store, &global)?;
         drop(global);
         // Server evaluation before `complete`: a crash during it redoes the round, so the

@@ -3,10 +3,12 @@
 //! `zk0-agent doctor` and `zk0-aggregator doctor` print these facts, and the agent reports
 //! the hardware part in its MQTT status. Everything here reads the running system (sysinfo,
 //! /proc, /sys, /dev) and never fails: what cannot be read is reported as absent.
+//! [`hf_cache`] finds checkpoints already in the local Hugging Face cache.
 
 pub mod checklist;
 pub mod daemon;
 mod devices;
+pub mod hf_cache;
 mod onnxruntime;
 pub mod systemd;
 

@@ -395,6 +395,31 @@ pub fn decode_delta_with_codec(
     spec: &ModelSpec,
     max_decoded_bytes: usize,
 ) -> Result<(TensorSet, Codec), ProtoError> {
+    let mut out = TensorSet::new();
+    let codec = decode_delta_each(bytes, spec, max_decoded_bytes, |name, shape, data| {
+        out.insert(
+            name.to_string(),
+            Tensor {
+                shape: shape.to_vec(),
+                data,
+            },
+        );
+        Ok::<_, ProtoError>(())
+    })?;
+    Ok((out, codec))
+}
+
+/// [`decode_delta_with_codec`] one tensor at a time: `each(name, shape, values)` receives the
+/// tensors of `spec` in order, each checked (name, shape, dtype, finite) as it is decoded, so a
+/// caller folding updates into a model never holds a whole decoded update. When a later tensor
+/// fails, the earlier ones have already been handed out: callers that need all-or-nothing use
+/// [`decode_delta`] (the aggregator verifies every update that way on receipt).
+pub fn decode_delta_each<E: From<ProtoError>>(
+    bytes: &[u8],
+    spec: &ModelSpec,
+    max_decoded_bytes: usize,
+    mut each: impl FnMut(&str, &[usize], Vec<f32>) -> Result<(), E>,
+) -> Result<Codec, E> {
     let st = decompress_capped(bytes, max_decoded_bytes)?;
     let (mut raw, metadata) = parse_raw(&st)?;
     let codec: Codec = metadata
@@ -402,7 +427,6 @@ pub fn decode_delta_with_codec(
         .ok_or_else(|| ProtoError::UnsupportedCodec(format!("<no {CODEC_KEY} in metadata>")))?
         .parse()?;
 
-    let mut out = TensorSet::new();
     for (name, shape) in &spec.tensors {
         let data = match codec {
             Codec::F32 => {
@@ -427,20 +451,14 @@ pub fn decode_delta_with_codec(
             Codec::TopK { .. } => decode_topk(&mut raw, name, shape)?,
         };
         if !data.iter().all(|x| x.is_finite()) {
-            return Err(ProtoError::NonFinite(name.clone()));
+            return Err(ProtoError::NonFinite(name.clone()).into());
         }
-        out.insert(
-            name.clone(),
-            Tensor {
-                shape: shape.clone(),
-                data,
-            },
-        );
+        each(name, shape, data)?;
     }
     if let Some(extra) = raw.into_keys().next() {
-        return Err(ProtoError::UnexpectedTensor(extra));
+        return Err(ProtoError::UnexpectedTensor(extra).into());
     }
-    Ok((out, codec))
+    Ok(codec)
 }
 
 fn decompress_capped(bytes: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {

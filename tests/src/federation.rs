@@ -663,6 +663,54 @@ fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
+impl Federation {
+    /// The whole happy path of a run: the aggregator (broker already started) for `rounds`
+    /// rounds of at most `round_s` seconds, an [`Observer`] on the wire, then every client's
+    /// agent; waits for the aggregator to finish (within `timeout`), checks every round with
+    /// [`Federation::verify_rounds`] and that every agent exited cleanly. Returns the final
+    /// persisted state for the test's own checks.
+    pub fn run_rounds(
+        &mut self,
+        clients: &[(&str, u64, &str)],
+        rounds: u64,
+        round_s: f64,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.start_aggregator(rounds, round_s, &[])?;
+        let observer = Observer::start(self.port, &self.federation)?;
+        observer.wait_subscribed(Duration::from_secs(20))?;
+        for (cid, _, _) in clients {
+            self.start_agent(cid, rounds)?;
+        }
+        let st = self
+            .aggregator
+            .as_mut()
+            .context("aggregator")?
+            .wait_timeout(timeout)?;
+        anyhow::ensure!(st.success(), "aggregator exited with {st}");
+        // Give the observer a moment to drain the last publishes.
+        std::thread::sleep(Duration::from_millis(500));
+        let n = {
+            let seen = observer
+                .seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
+            self.verify_rounds(&seen)?
+        };
+        anyhow::ensure!(
+            n as u64 == rounds,
+            "expected {rounds} rounds, state has {n}"
+        );
+        for (cid, _, _) in clients {
+            if let Some(a) = self.agents.get_mut(*cid) {
+                let st = a.wait_timeout(Duration::from_secs(20))?;
+                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
+            }
+        }
+        self.state()
+    }
+}
+
 /// `mosquitto` on PATH or in /usr/sbin.
 pub fn find_mosquitto() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")

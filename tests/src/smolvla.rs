@@ -252,3 +252,54 @@ pub fn delayed_worker(train: &Path, delay_s: f64) -> Vec<String> {
         "train".into(),
     ]
 }
+
+/// What a run of the real worker must show in the aggregator's final `state`: every round
+/// accepted every client and moved the model with a finite loss, and each agent's last worker
+/// run (round `rounds`) wrote real `zk0-train` metrics for `local_steps` steps.
+pub fn check_real_rounds(
+    fed: &crate::federation::Federation,
+    state: &serde_json::Value,
+    clients: &[(&str, u64, &str)],
+    rounds: u64,
+    local_steps: u32,
+) -> Result<()> {
+    let history = state["history"].as_array().context("history")?;
+    anyhow::ensure!(history.len() as u64 == rounds, "{} rounds", history.len());
+    let all: Vec<&str> = clients.iter().map(|(cid, _, _)| *cid).collect();
+    for h in history {
+        anyhow::ensure!(
+            h["accepted"] == serde_json::json!(all),
+            "round {}: accepted {}",
+            h["round"],
+            h["accepted"]
+        );
+        anyhow::ensure!(
+            h["model_id"] != h["base_model_id"],
+            "round {}: the model did not move",
+            h["round"]
+        );
+        let loss = h["metrics"]["loss"].as_f64().context("round loss")?;
+        anyhow::ensure!(loss.is_finite() && loss > 0.0, "round loss {loss}");
+    }
+    let tensors = tiny_trainable()?.len();
+    for (cid, _, _) in clients {
+        let path = fed
+            .dir
+            .join(cid)
+            .join(format!("work/round-{rounds}/metrics.json"));
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        anyhow::ensure!(
+            m["steps"] == local_steps
+                && m["examples"] == 4 * local_steps
+                && m["trainable_tensors"] == tensors,
+            "{cid}: {m}"
+        );
+        anyhow::ensure!(
+            m["update_norm"].as_f64().is_some_and(|u| u > 0.0),
+            "{cid}: {m}"
+        );
+    }
+    Ok(())
+}

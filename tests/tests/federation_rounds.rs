@@ -16,8 +16,8 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use zk0_e2e::federation::{find_mosquitto, BrokerKind, Federation, Observer};
+use anyhow::Result;
+use zk0_e2e::federation::{find_mosquitto, BrokerKind, Federation};
 use zk0_e2e::smolvla;
 
 const CLIENTS: [(&str, u64, &str); 3] = [
@@ -26,65 +26,22 @@ const CLIENTS: [(&str, u64, &str); 3] = [
     ("robot-c", 300, "bf16"),
 ];
 
-fn three_rounds(kind: BrokerKind) -> Result<()> {
+#[test]
+fn three_rounds_on_the_embedded_broker() -> Result<()> {
     zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
     let mut fed = Federation::setup(
         tmp.path(),
-        kind,
+        BrokerKind::Embedded,
         env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
         &CLIENTS,
     )?;
     fed.agent_extra
         .insert("robot-c".into(), "worker_output = \"delta\"".into());
-    let result = (|| -> Result<usize> {
-        if !fed.start_broker()? {
-            return Ok(0);
-        }
-        fed.start_aggregator(3, 60.0, &[])?;
-        let observer = Observer::start(fed.port, &fed.federation)?;
-        observer.wait_subscribed(Duration::from_secs(20))?;
-        for (cid, _, _) in CLIENTS {
-            fed.start_agent(cid, 3)?;
-        }
-        let st = fed
-            .aggregator
-            .as_mut()
-            .map(|a| a.wait_timeout(Duration::from_secs(180)))
-            .transpose()?;
-        anyhow::ensure!(
-            st.is_some_and(|s| s.success()),
-            "aggregator exited with {st:?}"
-        );
-        // Give the observer a moment to drain the last publishes.
-        std::thread::sleep(Duration::from_millis(500));
-        let seen = observer
-            .seen
-            .lock()
-            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
-        let n = fed.verify_rounds(&seen)?;
-        anyhow::ensure!(n == 3, "expected 3 rounds, state has {n}");
-        for (cid, _, _) in CLIENTS {
-            if let Some(a) = fed.agents.get_mut(cid) {
-                let st = a.wait_timeout(Duration::from_secs(20))?;
-                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
-            }
-        }
-        Ok(n)
-    })();
-    match result {
-        Ok(0) => {
-            eprintln!("SKIPPED: mosquitto is not installed (apt install mosquitto)");
-            Ok(())
-        }
-        Ok(_) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("{e:#}\n{}", fed.logs())),
-    }
-}
-
-#[test]
-fn three_rounds_on_the_embedded_broker() -> Result<()> {
-    three_rounds(BrokerKind::Embedded)
+    let result = fed.run_rounds(&CLIENTS, 3, 60.0, Duration::from_secs(180));
+    result
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
 }
 
 /// (id, aggregation weight, codec) for the real-worker run: different weights and codecs.
@@ -117,54 +74,8 @@ fn three_rounds_of_real_smolvla_training_on_mosquitto() -> Result<()> {
     )?;
     let result = (|| -> Result<()> {
         anyhow::ensure!(fed.start_broker()?, "mosquitto did not start");
-        fed.start_aggregator(3, 120.0, &[])?;
-        let observer = Observer::start(fed.port, &fed.federation)?;
-        observer.wait_subscribed(Duration::from_secs(20))?;
-        for (cid, _, _) in ARMS {
-            fed.start_agent(cid, 3)?;
-        }
-        let st = fed
-            .aggregator
-            .as_mut()
-            .context("aggregator")?
-            .wait_timeout(Duration::from_secs(150))?;
-        anyhow::ensure!(st.success(), "aggregator exited with {st}");
-        std::thread::sleep(Duration::from_millis(500));
-        let seen = observer
-            .seen
-            .lock()
-            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
-        anyhow::ensure!(fed.verify_rounds(&seen)? == 3, "expected 3 rounds");
-        let state = fed.state()?;
-        for h in state["history"].as_array().context("history")? {
-            anyhow::ensure!(
-                h["accepted"] == serde_json::json!(["arm-a", "arm-b", "arm-c"]),
-                "round {}: accepted {}",
-                h["round"],
-                h["accepted"]
-            );
-            anyhow::ensure!(
-                h["model_id"] != h["base_model_id"],
-                "the model did not move"
-            );
-        }
-        // Real zk0-train runs produced the updates, not a stand-in.
-        for (cid, _, _) in ARMS {
-            let m: serde_json::Value = serde_json::from_slice(&std::fs::read(
-                fed.dir.join(cid).join("work/round-3/metrics.json"),
-            )?)?;
-            anyhow::ensure!(
-                m["steps"] == 3 && m["trainable_tensors"] == 47,
-                "{cid}: {m}"
-            );
-            let st = fed
-                .agents
-                .get_mut(cid)
-                .context("agent")?
-                .wait_timeout(Duration::from_secs(20))?;
-            anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
-        }
-        Ok(())
+        let state = fed.run_rounds(&ARMS, 3, 120.0, Duration::from_secs(150))?;
+        smolvla::check_real_rounds(&fed, &state, &ARMS, 3, 3)
     })();
     eprintln!("real-worker rounds on mosquitto took {:.1?}", t0.elapsed());
     result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))

@@ -624,31 +624,5 @@ fn main() -> Result<()> {
 /// A checkpoint directory, or a Hub id (`owner/name`) looked up in the local Hugging Face
 /// cache: the demo never downloads (the snapshot directory holds the checkpoint's files).
 fn resolve_model(m: &str) -> Result<PathBuf> {
-    let p = Path::new(m);
-    if p.is_dir() {
-        return Ok(std::path::absolute(p)?);
-    }
-    anyhow::ensure!(
-        m.split('/').count() == 2 && !p.exists(),
-        "--model {m:?} is neither a checkpoint directory nor a Hub id (owner/name)"
-    );
-    // HF_HUB_CACHE first, as huggingface_hub does; hf-hub's `from_env` reads only HF_HOME.
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) if !dir.is_empty() => hf_hub::Cache::new(PathBuf::from(dir)),
-        _ => hf_hub::Cache::from_env(),
-    };
-    let config = cache
-        .model(m.to_string())
-        .get("config.json")
-        .with_context(|| {
-            format!(
-                "{m} is not in the local Hugging Face cache ({}); run `hf download {m}` first or \
-             pass the checkpoint directory",
-                cache.path().display()
-            )
-        })?;
-    Ok(config
-        .parent()
-        .context("cached config.json has no parent")?
-        .to_path_buf())
+    zk0_host::hf_cache::cached_checkpoint(m).context("--model")
 }
