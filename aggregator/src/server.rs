@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc_ring::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use shared_proto::chunk;
-use shared_proto::codec::{decode_delta_each, decode_delta_with_codec, Codec};
+use shared_proto::codec::{decode_delta_each, Codec};
 use shared_proto::message::{
     self, Ack, ClientStatus, HyperParams, ModelBlobKind, ModelManifest, RejectReason,
     RoundAnnouncement, ServerStatus, UpdateManifest, PROTOCOL_VERSION,
@@ -758,8 +758,17 @@ impl Server {
             ));
         }
         let max_decoded = self.spec.f32_bytes().saturating_add(1 << 20);
-        let (delta, codec) = decode_delta_with_codec(blob, &self.spec, max_decoded)
-            .map_err(|e| (e.reject_reason(), format!("delta: {e}")))?;
+        // Decoded one tensor at a time (each checked against the spec: name, shape, dtype,
+        // finite values) and only its norm kept: no whole f32 delta in memory.
+        let mut norm_sq = 0.0f64;
+        let codec = decode_delta_each(blob, &self.spec, max_decoded, |_, _, values| {
+            norm_sq += values
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>();
+            Ok::<_, shared_proto::ProtoError>(())
+        })
+        .map_err(|e| (e.reject_reason(), format!("delta: {e}")))?;
         // The blob's own codec must be the one the signed manifest declares (already checked
         // against the round's accepted codecs), so a client cannot slip another encoding in.
         if m.codec.parse::<Codec>().ok() != Some(codec) {
@@ -783,10 +792,7 @@ impl Server {
                 format!("codec {codec} is not accepted this round"),
             ));
         }
-        self.spec
-            .validate(&delta)
-            .map_err(|e| (e.reject_reason(), format!("delta: {e}")))?;
-        let norm = shared_proto::tensor::l2_norm_sq(&delta).sqrt();
+        let norm = norm_sq.sqrt();
         let bound = self.cfg.rounds.max_update_norm;
         if bound > 0.0 && norm > bound {
             return Err((

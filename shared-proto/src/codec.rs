@@ -412,8 +412,9 @@ pub fn decode_delta_with_codec(
 /// [`decode_delta_with_codec`] one tensor at a time: `each(name, shape, values)` receives the
 /// tensors of `spec` in order, each checked (name, shape, dtype, finite) as it is decoded, so a
 /// caller folding updates into a model never holds a whole decoded update. When a later tensor
-/// fails, the earlier ones have already been handed out: callers that need all-or-nothing use
-/// [`decode_delta`] (the aggregator verifies every update that way on receipt).
+/// fails, the earlier ones have already been handed out: callers that need all-or-nothing must
+/// only observe until the end (the aggregator's receipt check keeps just a norm) or use
+/// [`decode_delta`]. An error from `each` stops the decode and is returned as is.
 pub fn decode_delta_each<E: From<ProtoError>>(
     bytes: &[u8],
     spec: &ModelSpec,
@@ -731,6 +732,48 @@ mod tests {
             st_ref.tensor("layer.0.w").unwrap().dtype(),
             safetensors::Dtype::I8
         );
+    }
+
+    #[test]
+    fn decode_each_hands_out_what_decode_returns_in_spec_order() {
+        let mut set = TensorSet::new();
+        for (name, n) in [("b", 6usize), ("a", 4), ("c", 10)] {
+            set.insert(
+                name.into(),
+                Tensor {
+                    shape: vec![2, n / 2],
+                    data: (0..n).map(|i| i as f32 * 0.25 - 1.0).collect(),
+                },
+            );
+        }
+        let spec = ModelSpec::from_tensors(&set);
+        for codec in [Codec::F32, Codec::Bf16, Codec::Int8] {
+            let opts = EncodeOptions {
+                codec: codec.clone(),
+                ..Default::default()
+            };
+            let blob = encode_delta(&set, &opts, None).unwrap();
+            let whole = decode_delta(&blob, &spec, 1 << 20).unwrap();
+            let mut seen = Vec::new();
+            let got = decode_delta_each(&blob, &spec, 1 << 20, |name, shape, values| {
+                assert_eq!(shape, whole[name].shape.as_slice());
+                assert_eq!(values, whole[name].data, "{codec} {name}");
+                seen.push(name.to_string());
+                Ok::<_, ProtoError>(())
+            })
+            .unwrap();
+            assert_eq!(got, codec);
+            assert_eq!(seen, ["a", "b", "c"]);
+            // The callback's own error stops the decode after the first tensor.
+            let mut calls = 0;
+            let err = decode_delta_each(&blob, &spec, 1 << 20, |_, _, _| {
+                calls += 1;
+                Err(ProtoError::NonFinite("stop".into()))
+            })
+            .unwrap_err();
+            assert!(matches!(err, ProtoError::NonFinite(ref n) if n == "stop"));
+            assert_eq!(calls, 1);
+        }
     }
 
     #[test]
