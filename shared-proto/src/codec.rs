@@ -749,7 +749,7 @@ mod tests {
         let spec = ModelSpec::from_tensors(&set);
         for codec in [Codec::F32, Codec::Bf16, Codec::Int8] {
             let opts = EncodeOptions {
-                codec: codec.clone(),
+                codec,
                 ..Default::default()
             };
             let blob = encode_delta(&set, &opts, None).unwrap();
