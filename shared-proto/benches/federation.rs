@@ -2,19 +2,26 @@
 //!
 //! Prints, in one run:
 //! - per codec (`f32`, `bf16`, `int8`, `topk:0.01`, `topk:0.1`, each + zstd): encode and decode
-//!   MB/s (MB = 10⁶ bytes of f32 delta in or out per second) and the compression ratio
-//!   (f32 bytes / encoded bytes), on a synthetic delta shaped like SmolVLA's trainable set;
+//!   MB/s (MB = 10⁶ bytes of f32 delta in or out per second), the compression ratio
+//!   (f32 bytes / encoded bytes) and the relative L2 error, for each delta:
+//!   1. REAL (when given): `trained − global` of a real `zk0-train train` run, read from two
+//!      safetensors files (`--real-global`, `--real-trained`; `cargo xtask bench federation`
+//!      makes them by running zk0-train on the tiny SmolVLA fixture, see xtask/src/tasks.rs);
+//!   2. SYNTHETIC: shaped like SmolVLA's full trainable set (~100M parameters), names and shapes
+//!      from the `trainable: true` parameters of `tests/fixtures/smolvla-base-manifest.json`,
+//!      values drawn as described in [`synth_delta`] (the real model is not available offline);
 //! - the aggregator's streaming weighted accumulate `acc += w·Δ` over f32, as a fraction of the
-//!   memcpy bandwidth measured in the same run on the same tensors.
+//!   memcpy bandwidth measured in the same run on the same tensors (the synthetic delta).
 //!
-//! The delta is SYNTHETIC (no real fine-tuning delta exists yet): names and shapes are the
-//! `trainable: true` parameters of `tests/fixtures/smolvla-base-manifest.json`; values are drawn
-//! as described in [`synth_delta`].
+//! This crate never links libtorch: the real delta comes from files that the zk0-train binary
+//! wrote.
 //!
-//! Options: `--scale F` (shrink every tensor's first dimension by F; default 1 = the full ~100M
-//! parameters), `--reps N` (timed repetitions, median reported; default 5), `--warmup N`
-//! (untimed runs first; default 1), `--zstd-level L` (default 3), `--manifest PATH`, `--seed S`.
-//! An unoptimised build (`cargo test --benches`) defaults to `--scale 0.01 --reps 1`.
+//! Options: `--real-global FILE --real-trained FILE [--real-label TEXT]` (the real delta and
+//! what made it), `--scale F` (shrink every synthetic tensor's first dimension by F; default
+//! 1 = the full ~100M parameters), `--reps N` (timed repetitions, median reported; default 5),
+//! `--warmup N` (untimed runs first; default 1), `--zstd-level L` (default 3),
+//! `--manifest PATH`, `--seed S`. An unoptimised build (`cargo test --benches`) defaults to
+//! `--scale 0.01 --reps 1`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -32,6 +39,9 @@ struct Opts {
     zstd_level: i32,
     manifest: PathBuf,
     seed: u64,
+    real_global: Option<PathBuf>,
+    real_trained: Option<PathBuf>,
+    real_label: String,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -45,6 +55,9 @@ fn parse_args() -> Result<Opts, String> {
         manifest: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/smolvla-base-manifest.json"),
         seed: 0x5eed,
+        real_global: None,
+        real_trained: None,
+        real_label: "(no description given)".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -70,15 +83,68 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--manifest" => o.manifest = PathBuf::from(val("--manifest")?),
             "--seed" => o.seed = val("--seed")?.parse().map_err(|e| format!("{e}"))?,
+            "--real-global" => o.real_global = Some(PathBuf::from(val("--real-global")?)),
+            "--real-trained" => o.real_trained = Some(PathBuf::from(val("--real-trained")?)),
+            "--real-label" => o.real_label = val("--real-label")?,
             "-h" | "--help" => {
-                return Err("usage: federation [--scale F] [--reps N] [--warmup N] \
+                return Err("usage: federation [--real-global FILE --real-trained FILE \
+                            [--real-label TEXT]] [--scale F] [--reps N] [--warmup N] \
                             [--zstd-level L] [--manifest PATH] [--seed S]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    if o.real_global.is_some() != o.real_trained.is_some() {
+        return Err("--real-global and --real-trained go together".into());
+    }
     Ok(o)
+}
+
+/// The real fine-tuning delta `trained − global` (f32) over the trained file's tensors, as an
+/// agent computes it (every trained tensor must be in the global file with the same shape).
+fn real_delta(global: &PathBuf, trained: &PathBuf) -> Result<TensorSet, String> {
+    let read = |p: &PathBuf| -> Result<TensorSet, String> {
+        let bytes = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+        shared_proto::tensor::read_safetensors(&bytes)
+            .map(|(t, _)| t)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (g, t) = (read(global)?, read(trained)?);
+    let mut delta = TensorSet::new();
+    for (name, tt) in t {
+        let gt = g.get(&name).ok_or(format!(
+            "{name} is in {} but not in {}",
+            trained.display(),
+            global.display()
+        ))?;
+        if gt.shape != tt.shape {
+            return Err(format!(
+                "{name}: shape {:?} trained vs {:?} global",
+                tt.shape, gt.shape
+            ));
+        }
+        let data = tt.data.iter().zip(&gt.data).map(|(a, b)| a - b).collect();
+        delta.insert(
+            name,
+            Tensor {
+                shape: tt.shape,
+                data,
+            },
+        );
+    }
+    if delta.is_empty() {
+        return Err(format!("{} holds no tensors", trained.display()));
+    }
+    // Codec errors are relative to ‖Δ‖: a zero delta (no steps taken) would measure nothing.
+    if shared_proto::tensor::l2_norm_sq(&delta) == 0.0 {
+        return Err(format!(
+            "{} equals {}: the delta is zero (did the training take no step?)",
+            trained.display(),
+            global.display()
+        ));
+    }
+    Ok(delta)
 }
 
 /// Trainable tensor names and shapes from the SmolVLA manifest, first dims scaled by `scale`.
@@ -213,64 +279,11 @@ fn mb_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
-fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let spec = match trainable_spec(&opts.manifest, opts.scale) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("federation bench: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+/// One row per codec: encode/decode speed, ratio, size and error on `delta`.
+fn codec_table(delta: &TensorSet, opts: &Opts) {
+    let spec = ModelSpec::from_tensors(delta);
     let f32_bytes = spec.f32_bytes();
-    let started = Instant::now();
-
-    println!("zk0 federation bench (shared-proto)");
-    println!(
-        "machine: {cores} cores available ({} {}), build: {}",
-        std::env::consts::ARCH,
-        std::env::consts::OS,
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
-    );
-    println!(
-        "delta: SYNTHETIC (no real fine-tuning delta yet), shapes of SmolVLA's trainable set \
-         from {}",
-        opts.manifest
-            .file_name()
-            .map_or("?".into(), |n| n.to_string_lossy())
-    );
-    println!(
-        "       {} tensors, {} params ({:.1} MB as f32), scale {}",
-        spec.tensors.len(),
-        spec.numel(),
-        f32_bytes as f64 / 1e6,
-        opts.scale
-    );
-    println!(
-        "       values: 1e-4·σ_w·ρ_row·z, ρ_row = exp(0.5·N(0,1)), z ~ N(0,1) w.p. 0.99 else \
-         N(0,10²); σ_w = 1/√fan_in (≥2-d), 1 (norms), 0.02 (biases); seed {:#x}",
-        opts.seed
-    );
-    println!(
-        "timing: median of {} reps after {} warm-up, single thread; MB = 10⁶ bytes of f32 delta",
-        opts.reps, opts.warmup
-    );
-
-    let delta = synth_delta(&spec, opts.seed);
     let cap = f32_bytes.saturating_mul(2).saturating_add(16 << 20);
-
-    println!();
     println!(
         "{:<18} {:>12} {:>12} {:>10} {:>12} {:>12}",
         "codec (+zstd-L)", "encode MB/s", "decode MB/s", "ratio", "encoded MB", "rel. L2 err"
@@ -282,14 +295,14 @@ fn main() -> ExitCode {
         Codec::TopK { fraction: 0.01 },
         Codec::TopK { fraction: 0.1 },
     ];
-    let norm = shared_proto::tensor::l2_norm_sq(&delta).sqrt();
+    let norm = shared_proto::tensor::l2_norm_sq(delta).sqrt();
     for codec in codecs {
         let eo = EncodeOptions {
             codec,
             zstd_level: opts.zstd_level,
         };
         let (t_enc, blob) = time(opts.warmup, opts.reps, || {
-            codec::encode_delta(black_box(&delta), &eo, None).expect("encode")
+            codec::encode_delta(black_box(delta), &eo, None).expect("encode")
         });
         let (t_dec, decoded) = time(opts.warmup, opts.reps, || {
             codec::decode_delta(black_box(&blob), &spec, cap).expect("decode")
@@ -321,11 +334,109 @@ fn main() -> ExitCode {
             err
         );
     }
+}
 
-    // Aggregation: the aggregator folds each decoded delta into one f32 accumulator,
-    // tensor by tensor: `acc += w·Δ` (aggregator::aggregate::Accumulator::add; the same loop as
+/// Size and value statistics of a delta, for the case header.
+fn describe(delta: &TensorSet) -> String {
+    let spec = ModelSpec::from_tensors(delta);
+    let n = spec.numel().max(1);
+    let zeros = delta
+        .values()
+        .map(|t| t.data.iter().filter(|&&x| x == 0.0).count())
+        .sum::<usize>();
+    let rms = (shared_proto::tensor::l2_norm_sq(delta) / n as f64).sqrt();
+    format!(
+        "{} tensors, {} params ({:.2} MB as f32), rms {:.2e}, {:.1} % exact zeros",
+        spec.tensors.len(),
+        spec.numel(),
+        spec.f32_bytes() as f64 / 1e6,
+        rms,
+        100.0 * zeros as f64 / n as f64
+    )
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let real = match (&opts.real_global, &opts.real_trained) {
+        (Some(g), Some(t)) => match real_delta(g, t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("federation bench: real delta: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let spec = match trainable_spec(&opts.manifest, opts.scale) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("federation bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let started = Instant::now();
+
+    println!("zk0 federation bench (shared-proto)");
+    println!(
+        "machine: {cores} cores available ({} {}), build: {}",
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "timing: median of {} reps after {} warm-up, single thread; MB = 10⁶ bytes of f32 delta",
+        opts.reps, opts.warmup
+    );
+
+    println!();
+    match &real {
+        Some(d) => {
+            println!(
+                "delta 1: REAL fine-tuning delta (trained − global, f32): {}",
+                opts.real_label
+            );
+            println!("       {}", describe(d));
+            println!();
+            codec_table(d, &opts);
+        }
+        None => println!(
+            "delta 1: REAL fine-tuning delta: not given (`cargo xtask bench federation` makes one)"
+        ),
+    }
+
+    let delta = synth_delta(&spec, opts.seed);
+    println!();
+    println!(
+        "delta 2: SYNTHETIC, shapes of SmolVLA's trainable set from {}, scale {}",
+        opts.manifest
+            .file_name()
+            .map_or("?".into(), |n| n.to_string_lossy()),
+        opts.scale
+    );
+    println!("       {}", describe(&delta));
+    println!(
+        "       values: 1e-4·σ_w·ρ_row·z, ρ_row = exp(0.5·N(0,1)), z ~ N(0,1) w.p. 0.99 else \
+         N(0,10²); σ_w = 1/√fan_in (≥2-d), 1 (norms), 0.02 (biases); seed {:#x}",
+        opts.seed
+    );
+    println!();
+    codec_table(&delta, &opts);
+
+    // Aggregation: the aggregator folds each decoded delta into the f32 global model, tensor by
+    // tensor: `g += f·Δ` (aggregator::aggregate::ServerStep::add_tensor; the same loop as
     // shared_proto::codec::apply_delta). Baseline: memcpy of the same tensors (copy_from_slice).
-    // Traffic: accumulate reads acc and Δ and writes acc (12 B/param); memcpy reads and writes
+    // Traffic: the fold reads g and Δ and writes g (12 B/param); memcpy reads and writes
     // once (8 B/param).
     let mut acc: TensorSet = delta
         .iter()
@@ -347,6 +458,10 @@ fn main() -> ExitCode {
     let copy_bw = (8 * params) as f64 / 1e9 / t_copy.as_secs_f64();
     let acc_bw = (12 * params) as f64 / 1e9 / t_acc.as_secs_f64();
     println!();
+    println!(
+        "aggregation on delta 2 (the synthetic one, {} params)",
+        spec.numel()
+    );
     println!(
         "{:<30} {:>10} {:>12} {:>10}",
         "aggregation (f32, 1 thread)", "ms", "Mparam/s", "GB/s"

@@ -161,18 +161,44 @@ impl LlamaMlp {
 /// SmolVLA's `apply_rope`: x [B, L, H, D], positions [B, L]; half-split rotation in float32
 /// with the hard-coded base 10000 (the backbone config's rope theta is not used).
 pub fn apply_rope(x: &Tensor, positions: &Tensor) -> Tensor {
-    let d = x.size()[3];
-    let d_half = d / 2;
+    apply_rope_with(x, &RopeTables::new(positions, x.size()[3]))
+}
+
+/// The sin/cos of [`apply_rope`] for one position tensor and head dim, computed once and shared
+/// by every layer and stream that rotates at those positions (the same ops, so the same values).
+#[derive(Debug)]
+pub struct RopeTables {
+    sin: Tensor,
+    cos: Tensor,
+    head_dim: i64,
+}
+
+impl RopeTables {
+    /// positions [B, L] → tables for x [B, L, H, `head_dim`].
+    pub fn new(positions: &Tensor, head_dim: i64) -> Self {
+        let d_half = head_dim / 2;
+        let exponents =
+            Tensor::arange(d_half, (Kind::Float, positions.device())) * (2.0 / head_dim as f64);
+        let timescale = Tensor::pow_scalar(10_000.0, &exponents);
+        let radians = positions.to_kind(Kind::Float).unsqueeze(-1) / timescale.view([1, 1, d_half]);
+        let radians = radians.unsqueeze(2);
+        Self {
+            sin: radians.sin(),
+            cos: radians.cos(),
+            head_dim,
+        }
+    }
+}
+
+/// [`apply_rope`] with precomputed tables (`tables.head_dim` must be x's last dimension).
+pub fn apply_rope_with(x: &Tensor, tables: &RopeTables) -> Tensor {
+    let d_half = tables.head_dim / 2;
+    let (sin, cos) = (&tables.sin, &tables.cos);
     let dtype = x.kind();
     let x = x.to_kind(Kind::Float);
-    let exponents = Tensor::arange(d_half, (Kind::Float, x.device())) * (2.0 / d as f64);
-    let timescale = Tensor::pow_scalar(10_000.0, &exponents);
-    let radians = positions.to_kind(Kind::Float).unsqueeze(-1) / timescale.view([1, 1, d_half]);
-    let radians = radians.unsqueeze(2);
-    let (sin, cos) = (radians.sin(), radians.cos());
     let x1 = x.narrow(-1, 0, d_half);
     let x2 = x.narrow(-1, d_half, d_half);
-    let out = Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1);
+    let out = Tensor::cat(&[&x1 * cos - &x2 * sin, &x2 * cos + &x1 * sin], -1);
     out.to_kind(dtype)
 }
 
@@ -260,6 +286,19 @@ mod tests {
         let p = Tensor::zeros([1, 2], (Kind::Int64, tch::Device::Cpu));
         let y = apply_rope(&x, &p);
         assert!(y.allclose(&x, 0.0, 0.0, false));
+    }
+
+    #[test]
+    fn rope_tables_give_the_same_rotation() {
+        let x = Tensor::randn([2, 5, 3, 8], (Kind::Float, tch::Device::Cpu));
+        let p = Tensor::arange(10, (Kind::Int64, tch::Device::Cpu)).view([2, 5]) * 7;
+        let t = RopeTables::new(&p, 8);
+        let y = apply_rope_with(&x, &t);
+        assert!(y.equal(&apply_rope(&x, &p)));
+        // A real rotation: norms kept, values changed.
+        assert!(!y.allclose(&x, 1e-3, 1e-3, false));
+        let n = |t: &Tensor| t.square().sum(Kind::Float).double_value(&[]);
+        assert!((n(&y) - n(&x)).abs() < 1e-3 * n(&x));
     }
 
     #[test]

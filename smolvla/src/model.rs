@@ -9,7 +9,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::{ModelDims, SmolVlaConfig};
 use crate::layers::{
-    apply_rope, eager_attention, make_att_2d_masks, sinusoidal_time_embedding, Linear,
+    apply_rope, apply_rope_with, eager_attention, make_att_2d_masks, sinusoidal_time_embedding,
+    Linear, RopeTables,
 };
 use crate::text::{ExpertModel, TextModel};
 use crate::vision::{Connector, VisionTransformer};
@@ -168,6 +169,88 @@ impl SmolVlmWithExpert {
         (po, so)
     }
 
+    /// The training forward of [`Self::forward_joint`] for a prefix whose last token (the state
+    /// token) opens its own attention block, with the prefix given as `ctx` (the camera and
+    /// language tokens, [B, Lp − 1, hidden]) and `state` ([B, 1, hidden]). Returns the expert
+    /// stream after its final norm (the VLM stream's output is not used by the loss).
+    ///
+    /// Same maths as the joint pass, less work: under the block-causal mask no context token
+    /// attends to the state token or the expert, so the context stream is computed on its own
+    /// (its masked keys weigh exactly 0 in the softmax) and, when nothing in it is trainable
+    /// (`train_expert_only`), autograd records none of it; only the one state token carries the
+    /// gradient back through the VLM to `state_proj`. The joint pass differs only in the
+    /// outputs of fully masked (padding) rows, which reach no real token and no gradient. The
+    /// last VLM layer's o_proj/MLP and the final VLM norm, whose output is unused, are skipped.
+    fn forward_joint_split(
+        &self,
+        ctx: &Tensor,
+        state: &Tensor,
+        suffix: &Tensor,
+        mask: &Tensor,
+        pos: &Tensor,
+    ) -> Tensor {
+        let lc = ctx.size()[1];
+        let lp = lc + 1;
+        let ls = suffix.size()[1];
+        let cpos = pos.narrow(1, 0, lc);
+        let stpos = pos.narrow(1, lc, 1);
+        let spos = pos.narrow(1, lp, ls);
+        let cmask = mask.narrow(1, 0, lc).narrow(2, 0, lc);
+        let stmask = mask.narrow(1, lc, 1).narrow(2, 0, lp);
+        let last = self.text_model.layers.len().saturating_sub(1);
+        // Each position set's sin/cos once for all layers (VLM and expert share the head dim).
+        let hd = self.text_model.layers.first().map_or(2, |tl| tl.head_dim);
+        let ctab = RopeTables::new(&cpos, hd);
+        let ttab = RopeTables::new(&stpos, hd);
+        let stab = RopeTables::new(&spos, hd);
+        let xtab = RopeTables::new(&restart(&spos), hd);
+        let (mut cx, mut stx, mut sx) = (
+            ctx.shallow_clone(),
+            state.shallow_clone(),
+            suffix.shallow_clone(),
+        );
+        for (l, (tl, el)) in self
+            .text_model
+            .layers
+            .iter()
+            .zip(&self.lm_expert.layers)
+            .enumerate()
+        {
+            let (cq, ck, cv) = tl.qkv(&cx);
+            let cq = apply_rope_with(&cq, &ctab);
+            let ck = apply_rope_with(&ck, &ctab);
+            let (tq, tk, tv) = tl.qkv(&stx);
+            let tq = apply_rope_with(&tq, &ttab);
+            let tk = apply_rope_with(&tk, &ttab);
+            let pk = Tensor::cat(&[&ck, &tk], 1);
+            let pv = Tensor::cat(&[&cv, &tv], 1);
+            let sa = if self.is_cross(l) {
+                let eq = apply_rope_with(&el.query(&sx), &xtab);
+                let (ek, ev) = el.cross_kv(&pk, &pv);
+                let emask = mask.narrow(1, lp, ls).narrow(2, 0, lp);
+                self.attn(&eq, &ek, &ev, &emask)
+            } else {
+                let (eq, ek, ev) = el.qkv(&sx);
+                let eq = apply_rope_with(&eq, &stab);
+                let ek = apply_rope_with(&ek, &stab);
+                self.attn(
+                    &eq,
+                    &Tensor::cat(&[&pk, &ek], 1),
+                    &Tensor::cat(&[&pv, &ev], 1),
+                    &mask.narrow(1, lp, ls),
+                )
+            };
+            if l < last {
+                let ca = self.attn(&cq, &ck, &cv, &cmask);
+                let ta = self.attn(&tq, &pk, &pv, &stmask);
+                cx = tl.finish(&cx, &ca);
+                stx = tl.finish(&stx, &ta);
+            }
+            sx = el.finish(&sx, &sa);
+        }
+        self.lm_expert.norm.forward(&sx)
+    }
+
     /// Prefill: every layer as self-attention over the prefix alone, keeping each layer's
     /// post-RoPE K/V (LeRobot's `fill_kv_cache=True`).
     pub fn fill_cache(&self, prefix: &Tensor, mask: &Tensor, pos: &Tensor) -> KvCache {
@@ -292,6 +375,31 @@ impl VlaFlowMatching {
         state: &Tensor,
         trace: &mut Trace,
     ) -> Prefix {
+        let (ctx, st, pad_masks, att_masks) =
+            self.embed_prefix_parts(images, img_masks, lang_tokens, lang_masks, state, trace);
+        let embs = Tensor::cat(&[ctx, st], 1);
+        trace.record("debug.prefix_embs", &embs);
+        trace.record("debug.prefix_pad_masks", &pad_masks);
+        trace.record("debug.prefix_att_masks", &att_masks);
+        Prefix {
+            embs,
+            pad_masks,
+            att_masks,
+        }
+    }
+
+    /// [`Self::embed_prefix`] with the embeddings kept in two parts: the camera and language
+    /// tokens [B, Lp − 1, hidden] (no gradient unless the VLM trains) and the state token
+    /// [B, 1, hidden]. Returns (context, state, pad masks, att masks).
+    fn embed_prefix_parts(
+        &self,
+        images: &[Tensor],
+        img_masks: &[Tensor],
+        lang_tokens: &Tensor,
+        lang_masks: &Tensor,
+        state: &Tensor,
+        trace: &mut Trace,
+    ) -> (Tensor, Tensor, Tensor, Tensor) {
         let mut embs = Vec::new();
         let mut pads = Vec::new();
         let mut att: Vec<i64> = Vec::new();
@@ -310,24 +418,18 @@ impl VlaFlowMatching {
         pads.push(lang_masks.to_kind(Kind::Bool));
         let st = self.state_proj.forward(state).unsqueeze(1);
         let b = st.size()[0];
-        embs.push(st);
         pads.push(Tensor::ones([b, 1], (Kind::Bool, state.device())));
+        // The state token opens its own block: no camera or language token attends to it
+        // (what `forward_joint_split` relies on).
         att.push(1);
-        let embs = Tensor::cat(&embs, 1);
+        let ctx = Tensor::cat(&embs, 1);
         let pad_masks = Tensor::cat(&pads, 1);
         let att_masks = Tensor::from_slice(&att)
             .to_kind(Kind::Bool)
             .to_device(state.device())
             .unsqueeze(0)
             .expand([b, att.len() as i64], false);
-        trace.record("debug.prefix_embs", &embs);
-        trace.record("debug.prefix_pad_masks", &pad_masks);
-        trace.record("debug.prefix_att_masks", &att_masks);
-        Prefix {
-            embs,
-            pad_masks,
-            att_masks,
-        }
+        (ctx, st, pad_masks, att_masks)
     }
 
     /// `embed_suffix`: noisy actions and time through `action_time_mlp`; every action token
@@ -368,18 +470,30 @@ impl VlaFlowMatching {
         let x_t = &t * noise + (1.0 - &t) * actions;
         let u_t = noise - actions;
         trace.record("debug.x_t", &x_t);
-        let prefix = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state, trace);
+        let (ctx, st, p_pad, p_att) =
+            self.embed_prefix_parts(images, img_masks, lang_tokens, lang_masks, state, trace);
         let (s_embs, s_pad, s_att) = self.embed_suffix(&x_t, time);
         trace.record("debug.suffix_embs", &s_embs);
-        let pad = Tensor::cat(&[&prefix.pad_masks, &s_pad], 1);
-        let att = Tensor::cat(&[&prefix.att_masks, &s_att], 1);
+        let pad = Tensor::cat(&[&p_pad, &s_pad], 1);
+        let att = Tensor::cat(&[&p_att, &s_att], 1);
         let mask = make_att_2d_masks(&pad, &att);
         let pos = pad.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
-        trace.record("debug.att_2d_masks", &mask);
-        trace.record("debug.position_ids", &pos);
-        let (_, so) = self
-            .vlm_with_expert
-            .forward_joint(&prefix.embs, &s_embs, &mask, &pos, trace);
+        let so = if trace.is_on() {
+            // The parity path: LeRobot's joint pass, whose intermediates (padding rows included)
+            // the fixtures record.
+            let embs = Tensor::cat(&[&ctx, &st], 1);
+            trace.record("debug.prefix_embs", &embs);
+            trace.record("debug.prefix_pad_masks", &p_pad);
+            trace.record("debug.prefix_att_masks", &p_att);
+            trace.record("debug.att_2d_masks", &mask);
+            trace.record("debug.position_ids", &pos);
+            self.vlm_with_expert
+                .forward_joint(&embs, &s_embs, &mask, &pos, trace)
+                .1
+        } else {
+            self.vlm_with_expert
+                .forward_joint_split(&ctx, &st, &s_embs, &mask, &pos)
+        };
         let l = so.size()[1];
         let so = so
             .narrow(1, l - self.chunk_size, self.chunk_size)
@@ -470,5 +584,94 @@ impl VlaFlowMatching {
             .narrow(1, l - self.chunk_size, self.chunk_size)
             .to_kind(Kind::Float);
         self.action_out_proj.forward(&so)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tch::{Device, Tensor};
+
+    use crate::{Batch, SmolVlaPolicy, Trace};
+
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/smolvla-tiny"
+    );
+
+    /// Loss and trainable gradients of one forward/backward, joint pass (trace on) or split
+    /// pass (trace off).
+    fn loss_and_grads(policy: &SmolVlaPolicy, traced: bool) -> (f64, BTreeMap<String, Tensor>) {
+        let inputs: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(format!("{FIXTURE}/inputs.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let batch: Batch = inputs
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "noise" | "time" | "sample_noise"))
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        let params = policy.trainable_parameters();
+        for (_, p) in &params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let mut trace = if traced { Trace::on() } else { Trace::off() };
+        let lo = policy
+            .forward(
+                &batch,
+                Some(&inputs["noise"]),
+                Some(&inputs["time"]),
+                &mut trace,
+            )
+            .unwrap();
+        lo.loss.backward();
+        let grads = params
+            .into_iter()
+            .map(|(n, p)| (n, p.grad().copy()))
+            .collect();
+        (lo.loss.double_value(&[]), grads)
+    }
+
+    /// The split training pass (context stream apart from the state token, last VLM layer
+    /// skipped) gives the joint pass's loss and gradients, with the default freeze (expert only)
+    /// and with the whole VLM trainable. The fixture's prompts have padding tokens, the case
+    /// where the two passes' intermediates differ.
+    #[test]
+    fn split_pass_matches_the_joint_pass() {
+        tch::set_num_threads(1);
+        let mut policy = SmolVlaPolicy::from_dir(FIXTURE, Device::Cpu).unwrap();
+        for full in [false, true] {
+            if full {
+                policy.config.freeze_vision_encoder = false;
+                policy.config.train_expert_only = false;
+                policy.apply_freeze();
+            }
+            let (l_joint, g_joint) = loss_and_grads(&policy, true);
+            let (l_split, g_split) = loss_and_grads(&policy, false);
+            assert!(
+                (l_joint - l_split).abs() <= 1e-6 * l_joint.abs(),
+                "full={full}: loss {l_joint} vs {l_split}"
+            );
+            assert!(g_joint.len() > 10, "full={full}: {} grads", g_joint.len());
+            let mut vlm_grads = 0;
+            for (n, gj) in &g_joint {
+                let gs = &g_split[n];
+                assert!(gj.defined() && gs.defined(), "full={full}: no grad for {n}");
+                let err = (gj - gs).abs().max().double_value(&[]);
+                let scale = gj.abs().max().double_value(&[]);
+                assert!(
+                    err <= 1e-7 + 1e-5 * scale,
+                    "full={full}: {n}: max error {err} (max |grad| {scale})"
+                );
+                vlm_grads += usize::from(n.contains(".text_model.layers."));
+            }
+            // The full fine-tune really sends gradients through the context stream.
+            assert_eq!(vlm_grads > 0, full);
+        }
     }
 }

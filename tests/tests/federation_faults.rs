@@ -1,11 +1,14 @@
 //! End-to-end fault tests with real processes and the REAL worker: every agent runs
 //! `zk0-train train` on the tiny SmolVLA fixture and its own generated dataset (one libtorch
-//! thread, 2 steps a round). One client's worker starts late
+//! thread, 2 steps a round). In the aggregator and broker tests one client's worker starts late
 //! ([`smolvla::delayed_worker`]: `sleep`, then `exec zk0-train`), so the test knows who reports
-//! last and can act while the round collects.
+//! last and can act while the round collects; in the killed-agent test one client's upload is
+//! slow instead.
 //!
-//! - an agent killed (with its worker) during its round: the round closes at its deadline with
-//!   the others and names the dropout; restarted, the agent takes part in the next round;
+//! - an agent killed (`SIGKILL`, with its worker) mid-upload, with some of its update's chunks
+//!   spooled by the aggregator and not all (its uplink capped by `upload_max_bytes_per_sec`):
+//!   the round closes at its deadline with the others and names the dropout; restarted, the
+//!   agent takes part in the next round;
 //! - the aggregator killed with `SIGKILL` mid-collect and restarted: the same round resumes with
 //!   every accepted update intact, and the final model is bit-identical to an uninterrupted
 //!   run's (same datasets, seeds and weights: `zk0-train` on one thread is deterministic);
@@ -63,6 +66,21 @@ fn all_three() -> serde_json::Value {
     serde_json::json!(["arm-a", "arm-b", "arm-c"])
 }
 
+/// arm-c's uplink in the killed-agent test: its f32 update (195 k parameters, ≈ 0.6 MB after
+/// zstd, ≈ 19 chunks of 32 KiB) takes ≈ 6 s to upload, one chunk every ≈ 0.3 s.
+const SLOW_UPLINK_BYTES_PER_SEC: u64 = 100_000;
+
+/// Update chunks of `cid` the aggregator has spooled in `round` (its files on disk).
+fn spooled_chunks(fed: &Federation, round: u64, cid: &str) -> usize {
+    std::fs::read_dir(
+        fed.state_dir
+            .join("spool")
+            .join(format!("r{round}"))
+            .join(cid),
+    )
+    .map_or(0, |d| d.flatten().count())
+}
+
 #[test]
 fn killed_agent_drops_out_at_the_deadline_and_rejoins_the_next_round() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -80,25 +98,48 @@ fn killed_agent_drops_out_at_the_deadline_and_rejoins_the_next_round() -> Result
         &datasets,
         STEPS,
     )?;
-    // arm-c's worker would report 60 s late: it is killed long before.
-    fed.worker_cmd
-        .insert("arm-c".into(), smolvla::delayed_worker(&train, 60.0));
+    // Small chunks, and arm-c on a slow uplink: its upload lasts seconds, so it can be killed
+    // in the middle of it.
+    fed.chunk_size = 32 << 10;
+    let arm_c = fed.agent_extra.get("arm-c").cloned().unwrap_or_default();
+    fed.agent_extra.insert(
+        "arm-c".into(),
+        format!("{arm_c}\nupload_max_bytes_per_sec = {SLOW_UPLINK_BYTES_PER_SEC}\n"),
+    );
     let r = (|| -> Result<()> {
-        // Deadline: ample for two real trainings on 2 cores, short for the test.
+        // Deadline: ample for three real trainings on 2 cores, short for the test.
         fed.start_aggregator(2, 20.0, &[])?;
         let observer = Observer::start(fed.port, &fed.federation)?;
         observer.wait_subscribed(Duration::from_secs(20))?;
         for (cid, _, _) in CLIENTS {
             fed.start_agent(cid, 2)?;
         }
-        fed.wait_state(Duration::from_secs(30), "two updates in round 1", |s| {
-            s["round"] == 1 && accepted_in(s) == 2
+        // Mid-upload: the aggregator has spooled a few of arm-c's chunks.
+        zk0_e2e::wait_for(Duration::from_secs(20), "arm-c's upload to start", || {
+            (spooled_chunks(&fed, 1, "arm-c") >= 3).then_some(())
         })?;
-        anyhow::ensure!(
-            fed.state()?["accepted"].get("arm-c").is_none(),
-            "arm-c reported before it was killed"
-        );
         fed.kill_agent("arm-c")?;
+        let spooled = spooled_chunks(&fed, 1, "arm-c");
+        let (seen_chunks, manifest) = {
+            let seen = observer
+                .seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
+            let key = ("arm-c".to_string(), 1);
+            (
+                seen.update_chunks.get(&key).map_or(0, |c| c.len()),
+                seen.update_manifests.contains_key(&key),
+            )
+        };
+        // The manifest goes after the last chunk: without it, the upload was cut short.
+        anyhow::ensure!(
+            !manifest && fed.state()?["accepted"].get("arm-c").is_none(),
+            "arm-c finished its upload before it was killed ({spooled} chunks spooled)"
+        );
+        eprintln!(
+            "arm-c killed mid-upload: {spooled} chunks spooled by the aggregator, \
+             {seen_chunks} seen on the wire, no manifest"
+        );
         fed.wait_state(Duration::from_secs(40), "round 1 to close", |s| {
             s["round"] == 2
         })?;
@@ -119,8 +160,8 @@ fn killed_agent_drops_out_at_the_deadline_and_rejoins_the_next_round() -> Result
             "round 1 accepted {:?}",
             h["accepted"]
         );
-        // Restarted (a plain, undelayed worker), it joins round 2.
-        fed.worker_cmd.remove("arm-c");
+        // Restarted (uplink unlimited now), it joins round 2.
+        fed.agent_extra.insert("arm-c".into(), arm_c);
         fed.start_agent("arm-c", 1)?;
         let st = fed
             .aggregator

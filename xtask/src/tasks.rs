@@ -240,7 +240,8 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "federation",
         "shared-proto",
         "federation",
-        "codec MB/s and ratios, aggregation vs memcpy",
+        "codec MB/s and ratios on a real zk0-train delta and a synthetic full-size one, \
+         aggregation vs memcpy",
     ),
     (
         "dataset",
@@ -293,9 +294,158 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
         );
     }
     let env = setup::run(&SetupArgs::default())?;
+    let mut args = args.to_vec();
+    if name == "federation" {
+        args = real_federation_delta(&env, args)?;
+    }
     run(cargo(&env)
         .args(["bench", "-p", pkg, "--bench", target, "--"])
-        .args(args))
+        .args(&args))
+}
+
+/// Local steps of the real delta: the aggregator's default round (`[rounds]` local_steps 10,
+/// batch_size 8, lr 1e-4, mu 0.01).
+const REAL_DELTA_STEPS: usize = 10;
+
+/// `bench federation`: makes a real fine-tuning delta for the bench and returns its arguments
+/// with `--real-global/--real-trained/--real-label` added (`--real-steps N` is ours; 0 skips).
+/// Runs the release `zk0-train` (the profile `bench train` measures) on the vendored tiny
+/// SmolVLA (tests/fixtures/smolvla-tiny) and a synthetic dataset from `zk0-agent dataset synth`:
+/// once with 0 steps (the trainable tensors as loaded: the global model) and once for N steps
+/// from that same init; the bench computes `trained − global` as an agent does. Processes, not
+/// linking: shared-proto stays free of libtorch.
+fn real_federation_delta(env: &Env, args: Vec<String>) -> Result<Vec<String>> {
+    let mut steps = REAL_DELTA_STEPS;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--real-steps" {
+            let v = it.next().context("--real-steps needs a value")?;
+            steps = v.parse().with_context(|| format!("--real-steps {v:?}"))?;
+        } else {
+            rest.push(a);
+        }
+    }
+    if steps == 0
+        || rest
+            .iter()
+            .any(|a| a == "--real-global" || a == "-h" || a == "--help")
+    {
+        return Ok(rest);
+    }
+    ensure_system(&[("ffmpeg", "ffmpeg"), ("ffprobe", "ffmpeg")])?;
+    run(cargo(env).args([
+        "build",
+        "--release",
+        "-p",
+        "trainer",
+        "--bin",
+        "zk0-train",
+        "-p",
+        "edge-agent",
+        "--bin",
+        "zk0-agent",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root().join(t) })
+        .unwrap_or_else(|| root().join("target"));
+    let bin = |n: &str| {
+        target
+            .join("release")
+            .join(format!("{n}{}", std::env::consts::EXE_SUFFIX))
+    };
+    let dir = target.join("zk0-bench").join("federation");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let model = root().join("tests/fixtures/smolvla-tiny");
+    let cameras = fixture_cameras(&model)?;
+    let dataset = dir.join("dataset");
+    let mut synth = Command::new(bin("zk0-agent"));
+    synth
+        .args(["dataset", "synth"])
+        .arg(&dataset)
+        .args(["--episodes", "2", "--frames", "40", "--vcodec", "libx264"])
+        .args(["--seed", "1"]);
+    for c in &cameras {
+        synth.args(["--camera", c]);
+    }
+    run(&mut synth)?;
+    let (batch, lr, mu) = (8, "1e-4", "0.01");
+    let train = |steps: usize, out: &Path| -> Result<()> {
+        let mut cmd = Command::new(bin("zk0-train"));
+        env.apply(&mut cmd);
+        cmd.args(["train", "--model"])
+            .arg(&model)
+            .arg("--tokenizer")
+            .arg(model.join("pipeline/tokenizer.json"))
+            .arg("--dataset")
+            .arg(&dataset)
+            .args([
+                "--steps",
+                &steps.to_string(),
+                "--batch-size",
+                &batch.to_string(),
+            ])
+            .args(["--lr", lr, "--mu", mu, "--seed", "0", "--device", "cpu"])
+            .arg("--out-params")
+            .arg(out)
+            .arg("--out-metrics")
+            .arg(out.with_extension("metrics.json"))
+            .stdout(std::process::Stdio::null());
+        run(&mut cmd)
+    };
+    let (global, trained) = (
+        dir.join("global.safetensors"),
+        dir.join("trained.safetensors"),
+    );
+    train(0, &global)?;
+    train(steps, &trained)?;
+    rest.extend([
+        "--real-global".to_string(),
+        global.display().to_string(),
+        "--real-trained".into(),
+        trained.display().to_string(),
+        "--real-label".into(),
+        format!(
+            "release zk0-train train on tests/fixtures/smolvla-tiny (LeRobot SmolVLA at tiny \
+             widths), {steps} steps × batch {batch}, lr {lr}, mu {mu}, seed 0, from the \
+             fixture's weights; dataset: zk0-agent dataset synth, 2 episodes × 40 frames, {}",
+            cameras.join(" ")
+        ),
+    ]);
+    Ok(rest)
+}
+
+/// `NAME:WIDTHxHEIGHT` of each camera a LeRobot checkpoint's config.json declares (its
+/// `VISUAL` input features, shape `[3, H, W]`), for `zk0-agent dataset synth --camera`.
+fn fixture_cameras(model: &Path) -> Result<Vec<String>> {
+    let path = model.join("config.json");
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    let mut cams = Vec::new();
+    for (key, f) in cfg["input_features"].as_object().into_iter().flatten() {
+        if f["type"] != "VISUAL" {
+            continue;
+        }
+        let name = key.strip_prefix("observation.images.").unwrap_or(key);
+        let shape: Vec<u64> = f["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        if shape.len() != 3 {
+            bail!("{}: {key} shape {shape:?} is not [3, H, W]", path.display());
+        }
+        cams.push(format!("{name}:{}x{}", shape[2], shape[1]));
+    }
+    if cams.is_empty() {
+        bail!("{} declares no camera", path.display());
+    }
+    Ok(cams)
 }
 
 pub fn fuzz(target: &str, seconds: u64) -> Result<()> {

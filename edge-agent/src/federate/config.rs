@@ -24,6 +24,7 @@
 //! tokenizer = ""                         # tokenizer.json (--tokenizer; default: the model's)
 //! max_packet_bytes = 4194304
 //! fetch_window = 8                       # model chunks requested at once
+//! upload_max_bytes_per_sec = 0           # pace update uploads (thin uplinks); 0 = no limit
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,10 @@ pub struct AgentConfig {
     pub tokenizer: PathBuf,
     pub max_packet_bytes: usize,
     pub fetch_window: u32,
+    /// Average rate cap of an update's upload, in payload bytes per second (0: no limit), so
+    /// a robot on a thin uplink does not saturate it for the whole upload (see
+    /// [`super::upload`]). Slower than the round deadline allows, the update arrives too late.
+    pub upload_max_bytes_per_sec: u64,
 }
 
 impl Default for AgentConfig {
@@ -90,6 +95,7 @@ impl Default for AgentConfig {
             tokenizer: PathBuf::new(),
             max_packet_bytes: 4 << 20,
             fetch_window: 8,
+            upload_max_bytes_per_sec: 0,
         }
     }
 }
@@ -207,5 +213,9 @@ mod tests {
         assert_eq!(c.model_dir, PathBuf::from("m"));
         assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Params);
         assert!(toml::from_str::<AgentConfig>("worker_output = \"weights\"\n").is_err());
+        assert_eq!(AgentConfig::default().upload_max_bytes_per_sec, 0);
+        let c: AgentConfig = toml::from_str("upload_max_bytes_per_sec = 250000\n").unwrap();
+        assert_eq!(c.upload_max_bytes_per_sec, 250_000);
+        assert!(toml::from_str::<AgentConfig>("upload_max_bytes_per_sec = -1\n").is_err());
     }
 }

@@ -6,10 +6,12 @@
 //! then a manifest; resend after a reconnect until acked or the deadline passes.
 //!
 //! Layout: [`config`] (TOML), [`fetch`] (model download state), [`worker`] (the trainer child
-//! process), `zk0_host::systemd` (READY, watchdog), and the event loop in this file.
+//! process), [`upload`] (sending an update, paced to `upload_max_bytes_per_sec`),
+//! `zk0_host::systemd` (READY, watchdog), and the event loop in this file.
 
 pub mod config;
 pub mod fetch;
+pub mod upload;
 pub mod worker;
 
 use std::collections::BTreeSet;
@@ -128,13 +130,16 @@ enum Incoming {
     Publish(String, Vec<u8>),
     Trained(u64, Result<TrainOutput>),
     Encoded(u64, Result<Outbound>),
+    /// The upload task of this round published its manifest.
+    Uploaded(u64),
 }
 
 /// A signed update waiting for its ack.
 struct Outbound {
     round: u64,
     deadline_ms: u64,
-    chunks: Vec<Vec<u8>>,
+    /// Shared with the upload task.
+    chunks: Arc<Vec<Vec<u8>>>,
     manifest: Vec<u8>,
     /// When the manifest was last sent (0: never): with no answer for [`ACK_WAIT_MS`] it is
     /// sent again, and the aggregator re-acks, names missing chunks or gives its verdict.
@@ -167,6 +172,9 @@ struct Agent {
     /// Round whose worker or encoder is running.
     busy: Option<u64>,
     outbound: Option<Outbound>,
+    /// The upload of `outbound` in progress (aborted when a new one starts or the update is
+    /// settled).
+    upload: Option<tokio::task::JoinHandle<()>>,
     /// Rounds this agent finished (acked, rejected, failed or expired).
     finished: BTreeSet<u64>,
     rounds_done: u64,
@@ -321,6 +329,7 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         fetch: None,
         busy: None,
         outbound: None,
+        upload: None,
         finished: BTreeSet::new(),
         rounds_done: 0,
         status: crate::fleet::AgentStatus::default(),
@@ -462,7 +471,7 @@ impl Agent {
                 }
                 // Resend unacknowledged work: the aggregator keeps the chunks it has and
                 // overwrites repeats, so resending everything is safe.
-                self.send_outbound().await;
+                self.send_outbound();
             }
             Incoming::Publish(topic, payload) => match self.topics.parse(&topic) {
                 Some(TopicKind::Round) => self.on_round(&payload).await?,
@@ -483,12 +492,18 @@ impl Agent {
                     self.consider_round().await?;
                 }
             }
+            Incoming::Uploaded(round) => {
+                // The ack wait starts when the manifest went out, not when a slow upload began.
+                if let Some(o) = self.outbound.as_mut().filter(|o| o.round == round) {
+                    o.sent_ms = now_ms();
+                }
+            }
             Incoming::Encoded(round, res) => {
                 match res {
                     Ok(out) => {
                         tracing::info!(round, chunks = out.chunks.len(), "sending update");
                         self.outbound = Some(out);
-                        self.send_outbound().await;
+                        self.send_outbound();
                     }
                     Err(e) => {
                         tracing::error!(
@@ -737,28 +752,61 @@ impl Agent {
         });
     }
 
-    async fn send_outbound(&mut self) {
+    fn send_outbound(&mut self) {
         let Some(o) = &mut self.outbound else { return };
         if o.deadline_ms <= now_ms() {
             return;
         }
         o.sent_ms = now_ms();
+        let n = o.chunks.len() as u32;
+        self.start_upload((0..n).collect());
+    }
+
+    /// Publishes chunks `indices` of the outbound update, then its manifest, in a task (paced
+    /// to `upload_max_bytes_per_sec`), replacing any upload still running.
+    fn start_upload(&mut self, indices: Vec<u32>) {
+        self.stop_upload();
         let Some(o) = &self.outbound else { return };
         let cid = &self.cfg.client_id;
-        for (i, c) in o.chunks.iter().enumerate() {
-            self.publish(
-                self.topics.update_chunk(cid, o.round, i as u32),
-                c.clone(),
-                false,
-            )
+        let round = o.round;
+        let up = upload::Upload {
+            chunks: indices
+                .into_iter()
+                .map(|i| (self.topics.update_chunk(cid, round, i), i))
+                .collect(),
+            data: o.chunks.clone(),
+            manifest_topic: self.topics.update_manifest(cid, round),
+            manifest: o.manifest.clone(),
+        };
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        let rate = self.cfg.upload_max_bytes_per_sec;
+        self.upload = Some(tokio::spawn(async move {
+            let bytes = upload::send(up, rate, |topic, payload| {
+                let client = client.clone();
+                async move {
+                    if let Err(e) = client
+                        .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                        .await
+                    {
+                        tracing::warn!(%topic, error = %e, "publish failed");
+                    }
+                }
+            })
             .await;
+            tracing::debug!(round, bytes, "update published");
+            let _ = tx.send(Incoming::Uploaded(round));
+        }));
+    }
+
+    fn stop_upload(&mut self) {
+        if let Some(h) = self.upload.take() {
+            h.abort();
         }
-        self.publish(
-            self.topics.update_manifest(cid, o.round),
-            o.manifest.clone(),
-            false,
-        )
-        .await;
+    }
+
+    fn uploading(&self) -> bool {
+        self.upload.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     async fn on_ack(&mut self, round: u64, payload: &[u8]) {
@@ -770,7 +818,7 @@ impl Agent {
             }
         };
         if ack.is_incomplete() {
-            self.resend_missing(round, &ack.missing).await;
+            self.resend_missing(round, &ack.missing);
             return;
         }
         if ack.accepted {
@@ -781,6 +829,7 @@ impl Agent {
         }
         if self.outbound.as_ref().is_some_and(|o| o.round == round) {
             self.outbound = None;
+            self.stop_upload();
             self.finish_round(round);
             self.status.last_accepted = Some(ack.accepted);
             self.save_status();
@@ -799,7 +848,7 @@ impl Agent {
 
     /// Drops an unacknowledged update once its round's deadline passed.
     /// Resends the chunks the aggregator did not get, then the manifest.
-    async fn resend_missing(&mut self, round: u64, missing: &[u32]) {
+    fn resend_missing(&mut self, round: u64, missing: &[u32]) {
         let Some(o) = self.outbound.as_mut().filter(|o| o.round == round) else {
             return;
         };
@@ -813,31 +862,17 @@ impl Agent {
         o.resends += 1;
         o.sent_ms = now_ms();
         tracing::info!(round, missing = missing.len(), "resending lost chunks");
-        let Some(o) = &self.outbound else { return };
-        let cid = &self.cfg.client_id;
-        for &i in missing {
-            // Indices come from the aggregator; only ours are resent.
-            if let Some(c) = o.chunks.get(i as usize) {
-                self.publish(self.topics.update_chunk(cid, round, i), c.clone(), false)
-                    .await;
-            }
-        }
-        self.publish(
-            self.topics.update_manifest(cid, round),
-            o.manifest.clone(),
-            false,
-        )
-        .await;
+        // Indices come from the aggregator; the upload skips any that are not ours.
+        self.start_upload(missing.to_vec());
     }
 
     /// Once a second: drop work past its deadline; send the manifest again when no ack came.
     async fn expire(&mut self) {
         let now = now_ms();
-        if let Some(o) = self
-            .outbound
-            .as_mut()
-            .filter(|o| o.sent_ms > 0 && o.deadline_ms > now && now - o.sent_ms >= ACK_WAIT_MS)
-        {
+        let uploading = self.uploading();
+        if let Some(o) = self.outbound.as_mut().filter(|o| {
+            !uploading && o.sent_ms > 0 && o.deadline_ms > now && now - o.sent_ms >= ACK_WAIT_MS
+        }) {
             o.sent_ms = now;
             tracing::info!(round = o.round, "no ack yet; sending the manifest again");
             let (topic, manifest) = (
@@ -854,6 +889,7 @@ impl Agent {
                 );
                 let r = o.round;
                 self.outbound = None;
+                self.stop_upload();
                 self.finish_round(r);
             }
         }
@@ -918,7 +954,7 @@ fn encode_update(
     Ok(Outbound {
         round: ann.round,
         deadline_ms: ann.deadline_unix_ms,
-        chunks,
+        chunks: Arc::new(chunks),
         manifest: message::encode(&manifest),
         sent_ms: 0,
         resends: 0,
