@@ -7,6 +7,7 @@
 //! use the binaries already built); the test-only
 //! `zk0-fake-worker` comes from this crate (`CARGO_BIN_EXE_zk0-fake-worker` in test targets).
 
+pub mod fake_hub;
 pub mod federation;
 pub mod smolvla;
 
