@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -45,6 +45,7 @@ use shared_proto::message::{
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
 use shared_proto::topic::Topics;
+use zk0_e2e::{free_port, run_ok, target_dir, wait_for, workspace_root, ChildGuard};
 
 const CHUNK: usize = 1 << 20;
 const FEDERATION: &str = "bench";
@@ -108,23 +109,8 @@ fn parse_args() -> Result<Opts> {
     Ok(o)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
 /// The release `zk0-aggregator`, built first unless `ZK0_BENCH_NO_BUILD` is set.
 fn aggregator_bin() -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_absolute() {
-        target
-    } else {
-        workspace_root().join(target)
-    };
     if std::env::var_os("ZK0_BENCH_NO_BUILD").is_none() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
@@ -137,36 +123,37 @@ fn aggregator_bin() -> Result<PathBuf> {
             "cargo build --release -p aggregator failed: {st}"
         );
     }
-    let p = target.join("release").join("zk0-aggregator");
+    let p = target_dir().join("release").join("zk0-aggregator");
     anyhow::ensure!(p.is_file(), "{} is not built", p.display());
     Ok(p)
 }
 
-fn run_ok(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(port: u16, timeout: Duration) -> Result<()> {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(
-            t0.elapsed() < timeout,
-            "nothing listens on {port} after {timeout:?}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+/// Starts `zk0-aggregator serve` on its embedded broker at a free loopback port, logging to
+/// `log`, for one round with `min_clients` and the `extra` serve options; returns once the
+/// broker listens (within `ready_within`).
+fn start_aggregator(
+    agg: &Path,
+    state: &Path,
+    log: &Path,
+    min_clients: usize,
+    extra: &[&str],
+    ready_within: Duration,
+) -> Result<(ChildGuard, u16)> {
+    let port = free_port()?;
+    let mut cmd = Command::new(agg);
+    cmd.arg("--state-dir")
+        .arg(state)
+        .args(["serve", "--insecure"])
+        .args(["--federation", FEDERATION, "--metrics-listen", ""])
+        .args(["--rounds", "1", "--min-clients", &min_clients.to_string()])
+        .args(["--chunk-size", &CHUNK.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra);
+    let child = ChildGuard::spawn("zk0-aggregator", cmd, log)?;
+    wait_for(ready_within, "the aggregator's broker", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    })?;
+    Ok((child, port))
 }
 
 /// splitmix64, for cheap deterministic data.
@@ -205,16 +192,6 @@ fn synth(params: usize, scale: f32, seed: u64) -> TensorSet {
         i += 1;
     }
     m
-}
-
-/// The aggregator child, killed and reaped on drop.
-struct Aggregator(Child);
-
-impl Drop for Aggregator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `VmHWM` (peak resident set) of a live process, in bytes, from `/proc/<pid>/status`.
@@ -542,25 +519,15 @@ fn rss_run(
         )?;
         keys.push((cid, key));
     }
-    let port = free_port()?;
-    let log = std::fs::File::create(dir.join(format!("aggregator-{n}.log")))?;
     let t0 = Instant::now();
-    let child = Command::new(agg)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["serve", "--insecure"])
-        .args(["--federation", FEDERATION, "--metrics-listen", ""])
-        .args(["--rounds", "1", "--min-clients", &n.to_string()])
-        .args(["--round-timeout-s", "1800"])
-        .args(["--chunk-size", &CHUNK.to_string()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting zk0-aggregator")?;
-    let a = Aggregator(child);
-    wait_port(port, Duration::from_secs(120))?;
+    let (a, port) = start_aggregator(
+        agg,
+        &state,
+        &dir.join(format!("aggregator-{n}.log")),
+        n,
+        &["--round-timeout-s", "1800"],
+        Duration::from_secs(120),
+    )?;
     let up = Uplink::new(uplinks);
     let handles: Vec<_> = keys
         .into_iter()
@@ -589,7 +556,7 @@ fn rss_run(
     let id = wait_first_round(&state, Duration::from_secs(1800))?;
     wait_model_published(port, &id, Duration::from_secs(600))?;
     let total_s = t0.elapsed().as_secs_f64();
-    let peak = vm_hwm(a.0.id())?;
+    let peak = vm_hwm(a.child.id())?;
     drop(a);
     // The round really aggregated every client.
     let st: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("state.json"))?)?;
@@ -807,23 +774,8 @@ fn bench_broker(o: &Opts, agg: &Path) -> Result<()> {
             .arg("--model")
             .arg(&model_path),
     )?;
-    let port = free_port()?;
-    let log = std::fs::File::create(dir.path().join("aggregator.log"))?;
-    let child = Command::new(agg)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["serve", "--insecure"])
-        .args(["--federation", FEDERATION, "--metrics-listen", ""])
-        .args(["--rounds", "1", "--min-clients", "1"])
-        .args(["--chunk-size", &CHUNK.to_string()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting zk0-aggregator")?;
-    let _a = Aggregator(child);
-    wait_port(port, Duration::from_secs(60))?;
+    let log = dir.path().join("aggregator.log");
+    let (_a, port) = start_aggregator(agg, &state, &log, 1, &[], Duration::from_secs(60))?;
     let len = o.blob_mb * 1_000_000;
     let mut s = 7u64;
     let blob: Vec<u8> = (0..len.div_ceil(8))

@@ -27,17 +27,21 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-/// `<target>/debug`, honouring `CARGO_TARGET_DIR`.
-pub fn target_debug_dir() -> PathBuf {
+/// The cargo target dir: `$CARGO_TARGET_DIR` (relative to the workspace) or `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_absolute() {
+    if target.is_absolute() {
         target
     } else {
         workspace_root().join(target)
-    };
-    target.join("debug")
+    }
+}
+
+/// `<target>/debug`, honouring `CARGO_TARGET_DIR`.
+pub fn target_debug_dir() -> PathBuf {
+    target_dir().join("debug")
 }
 
 /// Path of a workspace binary in the debug target dir.
