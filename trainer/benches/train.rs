@@ -222,6 +222,22 @@ fn small(root: &Path, steps: usize) -> Case {
 }
 
 /// Runs one side and returns its JSON report (the last JSON line on stdout).
+/// The options both sides take alike: the case's model, batch and step count, the warmup and
+/// bf16 autocast.
+fn step_args(cmd: &mut Command, case: &Case, opts: &Opts) {
+    cmd.arg("--model")
+        .arg(&case.dir)
+        .arg("--inputs")
+        .arg(&case.inputs)
+        .arg("--steps")
+        .arg(case.steps.to_string())
+        .arg("--warmup")
+        .arg(opts.warmup.to_string());
+    if opts.bf16 {
+        cmd.arg("--bf16");
+    }
+}
+
 fn run_side(mut cmd: Command, what: &str) -> Result<Value, String> {
     let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -321,18 +337,8 @@ fn main() {
             .arg(opts.threads.to_string())
             .arg("bench")
             .arg("--device")
-            .arg("cpu")
-            .arg("--model")
-            .arg(&case.dir)
-            .arg("--inputs")
-            .arg(&case.inputs)
-            .arg("--steps")
-            .arg(case.steps.to_string())
-            .arg("--warmup")
-            .arg(opts.warmup.to_string());
-        if opts.bf16 {
-            zk0.arg("--bf16");
-        }
+            .arg("cpu");
+        step_args(&mut zk0, case, &opts);
         let ours = match run_side(zk0, "zk0-train bench") {
             Ok(v) => v,
             Err(e) => {
@@ -345,20 +351,10 @@ fn main() {
         let Ok(py) = &python else { continue };
         let mut lr = Command::new(py);
         lr.arg(LEROBOT_SCRIPT)
-            .arg("--model")
-            .arg(&case.dir)
-            .arg("--inputs")
-            .arg(&case.inputs)
-            .arg("--steps")
-            .arg(case.steps.to_string())
-            .arg("--warmup")
-            .arg(opts.warmup.to_string())
             .arg("--threads")
             .arg(opts.threads.to_string())
             .env("HF_HUB_OFFLINE", "1");
-        if opts.bf16 {
-            lr.arg("--bf16");
-        }
+        step_args(&mut lr, case, &opts);
         let theirs = match run_side(lr, "LeRobot step") {
             Ok(v) => v,
             Err(e) => {
