@@ -213,6 +213,29 @@ fn verify_fixtures_and_a_broken_copy() {
     );
 }
 
+/// Issue 11: a dataset whose video drifts from its metadata (the old writer's episode joins,
+/// `lerobot-dataset/examples/make_drifted_fixture.rs`) fails `verify`, which names each
+/// drifting episode and its camera, and passes the first, which does not drift.
+#[test]
+fn verify_names_episodes_whose_video_drifts_from_the_metadata() {
+    let (ok, out, err) = agent(&[
+        "dataset",
+        "verify",
+        fixture("lerobot-v3-drifted-h264").to_str().unwrap(),
+    ]);
+    assert!(!ok, "{out}");
+    let problems: Vec<&str> = err.lines().filter(|l| l.starts_with("problem:")).collect();
+    assert_eq!(problems.len(), 2, "{err}");
+    for (p, ep) in problems.iter().zip([1, 2]) {
+        assert!(
+            p.contains(&format!("episode {ep}: observation.images.front: frame 0 "))
+                && p.contains("tolerance 0.0001s"),
+            "{p}"
+        );
+    }
+    assert!(err.contains("2 problem(s) found"), "{err}");
+}
+
 /// The v2.1 fixture after `dataset convert` reads back as LeRobot's own conversion's expected.json.
 #[test]
 fn convert_v21_then_show() {

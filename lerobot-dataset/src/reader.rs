@@ -144,6 +144,15 @@ pub struct DeltaSample {
     pub is_pad: BTreeMap<String, Vec<bool>>,
 }
 
+/// A camera's frames located in a video file (see `LeRobotDataset::video_source`).
+struct VideoSource {
+    path: PathBuf,
+    /// Time of the first wanted frame in the file.
+    time_s: f64,
+    width: usize,
+    height: usize,
+}
+
 /// An opened dataset. Cheap to share across threads (`Arc<LeRobotDataset>`); data files are
 /// loaded on first use and cached.
 #[derive(Debug)]
@@ -158,6 +167,9 @@ pub struct LeRobotDataset {
     frames: Mutex<FrameCache>,
     /// `(camera, episode)` → a decoder positioned at the start of block `.1`; `.2` last use.
     streams: Mutex<HashMap<(String, usize), (video::FrameStream, usize, u64)>>,
+    /// Each video file's frame presentation times (one `ffprobe` per file), for the
+    /// timestamp check of every decode.
+    frame_times: Mutex<HashMap<PathBuf, Arc<Vec<f64>>>>,
 }
 
 impl LeRobotDataset {
@@ -200,6 +212,7 @@ impl LeRobotDataset {
                     .map_or(DEFAULT_FRAME_CACHE_BYTES, |mb| mb << 20),
             )),
             streams: Mutex::new(HashMap::new()),
+            frame_times: Mutex::new(HashMap::new()),
         };
         ds.check_metadata()?;
         Ok(ds)
@@ -602,42 +615,46 @@ impl LeRobotDataset {
 
     /// A decoder over camera `key` of `ep` from episode frame `start` to the episode's end.
     fn open_stream(&self, ep: &Episode, key: &str, start: usize) -> Result<video::FrameStream> {
-        let f = self
-            .info
-            .features
-            .get(key)
-            .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
-        let (h, w) = f.hw().ok_or_else(|| {
-            inconsistent(
-                self.root.join("meta/info.json"),
-                format!("camera {key:?} shape is not [H, W, C]"),
-            )
-        })?;
-        let span = ep.videos.get(key).ok_or_else(|| DatasetError::Episode {
-            path: self.root.join("meta/episodes"),
-            episode: ep.episode_index,
-            message: format!("no video location for camera {key:?}"),
-        })?;
         let t0 = self.get_values(ep.dataset_from_index + start)?.timestamp;
+        let src = self.video_source(ep, key, f64::from(t0), ep.length - start)?;
         video::FrameStream::open(
-            &self.root.join(&span.path),
-            span.from_timestamp + f64::from(t0),
+            &src.path,
+            src.time_s,
             f64::from(self.info.fps),
             ep.length - start,
-            w,
-            h,
+            src.width,
+            src.height,
             ep.episode_index,
         )
     }
 
     /// `count` consecutive frames of video camera `key` from episode time `t` on.
     fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
+        let src = self.video_source(ep, key, t, count)?;
+        video::decode_frames(
+            &src.path,
+            src.time_s,
+            f64::from(self.info.fps),
+            count,
+            src.width,
+            src.height,
+            ep.episode_index,
+        )
+    }
+
+    /// Where `count` consecutive frames of camera `key` from episode time `t` are, after
+    /// LeRobot's timestamp check: each query `from_timestamp + t + i / fps` must have a frame
+    /// within [`TOLERANCE_S`](crate::verify::TOLERANCE_S) (else LeRobot raises
+    /// `FrameTimestampError`), and those frames must follow one another in the file, so that
+    /// decoding `count` frames in a row from the first returns exactly the frames LeRobot's
+    /// per-timestamp lookup returns.
+    fn video_source(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<VideoSource> {
         let f = self
             .info
             .features
             .get(key)
             .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
-        let (h, w) = f.hw().ok_or_else(|| {
+        let (height, width) = f.hw().ok_or_else(|| {
             inconsistent(
                 self.root.join("meta/info.json"),
                 format!("camera {key:?} shape is not [H, W, C]"),
@@ -648,15 +665,70 @@ impl LeRobotDataset {
             episode: ep.episode_index,
             message: format!("no video location for camera {key:?}"),
         })?;
-        video::decode_frames(
-            &self.root.join(&span.path),
-            span.from_timestamp + t,
-            f64::from(self.info.fps),
-            count,
-            w,
-            h,
-            ep.episode_index,
-        )
+        let path = self.root.join(&span.path);
+        let time_s = span.from_timestamp + t;
+        let video_err = |message: String| DatasetError::Video {
+            path: path.clone(),
+            episode: ep.episode_index,
+            timestamp: time_s,
+            message,
+        };
+        if !path.exists() {
+            return Err(video_err("video file is missing".into()));
+        }
+        let times = self.frame_times(&path).map_err(|e| match e {
+            DatasetError::Video { message, .. } => video_err(message),
+            e => e,
+        })?;
+        let fps = f64::from(self.info.fps);
+        let mut first = None;
+        for i in 0..count {
+            let query = time_s + i as f64 / fps;
+            let found = video::nearest(&times, query);
+            let ok = match (found, first) {
+                (Some((j, d)), Some(j0)) => d <= crate::verify::TOLERANCE_S && j == j0 + i,
+                (Some((j, d)), None) => {
+                    first = Some(j);
+                    d <= crate::verify::TOLERANCE_S
+                }
+                (None, _) => false,
+            };
+            if !ok {
+                return Err(DatasetError::Video {
+                    path,
+                    episode: ep.episode_index,
+                    timestamp: query,
+                    message: format!(
+                        "{key}: no frame within {}s of {query:.6}s (nearest: {}); the metadata's from_timestamp drifts from the video (LeRobot raises FrameTimestampError here; `zk0-agent dataset verify` lists every such episode)",
+                        crate::verify::TOLERANCE_S,
+                        found.map_or("none".into(), |(j, _)| format!("{:.6}s", times[j]))
+                    ),
+                });
+            }
+        }
+        Ok(VideoSource {
+            path,
+            time_s,
+            width,
+            height,
+        })
+    }
+
+    /// The presentation times of a video file's frames, probed once per file.
+    fn frame_times(&self, path: &Path) -> Result<Arc<Vec<f64>>> {
+        if let Some(t) = self
+            .frame_times
+            .lock()
+            .ok()
+            .and_then(|m| m.get(path).cloned())
+        {
+            return Ok(t);
+        }
+        let t = Arc::new(video::frame_times(path, None)?);
+        if let Ok(mut m) = self.frame_times.lock() {
+            m.insert(path.to_path_buf(), t.clone());
+        }
+        Ok(t)
     }
 
     /// Every frame of one camera over a whole episode, in one decoder pass (sequential access).

@@ -31,6 +31,12 @@ pub struct SynthConfig {
     pub seed: u64,
     pub fps: u32,
     pub encoder: EncoderConfig,
+    /// Each episode's length, overriding `episodes` × `frames_per_episode` when not empty.
+    pub episode_lengths: Vec<usize>,
+    /// LeRobot's file-size knobs (`None`: LeRobot's defaults); small values force rollovers.
+    pub video_files_size_in_mb: Option<f64>,
+    pub data_files_size_in_mb: Option<f64>,
+    pub chunks_size: Option<usize>,
 }
 
 impl Default for SynthConfig {
@@ -42,6 +48,10 @@ impl Default for SynthConfig {
             seed: 0,
             fps: 30,
             encoder: EncoderConfig::default(),
+            episode_lengths: Vec::new(),
+            video_files_size_in_mb: None,
+            data_files_size_in_mb: None,
+            chunks_size: None,
         }
     }
 }
@@ -65,14 +75,26 @@ pub fn generate(root: &Path, cfg: &SynthConfig) -> Result<LeRobotDataset> {
     let mut dc = DatasetConfig::so100(&cams);
     dc.fps = cfg.fps;
     dc.encoder = cfg.encoder.clone();
+    dc.video_files_size_in_mb = cfg
+        .video_files_size_in_mb
+        .unwrap_or(dc.video_files_size_in_mb);
+    dc.data_files_size_in_mb = cfg
+        .data_files_size_in_mb
+        .unwrap_or(dc.data_files_size_in_mb);
+    dc.chunks_size = cfg.chunks_size.unwrap_or(dc.chunks_size);
     let mut w = DatasetWriter::create(root, dc)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    for ep in 0..cfg.episodes {
+    let lengths = if cfg.episode_lengths.is_empty() {
+        vec![cfg.frames_per_episode; cfg.episodes]
+    } else {
+        cfg.episode_lengths.clone()
+    };
+    for (ep, &length) in lengths.iter().enumerate() {
         let phase: Vec<f64> = (0..6)
             .map(|_| rng.gen_range(0.0..std::f64::consts::TAU))
             .collect();
         let amp: Vec<f64> = (0..6).map(|_| rng.gen_range(10.0..40.0)).collect();
-        for i in 0..cfg.frames_per_episode {
+        for i in 0..length {
             let t = i as f64 / f64::from(cfg.fps);
             let joint = |lead: f64| -> Vec<f64> {
                 (0..6)

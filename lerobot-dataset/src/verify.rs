@@ -13,6 +13,50 @@ use crate::video;
 /// Tolerance on timestamps, as LeRobot's `tolerance_s`.
 pub const TOLERANCE_S: f64 = 1e-4;
 
+/// One episode's frames in one camera's video file, as the metadata places them.
+#[derive(Debug)]
+struct SpanInFile {
+    episode: usize,
+    camera: String,
+    from: f64,
+    length: usize,
+}
+
+/// Checks every frame of `span` the way LeRobot's decoders look it up, against the file's
+/// real presentation times (`times`, ascending): the query `from + i / fps` must have a frame
+/// within [`TOLERANCE_S`] (both backends' check), and that frame must be the one at index
+/// `round(query * fps)` (torchcodec, LeRobot's default backend, fetches by that index), so
+/// the file may neither drift from the metadata nor have frames missing or gaps before it.
+fn check_span(
+    path: &std::path::Path,
+    times: &[f64],
+    span: &SpanInFile,
+    fps: f64,
+) -> Option<DatasetError> {
+    let mut bad = (0..span.length).filter_map(|i| {
+        let query = span.from + i as f64 / fps;
+        let (j, dist) = video::nearest(times, query)?;
+        let index = (query * fps).round() as usize;
+        (dist > TOLERANCE_S || j != index).then(|| {
+            let found = times
+                .get(index)
+                .map_or("no frame".to_string(), |t| format!("{t:.6}s"));
+            (i, query, times[j], found, index)
+        })
+    });
+    let (i, query, nearest, at_index, index) = bad.next()?;
+    let more = bad.count();
+    Some(DatasetError::Episode {
+        path: path.to_path_buf(),
+        episode: span.episode,
+        message: format!(
+            "{}: frame {i} of the episode is queried at {query:.6}s, but the nearest frame in the video is at {nearest:.6}s and frame {index} (where LeRobot's torchcodec looks) at {at_index} (tolerance {TOLERANCE_S}s){}",
+            span.camera,
+            if more > 0 { format!("; {more} later frame(s) of this episode too") } else { String::new() }
+        ),
+    })
+}
+
 /// Summary of a verification run.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -24,8 +68,9 @@ pub struct VerifyReport {
     pub problems: Vec<DatasetError>,
 }
 
-/// Checks indices, lengths, timestamps, tasks, video files (ffprobe: frame count, duration,
-/// size) and the presence of stats.
+/// Checks indices, lengths, timestamps, tasks, the presence of stats, and for every episode
+/// and camera that each frame is in its video file where the metadata says (LeRobot's lookup
+/// and tolerance: see `check_span`).
 pub fn verify(ds: &LeRobotDataset) -> VerifyReport {
     let mut r = VerifyReport {
         episodes: ds.episodes().len(),
@@ -34,8 +79,8 @@ pub fn verify(ds: &LeRobotDataset) -> VerifyReport {
     };
     let fps = f64::from(ds.fps());
     let mut data_files: BTreeMap<PathBuf, ()> = BTreeMap::new();
-    // video file → (episode spans it holds)
-    let mut videos: BTreeMap<PathBuf, Vec<(usize, f64, f64, usize)>> = BTreeMap::new();
+    // video file → the episode spans it holds
+    let mut videos: BTreeMap<PathBuf, Vec<SpanInFile>> = BTreeMap::new();
     for ep in ds.episodes() {
         let path = ds.root().join(&ep.data_path);
         let problem = |m: String| DatasetError::Episode {
@@ -128,50 +173,35 @@ pub fn verify(ds: &LeRobotDataset) -> VerifyReport {
                     ),
                 });
             }
-            videos.entry(ds.root().join(&span.path)).or_default().push((
-                ep.episode_index,
-                span.from_timestamp,
-                span.to_timestamp,
-                ep.length,
-            ));
+            videos
+                .entry(ds.root().join(&span.path))
+                .or_default()
+                .push(SpanInFile {
+                    episode: ep.episode_index,
+                    camera: key.clone(),
+                    from: span.from_timestamp,
+                    length: ep.length,
+                });
         }
     }
     r.data_files = data_files.len();
     r.video_files = videos.len();
     for (path, spans) in &videos {
-        let first_ep = spans[0].0;
-        let problem = |m: String| DatasetError::Episode {
-            path: path.clone(),
-            episode: first_ep,
-            message: m,
-        };
         if !path.exists() {
-            r.problems.push(problem("video file is missing".into()));
+            r.problems.push(DatasetError::Episode {
+                path: path.clone(),
+                episode: spans[0].episode,
+                message: "video file is missing".into(),
+            });
             continue;
         }
-        let p = match video::probe(path) {
-            Ok(p) => p,
-            Err(e) => {
-                r.problems.push(e);
-                continue;
-            }
-        };
-        let end = spans.iter().map(|s| s.2).fold(0.0, f64::max);
-        let frames: usize = spans.iter().map(|s| s.3).sum();
-        if let Some(n) = p.frames {
-            // More frames is fine (an interrupted save may leave uncommitted frames at the end).
-            if n < frames {
-                r.problems.push(problem(format!(
-                    "ffprobe counts {n} frames, the episodes in this file need {frames}"
-                )));
-            }
-        }
-        if let Some(d) = p.duration_s {
-            if d < end - 1.5 / fps {
-                r.problems.push(problem(format!(
-                    "ffprobe duration {d:.6}s, the episodes end at {end:.6}s"
-                )));
-            }
+        match video::frame_times(path, None) {
+            Ok(times) => r.problems.extend(
+                spans
+                    .iter()
+                    .filter_map(|s| check_span(path, &times, s, fps)),
+            ),
+            Err(e) => r.problems.push(e),
         }
     }
     // Stats: dataset-level (v3.0) or per episode (v2.1), for every non-string feature.

@@ -22,6 +22,32 @@ use image::RgbImage;
 
 use crate::error::{DatasetError, Result};
 
+/// `ffmpeg` decoding `count` frames from the one nearest to `time_s` to raw `rgb24` on stdout.
+/// An input `-ss` half a frame early makes ffmpeg's accurate seek emit the nearest frame first.
+fn rawvideo_decoder(path: &Path, time_s: f64, fps: f64, count: usize) -> Command {
+    let start = (time_s - 0.5 / fps).max(0.0);
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-hide_banner", "-v", "error", "-ss"])
+        .arg(format!("{start:.6}"))
+        .arg("-i")
+        .arg(path)
+        .args(["-map", "0:v:0", "-frames:v"])
+        .arg(count.to_string())
+        .args([
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "pipe:1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// Decodes `count` consecutive frames starting at the frame nearest to `time_s` (seconds from the
 /// start of the file). `width`/`height` are the stream's size (from info.json).
 pub fn decode_frames(
@@ -42,34 +68,7 @@ pub fn decode_frames(
     if !path.exists() {
         return Err(fail("video file is missing".into()));
     }
-    let start = (time_s - 0.5 / fps).max(0.0);
-    let mut child = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-hide_banner",
-            "-v",
-            "error",
-            "-ss",
-            &format!("{start:.6}"),
-            "-i",
-        ])
-        .arg(path)
-        .args([
-            "-map",
-            "0:v:0",
-            "-frames:v",
-            &count.to_string(),
-            "-fps_mode",
-            "passthrough",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "pipe:1",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = rawvideo_decoder(path, time_s, fps, count)
         .spawn()
         .map_err(|source| DatasetError::Tool {
             program: "ffmpeg",
@@ -141,26 +140,7 @@ impl FrameStream {
                 message: "video file is missing".into(),
             });
         }
-        let start = (time_s - 0.5 / fps).max(0.0);
-        let mut child = Command::new("ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-v", "error", "-ss"])
-            .arg(format!("{start:.6}"))
-            .arg("-i")
-            .arg(path)
-            .args(["-map", "0:v:0", "-frames:v"])
-            .arg(count.to_string())
-            .args([
-                "-fps_mode",
-                "passthrough",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-                "pipe:1",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let mut child = rawvideo_decoder(path, time_s, fps, count)
             .spawn()
             .map_err(|source| DatasetError::Tool {
                 program: "ffmpeg",
@@ -248,39 +228,49 @@ pub struct Probe {
     pub fps: Option<f64>,
 }
 
-/// Runs `ffprobe` on a video file.
-pub fn probe(path: &Path) -> Result<Probe> {
+/// `ffprobe` on the first video stream of `path` with `args`; its stdout.
+fn ffprobe(path: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=codec_name,width,height,pix_fmt,nb_frames,duration,r_frame_rate",
-            "-of",
-            "json",
-        ])
+        .args(["-v", "error", "-select_streams", "v:0"])
+        .args(args)
         .arg(path)
         .output()
         .map_err(|source| DatasetError::Tool {
             program: "ffprobe",
             source,
         })?;
+    if !out.status.success() {
+        return Err(DatasetError::Video {
+            path: path.to_path_buf(),
+            episode: 0,
+            timestamp: 0.0,
+            message: format!(
+                "ffprobe failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ffprobe` on a video file.
+pub fn probe(path: &Path) -> Result<Probe> {
+    let stdout = ffprobe(
+        path,
+        &[
+            "-show_entries",
+            "stream=codec_name,width,height,pix_fmt,nb_frames,duration,r_frame_rate",
+            "-of",
+            "json",
+        ],
+    )?;
     let fail = |m: String| DatasetError::Video {
         path: path.to_path_buf(),
         episode: 0,
         timestamp: 0.0,
         message: m,
     };
-    if !out.status.success() {
-        return Err(fail(format!(
-            "ffprobe failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| fail(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| fail(e.to_string()))?;
     let s = &v["streams"][0];
     if s.is_null() {
         return Err(fail("no video stream".into()));
@@ -450,19 +440,37 @@ pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &P
     run_ffmpeg(&args, Some(raw), out)
 }
 
-/// Concatenates mp4s without re-encoding (`concatenate_video_files`: concat demuxer, stream copy).
-pub fn concat_files(inputs: &[&Path], out: &Path) -> Result<()> {
+/// One input of [`concat_files`]: a file and, for every input but the last, how long it lasts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConcatPart<'a> {
+    pub path: &'a Path,
+    /// The time at which the next part starts, relative to this part's start: its frame count
+    /// over the fps. `None` lets ffmpeg take the container's duration, which mp4 rounds to
+    /// milliseconds (the movie header's timescale): 40 frames at 30 fps "last" 1.334 s, and
+    /// every later frame would sit 0.67 ms late — past LeRobot's 0.1 ms tolerance.
+    pub duration_s: Option<f64>,
+}
+
+/// Concatenates mp4s without re-encoding (`concatenate_video_files`: concat demuxer, stream
+/// copy). Each part's `duration_s` is written into the list as a `duration` directive, so the
+/// next part's frames start exactly there instead of at the rounded container duration.
+pub fn concat_files(parts: &[ConcatPart<'_>], out: &Path) -> Result<()> {
     let list_path = out.with_extension("concat.txt");
-    let list: String = inputs
+    let list: String = parts
         .iter()
-        .map(|p| {
+        .map(|part| {
             // ffmpeg resolves relative entries against the list file's own directory, so
             // a relative dataset root would be doubled: always list absolute paths.
-            let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-            format!(
+            let abs = std::path::absolute(part.path).unwrap_or_else(|_| part.path.to_path_buf());
+            let mut entry = format!(
                 "file '{}'\n",
                 abs.display().to_string().replace('\'', "'\\''")
-            )
+            );
+            if let Some(d) = part.duration_s {
+                // Microseconds: the concat demuxer's own time base.
+                entry += &format!("duration {d:.6}\n");
+            }
+            entry
         })
         .collect();
     std::fs::write(&list_path, list).map_err(crate::error::io_err(&list_path))?;
@@ -494,4 +502,60 @@ pub fn concat_files(inputs: &[&Path], out: &Path) -> Result<()> {
     let r = run_ffmpeg(&args, None, out);
     let _ = std::fs::remove_file(&list_path);
     r
+}
+
+/// Presentation times (seconds, ascending) of the first video stream's frames, as every
+/// decoder sees them (edit lists applied): the packets' pts, read without decoding. With
+/// `from_s`, reading starts at the keyframe before that time (the rest of the file is skipped).
+pub fn frame_times(path: &Path, from_s: Option<f64>) -> Result<Vec<f64>> {
+    let interval = from_s.filter(|t| *t > 0.0).map(|t| format!("{t:.6}%"));
+    let mut args = vec![
+        // Integer pts and the stream's time base: exact times (pts_time prints 6 decimals).
+        "-show_entries",
+        "stream=time_base:packet=pts",
+        "-of",
+        "compact",
+    ];
+    if let Some(i) = &interval {
+        args.extend(["-read_intervals", i]);
+    }
+    let text = ffprobe(path, &args)?;
+    let fail = |message: String| DatasetError::Video {
+        path: path.to_path_buf(),
+        episode: 0,
+        timestamp: from_s.unwrap_or(0.0),
+        message,
+    };
+    let time_base = text
+        .lines()
+        .find_map(|l| l.strip_prefix("stream|time_base="))
+        .and_then(|r| {
+            let (a, b) = r.trim().split_once('/')?;
+            let (a, b) = (a.parse::<f64>().ok()?, b.parse::<f64>().ok()?);
+            (b > 0.0).then_some(a / b)
+        })
+        .ok_or_else(|| fail("no video stream time base".into()))?;
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("packet|pts="))
+        .filter_map(|v| v.trim().parse::<i64>().ok())
+        .map(|pts| pts as f64 * time_base)
+        .collect();
+    if times.is_empty() {
+        return Err(fail("no video frames with a presentation time".into()));
+    }
+    // Packets come in decode order; B-frames make that differ from presentation order.
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// The index of the time in `sorted` nearest to `t` (LeRobot's pick: the frame whose
+/// presentation time is closest to the query), with its distance.
+pub fn nearest(sorted: &[f64], t: f64) -> Option<(usize, f64)> {
+    let i = sorted.partition_point(|&x| x < t);
+    [i.checked_sub(1), (i < sorted.len()).then_some(i)]
+        .into_iter()
+        .flatten()
+        .map(|j| (j, (sorted[j] - t).abs()))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
 }

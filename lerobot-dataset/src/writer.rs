@@ -134,9 +134,70 @@ struct EpisodeRow {
     length: usize,
     data: (usize, usize),
     from: usize,
-    videos: BTreeMap<String, (usize, usize, f64, f64)>,
+    videos: BTreeMap<String, VideoLoc>,
     stats: Stats,
     meta: (usize, usize),
+}
+
+/// Where an episode's frames are in one camera's video files.
+#[derive(Debug, Clone, Copy, Default)]
+struct VideoLoc {
+    chunk: usize,
+    file: usize,
+    /// Presentation time of the episode's first frame in the file.
+    from_ts: f64,
+    /// `from_ts + length / fps` (LeRobot: the previous end plus the episode's duration).
+    to_ts: f64,
+}
+
+/// One episode's video for one camera: frames to encode, or an mp4 encoded already.
+enum EpisodeVideo<'a> {
+    Frames(Vec<RgbImage>),
+    Encoded(&'a Path),
+}
+
+/// The episode just appended is the last `len` frames of `path`: returns its first frame's
+/// presentation time after checking that it starts where the frames before it end
+/// (`expected_from`, so LeRobot's index-based decoder finds it too) and that every one of its
+/// frames sits at `first + i / fps`, all within LeRobot's tolerance.
+fn measured_span_start(
+    path: &Path,
+    ep: usize,
+    key: &str,
+    expected_from: f64,
+    len: usize,
+    fps: f64,
+) -> Result<f64> {
+    let fail = |message: String| DatasetError::Video {
+        path: path.to_path_buf(),
+        episode: ep,
+        timestamp: expected_from,
+        message,
+    };
+    // Only the tail matters: start a second before the episode (at its keyframe, or earlier).
+    let times = video::frame_times(path, Some(expected_from - 1.0))?;
+    if times.len() < len {
+        return Err(fail(format!(
+            "{key}: the file ends {} frame(s) into an episode of {len}",
+            times.len()
+        )));
+    }
+    let ep_times = &times[times.len() - len..];
+    let first = ep_times[0];
+    if (first - expected_from).abs() > crate::verify::TOLERANCE_S {
+        return Err(fail(format!(
+            "{key}: the episode's first frame landed at {first:.6}s in the video, not at {expected_from:.6}s right after the frames before it"
+        )));
+    }
+    for (i, t) in ep_times.iter().enumerate() {
+        let want = first + i as f64 / fps;
+        if (t - want).abs() > crate::verify::TOLERANCE_S {
+            return Err(fail(format!(
+                "{key}: frame {i} of the episode is at {t:.6}s, not {want:.6}s (first frame + i/fps): the encoder did not keep a constant frame rate"
+            )));
+        }
+    }
+    Ok(first)
 }
 
 /// Writes a new v3.0 dataset.
@@ -570,31 +631,10 @@ impl DatasetWriter {
         let mut video_locs = BTreeMap::new();
         let video_keys: Vec<String> = self.videos.keys().cloned().collect();
         for key in video_keys {
-            let template = self
-                .info
-                .video_path
-                .clone()
-                .unwrap_or_else(|| DEFAULT_VIDEO_PATH.into());
-            let cur = self
-                .videos
-                .get_mut(&key)
-                .ok_or_else(|| DatasetError::Usage(key.clone()))?;
-            let path_of = |c: &Cursor| -> Result<PathBuf> {
-                Ok(self.root.join(format_path(
-                    &template,
-                    &[("chunk_index", c.chunk), ("file_index", c.file)],
-                    &[("video_key", &key)],
-                )?))
-            };
-            let ep_tmp = self.root.join(format!("videos/{key}/.episode-{ep:06}.mp4"));
-            std::fs::create_dir_all(ep_tmp.parent().unwrap_or(&self.root))
-                .map_err(io_err(&ep_tmp))?;
-            match videos.get(&key) {
-                Some(src) => {
-                    std::fs::copy(src, &ep_tmp).map_err(io_err(src))?;
-                }
-                None => {
-                    let imgs: Vec<RgbImage> = frames
+            let source = match videos.get(&key) {
+                Some(src) => EpisodeVideo::Encoded(src),
+                None => EpisodeVideo::Frames(
+                    frames
                         .iter()
                         .map(|fr| fr.images.get(&key).cloned())
                         .collect::<Option<_>>()
@@ -602,43 +642,11 @@ impl DatasetWriter {
                             DatasetError::Usage(format!(
                                 "camera {key:?}: frames without images and no video given"
                             ))
-                        })?;
-                    video::encode_frames(&imgs, fps, &self.encoder, &ep_tmp)?;
-                }
-            }
-            if cur.open
-                && file_mb(&path_of(cur)?) + file_mb(&ep_tmp) >= self.info.video_files_size_in_mb
-            {
-                cur.advance(self.info.chunks_size);
-            }
-            let target = path_of(cur)?;
-            if cur.open {
-                let joined = ep_tmp.with_extension("joined.mp4");
-                video::concat_files(&[&target, &ep_tmp], &joined)?;
-                write_atomic(&target, |tmp| {
-                    std::fs::rename(&joined, tmp).map_err(io_err(tmp))
-                })?;
-                let _ = std::fs::remove_file(&ep_tmp);
-            } else {
-                write_atomic(&target, |tmp| {
-                    std::fs::rename(&ep_tmp, tmp).map_err(io_err(tmp))
-                })?;
-            }
-            let from_ts = cur.frames as f64 / f64::from(fps);
-            cur.open = true;
-            cur.frames += len;
-            video_locs.insert(
-                key.clone(),
-                (
-                    cur.chunk,
-                    cur.file,
-                    from_ts,
-                    from_ts + len as f64 / f64::from(fps),
+                        })?,
                 ),
-            );
-            if ep == 0 {
-                self.set_video_info(&key, &target)?;
-            }
+            };
+            let loc = self.append_episode_video(&key, ep, len, source)?;
+            video_locs.insert(key, loc);
         }
 
         // meta/episodes row (rolls over on the data size knob, like LeRobot).
@@ -690,6 +698,91 @@ impl DatasetWriter {
             serde_json::json!({ "train": format!("0:{}", self.info.total_episodes) });
         self.write_info()?;
         Ok(ep)
+    }
+
+    /// Appends one episode's video to camera `key`'s current file (or starts the next file by
+    /// LeRobot's size rule) and returns where its frames are. The span is measured, not
+    /// assumed: `from_timestamp` is the presentation time of the episode's first frame in the
+    /// file as decoders see it, and every one of its frames must sit at `from + i / fps` within
+    /// LeRobot's tolerance, or the save fails (a dataset LeRobot cannot read is never committed).
+    fn append_episode_video(
+        &mut self,
+        key: &str,
+        ep: usize,
+        len: usize,
+        source: EpisodeVideo<'_>,
+    ) -> Result<VideoLoc> {
+        let fps = f64::from(self.info.fps);
+        let template = self
+            .info
+            .video_path
+            .clone()
+            .unwrap_or_else(|| DEFAULT_VIDEO_PATH.into());
+        let root = self.root.clone();
+        let path_of = |c: &Cursor| -> Result<PathBuf> {
+            Ok(root.join(format_path(
+                &template,
+                &[("chunk_index", c.chunk), ("file_index", c.file)],
+                &[("video_key", key)],
+            )?))
+        };
+        let ep_tmp = self.root.join(format!("videos/{key}/.episode-{ep:06}.mp4"));
+        std::fs::create_dir_all(ep_tmp.parent().unwrap_or(&self.root)).map_err(io_err(&ep_tmp))?;
+        match source {
+            EpisodeVideo::Encoded(src) => {
+                std::fs::copy(src, &ep_tmp).map_err(io_err(src))?;
+            }
+            EpisodeVideo::Frames(imgs) => {
+                video::encode_frames(&imgs, self.info.fps, &self.encoder, &ep_tmp)?
+            }
+        }
+        let video_files_size_in_mb = self.info.video_files_size_in_mb;
+        let chunks_size = self.info.chunks_size;
+        let cur = self
+            .videos
+            .get_mut(key)
+            .ok_or_else(|| DatasetError::Usage(key.to_string()))?;
+        if cur.open && file_mb(&path_of(cur)?) + file_mb(&ep_tmp) >= video_files_size_in_mb {
+            cur.advance(chunks_size);
+        }
+        let target = path_of(cur)?;
+        // Where the episode's first frame should land: right after the frames already there.
+        let expected_from = cur.frames as f64 / fps;
+        if cur.open {
+            let joined = ep_tmp.with_extension("joined.mp4");
+            let parts = [
+                video::ConcatPart {
+                    path: &target,
+                    duration_s: Some(expected_from),
+                },
+                video::ConcatPart {
+                    path: &ep_tmp,
+                    duration_s: None,
+                },
+            ];
+            video::concat_files(&parts, &joined)?;
+            write_atomic(&target, |tmp| {
+                std::fs::rename(&joined, tmp).map_err(io_err(tmp))
+            })?;
+            let _ = std::fs::remove_file(&ep_tmp);
+        } else {
+            write_atomic(&target, |tmp| {
+                std::fs::rename(&ep_tmp, tmp).map_err(io_err(tmp))
+            })?;
+        }
+        let from_ts = measured_span_start(&target, ep, key, expected_from, len, fps)?;
+        cur.open = true;
+        cur.frames += len;
+        let loc = VideoLoc {
+            chunk: cur.chunk,
+            file: cur.file,
+            from_ts,
+            to_ts: from_ts + len as f64 / fps,
+        };
+        if ep == 0 {
+            self.set_video_info(key, &target)?;
+        }
+        Ok(loc)
     }
 
     fn set_video_info(&mut self, key: &str, path: &Path) -> Result<()> {
@@ -795,22 +888,23 @@ impl DatasetWriter {
                 &mut fields,
                 &mut cols,
                 format!("videos/{key}/chunk_index"),
-                rows.iter().map(|r| v(r).0 as i64).collect(),
+                rows.iter().map(|r| v(r).chunk as i64).collect(),
             );
             push_int(
                 &mut fields,
                 &mut cols,
                 format!("videos/{key}/file_index"),
-                rows.iter().map(|r| v(r).1 as i64).collect(),
+                rows.iter().map(|r| v(r).file as i64).collect(),
             );
-            for (i, s) in [(2, "from_timestamp"), (3, "to_timestamp")] {
+            for (from, s) in [(true, "from_timestamp"), (false, "to_timestamp")] {
                 fields.push(Field::new(
                     format!("videos/{key}/{s}"),
                     DataType::Float64,
                     true,
                 ));
                 cols.push(Arc::new(Float64Array::from_iter_values(
-                    rows.iter().map(|r| if i == 2 { v(r).2 } else { v(r).3 }),
+                    rows.iter()
+                        .map(|r| if from { v(r).from_ts } else { v(r).to_ts }),
                 )));
             }
         }

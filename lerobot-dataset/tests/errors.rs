@@ -153,7 +153,8 @@ fn verify_passes_on_every_fixture() {
 #[test]
 fn verify_names_file_and_episode() {
     let (_t, dir) = scratch("lerobot-v3-edge");
-    // The file of episodes 0 and 1 (55 frames) is replaced by episode 4's (30 frames).
+    // The file of episodes 0 and 1 (55 frames) is replaced by episode 4's (30 frames): episode
+    // 0's 25 frames are still there, episode 1 runs past the end of the file.
     std::fs::copy(
         dir.join("videos/observation.images.front/chunk-001/file-000.mp4"),
         dir.join("videos/observation.images.front/chunk-000/file-000.mp4"),
@@ -164,8 +165,8 @@ fn verify_names_file_and_episode() {
     let msgs: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
     assert!(
         msgs.iter().any(|m| m.contains("chunk-000/file-000.mp4")
-            && m.contains("episode 0")
-            && m.contains("frames")),
+            && m.contains("episode 1: observation.images.front: frame")
+            && m.contains("no frame")),
         "{msgs:?}"
     );
 }
