@@ -595,37 +595,7 @@ impl DatasetWriter {
             }
         }
 
-        // Data parquet: roll over by LeRobot's size estimate, then rewrite the current file.
-        let schema = self.data_schema()?;
-        let columns = self
-            .info
-            .features
-            .iter()
-            .filter(|(_, f)| !f.is_video())
-            .map(|(n, f)| self.column(n, f, &frames, &defaults))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = RecordBatch::try_new(schema.clone(), columns)
-            .map_err(|e| DatasetError::Usage(e.to_string()))?;
-        let data_path = |c: &Cursor| -> Result<PathBuf> {
-            Ok(self.root.join(format_path(
-                &self.info.data_path,
-                &[("chunk_index", c.chunk), ("file_index", c.file)],
-                &[],
-            )?))
-        };
-        if self.data.open {
-            let size = file_mb(&data_path(&self.data)?);
-            let per_frame = size / self.data.frames.max(1) as f64;
-            if size + per_frame * len as f64 >= self.info.data_files_size_in_mb {
-                self.data.advance(self.info.chunks_size);
-                self.data_batches.clear();
-            }
-        }
-        self.data_batches.push(batch);
-        write_parquet(&data_path(&self.data)?, schema, &self.data_batches)?;
-        self.data.open = true;
-        self.data.frames += len;
-        let data_loc = (self.data.chunk, self.data.file);
+        let data_loc = self.write_episode_data(&frames, &defaults)?;
 
         // Videos: encode the episode alone, then start a new file or stream-copy it onto the current one.
         let mut video_locs = BTreeMap::new();
@@ -649,6 +619,73 @@ impl DatasetWriter {
             video_locs.insert(key, loc);
         }
 
+        self.write_episode_meta(EpisodeRow {
+            episode_index: ep,
+            tasks: ep_tasks,
+            length: len,
+            data: data_loc,
+            from,
+            videos: video_locs,
+            stats: ep_stats,
+            meta: (0, 0),
+        })?;
+
+        // Commit point.
+        self.info.total_episodes += 1;
+        self.info.total_frames += len;
+        self.info.total_tasks = self.tasks.len();
+        self.info.splits =
+            serde_json::json!({ "train": format!("0:{}", self.info.total_episodes) });
+        self.write_info()?;
+        Ok(ep)
+    }
+
+    /// Appends the episode's rows to the current data parquet (one row group per episode),
+    /// first rolling over to the next file by LeRobot's size estimate; returns
+    /// `(chunk, file)`.
+    fn write_episode_data(
+        &mut self,
+        frames: &[FrameData],
+        defaults: &BTreeMap<&str, Vec<f64>>,
+    ) -> Result<(usize, usize)> {
+        let len = frames.len();
+        // Data parquet: roll over by LeRobot's size estimate, then rewrite the current file.
+        let schema = self.data_schema()?;
+        let columns = self
+            .info
+            .features
+            .iter()
+            .filter(|(_, f)| !f.is_video())
+            .map(|(n, f)| self.column(n, f, frames, defaults))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = RecordBatch::try_new(schema.clone(), columns)
+            .map_err(|e| DatasetError::Usage(e.to_string()))?;
+        let data_path = |c: &Cursor| -> Result<PathBuf> {
+            Ok(self.root.join(format_path(
+                &self.info.data_path,
+                &[("chunk_index", c.chunk), ("file_index", c.file)],
+                &[],
+            )?))
+        };
+        if self.data.open {
+            let size = file_mb(&data_path(&self.data)?);
+            let per_frame = size / self.data.frames.max(1) as f64;
+            if size + per_frame * len as f64 >= self.info.data_files_size_in_mb {
+                self.data.advance(self.info.chunks_size);
+                self.data_batches.clear();
+            }
+        }
+        self.data_batches.push(batch);
+        write_parquet(&data_path(&self.data)?, schema, &self.data_batches)?;
+        self.data.open = true;
+        self.data.frames += len;
+        Ok((self.data.chunk, self.data.file))
+    }
+
+    /// Writes the episode's meta/episodes row (rolling over on the data size knob, like
+    /// LeRobot), the tasks and the aggregated stats.json; info.json, the commit point, is left
+    /// to the caller.
+    fn write_episode_meta(&mut self, row: EpisodeRow) -> Result<()> {
         // meta/episodes row (rolls over on the data size knob, like LeRobot).
         if self.meta.open {
             let size = file_mb(&self.root.join(format_path(
@@ -664,15 +701,10 @@ impl DatasetWriter {
                 self.meta_rows.clear();
             }
         }
+        let ep_stats = row.stats.clone();
         self.meta_rows.push(EpisodeRow {
-            episode_index: ep,
-            tasks: ep_tasks,
-            length: len,
-            data: data_loc,
-            from,
-            videos: video_locs,
-            stats: ep_stats.clone(),
             meta: (self.meta.chunk, self.meta.file),
+            ..row
         });
         self.write_meta_episodes()?;
         self.meta.open = true;
@@ -690,14 +722,7 @@ impl DatasetWriter {
             std::fs::write(tmp, text).map_err(io_err(tmp))
         })?;
 
-        // Commit point.
-        self.info.total_episodes += 1;
-        self.info.total_frames += len;
-        self.info.total_tasks = self.tasks.len();
-        self.info.splits =
-            serde_json::json!({ "train": format!("0:{}", self.info.total_episodes) });
-        self.write_info()?;
-        Ok(ep)
+        Ok(())
     }
 
     /// Appends one episode's video to camera `key`'s current file (or starts the next file by

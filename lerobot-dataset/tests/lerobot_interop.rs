@@ -362,10 +362,19 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Reads every item of each root through LeRobot's `LeRobotDataset` (default backend and
-/// tolerance, as `lerobot-train` reads them); one JSON value per root.
-fn read_every_item_in_lerobot(py: &Path, hf_home: &Path, roots: &[&Path]) -> Vec<Value> {
+/// Reads every item of each root through LeRobot's `LeRobotDataset` (its default tolerance;
+/// `backend` None: its default video backend, as `lerobot-train` reads them); one JSON value
+/// per root.
+fn read_every_item_in_lerobot(
+    py: &Path,
+    hf_home: &Path,
+    backend: Option<&str>,
+    roots: &[&Path],
+) -> Vec<Value> {
     let mut args = vec![script("read_every_item.py").into_os_string()];
+    if let Some(b) = backend {
+        args.extend(["--backend".into(), b.into()]);
+    }
     args.extend(roots.iter().map(|r| r.as_os_str().to_os_string()));
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     run_py(py, hf_home, &args)
@@ -384,9 +393,16 @@ fn every_item_of_datasets_we_write_reads_in_lerobot() {
     let tmp = tempfile::tempdir().unwrap();
     let datasets = written_datasets(tmp.path(), seed);
     let roots: Vec<&Path> = datasets.iter().map(|(_, ds)| ds.root()).collect();
-    let theirs = read_every_item_in_lerobot(&py, &tmp.path().join("hf"), &roots);
-    assert_eq!(theirs.len(), datasets.len());
-    for ((label, ds), lr) in datasets.iter().zip(&theirs) {
+    // LeRobot's default backend (torchcodec: frames by index) and pyav (nearest timestamp).
+    let mut theirs = read_every_item_in_lerobot(&py, &tmp.path().join("hf"), None, &roots);
+    theirs.extend(read_every_item_in_lerobot(
+        &py,
+        &tmp.path().join("hf"),
+        Some("pyav"),
+        &roots,
+    ));
+    assert_eq!(theirs.len(), 2 * datasets.len());
+    for ((label, ds), lr) in datasets.iter().cycle().zip(&theirs) {
         assert!(
             lr["error"].is_null(),
             "{label} (seed {seed}): LeRobot: {}",
@@ -504,7 +520,7 @@ fn drifted_fixture_fails_in_lerobot_where_verify_says() {
     let Some(py) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = fixture("lerobot-v3-drifted-h264");
-    let lr = read_every_item_in_lerobot(&py, &tmp.path().join("hf"), &[&root]);
+    let lr = read_every_item_in_lerobot(&py, &tmp.path().join("hf"), None, &[&root]);
     let err = lr[0]["error"].as_str().unwrap_or_default();
     assert!(err.contains("FrameTimestampError"), "LeRobot: {}", lr[0]);
     // LeRobot fails at the first item of episode 1 (index 40): episode 0 is fine.

@@ -1,7 +1,8 @@
 """Read every item of each dataset directory through LeRobot's own LeRobotDataset, with its
 default video backend and tolerance, as `lerobot-train` does; print one JSON line per dataset.
 
-Usage: python read_every_item.py DIR [DIR ...]
+Usage: python read_every_item.py [--backend NAME] DIR [DIR ...]
+(--backend: a LeRobot video backend, e.g. pyav; default: LeRobot's own default.)
 Each line: {"root", "video_backend", "tolerance_s", "items", "error",
 "means": [[camera mean RGB on a 0-255 scale, per camera in camera_keys order] per item],
 "camera_keys"}. "error" is null when every item was read, else the exception LeRobot raised
@@ -16,8 +17,12 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 
 def main():
-    for root in sys.argv[1:]:
-        ds = LeRobotDataset(repo_id="local/x", root=root)
+    args = sys.argv[1:]
+    backend = None
+    if args[:1] == ["--backend"]:
+        backend, args = args[1], args[2:]
+    for root in args:
+        ds = LeRobotDataset(repo_id="local/x", root=root, video_backend=backend)
         cams = list(ds.meta.camera_keys)
         out = {
             "root": root,
