@@ -253,11 +253,16 @@ fn seed() -> u64 {
     seed
 }
 
-/// `n` random episode lengths in 1..=47, plus `fixed` ones, shuffled: lengths that are and are
-/// not whole numbers of a container's ticks.
-fn lengths(rng: &mut ChaCha8Rng, n: usize, fixed: &[usize]) -> Vec<usize> {
+/// `n` random episode lengths in `range`, plus `fixed` ones, shuffled: lengths that are and
+/// are not whole numbers of a container's ticks.
+fn lengths(
+    rng: &mut ChaCha8Rng,
+    range: std::ops::RangeInclusive<usize>,
+    n: usize,
+    fixed: &[usize],
+) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n)
-        .map(|_| rng.gen_range(1..=47))
+        .map(|_| rng.gen_range(range.clone()))
         .chain(fixed.iter().copied())
         .collect();
     v.shuffle(rng);
@@ -282,7 +287,7 @@ fn written_datasets(dir: &Path, seed: u64) -> Vec<(String, LeRobotDataset)> {
         (
             "libsvtav1, 1 camera",
             SynthConfig {
-                episode_lengths: lengths(&mut rng, 3, &[29, 17]),
+                episode_lengths: lengths(&mut rng, 1..=47, 3, &[29, 17]),
                 cameras: vec![front()],
                 ..Default::default()
             },
@@ -290,7 +295,7 @@ fn written_datasets(dir: &Path, seed: u64) -> Vec<(String, LeRobotDataset)> {
         (
             "libx264, 2 cameras",
             SynthConfig {
-                episode_lengths: lengths(&mut rng, 3, &[40, 1]),
+                episode_lengths: lengths(&mut rng, 1..=47, 3, &[40, 1]),
                 cameras: vec![front(), ("wrist".into(), 64, 64)],
                 encoder: encoder("libx264"),
                 ..Default::default()
@@ -299,7 +304,7 @@ fn written_datasets(dir: &Path, seed: u64) -> Vec<(String, LeRobotDataset)> {
         (
             "mpeg4 (any other --vcodec), 1 camera",
             SynthConfig {
-                episode_lengths: lengths(&mut rng, 4, &[]),
+                episode_lengths: lengths(&mut rng, 1..=47, 4, &[]),
                 cameras: vec![front()],
                 encoder: encoder("mpeg4"),
                 ..Default::default()
@@ -308,10 +313,12 @@ fn written_datasets(dir: &Path, seed: u64) -> Vec<(String, LeRobotDataset)> {
         (
             "libsvtav1, video/data file and chunk rollovers",
             SynthConfig {
-                episode_lengths: lengths(&mut rng, 6, &[29]),
+                // Long enough that every size estimate rolls over within a few episodes.
+                episode_lengths: lengths(&mut rng, 12..=47, 8, &[29]),
                 cameras: vec![front()],
-                // A few episodes per video file, then the next file; 2 files per chunk.
-                video_files_size_in_mb: Some(0.006),
+                // A few episodes per video file (~2.5 kB each), then the next file; 2 files
+                // per chunk.
+                video_files_size_in_mb: Some(0.005),
                 data_files_size_in_mb: Some(0.01),
                 chunks_size: Some(2),
                 ..Default::default()
