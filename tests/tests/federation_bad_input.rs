@@ -115,7 +115,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         // One key enrolled under every hostile id (except "eve", who is not enrolled).
         let mallory = KeyPair::generate();
         let pub_path = tmp.path().join("mallory.pub");
-        shared_proto::sign::save_public_key(&pub_path, &mallory.public())?;
+        zk0_daemon::keys::save_public_key(&pub_path, &mallory.public())?;
         let ids = [
             "m-malformed",
             "m-hash",
