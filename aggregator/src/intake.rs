@@ -104,7 +104,7 @@ pub enum ManifestVerdict {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stored {
     Wait,
-    ReadyToVerify(UpdateManifest),
+    ReadyToVerify(Box<UpdateManifest>),
 }
 
 /// One client's upload in the open round.
@@ -220,7 +220,7 @@ impl UploadTable {
                 tracker.mark(index);
                 if tracker.is_complete() {
                     up.verifying = true;
-                    Stored::ReadyToVerify(m.clone())
+                    Stored::ReadyToVerify(Box::new(m.clone()))
                 } else {
                     Stored::Wait // resent chunks still on their way; the manifest follows them
                 }

@@ -217,7 +217,7 @@ impl Server {
                 if let Stored::ReadyToVerify(m) =
                     self.uploads.stored(cid, round, index, payload.len())
                 {
-                    self.start_verify(m);
+                    self.start_verify(*m);
                 }
             }
             ChunkVerdict::Ignore(why) => self.metrics.chunk_refused(why.as_str()),

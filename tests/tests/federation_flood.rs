@@ -4,12 +4,12 @@
 //! flood, every flood chunk it received is counted on `/metrics` as refused (the round is not
 //! collecting) or shed (the inbox was full), and the federation finishes its round.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rumqttc_ring::{Client, MqttOptions, QoS};
 use zk0_e2e::federation::{BrokerKind, Federation};
+use zk0_e2e::http_get;
 
 /// Flood: 320 chunks of 512 KiB (160 MiB), far more than the bound asserted below.
 const FLOOD_CHUNKS: u32 = 320;
@@ -25,15 +25,6 @@ fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(field))
         .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(v.trim().trim_end_matches("kB").trim().parse()?)
-}
-
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 /// Sum of every sample of `metric` (all label sets) in a Prometheus text page.
