@@ -9,7 +9,9 @@
 use anyhow::{Context, Result};
 use shared_proto::tensor::{read_safetensors, write_safetensors, TensorSet};
 
-use crate::store::{write_atomic, Store};
+use zk0_daemon::{write_atomic, Durability};
+
+use crate::store::Store;
 
 /// The server step under way: folds weighted deltas into the global model in place.
 #[derive(Debug)]
@@ -60,16 +62,17 @@ impl<'a> ServerStep<'a> {
     }
 }
 
-/// Writes a global model into the state dir under its id and returns the id.
-pub fn save_model(store: &Store, tensors: &TensorSet) -> Result<String> {
+/// Writes a global model into the state dir under its id; returns the id and the bytes
+/// written (to publish without reading the file back).
+pub fn save_model(store: &Store, tensors: &TensorSet) -> Result<(String, Vec<u8>)> {
     // The id is the SHA-256 of exactly these bytes (canonical encoding, no metadata).
     let bytes = write_safetensors(tensors, &Default::default());
     let id = shared_proto::hash::sha256_hex(&bytes);
     let path = store.model_path(&id);
     if !path.exists() {
-        write_atomic(&path, &bytes)?;
+        write_atomic(&path, &bytes, Durability::Durable)?;
     }
-    Ok(id)
+    Ok((id, bytes))
 }
 
 /// Reads a global model by id.

@@ -8,6 +8,51 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+use shared_proto::sign::KeyPair;
+use zk0_daemon::BrokerUrl;
+
+/// The broker the aggregator connects to, and its credentials there: the embedded one
+/// (started here; the aggregator gets random credentials of its own unless insecure) unless
+/// `broker.url` names an external one.
+pub fn start_or_connect(
+    cfg: &crate::config::Config,
+) -> Result<(BrokerUrl, Option<(String, String)>)> {
+    let b = &cfg.broker;
+    if !b.url.is_empty() {
+        let me = (!b.username.is_empty()).then(|| (b.username.clone(), b.password.clone()));
+        return Ok((BrokerUrl::parse(&b.url)?, me));
+    }
+    let listen: SocketAddr = b.listen.parse().context("broker.listen")?;
+    let (users, me) = if cfg.insecure {
+        (None, None)
+    } else {
+        let pass =
+            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-aggregator-login"));
+        let mut u: HashMap<String, String> = b.users.clone().into_iter().collect();
+        u.insert("zk0-aggregator".into(), pass.clone());
+        (Some(u), Some(("zk0-aggregator".to_string(), pass)))
+    };
+    EmbeddedBroker {
+        listen,
+        max_packet_bytes: b.max_packet_bytes,
+        backlog_bytes: b.backlog_bytes,
+        users,
+        tls: (!b.tls_cert.is_empty()).then(|| (b.tls_cert.clone(), b.tls_key.clone())),
+    }
+    .spawn()?;
+    tracing::info!(%listen, "embedded MQTT broker started");
+    let host = if listen.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        listen.ip().to_string()
+    };
+    let url = BrokerUrl {
+        tls: !b.tls_cert.is_empty(),
+        host,
+        port: listen.port(),
+    };
+    Ok((url, me))
+}
 
 /// Settings for the embedded broker.
 #[derive(Debug, Clone)]

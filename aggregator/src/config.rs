@@ -245,6 +245,22 @@ impl Config {
         Ok(())
     }
 
+    /// The round's limits on one update, for the intake and the verifier.
+    pub fn limits(&self) -> crate::verify::Limits {
+        let r = &self.rounds;
+        crate::verify::Limits {
+            chunk_size: u32::try_from(r.chunk_size).unwrap_or(u32::MAX),
+            max_update_bytes: r.max_update_bytes,
+            max_update_norm: r.max_update_norm,
+            // `validate` checked they parse.
+            accepted_codecs: r
+                .accepted_codecs
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+        }
+    }
+
     pub fn round_config(&self) -> RoundConfig {
         RoundConfig {
             rounds: self.rounds.rounds,

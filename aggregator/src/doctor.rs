@@ -29,17 +29,8 @@ fn bindable(addr: &str) -> std::result::Result<(), String> {
 
 /// Whether an external broker at `mqtt[s]://host:port` accepts TCP connections.
 fn reachable(url: &str) -> std::result::Result<(), String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let default_port = if url.starts_with("mqtts") { 8883 } else { 1883 };
-    let hostport = if rest
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        rest.to_string()
-    } else {
-        format!("{rest}:{default_port}")
-    };
-    let addr = hostport
+    let u = zk0_daemon::BrokerUrl::parse(url).map_err(|e| e.to_string())?;
+    let addr = (u.host.as_str(), u.port)
         .to_socket_addrs()
         .map_err(|e| e.to_string())?
         .next()

@@ -12,32 +12,19 @@
 //! - `start` / `stop`: `serve` as a background daemon with a pidfile and log in the state dir.
 //! - `push --repo <owner/name> --dir <folder>`: upload a folder to the Hugging Face Hub.
 //! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
-
-mod aggregate;
-mod broker;
-mod checkpoint;
-mod config;
-mod datasets;
-mod doctor;
-mod hub;
-mod metrics;
-mod outputs;
-mod plots;
-mod round;
-mod schedule;
-mod server;
-mod server_eval;
-mod store;
-mod tls;
+//!
+//! The daemon itself is the `aggregator` library (module map in its crate doc, `lib.rs`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use shared_proto::sign::{KeyPair, PublicKey};
+use zk0_daemon::{write_atomic, Durability::Durable};
 
-use crate::config::Config;
-use crate::store::{EnrolledKey, Store};
+use aggregator::config::Config;
+use aggregator::store::{EnrolledKey, Store};
+use aggregator::{aggregate, checkpoint, doctor, hub, outputs, round, server, tls};
 
 #[derive(Parser)]
 #[command(
@@ -352,8 +339,8 @@ fn prepare_state_dir(store: &Store, force: bool) -> Result<()> {
     }
     if !store.key_path().exists() {
         let kp = KeyPair::generate();
-        shared_proto::sign::save_keypair(store.key_path(), &kp)?;
-        store::write_atomic(&store.pub_path(), kp.public().to_pem().as_bytes())?;
+        zk0_daemon::keys::save_keypair(store.key_path(), &kp)?;
+        zk0_daemon::keys::save_public_key(store.pub_path(), &kp.public())?;
     }
     Ok(())
 }
@@ -397,7 +384,7 @@ fn init(
         (None, None) => anyhow::bail!("give --model, --init or --resume"),
     };
     prepare_state_dir(store, force)?;
-    let model_id = aggregate::save_model(store, &tensors)?;
+    let (model_id, _) = aggregate::save_model(store, &tensors)?;
     let state = round::RoundState::new(model_id.clone());
     store.save_state(&state)?;
     println!(
@@ -414,7 +401,7 @@ fn init(
 fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()> {
     let (t, global) = checkpoint::load_resume(ckpt)?;
     prepare_state_dir(store, force)?;
-    let model_id = aggregate::save_model(store, &global)?;
+    let (model_id, _) = aggregate::save_model(store, &global)?;
     anyhow::ensure!(model_id == t.model_id, "checkpoint model id mismatch");
     let mut state = t.state.clone();
     state.round = t.round + 1;
@@ -425,14 +412,16 @@ fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()>
     store.save_state(&state)?;
     let outputs = outputs::Outputs::new(store);
     for s in &state.history {
-        store::write_atomic(
+        write_atomic(
             &store.round_summary_path(s.round),
             &serde_json::to_vec_pretty(s)?,
+            Durable,
         )?;
     }
-    store::write_atomic(
+    write_atomic(
         &store.dir.join("federated_metrics.json"),
         &serde_json::to_vec_pretty(&state.history)?,
+        Durable,
     )?;
     outputs.save_history(&t.policy_loss)?;
     for r in &t.rounds {
@@ -451,10 +440,7 @@ fn keys(store: &Store, cmd: KeysCmd) -> Result<()> {
     let mut reg = store.load_keys()?;
     match cmd {
         KeysCmd::Enroll { pubkey, client_id } => {
-            anyhow::ensure!(
-                store::valid_client_id(&client_id),
-                "invalid client id {client_id:?}"
-            );
+            shared_proto::topic::validate_client_id(&client_id)?;
             let pem = std::fs::read_to_string(&pubkey)
                 .with_context(|| format!("reading {}", pubkey.display()))?;
             let key = PublicKey::from_pem(&pem)
@@ -465,7 +451,7 @@ fn keys(store: &Store, cmd: KeysCmd) -> Result<()> {
                 EnrolledKey {
                     public_key_pem: key.to_pem(),
                     fingerprint: fp.clone(),
-                    enrolled_unix_ms: server::now_ms(),
+                    enrolled_unix_ms: zk0_daemon::now_ms(),
                 },
             );
             store.save_keys(&reg)?;

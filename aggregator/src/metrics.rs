@@ -31,6 +31,9 @@ pub struct Metrics {
     pub round_duration_seconds: Histogram,
     pub server_eval_failures: Counter,
     pub chunks_requested: Counter,
+    pub chunks_refused: Family<ReasonLabel, Counter>,
+    pub chunks_shed: Counter,
+    pub chunk_bytes_shed: Counter,
 }
 
 impl Metrics {
@@ -47,6 +50,9 @@ impl Metrics {
             round_duration_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             server_eval_failures: Counter::default(),
             chunks_requested: Counter::default(),
+            chunks_refused: Family::default(),
+            chunks_shed: Counter::default(),
+            chunk_bytes_shed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -58,6 +64,21 @@ impl Metrics {
             "update_chunks_requested",
             "Update chunks lost on the way and asked for again",
             m.chunks_requested.clone(),
+        );
+        registry.register(
+            "update_chunks_refused",
+            "Update chunks dropped unstored (closed round, unenrolled, rejected upload, …), by reason",
+            m.chunks_refused.clone(),
+        );
+        registry.register(
+            "update_chunks_shed",
+            "Update chunks dropped because the event loop's bounded inbox was full",
+            m.chunks_shed.clone(),
+        );
+        registry.register(
+            "update_chunk_bytes_shed",
+            "Payload bytes of the update chunks shed",
+            m.chunk_bytes_shed.clone(),
         );
         registry.register(
             "rounds_completed",
@@ -112,6 +133,14 @@ impl Metrics {
         self.updates_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn chunk_refused(&self, why: &str) {
+        self.chunks_refused
+            .get_or_create(&ReasonLabel {
+                reason: why.to_string(),
             })
             .inc();
     }

@@ -42,7 +42,9 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::round::{RoundSummary, UpdateRecord};
-use crate::store::{write_atomic, Store};
+use zk0_daemon::{write_atomic, Durability};
+
+use crate::store::Store;
 
 /// `[outputs]`: server evaluation, plots and checkpoints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -288,7 +290,11 @@ impl Outputs {
     }
 
     pub fn save_round(&self, r: &RoundRecord) -> Result<()> {
-        write_atomic(&self.round_path(r.round), &serde_json::to_vec_pretty(r)?)
+        Ok(write_atomic(
+            &self.round_path(r.round),
+            &serde_json::to_vec_pretty(r)?,
+            Durability::Durable,
+        )?)
     }
 
     /// Every round record present, oldest first (rounds without a file are skipped).
@@ -328,7 +334,11 @@ impl Outputs {
     }
 
     pub fn save_history(&self, h: &PolicyLossHistory) -> Result<()> {
-        write_atomic(&self.history_path(), &serde_json::to_vec_pretty(h)?)
+        Ok(write_atomic(
+            &self.history_path(),
+            &serde_json::to_vec_pretty(h)?,
+            Durability::Durable,
+        )?)
     }
 }
 

@@ -1,4 +1,4 @@
-//! The aggregator's state directory: atomic files, the round state, models, enrolled keys and
+//! The aggregator's state directory: the round state, models, enrolled keys and
 //! the update spool.
 //!
 //! Layout:
@@ -7,7 +7,8 @@
 //! <state_dir>/aggregator.key|.pub           the aggregator's ed25519 signing key pair (PEM)
 //! <state_dir>/keys.json                     enrolled client keys: client id → public key PEM
 //! <state_dir>/models/<model_id>.safetensors global models (trainable tensors, f32)
-//! <state_dir>/spool/r<round>/<cid>/<i>      update chunks as they arrive
+//! <state_dir>/spool/r<round>/<cid>.part     an upload's chunks, in place (see `spool`)
+//! <state_dir>/spool/r<round>/<cid>.chunks   which chunks of it are stored
 //! <state_dir>/accepted/r<round>/<cid>.delta verified, accepted update blobs
 //! <state_dir>/rounds/round_NNN.json         per-round summary (metrics, who dropped)
 //! <state_dir>/federated_metrics.json        every round's summary, oldest first
@@ -15,34 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::round::RoundState;
+use zk0_daemon::{write_atomic, Durability};
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a torn
-/// one: write a sibling temp file, fsync it, rename over, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-    if let Ok(d) = fs::File::open(dir) {
-        // Directory fsync makes the rename itself durable; not supported everywhere, so best effort.
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
+use crate::round::RoundState;
 
 /// Enrolled client keys.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -86,9 +67,6 @@ impl Store {
             .join("models")
             .join(format!("{model_id}.safetensors"))
     }
-    pub fn spool_dir(&self, round: u64, cid: &str) -> PathBuf {
-        self.dir.join("spool").join(format!("r{round}")).join(cid)
-    }
     pub fn spool_round_dir(&self, round: u64) -> PathBuf {
         self.dir.join("spool").join(format!("r{round}"))
     }
@@ -119,7 +97,12 @@ impl Store {
     }
 
     pub fn save_state(&self, s: &RoundState) -> Result<()> {
-        write_atomic(&self.state_path(), &serde_json::to_vec_pretty(s)?)
+        // Durable: the state dir is what a restart resumes from.
+        Ok(write_atomic(
+            &self.state_path(),
+            &serde_json::to_vec_pretty(s)?,
+            Durability::Durable,
+        )?)
     }
 
     pub fn load_keys(&self) -> Result<KeyRegistry> {
@@ -135,40 +118,10 @@ impl Store {
     }
 
     pub fn save_keys(&self, k: &KeyRegistry) -> Result<()> {
-        write_atomic(&self.keys_path(), &serde_json::to_vec_pretty(k)?)
-    }
-}
-
-/// Client ids become path components and topic levels: keep them to a safe alphabet.
-pub fn valid_client_id(cid: &str) -> bool {
-    !cid.is_empty()
-        && cid.len() <= 64
-        && cid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !cid.starts_with('.')
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atomic_write_replaces_and_leaves_no_temp() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("sub/x.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(d.path().join("sub")).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn client_ids_are_path_safe() {
-        assert!(valid_client_id("robot-1_a.b"));
-        assert!(!valid_client_id("../x"));
-        assert!(!valid_client_id("a/b"));
-        assert!(!valid_client_id(""));
-        assert!(!valid_client_id("+"));
+        Ok(write_atomic(
+            &self.keys_path(),
+            &serde_json::to_vec_pretty(k)?,
+            Durability::Durable,
+        )?)
     }
 }

@@ -1,7 +1,5 @@
 //! The crate's one error type, and how each error maps to the reason sent back in an ack.
 
-use std::path::PathBuf;
-
 use crate::message::RejectReason;
 
 /// Everything that can go wrong decoding, validating or verifying protocol data.
@@ -72,12 +70,6 @@ pub enum ProtoError {
         value: String,
         why: &'static str,
     },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl ProtoError {
@@ -107,7 +99,6 @@ impl ProtoError {
             | E::Incomplete { .. }
             | E::ChunkLayout(_)
             | E::InvalidName { .. } => RejectReason::MalformedMessage,
-            E::Io { .. } => RejectReason::Internal,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The zk0 wire protocol, shared by `zk0-agent` and `zk0-aggregator`.
 //!
 //! Pure functions only: no async runtime, no libtorch, no I/O beyond byte slices, so every
-//! decoder here can be fuzzed and property-tested in isolation. (The one exception is
-//! [`sign::load_keypair`] / [`sign::save_keypair`], which read and write key files.)
+//! decoder here can be fuzzed and property-tested in isolation. (Key *files* are read and
+//! written by `zk0_daemon::keys`; [`sign`] only parses and prints PEM.)
 //!
 //! Map of the crate, in the order a round uses it:
 //!

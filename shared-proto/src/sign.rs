@@ -5,8 +5,6 @@
 //! config file. Fingerprints follow ssh: `SHA256:<unpadded base64 of sha256(raw key)>`.
 
 use std::fmt;
-use std::io::Write;
-use std::path::Path;
 use std::str::FromStr;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
@@ -164,71 +162,6 @@ impl FromStr for PublicKey {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProtoError + '_ {
-    move |source| ProtoError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Reads a PKCS#8 PEM private key file.
-pub fn load_keypair(path: impl AsRef<Path>) -> Result<KeyPair, ProtoError> {
-    let path = path.as_ref();
-    KeyPair::from_pem(&std::fs::read_to_string(path).map_err(io_err(path))?)
-}
-
-/// Writes the private key as PKCS#8 PEM, readable by its owner only (0600).
-///
-/// Written to a temporary file created with mode 0600 and renamed into place, so the secret is
-/// never briefly world-readable and a crash never leaves a half-written key.
-pub fn save_keypair(path: impl AsRef<Path>, key: &KeyPair) -> Result<(), ProtoError> {
-    write_private(path.as_ref(), key.to_pem().as_bytes())
-}
-
-/// Reads a public key file, PEM or compact form.
-pub fn load_public_key(path: impl AsRef<Path>) -> Result<PublicKey, ProtoError> {
-    let path = path.as_ref();
-    PublicKey::parse(&std::fs::read_to_string(path).map_err(io_err(path))?)
-}
-
-/// Writes a public key as SPKI PEM (mode 0644).
-pub fn save_public_key(path: impl AsRef<Path>, key: &PublicKey) -> Result<(), ProtoError> {
-    let path = path.as_ref();
-    std::fs::write(path, key.to_pem()).map_err(io_err(path))
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProtoError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // The tmp file may have pre-existed with looser permissions.
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProtoError> {
-    std::fs::write(path, bytes).map_err(io_err(path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,30 +225,5 @@ mod tests {
             )
         );
         assert!(!format!("{k:?}").contains(&hex::encode(secret)));
-    }
-
-    #[test]
-    fn key_files() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.key");
-        let k = KeyPair::generate();
-        save_keypair(&path, &k).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(load_keypair(&path).unwrap().public(), k.public());
-        // Overwriting keeps 0600 and leaves no temp file behind.
-        save_keypair(&path, &k).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-
-        let pub_path = dir.path().join("agent.pub");
-        save_public_key(&pub_path, &k.public()).unwrap();
-        assert_eq!(load_public_key(&pub_path).unwrap(), k.public());
-        std::fs::write(&pub_path, k.public().to_compact() + "\n").unwrap();
-        assert_eq!(load_public_key(&pub_path).unwrap(), k.public());
-        assert!(matches!(
-            load_keypair(dir.path().join("missing")),
-            Err(ProtoError::Io { .. })
-        ));
     }
 }

@@ -509,7 +509,7 @@ fn rss_run(
         let cid = format!("c{i:03}");
         let key = KeyPair::generate();
         let pubp = dir.join(format!("{cid}.pub"));
-        shared_proto::sign::save_public_key(&pubp, &key.public())?;
+        zk0_daemon::keys::save_public_key(&pubp, &key.public())?;
         run_ok(
             Command::new(agg)
                 .arg("--state-dir")

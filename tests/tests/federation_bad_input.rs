@@ -6,7 +6,6 @@
 //! resends it, its update is accepted and aggregated.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,6 +16,7 @@ use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, TensorSet};
 use shared_proto::topic::Topics;
 use zk0_e2e::federation::{tiny_model, BrokerKind, Federation, Observer};
+use zk0_e2e::http_get;
 
 const CHUNK: usize = 4096;
 
@@ -91,15 +91,6 @@ fn send(
     Ok(())
 }
 
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 #[test]
 fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Result<()> {
     zk0_e2e::ensure_built()?;
@@ -115,7 +106,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         // One key enrolled under every hostile id (except "eve", who is not enrolled).
         let mallory = KeyPair::generate();
         let pub_path = tmp.path().join("mallory.pub");
-        shared_proto::sign::save_public_key(&pub_path, &mallory.public())?;
+        zk0_daemon::keys::save_public_key(&pub_path, &mallory.public())?;
         let ids = [
             "m-malformed",
             "m-hash",

@@ -70,15 +70,15 @@ fn all_three() -> serde_json::Value {
 /// zstd, ≈ 19 chunks of 32 KiB) takes ≈ 6 s to upload, one chunk every ≈ 0.3 s.
 const SLOW_UPLINK_BYTES_PER_SEC: u64 = 100_000;
 
-/// Update chunks of `cid` the aggregator has spooled in `round` (its files on disk).
+/// Update chunks of `cid` the aggregator has spooled in `round`: the records of its chunk log
+/// (`spool/r<round>/<cid>.chunks`, 8 bytes per stored chunk; see `aggregator::spool`).
 fn spooled_chunks(fed: &Federation, round: u64, cid: &str) -> usize {
-    std::fs::read_dir(
-        fed.state_dir
-            .join("spool")
-            .join(format!("r{round}"))
-            .join(cid),
-    )
-    .map_or(0, |d| d.flatten().count())
+    let log = fed
+        .state_dir
+        .join("spool")
+        .join(format!("r{round}"))
+        .join(format!("{cid}.chunks"));
+    std::fs::metadata(log).map_or(0, |m| m.len() as usize / 8)
 }
 
 #[test]

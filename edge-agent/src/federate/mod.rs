@@ -97,9 +97,9 @@ pub fn keys(cmd: KeysCmd) -> Result<()> {
                 std::fs::create_dir_all(d)?;
             }
             let kp = KeyPair::generate();
-            shared_proto::sign::save_keypair(&key, &kp)?;
+            zk0_daemon::keys::save_keypair(&key, &kp)?;
             let pub_path = pub_path(&key);
-            shared_proto::sign::save_public_key(&pub_path, &kp.public())?;
+            zk0_daemon::keys::save_public_key(&pub_path, &kp.public())?;
             println!(
                 "wrote {} and {} ({})",
                 key.display(),
@@ -108,7 +108,7 @@ pub fn keys(cmd: KeysCmd) -> Result<()> {
             );
         }
         KeysCmd::Show { key } => {
-            let kp = shared_proto::sign::load_keypair(&key)?;
+            let kp = zk0_daemon::keys::load_keypair(&key)?;
             print!("{}", kp.public().to_pem());
             eprintln!("fingerprint {}", kp.public().fingerprint());
         }
@@ -261,13 +261,13 @@ fn tls_transport(ca_pem: &std::path::Path) -> Result<rumqttc_ring::Transport> {
 }
 
 async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
-    let key = shared_proto::sign::load_keypair(&cfg.key_file).with_context(|| {
+    let key = zk0_daemon::keys::load_keypair(&cfg.key_file).with_context(|| {
         format!(
             "loading {} (create it with `zk0-agent keys init`)",
             cfg.key_file.display()
         )
     })?;
-    let pinned = shared_proto::sign::load_public_key(&cfg.aggregator_key).with_context(|| {
+    let pinned = zk0_daemon::keys::load_public_key(&cfg.aggregator_key).with_context(|| {
         format!(
             "loading the pinned aggregator key {}",
             cfg.aggregator_key.display()

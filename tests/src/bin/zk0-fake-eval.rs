@@ -6,7 +6,8 @@
 //! checks that the model directory holds a `config.json` and that the dataset exists, and
 //! writes a report whose `loss` is the mean square of every value in `--global`: a real
 //! function of the evaluated model that a test can recompute. `<dataset>/fail` makes it exit
-//! with an error.
+//! with an error; `<dataset>/sleep_ms` (a number) makes it take that long first, so a test can
+//! act while the aggregator closes a round.
 
 use std::path::PathBuf;
 
@@ -46,6 +47,10 @@ fn main() -> Result<()> {
         !dataset.join("fail").exists(),
         "dataset asks this worker to fail"
     );
+    if let Ok(ms) = std::fs::read_to_string(dataset.join("sleep_ms")) {
+        let ms: u64 = ms.trim().parse().context("sleep_ms")?;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let global = global.context("--global is required")?;
     let bytes = std::fs::read(&global).with_context(|| format!("reading {}", global.display()))?;
     let (set, _) = shared_proto::tensor::read_safetensors(&bytes)?;

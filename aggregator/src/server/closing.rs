@@ -1,0 +1,170 @@
+//! Carrying out a round close and publishing: the close job, its completion, outputs, and
+//! every publish the loop makes.
+
+use super::*;
+
+impl Server {
+    pub(super) fn start_close(&mut self, reason: Option<CloseReason>) {
+        self.closing = Some(reason);
+        let (job, jobs) = (self.close_job(), self.jobs.clone());
+        tokio::spawn(async move {
+            let _ = jobs.send(Job::Closed(job.run().await)).await;
+        });
+    }
+
+    /// The new model is saved (and evaluated): complete the round, publish, write outputs.
+    pub(super) async fn on_closed(
+        &mut self,
+        closed: Closed,
+        reason: Option<CloseReason>,
+    ) -> Result<()> {
+        let round = self.state.round;
+        let accepted = self.state.accepted.clone();
+        let reason = reason.unwrap_or(if self.state.dropped().is_empty() {
+            CloseReason::AllReported
+        } else {
+            CloseReason::Deadline
+        });
+        let server_loss = closed
+            .server_eval
+            .as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .map(|e| e.policy_loss);
+        close::observe_schedule(&mut self.state, &self.cfg, round, server_loss);
+        let summary = self
+            .state
+            .complete(closed.model_id.clone(), reason, now_ms());
+        self.store.save_state(&self.state)?;
+        let summary_json = serde_json::to_vec_pretty(&summary)?;
+        write_atomic(
+            &self.store.round_summary_path(round),
+            &summary_json,
+            Durable,
+        )?;
+        // Every round so far in one file, for plots and dashboards.
+        let history = serde_json::to_vec_pretty(&self.state.history)?;
+        write_atomic(
+            &self.store.dir.join("federated_metrics.json"),
+            &history,
+            Durable,
+        )?;
+        let _ = std::fs::remove_dir_all(self.store.spool_round_dir(round));
+        let _ = std::fs::remove_dir_all(self.store.accepted_round_dir(round));
+        self.metrics.rounds_completed.inc();
+        self.metrics
+            .round_duration_seconds
+            .observe(summary.duration_ms as f64 / 1000.0);
+        tracing::info!(round, model = %closed.model_id, accepted = ?summary.accepted, dropped = ?summary.dropped, metrics = ?summary.metrics, "round aggregated");
+        self.publish_model(Some(closed.model.clone())).await?;
+        self.publish_status(true).await;
+        let datasets = accepted
+            .keys()
+            .filter_map(|c| {
+                let configured = self.cfg.datasets.for_client(c).map(|d| d.repo_id.clone());
+                Some((
+                    c.clone(),
+                    configured.or_else(|| self.reported_datasets.get(c).cloned())?,
+                ))
+            })
+            .collect();
+        let job = close::Outputs {
+            cfg: self.cfg.clone(),
+            store: self.store.clone(),
+            base_dir: self.base_dir.clone(),
+            state: self.state.clone(),
+            summary,
+            accepted,
+            datasets,
+            server_eval: closed.server_eval,
+            model: closed.model,
+        };
+        self.finish_outputs().await;
+        self.outputs = Some(tokio::task::spawn_blocking(move || job.run()));
+        Ok(())
+    }
+
+    pub(super) async fn finish_outputs(&mut self) {
+        if let Some(h) = self.outputs.take() {
+            let _ = h.await;
+        }
+    }
+
+    pub(super) async fn stop(&mut self) {
+        self.finish_outputs().await;
+        self.publish_status(false).await;
+    }
+
+    pub(super) async fn announce(&self) {
+        if let Some(o) = publish::announcement(&self.topics, &self.state, &self.cfg) {
+            self.send(o).await;
+        }
+    }
+
+    /// Publishes the current global model (`bytes`, or read from the state dir) and clears
+    /// the previous model's retained messages.
+    pub(super) async fn publish_model(&mut self, bytes: Option<Bytes>) -> Result<()> {
+        let id = self.state.model_id.clone();
+        if self.published.as_ref().is_some_and(|(p, _)| *p == id) {
+            return Ok(());
+        }
+        let bytes = match bytes {
+            Some(b) => b,
+            None => {
+                let path = self.store.model_path(&id);
+                Bytes::from(
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                )
+            }
+        };
+        if let Some((old, count)) = self.published.take().or_else(|| self.previous_published()) {
+            if old != id {
+                for o in publish::clear_model(&self.topics, &old, count) {
+                    self.send(o).await;
+                }
+            }
+        }
+        let chunk_size = self.cfg.rounds.chunk_size;
+        let msgs = publish::model(
+            &self.topics,
+            &id,
+            self.state.round,
+            &bytes,
+            &self.spec,
+            chunk_size,
+            &self.signer,
+        );
+        let count = msgs.len() as u32 - 1;
+        for o in msgs {
+            self.send(o).await;
+        }
+        self.metrics
+            .model_bytes_published
+            .inc_by(bytes.len() as u64);
+        tracing::info!(model = %id, bytes = bytes.len(), chunks = count, "global model published");
+        self.published = Some((id, count));
+        Ok(())
+    }
+
+    /// The model of the previous round, whose retained messages may still be on the broker.
+    pub(super) fn previous_published(&self) -> Option<(String, u32)> {
+        let prev = self.state.history.last()?.base_model_id.clone();
+        let len = std::fs::metadata(self.store.model_path(&prev)).ok()?.len();
+        let count = len.div_ceil(self.cfg.rounds.chunk_size as u64).max(1);
+        Some((prev, count as u32))
+    }
+
+    pub(super) async fn publish_status(&self, online: bool) {
+        self.send(publish::status(
+            &self.topics,
+            &self.state,
+            &self.signer,
+            online,
+            now_ms(),
+        ))
+        .await;
+    }
+
+    pub(super) async fn send(&self, o: Outgoing) {
+        mqtt::publish_logged(&self.client, o.topic, o.payload, o.retain).await;
+    }
+}

@@ -1,0 +1,144 @@
+//! Starting the daemon: state, broker, MQTT connection, keys, resumed uploads.
+
+use super::*;
+
+impl Server {
+    /// Loads the state, starts (or finds) the broker, connects, evaluates the initial model.
+    pub(super) async fn start(
+        cfg: Config,
+        store: Store,
+        jobs: mpsc::Sender<Job>,
+    ) -> Result<(Server, mqtt::Inbox)> {
+        let state = store.load_state()?.with_context(|| {
+            format!(
+                "no federation in {} (run `zk0-aggregator init --model …`)",
+                store.dir.display()
+            )
+        })?;
+        let signer = zk0_daemon::keys::load_keypair(store.key_path())?;
+        let metrics = Metrics::new();
+        if !cfg.metrics.listen.is_empty() {
+            let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+                .await
+                .with_context(|| format!("metrics listener on {}", cfg.metrics.listen))?;
+            tracing::info!(addr = %l.local_addr()?, "serving Prometheus /metrics");
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+        }
+        let topics = Topics::new(&cfg.federation).context("federation name")?;
+        let (broker, credentials) = crate::broker::start_or_connect(&cfg)?;
+        let mut settings =
+            mqtt::Settings::new(format!("zk0-aggregator-{}", cfg.federation), broker);
+        settings.ca_file = cfg.broker.tls_ca.clone().into();
+        settings.credentials = credentials;
+        settings.max_packet_bytes = cfg.broker.max_packet_bytes;
+        settings.request_capacity = 4096;
+        let offline = publish::status(&topics, &state, &signer, false, now_ms());
+        settings.last_will = Some(LastWill::new(
+            offline.topic,
+            offline.payload.to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        // Update chunks are what a flood is made of, and what a client resends when asked:
+        // shed those when the inbox is full, never control messages.
+        let parser = topics.clone();
+        let m = metrics.clone();
+        let shedding =
+            Shedding::when(move |t| matches!(parser.parse(t), Some(TopicKind::UpdateChunk { .. })))
+                .on_shed(move |_, len| {
+                    m.chunks_shed.inc();
+                    m.chunk_bytes_shed.inc_by(len as u64);
+                });
+        let (client, inbox) = mqtt::connect(settings, shedding)?;
+
+        let (_, global) = aggregate::load_model(&store, &state.model_id)?;
+        let mut cfg = cfg;
+        cfg.outputs.resolve_eval_dataset(&cfg.datasets);
+        let base_name = if cfg.outputs.base_model_dir.is_empty() {
+            cfg.rounds.base_model.clone()
+        } else {
+            cfg.outputs.base_model_dir.clone()
+        };
+        let base_dir = match checkpoint::resolve(&base_name) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "no base checkpoint: no server evaluation, checkpoints hold only the training state");
+                None
+            }
+        };
+        let mut srv = Server {
+            limits: cfg.limits(),
+            cfg: Arc::new(cfg),
+            spec: Arc::new(ModelSpec::from_tensors(&global)),
+            store,
+            state,
+            signer,
+            metrics,
+            topics,
+            client,
+            jobs,
+            online: BTreeSet::new(),
+            reported_datasets: BTreeMap::new(),
+            uploads: UploadTable::default(),
+            keys: Keys::default(),
+            keys_mtime: None,
+            published: None,
+            base_dir,
+            closing: None,
+            outputs: None,
+            done: false,
+        };
+        drop(global);
+        srv.metrics.current_round.set(srv.state.round as i64);
+        srv.refresh_keys()?;
+        for (cid, chunks) in spool::stored(&srv.store, srv.state.round) {
+            if !srv.state.accepted.contains_key(&cid) {
+                srv.uploads.resume(&cid, srv.state.round, chunks);
+            }
+        }
+        srv.initial_eval().await;
+        tracing::info!(round = srv.state.round, model = %srv.state.model_id, phase = ?srv.state.phase, "aggregator started");
+        Ok((srv, inbox))
+    }
+
+    /// Round 0 of the policy-loss history: the initial model, evaluated once.
+    pub(super) async fn initial_eval(&self) {
+        if self.state.round != 1 || !self.state.history.is_empty() {
+            return;
+        }
+        let id = self.state.model_id.clone();
+        let have = OutputFiles::new(&self.store)
+            .load_history()
+            .is_ok_and(|h| h.points.iter().any(|p| p.round == 0 && p.model_id == id));
+        if !have {
+            if let Some(Err(e)) = close::server_eval(&self.close_job(), 0, &id).await {
+                tracing::warn!(error = %e, "initial-model evaluation failed");
+            }
+        }
+    }
+
+    pub(super) fn close_job(&self) -> CloseJob {
+        CloseJob {
+            cfg: self.cfg.clone(),
+            store: self.store.clone(),
+            spec: self.spec.clone(),
+            metrics: self.metrics.clone(),
+            base_dir: self.base_dir.clone(),
+            round: self.state.round,
+            model_id: self.state.model_id.clone(),
+            accepted: self.state.accepted.clone(),
+        }
+    }
+
+    /// Re-reads `keys.json` if it changed since the last look.
+    pub(super) fn refresh_keys(&mut self) -> Result<()> {
+        let mtime = std::fs::metadata(self.store.keys_path())
+            .and_then(|m| m.modified())
+            .ok();
+        if mtime != self.keys_mtime || mtime.is_none() {
+            self.keys = Keys::from_registry(&self.store.load_keys()?);
+            self.keys_mtime = mtime;
+        }
+        Ok(())
+    }
+}

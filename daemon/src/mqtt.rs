@@ -1,0 +1,215 @@
+//! Connecting to the broker: an [`AsyncClient`] for publishing, and a task that polls the
+//! connection and forwards what arrives into a **bounded** [`Inbox`].
+//!
+//! The task keeps polling (keep-alive, acks) however busy the daemon is. When the inbox is
+//! full it applies back-pressure, except for publishes the caller marked sheddable (bulk data
+//! the protocol can ask for again, such as update chunks): those are dropped and counted, so
+//! a flood cannot grow memory without bound. Payloads travel as the `Bytes` rumqttc read them
+//! into, never copied.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc_ring::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use crate::{BrokerUrl, Error};
+
+/// What the connection task hands the daemon.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// A (re)connection was accepted: subscribe and republish retained state now.
+    Connected,
+    /// The connection dropped; the task retries by itself.
+    Disconnected,
+    Publish {
+        topic: String,
+        payload: Bytes,
+    },
+}
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub client_id: String,
+    pub broker: BrokerUrl,
+    /// CA certificate to trust, used when `broker.tls`.
+    pub ca_file: PathBuf,
+    pub credentials: Option<(String, String)>,
+    /// Largest packet either way; rumqttc's 10 KiB default cannot carry a chunk.
+    pub max_packet_bytes: usize,
+    pub keep_alive: Duration,
+    pub last_will: Option<LastWill>,
+    /// Publishes the client may queue before `publish` waits.
+    pub request_capacity: usize,
+    /// Incoming events the inbox holds before back-pressure or shedding starts.
+    pub inbox_capacity: usize,
+    pub retry_delay: Duration,
+}
+
+impl Settings {
+    /// Defaults: 15 s keep-alive, clean session, 1 MiB + slack packets, a 64-event inbox.
+    pub fn new(client_id: impl Into<String>, broker: BrokerUrl) -> Self {
+        Settings {
+            client_id: client_id.into(),
+            broker,
+            ca_file: PathBuf::new(),
+            credentials: None,
+            max_packet_bytes: (1 << 20) + (64 << 10),
+            keep_alive: Duration::from_secs(15),
+            last_will: None,
+            request_capacity: 1024,
+            inbox_capacity: 64,
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Which publishes may be dropped when the inbox is full, and who hears about it.
+pub struct Shedding {
+    sheddable: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    on_shed: Box<dyn Fn(&str, usize) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Shedding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shedding")
+    }
+}
+
+impl Shedding {
+    /// Never drop: a full inbox always applies back-pressure.
+    pub fn never() -> Self {
+        Self::when(|_| false)
+    }
+
+    /// Drop publishes whose topic satisfies `sheddable` when the inbox is full.
+    pub fn when(sheddable: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Shedding {
+            sheddable: Box::new(sheddable),
+            on_shed: Box::new(|_, _| {}),
+        }
+    }
+
+    /// Also call `f(topic, payload_len)` for each dropped publish (a metric, a log line).
+    pub fn on_shed(mut self, f: impl Fn(&str, usize) + Send + Sync + 'static) -> Self {
+        self.on_shed = Box::new(f);
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct ShedCount {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The receiving end: events in arrival order, minus what was shed.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<Incoming>,
+    shed: Arc<ShedCount>,
+}
+
+impl Inbox {
+    /// The next event; `None` once the connection task has ended.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.rx.recv().await
+    }
+
+    /// Publishes dropped because the inbox was full: (messages, payload bytes).
+    pub fn shed(&self) -> (u64, u64) {
+        (
+            self.shed.messages.load(Ordering::Relaxed),
+            self.shed.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Connects (lazily: the task's first poll does it) and starts the forwarding task.
+pub fn connect(settings: Settings, shedding: Shedding) -> Result<(AsyncClient, Inbox), Error> {
+    let s = settings;
+    let mut opts = MqttOptions::new(s.client_id, s.broker.host.clone(), s.broker.port);
+    opts.set_keep_alive(s.keep_alive);
+    opts.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
+    opts.set_clean_session(true);
+    if s.broker.tls {
+        opts.set_transport(crate::tls::client_transport(&s.ca_file)?);
+    }
+    if let Some((u, p)) = s.credentials {
+        opts.set_credentials(u, p);
+    }
+    if let Some(w) = s.last_will {
+        opts.set_last_will(w);
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, s.request_capacity.max(1));
+    let (tx, rx) = mpsc::channel(s.inbox_capacity.max(1));
+    let shed = Arc::new(ShedCount::default());
+    let count = shed.clone();
+    let retry = s.retry_delay;
+    tokio::spawn(async move {
+        loop {
+            let forwarded = match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => tx.send(Incoming::Connected).await,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if (shedding.sheddable)(&p.topic) {
+                        let len = p.payload.len();
+                        let ev = Incoming::Publish {
+                            topic: p.topic,
+                            payload: p.payload,
+                        };
+                        match tx.try_send(ev) {
+                            Ok(()) => Ok(()),
+                            Err(mpsc::error::TrySendError::Full(Incoming::Publish {
+                                topic,
+                                ..
+                            })) => {
+                                count.messages.fetch_add(1, Ordering::Relaxed);
+                                count.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                (shedding.on_shed)(&topic, len);
+                                Ok(())
+                            }
+                            Err(e) => Err(mpsc::error::SendError(e.into_inner())),
+                        }
+                    } else {
+                        let ev = Incoming::Publish {
+                            topic: p.topic,
+                            payload: p.payload,
+                        };
+                        tx.send(ev).await
+                    }
+                }
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT connection lost; retrying");
+                    let r = tx.send(Incoming::Disconnected).await;
+                    tokio::time::sleep(retry).await;
+                    r
+                }
+            };
+            if forwarded.is_err() || tx.is_closed() {
+                return; // the daemon dropped its inbox
+            }
+        }
+    });
+    Ok((client, Inbox { rx, shed }))
+}
+
+/// Publishes at QoS 1, logging (not returning) a failure: the client only fails when its
+/// request queue is closed, i.e. the daemon is shutting down.
+pub async fn publish_logged(
+    client: &AsyncClient,
+    topic: String,
+    payload: impl Into<Bytes>,
+    retain: bool,
+) {
+    if let Err(e) = client
+        .publish_bytes(topic.clone(), QoS::AtLeastOnce, retain, payload.into())
+        .await
+    {
+        tracing::warn!(%topic, error = %e, "publish failed");
+    }
+}
