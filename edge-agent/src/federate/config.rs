@@ -18,8 +18,8 @@
 //! zstd_level = 3
 //! worker = ["zk0-train", "train"]        # the training worker command
 //! worker_args = ["--threads", "2"]       # extra worker arguments, after the command
-//! worker_output = "delta"                # "delta": the worker writes trained − global (zk0-train);
-//!                                        # "params": trained tensors, the agent subtracts
+//! worker_output = "params"               # "params": the worker writes trained tensors (zk0-train;
+//!                                        # the agent computes trained − global); "delta": a delta
 //! model_dir = "/var/lib/zk0-agent/smolvla_base"   # base LeRobot checkpoint (--model)
 //! tokenizer = ""                         # tokenizer.json (--tokenizer; default: the model's)
 //! max_packet_bytes = 4194304
@@ -56,7 +56,7 @@ pub struct AgentConfig {
     pub worker: Vec<String>,
     /// Extra arguments passed to the worker after `worker`.
     pub worker_args: Vec<String>,
-    /// What the worker writes: the `delta` (zk0-train) or trained tensors (`params`).
+    /// What the worker writes: trained tensors (`params`, zk0-train) or a `delta`.
     pub worker_output: WorkerOutput,
     /// Base LeRobot checkpoint directory given to the worker as `--model` (empty: none).
     pub model_dir: PathBuf,
@@ -90,7 +90,7 @@ impl Default for AgentConfig {
             zstd_level: 3,
             worker: vec!["zk0-train".into(), "train".into()],
             worker_args: Vec::new(),
-            worker_output: WorkerOutput::Delta,
+            worker_output: WorkerOutput::Params,
             model_dir: PathBuf::new(),
             tokenizer: PathBuf::new(),
             max_packet_bytes: 4 << 20,
@@ -206,12 +206,12 @@ mod tests {
         c.insecure = true;
         assert!(c.validate().is_err());
         let c: AgentConfig = toml::from_str(
-            "client_id = \"r1\"\ninsecure = true\nworker_output = \"params\"\nmodel_dir = \"m\"\nworker_args = [\"--threads\", \"1\"]\n",
+            "client_id = \"r1\"\ninsecure = true\nworker_output = \"delta\"\nmodel_dir = \"m\"\nworker_args = [\"--threads\", \"1\"]\n",
         )
         .unwrap();
-        assert_eq!(c.worker_output, WorkerOutput::Params);
+        assert_eq!(c.worker_output, WorkerOutput::Delta);
         assert_eq!(c.model_dir, PathBuf::from("m"));
-        assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Delta);
+        assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Params);
         assert!(toml::from_str::<AgentConfig>("worker_output = \"weights\"\n").is_err());
         assert_eq!(AgentConfig::default().upload_max_bytes_per_sec, 0);
         let c: AgentConfig = toml::from_str("upload_max_bytes_per_sec = 250000\n").unwrap();

@@ -6,10 +6,10 @@
 //! `--global` is the cached global model exactly as the aggregator publishes it (f32
 //! safetensors of the trainable tensors only); `--model` is the full base checkpoint the worker
 //! loads first (frozen backbone, config, processor). The worker prints JSON-lines progress on
-//! stdout and writes either the delta trained − global (`worker_output = "delta"`, the
-//! default: zk0-train holds both and computes it) or the trained trainable tensors
-//! (`"params"`, for workers that cannot: the agent then reads the global model again and
-//! subtracts), plus the metrics JSON ([`WorkerMetrics`]), and exits 0. The daemon never links
+//! stdout and writes either the trained trainable tensors (`worker_output = "params"`, what
+//! zk0-train on this branch does: the agent then reads the global model again and subtracts)
+//! or the delta trained − global (`"delta"`: one file read, checked against the manifest's
+//! tensor list), plus the metrics JSON ([`WorkerMetrics`]), and exits 0. The daemon never links
 //! libtorch and survives a worker crash: a failed run only forfeits this round.
 
 use std::path::{Path, PathBuf};
@@ -27,9 +27,10 @@ use tokio::process::Command;
 #[serde(rename_all = "lowercase")]
 pub enum WorkerOutput {
     /// Trained trainable tensors (`--out-params`); the agent subtracts the global model.
-    Params,
-    /// The delta, trained − global (`--out-delta`).
     #[default]
+    Params,
+    /// The delta, trained − global (`--out-delta`): one file read, no second read of the
+    /// global model.
     Delta,
 }
 
