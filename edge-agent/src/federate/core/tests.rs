@@ -112,7 +112,18 @@ impl Fixture {
     }
 
     fn round(&mut self, round: u64, now: u64) -> Vec<Command> {
-        let ann = announcement(round, &self.id);
+        self.round_with(round, now, |_| {})
+    }
+
+    /// Announces round `round`, changed by `edit`.
+    fn round_with(
+        &mut self,
+        round: u64,
+        now: u64,
+        edit: impl FnOnce(&mut RoundAnnouncement),
+    ) -> Vec<Command> {
+        let mut ann = announcement(round, &self.id);
+        edit(&mut ann);
         self.core
             .on(Event::Round(Bytes::from(message::encode(&ann))), now)
     }
@@ -588,22 +599,14 @@ fn a_reconnect_resubscribes_says_hello_and_resends_the_update() {
 fn unselected_clients_and_unaccepted_codecs_sit_the_round_out() {
     let mut f = fixture();
     f.seed_cache();
-    let mut ann = announcement(1, &f.id);
-    ann.selected = vec!["someone-else".into()];
-    let cmds = f
-        .core
-        .on(Event::Round(Bytes::from(message::encode(&ann))), T0);
+    let cmds = f.round_with(1, T0, |a| a.selected = vec!["someone-else".into()]);
     assert!(trainings(&cmds).is_empty());
     assert_eq!(
         f.core.rounds_done(),
         0,
         "not selected: may be selected on a re-announcement"
     );
-    let mut ann = announcement(2, &f.id);
-    ann.accepted_codecs = vec!["bf16".into()];
-    let cmds = f
-        .core
-        .on(Event::Round(Bytes::from(message::encode(&ann))), T0);
+    let cmds = f.round_with(2, T0, |a| a.accepted_codecs = vec!["bf16".into()]);
     assert!(trainings(&cmds).is_empty());
     assert_eq!(
         f.core.rounds_done(),
