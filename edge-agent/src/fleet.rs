@@ -28,6 +28,10 @@ pub struct AgentStatus {
     pub last_accepted: Option<bool>,
     pub rounds_done: u64,
     pub updated_unix_ms: u64,
+    /// The last training or encoding failure (`None`: none since the start).
+    pub last_error: Option<String>,
+    /// What went wrong so far (malformed messages, rejected models, failed workers, …).
+    pub counters: crate::federate::core::Counters,
 }
 
 impl AgentStatus {
@@ -83,7 +87,7 @@ fn daemon(work_dir: PathBuf) -> Daemon {
 }
 
 /// `zk0-agent start`: `zk0-agent run` with the same options, in the background.
-pub fn start(args: &crate::federate::RunArgs) -> Result<()> {
+pub fn start(args: &crate::cli::RunArgs) -> Result<()> {
     let cfg = crate::federate::config::AgentConfig::load(args.config.as_deref())?;
     let work_dir = args.work_dir.clone().unwrap_or(cfg.work_dir);
     // The daemon gets this very command line with `run` for `start`.

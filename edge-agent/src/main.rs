@@ -1,16 +1,7 @@
-//! `zk0-agent`: the daemon on each robot host.
-//!
-//! It records demonstrations, takes part in federated rounds (spawning `zk0-train` for the
-//! libtorch work so this process never links libtorch), runs the ONNX policy, and checks the
-//! host (`doctor`). Each subcommand lives in its own module; `start` / `stop` / `status` run
-//! the daemon in the background with a pidfile, log and status file in its work dir.
-
-mod dataset_cli;
-mod doctor;
-mod federate;
-mod fleet;
+//! `zk0-agent`: the daemon on each robot host (see the library's crate doc for the map).
 
 use clap::{Parser, Subcommand};
+use edge_agent::{cli, dataset_cli, doctor, fleet};
 
 #[derive(Parser)]
 #[command(name = "zk0-agent", version, about = "zk0 robot-host agent")]
@@ -27,10 +18,10 @@ enum Command {
     Dataset(dataset_cli::Args),
     /// Run the federated-learning daemon: join rounds, fetch models, train, send updates.
     #[command(alias = "federate")]
-    Run(federate::RunArgs),
+    Run(cli::RunArgs),
     /// Start `run` in the background (same options as `run`, e.g. `--dataset <repo id or
     /// dir>`): pidfile, log and status file in `work_dir`; refused while it already runs.
-    Start(federate::RunArgs),
+    Start(cli::RunArgs),
     /// Stop the background agent (SIGTERM, then wait for it to exit).
     Stop {
         #[command(flatten)]
@@ -50,7 +41,7 @@ enum Command {
     /// Manage this agent's signing key pair.
     Keys {
         #[command(subcommand)]
-        cmd: federate::KeysCmd,
+        cmd: cli::KeysCmd,
     },
 }
 
@@ -65,8 +56,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Dataset(args) => dataset_cli::run(args),
-        Command::Run(args) => federate::run(args),
-        Command::Keys { cmd } => federate::keys(cmd),
+        Command::Run(args) => {
+            let max_rounds = args.max_rounds;
+            edge_agent::federate::run(args.config()?, max_rounds)
+        }
+        Command::Keys { cmd } => cli::keys(cmd),
         Command::Start(args) => fleet::start(&args),
         Command::Stop { args, timeout_s } => {
             fleet::stop(&args, std::time::Duration::from_secs(timeout_s))

@@ -48,6 +48,7 @@ pub mod message;
 pub mod sign;
 pub mod tensor;
 pub mod topic;
+pub mod worker;
 
 pub use error::ProtoError;
 pub use message::{RejectReason, PROTOCOL_VERSION};

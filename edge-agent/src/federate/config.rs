@@ -111,17 +111,9 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(
-            !self.client_id.is_empty()
-                && self.client_id.len() <= 64
-                && self
-                    .client_id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-                && !self.client_id.starts_with('.'),
-            "client_id {:?} must be 1–64 characters of [A-Za-z0-9._-]",
-            self.client_id
-        );
+        // The one client-id rule (the topic layer's), shared with the aggregator.
+        shared_proto::topic::validate_client_id(&self.client_id)
+            .map_err(|e| anyhow::anyhow!("client_id: {e}"))?;
         anyhow::ensure!(!self.worker.is_empty(), "worker command is empty");
         anyhow::ensure!(
             !self.broker.starts_with("mqtts://") || !self.ca_file.as_os_str().is_empty(),

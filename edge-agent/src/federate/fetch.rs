@@ -9,9 +9,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use shared_proto::chunk::Reassembly;
-use shared_proto::message::{ModelBlobKind, ModelManifest};
+use shared_proto::message::{ModelBlobKind, ModelManifest, TensorInfo};
 use shared_proto::sign::PublicKey;
+use shared_proto::tensor::ModelSpec;
 
 /// Why a model download failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,21 +33,61 @@ pub fn cache_path(cache_dir: &Path, model_id: &str) -> PathBuf {
         .join(format!("{model_id}.safetensors"))
 }
 
-/// Whether a cached file exists and really is `model_id` (its SHA-256).
-pub fn cached(cache_dir: &Path, model_id: &str) -> Option<PathBuf> {
-    let p = cache_path(cache_dir, model_id);
-    let bytes = std::fs::read(&p).ok()?;
-    (shared_proto::hash::sha256_hex(&bytes) == model_id).then_some(p)
+/// A model in the cache: its file and the tensors its signed manifest listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedModel {
+    pub path: PathBuf,
+    pub spec: ModelSpec,
+}
+
+/// What [`ModelFetch::finish`] records next to a model it verified (`<id>.json`): the file's
+/// size and mtime then, and the manifest's tensor list.
+#[derive(Debug, Serialize, Deserialize)]
+struct Sidecar {
+    len: u64,
+    mtime_ns: u128,
+    tensors: Vec<TensorInfo>,
+}
+
+fn sidecar_path(cache_dir: &Path, model_id: &str) -> PathBuf {
+    cache_dir.join("models").join(format!("{model_id}.json"))
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The cached model `model_id`, if [`ModelFetch::finish`] verified and wrote it and the file
+/// is unchanged since (same size and mtime): a stat and a small read, not a re-hash of the
+/// whole model every round. A file without its sidecar, or changed, is not trusted.
+pub fn cached(cache_dir: &Path, model_id: &str) -> Option<CachedModel> {
+    let path = cache_path(cache_dir, model_id);
+    let meta = std::fs::metadata(&path).ok()?;
+    let side: Sidecar =
+        serde_json::from_slice(&std::fs::read(sidecar_path(cache_dir, model_id)).ok()?).ok()?;
+    (side.len == meta.len() && side.mtime_ns == mtime_ns(&meta)).then(|| CachedModel {
+        path,
+        spec: ModelSpec {
+            tensors: side
+                .tensors
+                .into_iter()
+                .map(|t| (t.name, t.shape))
+                .collect(),
+        },
+    })
 }
 
 /// An in-progress download of one model.
 #[derive(Debug)]
 pub struct ModelFetch {
-    pub model_id: String,
+    model_id: String,
     manifest: Option<ModelManifest>,
     reassembly: Option<Reassembly>,
     /// Chunk topics currently subscribed.
-    pub inflight: BTreeSet<u32>,
+    inflight: BTreeSet<u32>,
     window: u32,
     max_len: u64,
 }
@@ -60,6 +102,19 @@ impl ModelFetch {
             window: window.max(1),
             max_len,
         }
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Chunk indices currently requested (subscribed) and not yet received.
+    pub fn inflight(&self) -> impl Iterator<Item = u32> + '_ {
+        self.inflight.iter().copied()
+    }
+
+    pub fn is_inflight(&self, index: u32) -> bool {
+        self.inflight.contains(&index)
     }
 
     pub fn has_manifest(&self) -> bool {
@@ -132,20 +187,38 @@ impl ModelFetch {
         self.reassembly.as_ref().is_some_and(|r| r.is_complete())
     }
 
-    /// Verifies the whole blob and writes it into the cache; returns its path.
-    pub fn finish(self, cache_dir: &Path) -> Result<PathBuf, FetchError> {
-        let r = self
-            .reassembly
-            .ok_or_else(|| FetchError::Manifest("no manifest".into()))?;
+    /// Verifies the whole blob (its SHA-256 is the model id) and writes it into the cache,
+    /// with the sidecar that lets [`cached`] trust it later without hashing it again.
+    pub fn finish(self, cache_dir: &Path) -> Result<CachedModel, FetchError> {
+        let (Some(r), Some(m)) = (self.reassembly, self.manifest) else {
+            return Err(FetchError::Manifest("no manifest".into()));
+        };
         let bytes = r.finish()?;
         let path = cache_path(cache_dir, &self.model_id);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        let side_path = sidecar_path(cache_dir, &self.model_id);
+        // The sidecar goes last: a crash in between leaves a model that is fetched again.
+        let _ = std::fs::remove_file(&side_path);
         let tmp = path.with_extension("part");
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path)?;
-        Ok(path)
+        let meta = std::fs::metadata(&path)?;
+        let side = Sidecar {
+            len: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            tensors: m.tensors,
+        };
+        let tmp = side_path.with_extension("json.part");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&side).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, &side_path)?;
+        Ok(cached(cache_dir, &self.model_id).ok_or_else(|| {
+            std::io::Error::other("the cached model changed while it was written")
+        })?)
     }
 }
 
@@ -161,7 +234,10 @@ mod tests {
             v: PROTOCOL_VERSION,
             model_id: id.clone(),
             round: 1,
-            tensors: Vec::new(),
+            tensors: vec![shared_proto::message::TensorInfo {
+                name: "w".into(),
+                shape: vec![blob.len() / 4],
+            }],
             total_len: blob.len() as u64,
             chunk_count: shared_proto::chunk::chunk_count(blob.len(), chunk as usize),
             chunk_size: chunk,
@@ -199,9 +275,19 @@ mod tests {
             assert!(rounds < 10);
         }
         let d = tempfile::tempdir().unwrap();
-        let p = f.finish(d.path()).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), blob);
-        assert_eq!(cached(d.path(), &m.model_id), Some(p));
+        let c = f.finish(d.path()).unwrap();
+        assert_eq!(std::fs::read(&c.path).unwrap(), blob);
+        assert_eq!(c.spec.tensors["w"], vec![2500]);
+        assert_eq!(cached(d.path(), &m.model_id), Some(c.clone()));
+        // A file changed after it was verified is not trusted (and fetched again).
+        std::fs::write(&c.path, b"tampered").unwrap();
+        assert_eq!(cached(d.path(), &m.model_id), None);
+        // Nor is a file that only has the right name, with no sidecar from a verified fetch.
+        let other = tempfile::tempdir().unwrap();
+        let p = cache_path(other.path(), &m.model_id);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &blob).unwrap();
+        assert_eq!(cached(other.path(), &m.model_id), None);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! first chunk goes at once, and the whole upload takes about `total / R`.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 /// When each payload of an upload may go, for a rate in bytes per second (0: no limit).
 #[derive(Debug, Clone)]
@@ -43,31 +44,48 @@ impl Pacer {
 /// for), then its manifest.
 #[derive(Debug, Clone)]
 pub struct Upload {
+    /// Which upload this is (the agent's counter): its `Uploaded` report names it, so a report
+    /// from an upload already replaced by a resend is not mistaken for the current one's.
+    pub id: u64,
+    pub round: u64,
     /// (topic, chunk index) in publish order.
     pub chunks: Vec<(String, u32)>,
-    /// The update's chunks, shared with the agent (indices beyond it are skipped).
-    pub data: Arc<Vec<Vec<u8>>>,
+    /// The whole encoded update; chunk `i` is `blob[i·chunk_size ..]`, published as a slice of
+    /// it (no copy). Indices beyond the blob are skipped.
+    pub blob: Bytes,
+    pub chunk_size: usize,
     pub manifest_topic: String,
-    pub manifest: Vec<u8>,
+    pub manifest: Bytes,
+}
+
+impl Upload {
+    /// Chunk `i` of the blob, if the blob has one.
+    pub fn chunk(&self, i: u32) -> Option<Bytes> {
+        let start = (i as usize).checked_mul(self.chunk_size.max(1))?;
+        (start < self.blob.len()).then(|| {
+            self.blob
+                .slice(start..(start + self.chunk_size.max(1)).min(self.blob.len()))
+        })
+    }
 }
 
 /// Publishes `up` through `publish(topic, payload)`, paced to `bytes_per_sec` (0: no limit).
 /// Returns the payload bytes handed to `publish`.
 pub async fn send<F, Fut>(up: Upload, bytes_per_sec: u64, mut publish: F) -> u64
 where
-    F: FnMut(String, Vec<u8>) -> Fut,
+    F: FnMut(String, Bytes) -> Fut,
     Fut: Future<Output = ()>,
 {
     let start = tokio::time::Instant::now();
     let mut pacer = Pacer::new(bytes_per_sec);
     let mut total = 0u64;
-    for (topic, i) in up.chunks {
-        let Some(c) = up.data.get(i as usize) else {
+    for (topic, i) in &up.chunks {
+        let Some(c) = up.chunk(*i) else {
             continue;
         };
         tokio::time::sleep_until(start + pacer.next(c.len())).await;
-        publish(topic, c.clone()).await;
         total += c.len() as u64;
+        publish(topic.clone(), c).await;
     }
     tokio::time::sleep_until(start + pacer.next(up.manifest.len())).await;
     total += up.manifest.len() as u64;
@@ -78,7 +96,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
     #[test]
@@ -95,12 +113,27 @@ mod tests {
     }
 
     fn upload(n: usize, len: usize) -> Upload {
+        let blob: Vec<u8> = (0..n).flat_map(|i| vec![i as u8; len]).collect();
         Upload {
+            id: 1,
+            round: 1,
             chunks: (0..n as u32).map(|i| (format!("c/{i}"), i)).collect(),
-            data: Arc::new((0..n).map(|i| vec![i as u8; len]).collect()),
+            blob: blob.into(),
+            chunk_size: len,
             manifest_topic: "m".into(),
-            manifest: vec![0; 10],
+            manifest: Bytes::from(vec![0; 10]),
         }
+    }
+
+    #[test]
+    fn chunks_are_slices_of_the_blob() {
+        let mut up = upload(3, 4);
+        up.blob = Bytes::from((0u8..10).collect::<Vec<_>>());
+        assert_eq!(up.chunk(0).unwrap(), &[0, 1, 2, 3][..]);
+        assert_eq!(up.chunk(2).unwrap(), &[8, 9][..], "the last chunk is short");
+        assert!(up.chunk(3).is_none());
+        // A slice shares the blob's buffer: no copy per publish.
+        assert_eq!(up.chunk(1).unwrap().as_ptr(), up.blob[4..].as_ptr());
     }
 
     /// Runs `send` on a real clock and returns (topic, payload length, seconds since start).

@@ -7,16 +7,18 @@
 //! safetensors of the trainable tensors only); `--model` is the full base checkpoint the worker
 //! loads first (frozen backbone, config, processor). The worker prints JSON-lines progress on
 //! stdout and writes either the trained trainable tensors (`worker_output = "params"`, what
-//! zk0-train does: the agent then computes delta = trained − global itself) or the delta
-//! (`"delta"`), plus a metrics JSON object, and exits 0. The daemon never links libtorch and
-//! survives a worker crash: a failed run only forfeits this round.
+//! zk0-train on this branch does: the agent then reads the global model again and subtracts)
+//! or the delta trained − global (`"delta"`: one file read, checked against the manifest's
+//! tensor list), plus the metrics JSON ([`WorkerMetrics`]), and exits 0. The daemon never links
+//! libtorch and survives a worker crash: a failed run only forfeits this round.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use shared_proto::tensor::{read_safetensors, Tensor, TensorSet};
+use shared_proto::tensor::{read_safetensors, ModelSpec, Tensor, TensorSet};
+pub use shared_proto::worker::WorkerMetrics;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -27,7 +29,8 @@ pub enum WorkerOutput {
     /// Trained trainable tensors (`--out-params`); the agent subtracts the global model.
     #[default]
     Params,
-    /// The delta, trained − global (`--out-delta`).
+    /// The delta, trained − global (`--out-delta`): one file read, no second read of the
+    /// global model.
     Delta,
 }
 
@@ -42,6 +45,8 @@ pub struct TrainJob {
     /// Tokenizer file (`--tokenizer`), if any.
     pub tokenizer: Option<PathBuf>,
     pub global: PathBuf,
+    /// The global model's tensors (from its signed manifest; empty: unknown).
+    pub spec: ModelSpec,
     pub dataset: PathBuf,
     pub steps: u32,
     pub lr: f64,
@@ -52,72 +57,67 @@ pub struct TrainJob {
     pub out_dir: PathBuf,
 }
 
-/// The metrics file a worker writes. Unknown keys are ignored; missing ones default to 0.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct WorkerMetrics {
-    pub loss: f64,
-    pub fedprox_loss: f64,
-    pub grad_norm: f64,
-    pub update_norm: f64,
-    pub steps: u64,
-    pub seconds: f64,
-    /// Training examples seen (the aggregation weight unless the config overrides it).
-    pub examples: u64,
-}
-
 /// What a finished run produced.
 #[derive(Debug)]
 pub struct TrainOutput {
     /// The file the worker wrote (trained tensors or delta, per `output`).
     pub out_path: PathBuf,
     pub output: WorkerOutput,
-    /// The global model the run started from.
+    /// The global model the run started from, and its tensors.
     pub global: PathBuf,
+    pub spec: ModelSpec,
     pub metrics: WorkerMetrics,
 }
 
 impl TrainOutput {
-    /// The delta over the global model's tensors (f32): read from the worker's file, or
-    /// computed as trained − global. Tensors the worker wrote beyond the global model's are
-    /// ignored; a missing tensor or a shape change is an error.
+    /// The delta over the global model's tensors (f32). A `delta` output is read as written
+    /// and checked against the global model's tensor list; a `params` output is turned into
+    /// trained − global, which reads the global model again. Tensors the worker wrote beyond
+    /// the global model's are ignored; a missing tensor or a shape change is an error.
     pub fn delta(&self) -> Result<TensorSet> {
-        let read = |p: &Path| -> Result<TensorSet> {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            Ok(read_safetensors(&bytes)
-                .with_context(|| format!("parsing {}", p.display()))?
-                .0)
+        let mut out = read_tensors(&self.out_path)?;
+        let expected: Vec<(String, Vec<usize>, Option<Vec<f32>>)> = match self.output {
+            WorkerOutput::Delta if !self.spec.tensors.is_empty() => self
+                .spec
+                .tensors
+                .iter()
+                .map(|(n, s)| (n.clone(), s.clone(), None))
+                .collect(),
+            // No tensor list (a model cached without one): the delta is what the worker wrote.
+            WorkerOutput::Delta => return Ok(out),
+            WorkerOutput::Params => read_tensors(&self.global)?
+                .into_iter()
+                .map(|(n, g)| (n, g.shape, Some(g.data)))
+                .collect(),
         };
-        let out = read(&self.out_path)?;
-        let global = read(&self.global)?;
         let mut delta = TensorSet::new();
-        for (name, g) in &global {
-            let t = out.get(name).with_context(|| {
+        for (name, shape, global) in expected {
+            let t = out.remove(&name).with_context(|| {
                 format!(
                     "the worker's output {} lacks {name}",
                     self.out_path.display()
                 )
             })?;
             anyhow::ensure!(
-                t.shape == g.shape,
-                "{name}: the worker wrote shape {:?}, the global model has {:?}",
+                t.shape == shape,
+                "{name}: the worker wrote shape {:?}, the global model has {shape:?}",
                 t.shape,
-                g.shape
             );
-            let data = match self.output {
-                WorkerOutput::Delta => t.data.clone(),
-                WorkerOutput::Params => t.data.iter().zip(&g.data).map(|(a, b)| a - b).collect(),
+            let data = match global {
+                None => t.data,
+                Some(g) => t.data.iter().zip(&g).map(|(a, b)| a - b).collect(),
             };
-            delta.insert(
-                name.clone(),
-                Tensor {
-                    shape: g.shape.clone(),
-                    data,
-                },
-            );
+            delta.insert(name, Tensor { shape, data });
         }
         Ok(delta)
     }
+}
+
+fn read_tensors(p: &Path) -> Result<TensorSet> {
+    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(read_safetensors(&bytes)
+        .with_context(|| format!("parsing {}", p.display()))?
+        .0)
 }
 
 /// Runs the worker to completion. Progress lines are logged; stderr is passed through.
@@ -187,6 +187,7 @@ pub async fn run(job: &TrainJob) -> Result<TrainOutput> {
         out_path,
         output: job.output,
         global: job.global.clone(),
+        spec: job.spec.clone(),
         metrics,
     })
 }
@@ -198,24 +199,15 @@ pub fn seed_for(client_id: &str, round: u64) -> u64 {
 }
 
 fn read_metrics(path: &Path) -> Result<WorkerMetrics> {
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .with_context(|| format!("reading worker metrics {}", path.display()))?;
-    serde_json::from_str(&text)
+    WorkerMetrics::from_json(&bytes)
         .with_context(|| format!("parsing worker metrics {}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_tolerate_missing_and_extra_keys() {
-        let m: WorkerMetrics =
-            serde_json::from_str(r#"{"loss": 1.5, "examples": 7, "extra": true}"#).unwrap();
-        assert_eq!(m.loss, 1.5);
-        assert_eq!(m.examples, 7);
-        assert_eq!(m.steps, 0);
-    }
 
     #[tokio::test]
     async fn failing_worker_is_an_error_not_a_crash() {
@@ -226,6 +218,7 @@ mod tests {
             model: None,
             tokenizer: None,
             global: d.path().join("g"),
+            spec: ModelSpec::default(),
             dataset: d.path().into(),
             steps: 1,
             lr: 0.1,
@@ -274,22 +267,31 @@ mod tests {
                 ("frozen", vec![1], vec![9.0]),
             ]),
         );
+        let spec = ModelSpec::from_tensors(&set(&[("a", vec![2], vec![0.0, 0.0])]));
         let mut out = TrainOutput {
             out_path: o.clone(),
             output: WorkerOutput::Params,
             global: g.clone(),
+            spec,
             metrics: WorkerMetrics::default(),
         };
         let delta = out.delta().unwrap();
         assert_eq!(delta.len(), 1);
         assert_eq!(delta["a"].data, vec![0.5, -1.0]);
+        // A delta output is taken as written, checked against the manifest's tensor list:
+        // the global model is not read again.
+        std::fs::remove_file(&g).unwrap();
         out.output = WorkerOutput::Delta;
-        assert_eq!(out.delta().unwrap()["a"].data, vec![1.5, 1.0]);
+        let delta = out.delta().unwrap();
+        assert_eq!(delta.len(), 1, "extra tensors are dropped");
+        assert_eq!(delta["a"].data, vec![1.5, 1.0]);
         // A missing tensor or a changed shape is an error.
         write(&o, &set(&[("b", vec![2], vec![0.0, 0.0])]));
         assert!(out.delta().is_err());
         write(&o, &set(&[("a", vec![1, 2], vec![0.0, 0.0])]));
         assert!(out.delta().is_err());
+        out.output = WorkerOutput::Params;
+        assert!(out.delta().is_err(), "params need the global model");
     }
 
     #[test]

@@ -131,16 +131,16 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100);
-    let metrics = serde_json::json!({
-        "loss": 1.0 / a.steps.max(1) as f64,
-        "fedprox_loss": 0.0,
-        "grad_norm": 1.0,
-        "update_norm": norm_sq.sqrt(),
-        "steps": a.steps,
-        "seconds": 0.0,
-        "examples": examples,
-    });
-    std::fs::write(&a.out_metrics, serde_json::to_vec(&metrics)?)?;
+    let metrics = shared_proto::worker::WorkerMetrics {
+        loss: 1.0 / a.steps.max(1) as f64,
+        grad_norm: 1.0,
+        update_norm: norm_sq.sqrt(),
+        steps: a.steps,
+        examples,
+        trainable_tensors: delta.len() as u64,
+        ..Default::default()
+    };
+    std::fs::write(&a.out_metrics, metrics.to_json())?;
     println!("{}", serde_json::json!({"event": "done"}));
     Ok(())
 }

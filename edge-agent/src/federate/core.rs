@@ -1,0 +1,802 @@
+//! The agent's part in the federation as a state machine: [`Core::on`] takes one [`Event`]
+//! (a message from the broker, a finished job, a clock tick) and returns the [`Command`]s the
+//! event loop must execute (subscribe, publish, spawn the worker, start an upload, save the
+//! status file). No MQTT, no tasks, no clock: tests drive it directly.
+//!
+//! One round at a time, in the order of [`Phase`]:
+//! `Idle → Fetching (model not cached) → Training → Encoding → Sending → AwaitingAck → Idle`.
+//! A newer round announcement supersedes an update still waiting for its ack (the aggregator
+//! announces round r+1 only after closing r) and a download of another model; a running
+//! worker finishes first and its update is then dropped. The only I/O here is the model
+//! cache ([`fetch::cached`], [`ModelFetch::finish`]): a stat and a small sidecar read per
+//! round, and the write of a finished download.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shared_proto::codec::Codec;
+use shared_proto::message::{self, Ack, ClientStatus, ModelManifest, RoundAnnouncement};
+use shared_proto::sign::PublicKey;
+use shared_proto::topic::{TopicKind, Topics};
+use shared_proto::ProtoError;
+
+use super::config::AgentConfig;
+use super::fetch::{self, CachedModel, ModelFetch};
+use super::outbound::Outbound;
+use super::upload::Upload;
+use super::worker::{self, TrainJob, TrainOutput};
+use crate::fleet::AgentStatus;
+
+/// How long to wait for an ack before sending the manifest again.
+pub const ACK_WAIT_MS: u64 = 30_000;
+/// Resend requests honoured per update: a bound, should the broker keep losing chunks.
+pub const MAX_RESENDS: u32 = 8;
+/// Finished rounds remembered (only recent rounds can be re-announced).
+const FINISHED_KEPT: usize = 64;
+
+/// What the core reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Connected,
+    /// The connection failed (the event loop keeps reconnecting).
+    Disconnected,
+    /// The retained `round` announcement (CBOR; empty: cleared).
+    Round(Bytes),
+    ModelManifest {
+        model_id: String,
+        payload: Bytes,
+    },
+    ModelChunk {
+        model_id: String,
+        index: u32,
+        payload: Bytes,
+    },
+    /// An ack for one of this agent's updates.
+    Ack {
+        round: u64,
+        payload: Bytes,
+    },
+    /// The training worker of `round` finished.
+    Trained {
+        round: u64,
+        out: TrainOutput,
+    },
+    /// The training worker or the encoding of `round` failed.
+    WorkerFailed {
+        round: u64,
+        error: String,
+    },
+    Encoded {
+        round: u64,
+        out: Outbound,
+    },
+    /// Upload `upload_id` of `round` published its manifest.
+    Uploaded {
+        round: u64,
+        upload_id: u64,
+    },
+    /// Once a second.
+    Tick,
+}
+
+impl Event {
+    /// The event an incoming publish is, if it is one for this agent.
+    pub fn from_publish(
+        topics: &Topics,
+        client_id: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Option<Event> {
+        Some(match topics.parse(topic)? {
+            TopicKind::Round => Event::Round(payload),
+            TopicKind::ModelManifest { model_id } => Event::ModelManifest { model_id, payload },
+            TopicKind::ModelChunk { model_id, index } => Event::ModelChunk {
+                model_id,
+                index,
+                payload,
+            },
+            TopicKind::Ack {
+                client_id: c,
+                round,
+            } if c == client_id => Event::Ack { round, payload },
+            _ => return None,
+        })
+    }
+}
+
+/// What the event loop does for the core.
+#[derive(Debug)]
+pub enum Command {
+    Subscribe(String),
+    Unsubscribe(String),
+    Publish {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
+    /// Run the worker; report [`Event::Trained`] or [`Event::WorkerFailed`].
+    SpawnTraining {
+        round: u64,
+        job: TrainJob,
+    },
+    /// Encode and sign the update ([`super::outbound::encode_update`]); report
+    /// [`Event::Encoded`] or [`Event::WorkerFailed`].
+    SpawnEncode {
+        round: u64,
+        ann: RoundAnnouncement,
+        out: TrainOutput,
+    },
+    /// Publish an upload (replacing any still running); report [`Event::Uploaded`].
+    StartUpload(Upload),
+    StopUpload,
+    /// Rewrite `<work_dir>/status.json`.
+    SaveStatus(AgentStatus),
+}
+
+/// Where the agent is in the current round.
+#[derive(Debug)]
+pub enum Phase {
+    Idle,
+    /// Downloading the round's global model.
+    Fetching {
+        round: u64,
+        fetch: Box<ModelFetch>,
+    },
+    Training {
+        round: u64,
+    },
+    Encoding {
+        round: u64,
+    },
+    /// An upload of the update is running.
+    Sending(Outbound),
+    /// The manifest went out; waiting for the aggregator's verdict.
+    AwaitingAck(Outbound),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Fetching { .. } => "fetching",
+            Phase::Training { .. } => "training",
+            Phase::Encoding { .. } => "encoding",
+            Phase::Sending(_) => "sending",
+            Phase::AwaitingAck(_) => "awaiting_ack",
+        }
+    }
+
+    fn outbound(&self) -> Option<&Outbound> {
+        match self {
+            Phase::Sending(o) | Phase::AwaitingAck(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// What went wrong, counted (shown by `zk0-agent status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    /// Messages that did not decode (round, model manifest, ack).
+    pub malformed: u64,
+    /// Round announcements older than the latest one, ignored.
+    pub stale_rounds: u64,
+    /// Model downloads refused: a manifest not signed by the pinned key or not matching the
+    /// model id, or a blob failing its hash.
+    pub models_rejected: u64,
+    /// Model chunks that did not fit their manifest.
+    pub bad_chunks: u64,
+    /// Training or encoding runs that failed.
+    pub worker_failures: u64,
+    /// Chunk resends the aggregator asked for.
+    pub resends: u64,
+}
+
+/// The agent's state (see the module doc).
+#[derive(Debug)]
+pub struct Core {
+    cfg: AgentConfig,
+    codec: Codec,
+    topics: Topics,
+    pinned: PublicKey,
+    /// This agent's status message (`online` set when sent).
+    hello: ClientStatus,
+    round: Option<RoundAnnouncement>,
+    phase: Phase,
+    /// Rounds this agent finished (acked, rejected, failed or expired).
+    finished: BTreeSet<u64>,
+    rounds_done: u64,
+    /// Uploads started (ids of [`Upload`]).
+    uploads: u64,
+    status: AgentStatus,
+    /// The time of the event being handled.
+    now: u64,
+    out: Vec<Command>,
+}
+
+impl Core {
+    /// A core for `cfg` (already validated), trusting models signed by `pinned`, announcing
+    /// itself with `hello`.
+    pub fn new(
+        cfg: AgentConfig,
+        pinned: PublicKey,
+        hello: ClientStatus,
+    ) -> Result<Core, ProtoError> {
+        let codec = cfg.codec.parse()?;
+        let topics = Topics::new(&cfg.federation)?;
+        let status = AgentStatus {
+            client_id: cfg.client_id.clone(),
+            pid: std::process::id(),
+            dataset: cfg.dataset.display().to_string(),
+            ..AgentStatus::default()
+        };
+        Ok(Core {
+            cfg,
+            codec,
+            topics,
+            pinned,
+            hello,
+            round: None,
+            phase: Phase::Idle,
+            finished: BTreeSet::new(),
+            rounds_done: 0,
+            uploads: 0,
+            status,
+            now: 0,
+            out: Vec::new(),
+        })
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.cfg.client_id
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.status.counters
+    }
+
+    pub fn rounds_done(&self) -> u64 {
+        self.rounds_done
+    }
+
+    /// Whether `--max-rounds` is reached and no update is still waiting for its ack.
+    pub fn is_done(&self, max_rounds: u64) -> bool {
+        max_rounds > 0 && self.rounds_done >= max_rounds && self.phase.outbound().is_none()
+    }
+
+    /// The retained offline status (last will, goodbye): topic and payload.
+    pub fn goodbye(&self) -> (String, Bytes) {
+        self.status_message(false)
+    }
+
+    /// The status file's first version.
+    pub fn start(&mut self, now: u64) -> Vec<Command> {
+        self.now = now;
+        self.save_status();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Shutting down: the goodbye status and the file marked disconnected.
+    pub fn stop(&mut self, now: u64) -> Vec<Command> {
+        self.now = now;
+        let (topic, payload) = self.goodbye();
+        self.out.push(Command::StopUpload);
+        self.out.push(Command::Publish {
+            topic,
+            payload,
+            retain: true,
+        });
+        self.status.connected = false;
+        self.save_status();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Handles one event at `now` (Unix ms) and returns what to do.
+    pub fn on(&mut self, ev: Event, now: u64) -> Vec<Command> {
+        self.now = now;
+        match ev {
+            Event::Connected => self.on_connected(),
+            Event::Disconnected => {
+                if self.status.connected {
+                    self.status.connected = false;
+                    self.save_status();
+                }
+            }
+            Event::Round(payload) => self.on_round(&payload),
+            Event::ModelManifest { model_id, payload } => {
+                self.on_model_manifest(&model_id, &payload)
+            }
+            Event::ModelChunk {
+                model_id,
+                index,
+                payload,
+            } => self.on_model_chunk(&model_id, index, &payload),
+            Event::Ack { round, payload } => self.on_ack(round, &payload),
+            Event::Trained { round, out } => self.on_trained(round, out),
+            Event::WorkerFailed { round, error } => self.on_worker_failed(round, error),
+            Event::Encoded { round, out } => self.on_encoded(round, out),
+            Event::Uploaded { round, upload_id } => match self.take_phase() {
+                // The ack wait starts when the manifest went out, not when a slow upload
+                // began. A report from an upload since replaced changes nothing.
+                Phase::Sending(mut o) if o.round == round && o.upload_id == upload_id => {
+                    o.sent_ms = now;
+                    self.phase = Phase::AwaitingAck(o);
+                }
+                other => self.phase = other,
+            },
+            Event::Tick => self.on_tick(),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn take_phase(&mut self) -> Phase {
+        std::mem::replace(&mut self.phase, Phase::Idle)
+    }
+
+    /// Takes the update out of a sending or awaiting-ack phase (leaving any other as it is).
+    fn take_outbound(&mut self) -> Option<Outbound> {
+        match self.take_phase() {
+            Phase::Sending(o) | Phase::AwaitingAck(o) => Some(o),
+            other => {
+                self.phase = other;
+                None
+            }
+        }
+    }
+
+    fn status_message(&self, online: bool) -> (String, Bytes) {
+        let mut st = self.hello.clone();
+        st.online = online;
+        (
+            self.topics.client_status(&self.cfg.client_id),
+            Bytes::from(message::encode(&st)),
+        )
+    }
+
+    fn save_status(&mut self) {
+        self.status.rounds_done = self.rounds_done;
+        self.status.updated_unix_ms = self.now;
+        self.out.push(Command::SaveStatus(self.status.clone()));
+    }
+
+    fn subscribe(&mut self, topic: String) {
+        self.out.push(Command::Subscribe(topic));
+    }
+
+    fn finish_round(&mut self, round: u64) {
+        if self.finished.insert(round) {
+            self.rounds_done += 1;
+        }
+        while self.finished.len() > FINISHED_KEPT {
+            self.finished.pop_first();
+        }
+    }
+
+    fn on_connected(&mut self) {
+        tracing::info!("connected to the broker");
+        self.status.connected = true;
+        self.save_status();
+        let cid = self.cfg.client_id.clone();
+        self.subscribe(self.topics.round());
+        self.subscribe(self.topics.acks_for(&cid));
+        let (topic, payload) = self.status_message(true);
+        self.out.push(Command::Publish {
+            topic,
+            payload,
+            retain: true,
+        });
+        if let Phase::Fetching { fetch, .. } = &mut self.phase {
+            // The subscriptions went with the old session.
+            fetch.reset_inflight();
+            let t = self.topics.model_manifest(fetch.model_id());
+            self.subscribe(t);
+            self.request_chunks();
+        }
+        // Resend unacknowledged work: the aggregator keeps the chunks it has and overwrites
+        // repeats, so resending everything is safe.
+        if self.phase.outbound().is_some() {
+            self.send_outbound();
+        }
+    }
+
+    fn on_round(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let ann: RoundAnnouncement =
+            match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.status.counters.malformed += 1;
+                    tracing::warn!(error = %e, "malformed round announcement ignored");
+                    return;
+                }
+            };
+        if let Some(cur) = &self.round {
+            if ann.round < cur.round {
+                self.status.counters.stale_rounds += 1;
+                tracing::debug!(
+                    round = ann.round,
+                    current = cur.round,
+                    "old round announcement ignored"
+                );
+                return;
+            }
+        }
+        if self.status.round != ann.round {
+            self.status.round = ann.round;
+            self.save_status();
+        }
+        match &self.phase {
+            Phase::Fetching { fetch, .. } if fetch.model_id() != ann.model_id => self.drop_fetch(),
+            Phase::Sending(o) | Phase::AwaitingAck(o) if o.round < ann.round => {
+                let r = o.round;
+                tracing::warn!(
+                    round = r,
+                    "round closed before our update was acked; dropped"
+                );
+                self.phase = Phase::Idle;
+                self.out.push(Command::StopUpload);
+                self.finish_round(r);
+            }
+            _ => {}
+        }
+        self.round = Some(ann);
+        self.consider_round();
+    }
+
+    fn drop_fetch(&mut self) {
+        let Phase::Fetching { fetch, .. } = self.take_phase() else {
+            return;
+        };
+        self.out.push(Command::Unsubscribe(
+            self.topics.model_manifest(fetch.model_id()),
+        ));
+        for i in fetch.inflight() {
+            self.out.push(Command::Unsubscribe(
+                self.topics.model_chunk(fetch.model_id(), i),
+            ));
+        }
+    }
+
+    /// Takes part in the announced round if idle, selected, and not already done.
+    fn consider_round(&mut self) {
+        if !matches!(self.phase, Phase::Idle) {
+            return; // re-considered when the running work ends
+        }
+        let Some(ann) = self.round.clone() else {
+            return;
+        };
+        let r = ann.round;
+        if self.finished.contains(&r) || ann.deadline_unix_ms <= self.now {
+            return;
+        }
+        if !ann.is_selected(&self.cfg.client_id) {
+            tracing::info!(round = r, "not selected this round; waiting");
+            return;
+        }
+        if !ann
+            .accepted_codecs
+            .iter()
+            .any(|c| c.parse::<Codec>().ok() == Some(self.codec))
+        {
+            tracing::error!(round = r, codec = %self.codec, accepted = ?ann.accepted_codecs, "our codec is not accepted; skipping the round");
+            self.finish_round(r);
+            return;
+        }
+        tracing::info!(round = r, model = %ann.model_id, "round announced");
+        if let Some(model) = fetch::cached(&self.cfg.cache_dir, &ann.model_id) {
+            self.start_training(&ann, model);
+            return;
+        }
+        // A global model is never larger than the update cap times a generous factor.
+        let max_len = ann.max_update_bytes.saturating_mul(4).max(1 << 30);
+        let fetch = ModelFetch::new(ann.model_id.clone(), self.cfg.fetch_window, max_len);
+        self.subscribe(self.topics.model_manifest(&ann.model_id));
+        self.phase = Phase::Fetching {
+            round: r,
+            fetch: Box::new(fetch),
+        };
+    }
+
+    fn on_model_manifest(&mut self, model_id: &str, payload: &[u8]) {
+        let Phase::Fetching { fetch, .. } = &mut self.phase else {
+            return;
+        };
+        if fetch.model_id() != model_id || fetch.has_manifest() || payload.is_empty() {
+            return;
+        }
+        let m: ModelManifest = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
+            Ok(m) => m,
+            Err(e) => {
+                self.status.counters.malformed += 1;
+                tracing::warn!(model = model_id, error = %e, "malformed model manifest");
+                return;
+            }
+        };
+        if let Err(e) = fetch.on_manifest(m, &self.pinned) {
+            self.status.counters.models_rejected += 1;
+            tracing::error!(model = model_id, error = %e, "model manifest rejected");
+            return;
+        }
+        tracing::info!(model = model_id, "downloading the global model");
+        self.request_chunks();
+    }
+
+    fn request_chunks(&mut self) {
+        let Phase::Fetching { fetch, .. } = &mut self.phase else {
+            return;
+        };
+        for i in fetch.wanted() {
+            self.out.push(Command::Subscribe(
+                self.topics.model_chunk(fetch.model_id(), i),
+            ));
+        }
+    }
+
+    fn on_model_chunk(&mut self, model_id: &str, index: u32, payload: &[u8]) {
+        let Phase::Fetching { fetch, .. } = &mut self.phase else {
+            return;
+        };
+        if fetch.model_id() != model_id {
+            return;
+        }
+        let was_inflight = fetch.is_inflight(index);
+        if let Err(e) = fetch.insert(index, payload) {
+            self.status.counters.bad_chunks += 1;
+            tracing::warn!(model = model_id, index, error = %e, "bad model chunk");
+        }
+        if was_inflight {
+            self.out.push(Command::Unsubscribe(
+                self.topics.model_chunk(model_id, index),
+            ));
+        }
+        if !fetch.is_complete() {
+            self.request_chunks();
+            return;
+        }
+        let Phase::Fetching { fetch, .. } = self.take_phase() else {
+            return; // checked above
+        };
+        self.out
+            .push(Command::Unsubscribe(self.topics.model_manifest(model_id)));
+        match fetch.finish(&self.cfg.cache_dir) {
+            Ok(model) => {
+                tracing::info!(model = model_id, path = %model.path.display(), "global model cached");
+                self.consider_round();
+            }
+            Err(e) => {
+                self.status.counters.models_rejected += 1;
+                tracing::error!(model = model_id, error = %e, "model download failed verification");
+            }
+        }
+    }
+
+    fn start_training(&mut self, ann: &RoundAnnouncement, global: CachedModel) {
+        let round = ann.round;
+        let cfg = &self.cfg;
+        let nonempty = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        let job = TrainJob {
+            command: cfg.worker.clone(),
+            extra_args: cfg.worker_args.clone(),
+            model: nonempty(&cfg.model_dir),
+            tokenizer: nonempty(&cfg.tokenizer),
+            global: global.path,
+            spec: global.spec,
+            dataset: cfg.dataset.clone(),
+            steps: ann.hyper.local_steps,
+            lr: ann.hyper.lr_for(&cfg.client_id),
+            mu: ann.hyper.mu,
+            batch: ann.hyper.batch_size,
+            seed: worker::seed_for(&cfg.client_id, round),
+            output: cfg.worker_output,
+            out_dir: cfg.work_dir.join(format!("round-{round}")),
+        };
+        tracing::info!(round, steps = job.steps, "training started");
+        self.phase = Phase::Training { round };
+        self.out.push(Command::SpawnTraining { round, job });
+    }
+
+    fn on_trained(&mut self, round: u64, out: TrainOutput) {
+        if !matches!(self.phase, Phase::Training { round: r } if r == round) {
+            tracing::warn!(
+                round,
+                phase = self.phase.name(),
+                "unexpected training result ignored"
+            );
+            return;
+        }
+        self.phase = Phase::Idle;
+        let Some(ann) = self.round.clone().filter(|a| a.round == round) else {
+            tracing::warn!(round, "round moved on while training; update dropped");
+            self.finish_round(round);
+            self.consider_round();
+            return;
+        };
+        tracing::info!(
+            round,
+            loss = out.metrics.loss,
+            "training finished; encoding"
+        );
+        self.status.trained_round = round;
+        self.status.last_loss = Some(out.metrics.loss);
+        self.status.last_accepted = None;
+        self.save_status();
+        self.phase = Phase::Encoding { round };
+        self.out.push(Command::SpawnEncode { round, ann, out });
+    }
+
+    fn on_worker_failed(&mut self, round: u64, error: String) {
+        if !matches!(self.phase, Phase::Training { round: r } | Phase::Encoding { round: r } if r == round)
+        {
+            return;
+        }
+        tracing::error!(round, error = %error, "training or encoding failed; sitting this round out");
+        self.phase = Phase::Idle;
+        self.status.counters.worker_failures += 1;
+        self.status.last_error = Some(error);
+        self.finish_round(round);
+        self.save_status();
+        self.consider_round();
+    }
+
+    fn on_encoded(&mut self, round: u64, out: Outbound) {
+        if !matches!(self.phase, Phase::Encoding { round: r } if r == round) {
+            return;
+        }
+        self.phase = Phase::Idle;
+        if self.round.as_ref().is_none_or(|a| a.round != round) {
+            tracing::warn!(round, "round moved on while encoding; update dropped");
+            self.finish_round(round);
+        } else {
+            tracing::info!(round, chunks = out.chunk_count(), "sending update");
+            self.phase = Phase::Sending(out);
+            self.send_outbound();
+        }
+        self.consider_round();
+    }
+
+    /// Sends the whole update again (all chunks, then the manifest), unless its deadline
+    /// passed, in which case it is dropped.
+    fn send_outbound(&mut self) {
+        let Some(o) = self.take_outbound() else {
+            return;
+        };
+        if o.deadline_ms <= self.now {
+            self.expire(o.round);
+            return;
+        }
+        let all = (0..o.chunk_count()).collect();
+        self.start_upload(o, all);
+    }
+
+    /// Publishes chunks `indices` of `o`, then its manifest.
+    fn start_upload(&mut self, mut o: Outbound, indices: Vec<u32>) {
+        self.uploads += 1;
+        o.upload_id = self.uploads;
+        o.sent_ms = self.now;
+        let cid = &self.cfg.client_id;
+        let up = Upload {
+            id: o.upload_id,
+            round: o.round,
+            chunks: indices
+                .into_iter()
+                .map(|i| (self.topics.update_chunk(cid, o.round, i), i))
+                .collect(),
+            blob: o.blob.clone(),
+            chunk_size: o.chunk_size,
+            manifest_topic: self.topics.update_manifest(cid, o.round),
+            manifest: o.manifest.clone(),
+        };
+        self.out.push(Command::StartUpload(up));
+        self.phase = Phase::Sending(o);
+    }
+
+    fn on_ack(&mut self, round: u64, payload: &[u8]) {
+        let ack: Ack = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
+            Ok(a) => a,
+            Err(e) => {
+                self.status.counters.malformed += 1;
+                tracing::warn!(round, error = %e, "malformed ack");
+                return;
+            }
+        };
+        if self.phase.outbound().is_none_or(|o| o.round != round) {
+            tracing::debug!(
+                round,
+                accepted = ack.accepted,
+                "ack for an update no longer held"
+            );
+            return;
+        }
+        if ack.is_incomplete() {
+            self.resend_missing(&ack.missing);
+            return;
+        }
+        if ack.accepted {
+            tracing::info!(round, "update accepted");
+        } else {
+            let reason = ack.reason.map(|r| r.as_str()).unwrap_or("unspecified");
+            tracing::warn!(round, reason, detail = %ack.detail, "update rejected");
+        }
+        self.phase = Phase::Idle;
+        self.out.push(Command::StopUpload);
+        self.finish_round(round);
+        self.status.last_accepted = Some(ack.accepted);
+        self.save_status();
+        self.consider_round();
+    }
+
+    /// Resends the chunks the aggregator did not get, then the manifest.
+    fn resend_missing(&mut self, missing: &[u32]) {
+        let Some(mut o) = self.take_outbound() else {
+            return;
+        };
+        if o.resends >= MAX_RESENDS {
+            tracing::warn!(
+                round = o.round,
+                "chunks lost again after {MAX_RESENDS} resends; waiting for the deadline"
+            );
+            self.phase = Phase::AwaitingAck(o);
+            return;
+        }
+        o.resends += 1;
+        self.status.counters.resends += 1;
+        tracing::info!(
+            round = o.round,
+            missing = missing.len(),
+            "resending lost chunks"
+        );
+        // Indices come from the aggregator; the upload skips any that are not ours.
+        self.start_upload(o, missing.to_vec());
+    }
+
+    /// Drops the update of `round` (its deadline passed).
+    fn expire(&mut self, round: u64) {
+        tracing::warn!(round, "deadline passed without an ack; update dropped");
+        self.phase = Phase::Idle;
+        self.out.push(Command::StopUpload);
+        self.finish_round(round);
+    }
+
+    /// Once a second: drop an update past its deadline; send the manifest again when no ack
+    /// came.
+    fn on_tick(&mut self) {
+        let now = self.now;
+        let Some(o) = self.phase.outbound() else {
+            return;
+        };
+        if o.deadline_ms <= now {
+            let r = o.round;
+            self.expire(r);
+            return;
+        }
+        if let Phase::AwaitingAck(o) = &mut self.phase {
+            if o.sent_ms > 0 && now.saturating_sub(o.sent_ms) >= ACK_WAIT_MS {
+                o.sent_ms = now;
+                tracing::info!(round = o.round, "no ack yet; sending the manifest again");
+                let topic = self.topics.update_manifest(&self.cfg.client_id, o.round);
+                let payload = o.manifest.clone();
+                self.out.push(Command::Publish {
+                    topic,
+                    payload,
+                    retain: false,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

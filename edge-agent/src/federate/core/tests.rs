@@ -1,0 +1,616 @@
+//! The core driven event by event, no broker: each test states what the agent must do.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use shared_proto::message::{
+    HardwareInfo, HyperParams, ModelBlobKind, TensorInfo, PROTOCOL_VERSION,
+};
+use shared_proto::sign::KeyPair;
+use shared_proto::tensor::{Tensor, TensorSet};
+
+use super::*;
+use crate::federate::worker::WorkerOutput;
+use shared_proto::worker::WorkerMetrics;
+
+const T0: u64 = 1_000_000;
+const DEADLINE: u64 = T0 + 600_000;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    core: Core,
+    key: KeyPair,
+    /// The global model (canonical safetensors) and its id.
+    blob: Vec<u8>,
+    id: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig {
+        client_id: "r1".into(),
+        insecure: true,
+        cache_dir: dir.path().join("cache"),
+        work_dir: dir.path().join("work"),
+        codec: "int8".into(),
+        fetch_window: 2,
+        ..AgentConfig::default()
+    };
+    let key = KeyPair::generate();
+    let hello = ClientStatus {
+        v: PROTOCOL_VERSION,
+        client_id: "r1".into(),
+        online: true,
+        dataset: "d".into(),
+        examples: 0,
+        hardware: HardwareInfo {
+            cpu: "cpu".into(),
+            cores: 1,
+            mem_bytes: 1,
+            gpu: None,
+        },
+        version: "0".into(),
+        public_key: KeyPair::generate().public().to_compact(),
+    };
+    let core = Core::new(cfg, key.public(), hello).unwrap();
+    let set: TensorSet = [(
+        "w".to_string(),
+        Tensor::new(vec![40], (0..40).map(|i| i as f32).collect()).unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    let blob = shared_proto::tensor::write_safetensors(&set, &BTreeMap::new());
+    let id = shared_proto::hash::sha256_hex(&blob);
+    Fixture {
+        _dir: dir,
+        core,
+        key,
+        blob,
+        id,
+    }
+}
+
+impl Fixture {
+    fn cache_dir(&self) -> &Path {
+        &self.core.cfg.cache_dir
+    }
+
+    fn manifest(&self, signer: &KeyPair) -> Bytes {
+        let mut m = ModelManifest {
+            v: PROTOCOL_VERSION,
+            model_id: self.id.clone(),
+            round: 1,
+            tensors: vec![TensorInfo {
+                name: "w".into(),
+                shape: vec![40],
+            }],
+            total_len: self.blob.len() as u64,
+            chunk_count: shared_proto::chunk::chunk_count(self.blob.len(), 64),
+            chunk_size: 64,
+            sha256: self.id.clone(),
+            kind: ModelBlobKind::Full,
+            signature: Vec::new(),
+        };
+        m.sign_with(signer);
+        Bytes::from(message::encode(&m))
+    }
+
+    fn chunk(&self, i: u32) -> Bytes {
+        let s = i as usize * 64;
+        Bytes::copy_from_slice(&self.blob[s..(s + 64).min(self.blob.len())])
+    }
+
+    /// Puts the global model into the cache as a finished download does.
+    fn seed_cache(&self) {
+        let m: ModelManifest = message::decode(&self.manifest(&self.key), usize::MAX).unwrap();
+        let mut f = ModelFetch::new(self.id.clone(), 100, 1 << 20);
+        f.on_manifest(m, &self.key.public()).unwrap();
+        for i in f.wanted() {
+            f.insert(i, &self.chunk(i)).unwrap();
+        }
+        f.finish(self.cache_dir()).unwrap();
+    }
+
+    fn round(&mut self, round: u64, now: u64) -> Vec<Command> {
+        self.round_with(round, now, |_| {})
+    }
+
+    /// Announces round `round`, changed by `edit`.
+    fn round_with(
+        &mut self,
+        round: u64,
+        now: u64,
+        edit: impl FnOnce(&mut RoundAnnouncement),
+    ) -> Vec<Command> {
+        let mut ann = announcement(round, &self.id);
+        edit(&mut ann);
+        self.core
+            .on(Event::Round(Bytes::from(message::encode(&ann))), now)
+    }
+
+    /// Cached model, round `round` announced, trained, encoded, uploaded: awaiting the ack
+    /// since `T0`.
+    fn awaiting_ack(&mut self, round: u64) {
+        self.seed_cache();
+        self.round(round, T0);
+        let cmds = self.core.on(trained(round), T0);
+        assert!(cmds
+            .iter()
+            .any(|c| matches!(c, Command::SpawnEncode { .. })));
+        let cmds = self.core.on(encoded(round), T0);
+        let up = uploads(&cmds);
+        assert_eq!(up.len(), 1);
+        let upload_id = up[0].id;
+        self.core.on(Event::Uploaded { round, upload_id }, T0);
+        assert_eq!(self.core.phase().name(), "awaiting_ack");
+    }
+}
+
+fn announcement(round: u64, model_id: &str) -> RoundAnnouncement {
+    RoundAnnouncement {
+        v: PROTOCOL_VERSION,
+        round,
+        model_id: model_id.into(),
+        base_model: "base".into(),
+        hyper: HyperParams {
+            local_steps: 2,
+            lr: 0.1,
+            mu: 0.0,
+            batch_size: 1,
+            lr_overrides: BTreeMap::new(),
+        },
+        deadline_unix_ms: DEADLINE,
+        min_clients: 1,
+        selected: Vec::new(),
+        accepted_codecs: vec!["f32".into(), "int8".into()],
+        chunk_size: 64,
+        max_update_bytes: 1 << 20,
+    }
+}
+
+fn trained(round: u64) -> Event {
+    Event::Trained {
+        round,
+        out: TrainOutput {
+            out_path: "delta.safetensors".into(),
+            output: WorkerOutput::Delta,
+            global: "global.safetensors".into(),
+            spec: Default::default(),
+            metrics: WorkerMetrics {
+                loss: 0.5,
+                ..WorkerMetrics::default()
+            },
+        },
+    }
+}
+
+/// An encoded update of 5 chunks (64 B each but the last).
+fn encoded(round: u64) -> Event {
+    Event::Encoded {
+        round,
+        out: Outbound {
+            round,
+            deadline_ms: DEADLINE,
+            blob: Bytes::from((0..300u32).map(|i| i as u8).collect::<Vec<_>>()),
+            chunk_size: 64,
+            manifest: Bytes::from_static(b"signed manifest"),
+            sent_ms: 0,
+            resends: 0,
+            upload_id: 0,
+        },
+    }
+}
+
+fn ack(a: &Ack) -> Event {
+    Event::Ack {
+        round: a.round,
+        payload: Bytes::from(message::encode(a)),
+    }
+}
+
+fn uploads(cmds: &[Command]) -> Vec<&Upload> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::StartUpload(u) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+fn subscribed(cmds: &[Command]) -> Vec<&str> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Subscribe(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn trainings(cmds: &[Command]) -> Vec<(u64, &TrainJob)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::SpawnTraining { round, job } => Some((*round, job)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn published(cmds: &[Command]) -> Vec<(&str, &[u8])> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Publish { topic, payload, .. } => Some((topic.as_str(), &payload[..])),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_cached_model_is_trained_encoded_sent_and_acked() {
+    let mut f = fixture();
+    f.seed_cache();
+    let cmds = f.round(1, T0);
+    let t = trainings(&cmds);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].1.global, fetch::cache_path(f.cache_dir(), &f.id));
+    assert_eq!(
+        t[0].1.spec.tensors["w"],
+        vec![40],
+        "the manifest's tensors go to the job"
+    );
+    assert_eq!(t[0].1.steps, 2);
+    assert_eq!(f.core.phase().name(), "training");
+
+    let cmds = f.core.on(trained(1), T0 + 10);
+    assert!(
+        matches!(cmds.as_slice(), [Command::SaveStatus(st), Command::SpawnEncode { round: 1, .. }] if st.last_loss == Some(0.5))
+    );
+    let cmds = f.core.on(encoded(1), T0 + 20);
+    let up = uploads(&cmds);
+    assert_eq!(up[0].chunks.len(), 5);
+    assert_eq!(up[0].chunks[4].0, f.core.topics().update_chunk("r1", 1, 4));
+    assert_eq!(
+        up[0].manifest_topic,
+        f.core.topics().update_manifest("r1", 1)
+    );
+    assert_eq!(f.core.phase().name(), "sending");
+    // A report from another (older) upload does not end this one.
+    f.core.on(
+        Event::Uploaded {
+            round: 1,
+            upload_id: up[0].id + 7,
+        },
+        T0 + 25,
+    );
+    assert_eq!(f.core.phase().name(), "sending");
+    let id = up[0].id;
+    f.core.on(
+        Event::Uploaded {
+            round: 1,
+            upload_id: id,
+        },
+        T0 + 30,
+    );
+    assert_eq!(f.core.phase().name(), "awaiting_ack");
+
+    let cmds = f.core.on(ack(&Ack::accepted("r1", 1)), T0 + 40);
+    assert!(cmds.iter().any(|c| matches!(c, Command::StopUpload)));
+    assert!(cmds.iter().any(|c| matches!(c, Command::SaveStatus(st) if st.last_accepted == Some(true) && st.rounds_done == 1)));
+    assert_eq!(f.core.phase().name(), "idle");
+    assert!(f.core.is_done(1));
+}
+
+#[test]
+fn an_uncached_model_is_fetched_in_windows_then_trained_on() {
+    let mut f = fixture();
+    let cmds = f.round(1, T0);
+    assert_eq!(subscribed(&cmds), [f.core.topics().model_manifest(&f.id)]);
+    assert_eq!(f.core.phase().name(), "fetching");
+    let cmds = f.core.on(
+        Event::ModelManifest {
+            model_id: f.id.clone(),
+            payload: f.manifest(&f.key),
+        },
+        T0,
+    );
+    let n = shared_proto::chunk::chunk_count(f.blob.len(), 64);
+    assert!(n > 2, "the test model spans more than one window");
+    assert_eq!(
+        subscribed(&cmds),
+        [
+            f.core.topics().model_chunk(&f.id, 0),
+            f.core.topics().model_chunk(&f.id, 1)
+        ],
+        "a window of fetch_window = 2 chunks"
+    );
+    let mut trained_on = None;
+    for i in 0..n {
+        let cmds = f.core.on(
+            Event::ModelChunk {
+                model_id: f.id.clone(),
+                index: i,
+                payload: f.chunk(i),
+            },
+            T0,
+        );
+        assert!(cmds.iter().any(
+            |c| matches!(c, Command::Unsubscribe(t) if *t == f.core.topics().model_chunk(&f.id, i))
+        ));
+        if let Some((r, job)) = trainings(&cmds).first() {
+            trained_on = Some((*r, job.global.clone()));
+        }
+    }
+    let (r, path) = trained_on.expect("training starts once the model is complete");
+    assert_eq!(r, 1);
+    assert_eq!(std::fs::read(&path).unwrap(), f.blob);
+    assert_eq!(
+        fetch::cached(f.cache_dir(), &f.id).map(|c| c.path),
+        Some(path)
+    );
+}
+
+#[test]
+fn a_wrongly_signed_model_is_rejected_counted_and_not_trained_on() {
+    let mut f = fixture();
+    f.round(1, T0);
+    let forged = f.manifest(&KeyPair::generate());
+    let cmds = f.core.on(
+        Event::ModelManifest {
+            model_id: f.id.clone(),
+            payload: forged,
+        },
+        T0,
+    );
+    assert!(
+        subscribed(&cmds).is_empty(),
+        "no chunk is requested for a forged manifest"
+    );
+    assert_eq!(f.core.counters().models_rejected, 1);
+    assert_eq!(
+        f.core.phase().name(),
+        "fetching",
+        "still waiting for the real manifest"
+    );
+
+    // The genuine manifest, then a chunk corrupted in transit: the blob fails its hash.
+    let cmds = f.core.on(
+        Event::ModelManifest {
+            model_id: f.id.clone(),
+            payload: f.manifest(&f.key),
+        },
+        T0,
+    );
+    assert_eq!(subscribed(&cmds).len(), 2);
+    let n = shared_proto::chunk::chunk_count(f.blob.len(), 64);
+    let mut all = Vec::new();
+    for i in 0..n {
+        let mut c = f.chunk(i).to_vec();
+        if i == 0 {
+            c[10] ^= 0xff;
+        }
+        all.extend(f.core.on(
+            Event::ModelChunk {
+                model_id: f.id.clone(),
+                index: i,
+                payload: c.into(),
+            },
+            T0,
+        ));
+    }
+    assert!(
+        trainings(&all).is_empty(),
+        "a model failing its hash is never trained on"
+    );
+    assert_eq!(f.core.counters().models_rejected, 2);
+    assert_eq!(fetch::cached(f.cache_dir(), &f.id), None);
+    assert_eq!(f.core.phase().name(), "idle");
+}
+
+#[test]
+fn a_missing_ack_sends_the_manifest_again_after_the_wait() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    assert!(published(&f.core.on(Event::Tick, T0 + ACK_WAIT_MS - 1)).is_empty());
+    let cmds = f.core.on(Event::Tick, T0 + ACK_WAIT_MS);
+    assert_eq!(
+        published(&cmds),
+        [(
+            f.core.topics().update_manifest("r1", 1).as_str(),
+            &b"signed manifest"[..]
+        )]
+    );
+    // The wait starts again from the resend.
+    assert!(published(&f.core.on(Event::Tick, T0 + ACK_WAIT_MS + 1000)).is_empty());
+    assert_eq!(
+        published(&f.core.on(Event::Tick, T0 + 2 * ACK_WAIT_MS)).len(),
+        1
+    );
+}
+
+#[test]
+fn an_incomplete_ack_resends_only_the_missing_chunks_a_bounded_number_of_times() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    let cmds = f
+        .core
+        .on(ack(&Ack::incomplete("r1", 1, vec![1, 3])), T0 + 5);
+    let up = uploads(&cmds);
+    let idx: Vec<u32> = up[0].chunks.iter().map(|c| c.1).collect();
+    assert_eq!(idx, [1, 3]);
+    assert_eq!(up[0].chunk(3).unwrap().len(), 64);
+    assert_eq!(f.core.phase().name(), "sending");
+    assert_eq!(f.core.counters().resends, 1);
+    for _ in 1..MAX_RESENDS {
+        let cmds = f.core.on(ack(&Ack::incomplete("r1", 1, vec![2])), T0 + 6);
+        assert_eq!(uploads(&cmds).len(), 1);
+    }
+    let cmds = f.core.on(ack(&Ack::incomplete("r1", 1, vec![2])), T0 + 7);
+    assert!(
+        uploads(&cmds).is_empty(),
+        "no more than {MAX_RESENDS} resends"
+    );
+    assert_eq!(f.core.counters().resends, u64::from(MAX_RESENDS));
+    // A verdict still settles it.
+    f.core.on(
+        ack(&Ack::rejected(
+            "r1",
+            1,
+            shared_proto::message::RejectReason::HashMismatch,
+            "x",
+        )),
+        T0 + 8,
+    );
+    assert_eq!(f.core.phase().name(), "idle");
+    assert_eq!(f.core.rounds_done(), 1);
+}
+
+#[test]
+fn an_update_is_dropped_once_its_round_deadline_passes() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    assert!(
+        !f.core.is_done(1),
+        "an update awaiting its ack keeps the agent running"
+    );
+    let cmds = f.core.on(Event::Tick, DEADLINE);
+    assert!(cmds.iter().any(|c| matches!(c, Command::StopUpload)));
+    assert!(published(&cmds).is_empty());
+    assert_eq!(f.core.phase().name(), "idle");
+    assert!(f.core.is_done(1));
+    // A late ack changes nothing.
+    assert!(f
+        .core
+        .on(ack(&Ack::accepted("r1", 1)), DEADLINE + 1)
+        .is_empty());
+    // A round announced with its deadline already passed is not joined.
+    let mut g = fixture();
+    g.seed_cache();
+    assert!(trainings(&g.round(1, DEADLINE)).is_empty());
+}
+
+#[test]
+fn duplicate_and_old_round_announcements_are_ignored() {
+    let mut f = fixture();
+    f.seed_cache();
+    assert_eq!(trainings(&f.round(2, T0)).len(), 1);
+    assert!(
+        trainings(&f.round(2, T0 + 1)).is_empty(),
+        "the same round again while training"
+    );
+    let cmds = f.round(1, T0 + 2);
+    assert!(cmds.is_empty(), "an older round changes nothing");
+    assert_eq!(f.core.counters().stale_rounds, 1);
+    assert_eq!(f.core.phase().name(), "training");
+    // Finished rounds are not joined again when re-announced (e.g. retained, on reconnect).
+    f.core.on(
+        Event::WorkerFailed {
+            round: 2,
+            error: "x".into(),
+        },
+        T0 + 3,
+    );
+    assert!(trainings(&f.round(2, T0 + 4)).is_empty());
+    // A malformed announcement is counted.
+    f.core
+        .on(Event::Round(Bytes::from_static(b"\xff\x00")), T0 + 5);
+    assert_eq!(f.core.counters().malformed, 1);
+}
+
+#[test]
+fn a_worker_failure_returns_to_idle_and_is_reported() {
+    let mut f = fixture();
+    f.seed_cache();
+    f.round(1, T0);
+    let cmds = f.core.on(
+        Event::WorkerFailed {
+            round: 1,
+            error: "worker exited with 2".into(),
+        },
+        T0 + 1,
+    );
+    let st = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::SaveStatus(st) => Some(st),
+            _ => None,
+        })
+        .expect("the failure is written to the status file");
+    assert_eq!(st.last_error.as_deref(), Some("worker exited with 2"));
+    assert_eq!(st.counters.worker_failures, 1);
+    assert_eq!(st.rounds_done, 1);
+    assert_eq!(f.core.phase().name(), "idle");
+    // The next round is joined as usual.
+    assert_eq!(trainings(&f.round(2, T0 + 2)).len(), 1);
+}
+
+#[test]
+fn a_new_round_while_training_drops_the_old_update_and_joins_the_new_round() {
+    let mut f = fixture();
+    f.seed_cache();
+    f.round(1, T0);
+    assert!(
+        trainings(&f.round(2, T0 + 1)).is_empty(),
+        "the running worker finishes first"
+    );
+    let cmds = f.core.on(trained(1), T0 + 2);
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| matches!(c, Command::SpawnEncode { .. })),
+        "round 1's update is stale"
+    );
+    let t = trainings(&cmds);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].0, 2);
+    assert_eq!(f.core.rounds_done(), 1);
+}
+
+#[test]
+fn a_new_round_supersedes_an_update_still_awaiting_its_ack() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    let cmds = f.round(2, T0 + 1);
+    assert!(cmds.iter().any(|c| matches!(c, Command::StopUpload)));
+    assert_eq!(trainings(&cmds).len(), 1);
+    assert_eq!(f.core.rounds_done(), 1);
+}
+
+#[test]
+fn a_reconnect_resubscribes_says_hello_and_resends_the_update() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    f.core.on(Event::Disconnected, T0 + 1);
+    let cmds = f.core.on(Event::Connected, T0 + 2);
+    let topics = f.core.topics();
+    assert_eq!(subscribed(&cmds), [topics.round(), topics.acks_for("r1")]);
+    let hello = published(&cmds);
+    assert_eq!(hello[0].0, topics.client_status("r1"));
+    let st: ClientStatus = message::decode(hello[0].1, usize::MAX).unwrap();
+    assert!(st.online);
+    assert_eq!(uploads(&cmds)[0].chunks.len(), 5, "the whole update again");
+    let (_, bye) = f.core.goodbye();
+    assert!(
+        !message::decode::<ClientStatus>(&bye, usize::MAX)
+            .unwrap()
+            .online
+    );
+}
+
+#[test]
+fn unselected_clients_and_unaccepted_codecs_sit_the_round_out() {
+    let mut f = fixture();
+    f.seed_cache();
+    let cmds = f.round_with(1, T0, |a| a.selected = vec!["someone-else".into()]);
+    assert!(trainings(&cmds).is_empty());
+    assert_eq!(
+        f.core.rounds_done(),
+        0,
+        "not selected: may be selected on a re-announcement"
+    );
+    let cmds = f.round_with(2, T0, |a| a.accepted_codecs = vec!["bf16".into()]);
+    assert!(trainings(&cmds).is_empty());
+    assert_eq!(
+        f.core.rounds_done(),
+        1,
+        "a codec mismatch forfeits the round"
+    );
+}
