@@ -40,18 +40,23 @@ pub enum Error {
     Hub(String),
 }
 
-impl Error {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
+/// The config crate's errors keep their meaning: file, JSON, invalid config.
+impl From<smolvla_config::Error> for Error {
+    fn from(e: smolvla_config::Error) -> Self {
+        match e {
+            smolvla_config::Error::Io { path, source } => Error::Io { path, source },
+            smolvla_config::Error::Json { path, source } => Error::Json { path, source },
+            smolvla_config::Error::Invalid(m) => Error::Config(m),
         }
     }
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        smolvla_config::Error::io(path, source).into()
+    }
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
-        Error::Json {
-            path: path.to_path_buf(),
-            source,
-        }
+        smolvla_config::Error::json(path, source).into()
     }
 }
 

@@ -189,6 +189,7 @@ pub const NO_LIBTORCH_PACKAGES: &[&str] = &[
     "aggregator",
     "shared-proto",
     "lerobot-dataset",
+    "smolvla-config",
 ];
 
 /// `cargo xtask demo [zk0-demo args]`: builds the four binaries in the dev profile
