@@ -5,18 +5,10 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong building, loading or running SmolVLA.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("invalid config: {0}")]
-    Config(String),
+    /// A file (config, JSON) that cannot be read, parsed or written, or a config the model
+    /// cannot be built from.
+    #[error(transparent)]
+    Config(#[from] smolvla_config::Error),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("checkpoint {path}: missing keys {missing:?}, unexpected keys {unexpected:?}")]
@@ -40,23 +32,15 @@ pub enum Error {
     Hub(String),
 }
 
-/// The config crate's errors keep their meaning: file, JSON, invalid config.
-impl From<smolvla_config::Error> for Error {
-    fn from(e: smolvla_config::Error) -> Self {
-        match e {
-            smolvla_config::Error::Io { path, source } => Error::Io { path, source },
-            smolvla_config::Error::Json { path, source } => Error::Json { path, source },
-            smolvla_config::Error::Invalid(m) => Error::Config(m),
-        }
-    }
-}
-
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         smolvla_config::Error::io(path, source).into()
     }
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
         smolvla_config::Error::json(path, source).into()
+    }
+    pub(crate) fn invalid(msg: String) -> Self {
+        smolvla_config::Error::Invalid(msg).into()
     }
 }
 

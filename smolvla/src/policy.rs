@@ -67,7 +67,7 @@ impl SmolVlaPolicy {
     pub fn new(config: SmolVlaConfig, vlm_config: VlmConfig, device: Device) -> Result<Self> {
         let dims = ModelDims::new(&config, &vlm_config)?;
         if dims.expert_layers != dims.vlm_layers {
-            return Err(Error::Config(format!(
+            return Err(Error::invalid(format!(
                 "num_expert_layers {} != num_vlm_layers {}: only a full-depth expert is supported",
                 dims.expert_layers, dims.vlm_layers
             )));
@@ -393,7 +393,7 @@ impl SmolVlaPolicy {
         let action_dim = self
             .config
             .action_dim()
-            .ok_or_else(|| Error::Config("no output feature `action`".into()))?;
+            .ok_or_else(|| Error::invalid("no output feature `action`".into()))?;
         Ok(x.narrow(2, 0, action_dim))
     }
 
@@ -414,6 +414,6 @@ impl SmolVlaPolicy {
         }
         self.queue
             .pop_front()
-            .ok_or_else(|| Error::Config("n_action_steps is 0".into()))
+            .ok_or_else(|| Error::invalid("n_action_steps is 0".into()))
     }
 }
