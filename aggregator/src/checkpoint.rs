@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use shared_proto::tensor::{read_safetensors, write_safetensors, ModelSpec, TensorSet};
+use shared_proto::tensor::{
+    parse_raw, read_safetensors, write_raw, write_safetensors, ModelSpec, RawTensor, TensorSet,
+};
+use smolvla_config::{is_trainable, SmolVlaConfig};
 
 use crate::config::Config;
 use crate::outputs::{PolicyLossHistory, RoundRecord};
@@ -47,21 +50,9 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
     zk0_host::hf_cache::cached_checkpoint(id_or_dir)
 }
 
-/// Whether LeRobot trains `name` with SmolVLA's default freeze settings (`train_expert_only`,
-/// `freeze_vision_encoder`): the action expert, projections and state projection, not the VLM.
-fn trainable_expert_only(name: &str, train_state_proj: bool) -> bool {
-    if name.starts_with("model.state_proj.") {
-        return train_state_proj;
-    }
-    if name.starts_with("model.vlm_with_expert.lm_expert.") {
-        return !name.contains("lm_head");
-    }
-    !name.starts_with("model.vlm_with_expert.vlm.")
-}
-
 /// The trainable tensors of a LeRobot SmolVLA checkpoint, as f32. With `like`, exactly its
-/// names and shapes (the running federation's spec); else SmolVLA's trainable set, which the
-/// aggregator can derive only for `train_expert_only` configs.
+/// names and shapes (the running federation's spec); else the set the checkpoint's
+/// `config.json` freeze settings train ([`smolvla_config::is_trainable`], zk0-train's rule).
 pub fn trainable_from(dir: &Path, like: Option<&ModelSpec>) -> Result<TensorSet> {
     let wpath = dir.join("model.safetensors");
     let bytes = std::fs::read(&wpath).with_context(|| format!("reading {}", wpath.display()))?;
@@ -85,25 +76,15 @@ pub fn trainable_from(dir: &Path, like: Option<&ModelSpec>) -> Result<TensorSet>
             })
             .collect::<Result<_>>()?,
         None => {
-            let cpath = dir.join("config.json");
-            let cfg: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(&cpath).with_context(|| format!("reading {}", cpath.display()))?,
-            )
-            .with_context(|| format!("parsing {}", cpath.display()))?;
+            let cfg = SmolVlaConfig::from_file(dir.join("config.json"))?;
             anyhow::ensure!(
-                cfg["type"].as_str().is_none_or(|t| t == "smolvla"),
+                cfg.kind == "smolvla",
                 "{} is a {:?} policy, not SmolVLA",
                 dir.display(),
-                cfg["type"]
+                cfg.kind
             );
-            anyhow::ensure!(
-                cfg["train_expert_only"].as_bool().unwrap_or(true),
-                "{}: train_expert_only is false; give the trainable tensors with --model",
-                cpath.display()
-            );
-            let state_proj = cfg["train_state_proj"].as_bool().unwrap_or(true);
             all.into_iter()
-                .filter(|(n, _)| trainable_expert_only(n, state_proj))
+                .filter(|(n, _)| is_trainable(n, &cfg))
                 .collect()
         }
     };
@@ -118,89 +99,25 @@ pub fn trainable_from(dir: &Path, like: Option<&ModelSpec>) -> Result<TensorSet>
     Ok(out)
 }
 
-/// `base` (safetensors bytes, any of F32/BF16/F16) with every tensor of `global` replaced.
+/// `base` (safetensors bytes) with every tensor of `global` replaced, stored in the base
+/// tensor's dtype (F32, BF16 or F16); every other tensor and the metadata are copied as is.
 pub fn merge_weights(base: &[u8], global: &TensorSet) -> Result<Vec<u8>> {
-    anyhow::ensure!(base.len() >= 8, "base weights are truncated");
-    let n = u64::from_le_bytes(base[..8].try_into()?) as usize;
-    let end = 8usize
-        .checked_add(n)
-        .filter(|e| *e <= base.len())
-        .context("base weights: header length out of range")?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&base[8..end]).context("base weights: header is not JSON")?;
-    let data = &base[end..];
-    let mut entries: Vec<(String, String, Vec<u64>, usize, usize)> = Vec::new();
-    let mut metadata = None;
-    for (name, v) in header {
-        if name == "__metadata__" {
-            metadata = Some(v);
-            continue;
-        }
-        let dtype = v["dtype"]
-            .as_str()
-            .context("tensor without dtype")?
-            .to_string();
-        let shape: Vec<u64> = serde_json::from_value(v["shape"].clone())
-            .with_context(|| format!("{name}: bad shape"))?;
-        let off: [usize; 2] = serde_json::from_value(v["data_offsets"].clone())
-            .with_context(|| format!("{name}: bad data_offsets"))?;
+    let (mut tensors, metadata) =
+        parse_raw(base).context("base weights are not a readable safetensors file")?;
+    for (name, t) in global {
+        let b = tensors
+            .get_mut(name)
+            .with_context(|| format!("the base checkpoint has no tensor {name}"))?;
         anyhow::ensure!(
-            off[0] <= off[1] && off[1] <= data.len(),
-            "{name}: data_offsets out of range"
+            b.shape == t.shape,
+            "{name}: global shape {:?}, base {:?}",
+            t.shape,
+            b.shape
         );
-        entries.push((name, dtype, shape, off[0], off[1]));
+        *b = RawTensor::from_f32(b.dtype, t.shape.clone(), &t.data)
+            .with_context(|| format!("{name}: cannot write dtype {}", b.dtype.as_str()))?;
     }
-    for name in global.keys() {
-        anyhow::ensure!(
-            entries.iter().any(|e| &e.0 == name),
-            "the base checkpoint has no tensor {name}"
-        );
-    }
-    entries.sort_by_key(|e| e.3);
-    let mut out_header = serde_json::Map::new();
-    if let Some(m) = metadata {
-        out_header.insert("__metadata__".into(), m);
-    }
-    let mut body = Vec::with_capacity(data.len());
-    for (name, dtype, shape, s, e) in &entries {
-        let start = body.len();
-        match global.get(name) {
-            Some(t) => {
-                let want: Vec<u64> = t.shape.iter().map(|d| *d as u64).collect();
-                anyhow::ensure!(
-                    &want == shape,
-                    "{name}: global shape {want:?}, base {shape:?}"
-                );
-                match dtype.as_str() {
-                    "F32" => t.data.iter().for_each(|x| body.extend(x.to_le_bytes())),
-                    "BF16" => t
-                        .data
-                        .iter()
-                        .for_each(|x| body.extend(half::bf16::from_f32(*x).to_le_bytes())),
-                    "F16" => t
-                        .data
-                        .iter()
-                        .for_each(|x| body.extend(half::f16::from_f32(*x).to_le_bytes())),
-                    other => anyhow::bail!("{name}: cannot write dtype {other}"),
-                }
-            }
-            None => body.extend_from_slice(&data[*s..*e]),
-        }
-        out_header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, body.len()]}),
-        );
-    }
-    let mut h = serde_json::to_vec(&out_header)?;
-    // The format asks for an 8-byte aligned data section; pad the header with spaces.
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + h.len() + body.len());
-    out.extend((h.len() as u64).to_le_bytes());
-    out.extend(h);
-    out.extend(body);
-    Ok(out)
+    Ok(write_raw(&tensors, &metadata))
 }
 
 /// Files of a LeRobot checkpoint that travel with the weights: configs, processor pipelines
@@ -500,20 +417,45 @@ mod tests {
     }
 
     #[test]
-    fn expert_only_rule() {
-        assert!(trainable_expert_only("model.action_in_proj.weight", true));
-        assert!(trainable_expert_only(
+    fn trainable_set_follows_the_checkpoints_freeze_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "model.state_proj.weight",
+            "model.action_in_proj.weight",
             "model.vlm_with_expert.lm_expert.layers.0.mlp.up_proj.weight",
-            true
-        ));
-        assert!(!trainable_expert_only(
-            "model.vlm_with_expert.lm_expert.lm_head.weight",
-            true
-        ));
-        assert!(!trainable_expert_only(
+            "model.vlm_with_expert.vlm.lm_head.weight",
             "model.vlm_with_expert.vlm.model.text_model.layers.0.mlp.up_proj.weight",
-            true
-        ));
-        assert!(!trainable_expert_only("model.state_proj.weight", false));
+        ];
+        let all: TensorSet = names
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    Tensor::new(vec![2], vec![1.0, -1.0]).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            write_safetensors(&all, &BTreeMap::new()),
+        )
+        .unwrap();
+        let trained = |config: &str| {
+            std::fs::write(dir.path().join("config.json"), config).unwrap();
+            trainable_from(dir.path(), None).map(|t| t.into_keys().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            trained(r#"{"type": "smolvla", "train_state_proj": false}"#).unwrap(),
+            [names[1], names[2]]
+        );
+        // A full fine-tune (two VLM layers, so layer 0 is not the gradient-less last one).
+        assert_eq!(
+            trained(r#"{"train_expert_only": false, "num_vlm_layers": 2}"#).unwrap(),
+            [names[1], names[0], names[2], names[4]]
+        );
+        let err = trained(r#"{"type": "pi0"}"#).unwrap_err().to_string();
+        assert!(err.contains("not SmolVLA"), "{err}");
+        let err = format!("{:#}", trained("{").unwrap_err());
+        assert!(err.contains("config.json"), "{err}");
     }
 }

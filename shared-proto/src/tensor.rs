@@ -4,6 +4,11 @@
 //! arithmetic (the input comes from the network) and so the writer is deterministic: tensors
 //! sorted by (element size descending, name), metadata keys sorted. That determinism is what
 //! makes [`model_id`] a content address.
+//!
+//! Under the f32 API sits a raw layer ([`parse_raw`], [`write_raw`], [`RawTensor`], [`Dtype`]):
+//! tensors as dtype, shape and little-endian bytes, with the same checks. The delta codec stores
+//! its integer tensors through it, and the aggregator's checkpoint merge uses it to copy a base
+//! checkpoint's tensors through untouched while replacing the global ones in their own dtype.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -123,11 +128,12 @@ impl ModelSpec {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw safetensors layer, shared with the codec (which also stores I8/I32/I64/BF16 tensors).
+// Raw safetensors layer, shared with the codec (which also stores I8/I32/I64/BF16 tensors) and
+// with the aggregator's checkpoint merge.
 
-/// The dtypes this crate reads or writes.
+/// The safetensors dtypes this crate reads or writes (a file with any other is refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dtype {
+pub enum Dtype {
     F32,
     F16,
     BF16,
@@ -137,7 +143,8 @@ pub(crate) enum Dtype {
 }
 
 impl Dtype {
-    pub(crate) fn size(self) -> usize {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
         match self {
             Dtype::I8 => 1,
             Dtype::F16 | Dtype::BF16 => 2,
@@ -146,7 +153,8 @@ impl Dtype {
         }
     }
 
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The name in a safetensors header (`"F32"`, `"BF16"`, ...).
+    pub fn as_str(self) -> &'static str {
         match self {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
@@ -170,12 +178,39 @@ impl Dtype {
     }
 }
 
-/// One tensor as stored: dtype, shape, little-endian bytes.
+/// One tensor as stored: dtype, shape, little-endian bytes (borrowed from the file when parsed).
 #[derive(Debug, Clone)]
-pub(crate) struct RawTensor<'a> {
+pub struct RawTensor<'a> {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub data: Cow<'a, [u8]>,
+}
+
+impl RawTensor<'static> {
+    /// f32 values stored as `dtype`: F32 as is, BF16 and F16 rounded to nearest. `None` for the
+    /// integer dtypes, and when `data` does not have the shape's element count.
+    pub fn from_f32(dtype: Dtype, shape: Vec<usize>, data: &[f32]) -> Option<Self> {
+        if checked_numel(&shape) != Some(data.len()) {
+            return None;
+        }
+        let bytes = match dtype {
+            Dtype::F32 => f32_to_le(data).into_owned(),
+            Dtype::BF16 => data
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Dtype::F16 => data
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Dtype::I8 | Dtype::I32 | Dtype::I64 => return None,
+        };
+        Some(Self {
+            dtype,
+            shape,
+            data: Cow::Owned(bytes),
+        })
+    }
 }
 
 /// safetensors caps its JSON header at 100 MB; so do we.
@@ -192,8 +227,10 @@ fn st_err(msg: impl Into<String>) -> ProtoError {
     ProtoError::Safetensors(msg.into())
 }
 
-/// Parses a safetensors buffer into raw tensors (borrowing `bytes`) and its metadata.
-pub(crate) fn parse_raw(
+/// Parses a safetensors buffer into raw tensors (borrowing `bytes`) and its metadata. Every
+/// length is checked, the header is capped at 100 MB, and the tensors must tile the data
+/// section exactly (no gaps, overlaps or trailing bytes).
+pub fn parse_raw(
     bytes: &[u8],
 ) -> Result<(BTreeMap<String, RawTensor<'_>>, BTreeMap<String, String>), ProtoError> {
     let (len_bytes, rest) = bytes
@@ -259,8 +296,10 @@ pub(crate) fn parse_raw(
     Ok((tensors, metadata))
 }
 
-/// Writes raw tensors as safetensors into `sink`, deterministically.
-pub(crate) fn write_raw_to(
+/// Writes raw tensors as safetensors into `sink`, deterministically: tensors sorted by (element
+/// size descending, name), so each is aligned to its element size; metadata keys sorted; the
+/// header padded with spaces to 8 bytes.
+pub fn write_raw_to(
     tensors: &BTreeMap<String, RawTensor<'_>>,
     metadata: &BTreeMap<String, String>,
     sink: &mut dyn FnMut(&[u8]),
@@ -310,7 +349,8 @@ pub(crate) fn write_raw_to(
     }
 }
 
-pub(crate) fn write_raw(
+/// [`write_raw_to`] into one buffer.
+pub fn write_raw(
     tensors: &BTreeMap<String, RawTensor<'_>>,
     metadata: &BTreeMap<String, String>,
 ) -> Vec<u8> {
@@ -603,6 +643,29 @@ mod tests {
                 prop_assert_eq!(meta_again, meta);
             }
         }
+    }
+
+    #[test]
+    fn raw_from_f32_stores_each_float_dtype() {
+        let v = [0.5f32, -1.25, 3.0, 1.0e-3];
+        let mut raw = BTreeMap::new();
+        for d in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let t = RawTensor::from_f32(d, vec![2, 2], &v).unwrap();
+            assert_eq!(t.data.len(), 4 * d.size());
+            raw.insert(d.as_str().to_string(), t);
+        }
+        let (back, _) = read_safetensors(&write_raw(&raw, &BTreeMap::new())).unwrap();
+        assert_eq!(back["F32"].data, v);
+        let bf: Vec<f32> = v
+            .iter()
+            .map(|x| half::bf16::from_f32(*x).to_f32())
+            .collect();
+        let f16: Vec<f32> = v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
+        assert_eq!(back["BF16"].data, bf);
+        assert_eq!(back["F16"].data, f16);
+        assert_ne!(back["BF16"].data, v, "bf16 really rounds");
+        assert!(RawTensor::from_f32(Dtype::I8, vec![4], &v).is_none());
+        assert!(RawTensor::from_f32(Dtype::F32, vec![3], &v).is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::{Error, Result};
 
 /// Parses a device name; `cuda[:N]` is an error when libtorch sees no such CUDA device.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let bad = || Error::Config(format!("device {s:?}: expected auto, cpu, cuda or cuda:N"));
+    let bad = || Error::invalid(format!("device {s:?}: expected auto, cpu, cuda or cuda:N"));
     let dev = match s.trim().to_ascii_lowercase().as_str() {
         "auto" => return Ok(Device::cuda_if_available()),
         "cpu" => return Ok(Device::Cpu),
@@ -19,7 +19,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
     };
     let n = tch::Cuda::device_count();
     if (dev as i64) >= n {
-        return Err(Error::Config(format!(
+        return Err(Error::invalid(format!(
             "device {s:?}: libtorch sees {n} CUDA device(s){}",
             if tch::Cuda::is_available() {
                 ""

@@ -5,18 +5,10 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong building, loading or running SmolVLA.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("invalid config: {0}")]
-    Config(String),
+    /// A file (config, JSON) that cannot be read, parsed or written, or a config the model
+    /// cannot be built from.
+    #[error(transparent)]
+    Config(#[from] smolvla_config::Error),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("checkpoint {path}: missing keys {missing:?}, unexpected keys {unexpected:?}")]
@@ -42,16 +34,13 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        smolvla_config::Error::io(path, source).into()
     }
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
-        Error::Json {
-            path: path.to_path_buf(),
-            source,
-        }
+        smolvla_config::Error::json(path, source).into()
+    }
+    pub(crate) fn invalid(msg: String) -> Self {
+        smolvla_config::Error::Invalid(msg).into()
     }
 }
 

@@ -7,7 +7,8 @@
 //! Parameter names are LeRobot's state-dict keys, so `model.safetensors` loads by name.
 //!
 //! Modules:
-//! - [`config`]: `SmolVLAConfig` and the backbone config, with LeRobot's defaults.
+//! - [`config`]: `SmolVLAConfig` and the backbone config, with LeRobot's defaults (from the
+//!   libtorch-free `smolvla-config` crate, with the freeze rules, for the aggregator).
 //! - [`layers`]: linear, norms, RoPE, eager attention, mask helpers.
 //! - [`vision`]: SigLIP vision tower and connector.
 //! - [`text`]: Llama decoder layers, text model and action expert.
@@ -20,7 +21,7 @@
 //!
 //! [`layers::autocast`] runs the matrix products in bfloat16 (`--bf16` in zk0-train).
 
-pub mod config;
+pub use smolvla_config::config;
 pub mod device;
 mod error;
 pub mod hub;

@@ -1,6 +1,11 @@
 //! `model.vlm_with_expert` (LeRobot's `SmolVLMWithExpertModel`) and `model`
 //! (`VLAFlowMatching`): prefix/suffix embedding, the joint decoder with interleaved cross- and
 //! self-attention, the flow-matching loss and the cached Euler sampler.
+//!
+//! The joint and split training passes, the prefill and the cached denoising pass all run one
+//! layer step, [`SmolVlmWithExpert`]'s `layer`, over a prefix stream (computed, or read from
+//! the prefill's [`KvCache`]) and an optional expert stream, like candle's one block forward
+//! with an optional cache.
 
 use std::collections::BTreeMap;
 
@@ -9,8 +14,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::{ModelDims, SmolVlaConfig};
 use crate::layers::{
-    apply_rope, apply_rope_with, eager_attention, make_att_2d_masks, sinusoidal_time_embedding,
-    Linear, RopeTables,
+    apply_rope_with, eager_attention, make_att_2d_masks, sinusoidal_time_embedding, Linear,
+    RopeTables,
 };
 use crate::text::{ExpertModel, TextModel};
 use crate::vision::{Connector, VisionTransformer};
@@ -47,6 +52,76 @@ impl Trace {
 
 /// Per layer: the prefix's post-RoPE keys and values [B, Lp, kv_heads, D] (VLM stream only).
 pub type KvCache = Vec<(Tensor, Tensor)>;
+
+/// One attention block of the prefix (VLM) stream: hidden states [B, n, hidden], the RoPE
+/// tables of its positions and the mask of its rows against the prefix keys it sees: the first
+/// block its own, a later one the prefix's up to and including itself.
+struct PrefixBlock {
+    x: Tensor,
+    rope: RopeTables,
+    mask: Tensor,
+}
+
+impl PrefixBlock {
+    fn new(x: &Tensor, pos: &Tensor, mask: Tensor, head_dim: i64) -> Self {
+        Self {
+            x: x.shallow_clone(),
+            rope: RopeTables::new(pos, head_dim),
+            mask,
+        }
+    }
+}
+
+/// The prefix side of one layer step.
+enum PrefixSource<'a> {
+    /// The prefix stream goes through the layer. `out: false` skips the blocks' attention and
+    /// o_proj/MLP: the last layer of the split pass and of the prefill, whose VLM output
+    /// nothing reads.
+    Live {
+        blocks: &'a mut [PrefixBlock],
+        out: bool,
+    },
+    /// The layer's keys and values from a prefill ([`SmolVlmWithExpert::fill_cache`]).
+    Cached(&'a (Tensor, Tensor)),
+}
+
+/// The action expert's stream: hidden states [B, Ls, expert hidden] with the RoPE tables of
+/// its positions (self-attention layers) and of those positions restarted at 0
+/// (cross-attention layers), and its masks.
+struct ExpertStream {
+    x: Tensor,
+    rope: RopeTables,
+    cross_rope: RopeTables,
+    /// Expert rows against the prefix keys [B, Ls, Lp] (cross-attention layers).
+    cross_mask: Tensor,
+    /// Self-attention layers: expert rows against [prefix; suffix] keys [B, Ls, Lp + Ls], or
+    /// with `joint` all rows [B, Lp + Ls, Lp + Ls].
+    self_mask: Tensor,
+    /// Self-attention layers run as one attention whose queries are the prefix's and the
+    /// expert's together (LeRobot's own computation, padding rows included: what the parity
+    /// fixtures record). Otherwise the expert attends alone and the prefix keeps to its blocks.
+    joint: bool,
+}
+
+impl ExpertStream {
+    fn new(
+        x: &Tensor,
+        pos: &Tensor,
+        cross_mask: Tensor,
+        self_mask: Tensor,
+        joint: bool,
+        head_dim: i64,
+    ) -> Self {
+        Self {
+            x: x.shallow_clone(),
+            rope: RopeTables::new(pos, head_dim),
+            cross_rope: RopeTables::new(&restart(pos), head_dim),
+            cross_mask,
+            self_mask,
+            joint,
+        }
+    }
+}
 
 /// `vlm_with_expert`: the SmolVLM2 backbone (vision, connector, text) and the action expert.
 #[derive(Debug)]
@@ -100,6 +175,11 @@ impl SmolVlmWithExpert {
         self.cross_attn && !(n > 0 && (l as i64) % n == 0)
     }
 
+    /// The head dim shared by the VLM and the expert (RoPE tables serve both).
+    fn head_dim(&self) -> i64 {
+        self.text_model.layers.first().map_or(2, |tl| tl.head_dim)
+    }
+
     /// Vision tower + connector: [B, 3, S, S] in [-1, 1] → [B, tokens, text hidden].
     pub fn embed_image(&self, pixels: &Tensor, trace: &mut Trace, cam: usize) -> Tensor {
         let v = self.vision_model.forward(pixels);
@@ -111,6 +191,110 @@ impl SmolVlmWithExpert {
 
     fn attn(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
         eager_attention(q, k, v, mask, self.heads, self.kv_heads)
+    }
+
+    /// One interleaved layer `l`, the step every pass runs: the prefix's post-RoPE keys and
+    /// values (computed from its blocks, or read from a prefill), the prefix blocks' attention
+    /// and the expert's against them (cross or self per layer), then each stream's
+    /// o_proj/residual/MLP. A prefill passes `keep`, which receives the layer's prefix keys and
+    /// values.
+    fn layer(
+        &self,
+        l: usize,
+        prefix: PrefixSource<'_>,
+        expert: Option<&mut ExpertStream>,
+        keep: Option<&mut KvCache>,
+    ) {
+        let tl = &self.text_model.layers[l];
+        let (blocks, out, cached) = match prefix {
+            PrefixSource::Live { blocks, out } => (blocks, out, None),
+            PrefixSource::Cached(kv) => (Default::default(), false, Some(kv)),
+        };
+        let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for b in blocks.iter() {
+            let (q, k, v) = tl.qkv(&b.x);
+            qs.push(apply_rope_with(&q, &b.rope));
+            ks.push(apply_rope_with(&k, &b.rope));
+            vs.push(v);
+        }
+        let (pk, pv) = match cached {
+            Some((k, v)) => (k.shallow_clone(), v.shallow_clone()),
+            None => (join(&ks), join(&vs)),
+        };
+        let joint = expert
+            .as_deref()
+            .is_some_and(|e| e.joint && !self.is_cross(l));
+        debug_assert!(
+            !joint || blocks.len() == 1,
+            "a joint pass has one prefix block"
+        );
+        // Each block attends to the prefix up to itself (the first block to its own keys).
+        let mut pa = Vec::new();
+        if out && !joint {
+            for (i, b) in blocks.iter().enumerate() {
+                let (k, v) = if i + 1 == blocks.len() {
+                    (pk.shallow_clone(), pv.shallow_clone())
+                } else {
+                    (join(&ks[..=i]), join(&vs[..=i]))
+                };
+                pa.push(self.attn(&qs[i], &k, &v, &b.mask));
+            }
+        }
+        let sa = expert.as_deref().map(|e| {
+            let (ja, sa) = self.expert_attend(l, e, &pk, &pv, qs.first().filter(|_| joint));
+            pa.extend(ja);
+            sa
+        });
+        if out {
+            for (b, a) in blocks.iter_mut().zip(&pa) {
+                b.x = tl.finish(&b.x, a);
+            }
+        }
+        if let (Some(e), Some(sa)) = (expert, sa) {
+            e.x = self.lm_expert.layers[l].finish(&e.x, &sa);
+        }
+        if let Some(cache) = keep {
+            cache.push((pk, pv));
+        }
+    }
+
+    /// The expert's attention at layer `l` against the prefix keys/values `pk`/`pv`: in a
+    /// cross-attention layer its queries (positions restarted at 0) over its own k/v
+    /// projections of the prefix's, else self-attention over [prefix; its own keys]. With
+    /// `joint_q` (the joint pass's self-attention layers) the prefix queries join the expert's
+    /// in one attention, and their rows come back first.
+    fn expert_attend(
+        &self,
+        l: usize,
+        e: &ExpertStream,
+        pk: &Tensor,
+        pv: &Tensor,
+        joint_q: Option<&Tensor>,
+    ) -> (Option<Tensor>, Tensor) {
+        let el = &self.lm_expert.layers[l];
+        if self.is_cross(l) {
+            let q = apply_rope_with(&el.query(&e.x), &e.cross_rope);
+            let (k, v) = el.cross_kv(pk, pv);
+            return (None, self.attn(&q, &k, &v, &e.cross_mask));
+        }
+        let (q, k, v) = el.qkv(&e.x);
+        let q = apply_rope_with(&q, &e.rope);
+        let k = apply_rope_with(&k, &e.rope);
+        let (lp, ls) = (pk.size()[1], q.size()[1]);
+        let q = match joint_q {
+            Some(pq) => Tensor::cat(&[pq, &q], 1),
+            None => q,
+        };
+        let a = self.attn(
+            &q,
+            &Tensor::cat(&[pk, &k], 1),
+            &Tensor::cat(&[pv, &v], 1),
+            &e.self_mask,
+        );
+        match joint_q {
+            Some(_) => (Some(a.narrow(1, 0, lp)), a.narrow(1, lp, ls)),
+            None => (None, a),
+        }
     }
 
     /// Training forward over [prefix, suffix]: `mask` [B, L, L], `pos` [B, L] with
@@ -125,45 +309,29 @@ impl SmolVlmWithExpert {
     ) -> (Tensor, Tensor) {
         let lp = prefix.size()[1];
         let ls = suffix.size()[1];
-        let ppos = pos.narrow(1, 0, lp);
-        let spos = pos.narrow(1, lp, ls);
+        let hd = self.head_dim();
         let pmask = mask.narrow(1, 0, lp).narrow(2, 0, lp);
-        let (mut px, mut sx) = (prefix.shallow_clone(), suffix.shallow_clone());
-        for (l, (tl, el)) in self
-            .text_model
-            .layers
-            .iter()
-            .zip(&self.lm_expert.layers)
-            .enumerate()
-        {
-            let (pq, pk, pv) = tl.qkv(&px);
-            let pq = apply_rope(&pq, &ppos);
-            let pk = apply_rope(&pk, &ppos);
-            let (pa, sa) = if self.is_cross(l) {
-                let pa = self.attn(&pq, &pk, &pv, &pmask);
-                let eq = apply_rope(&el.query(&sx), &restart(&spos));
-                let (ek, ev) = el.cross_kv(&pk, &pv);
-                let emask = mask.narrow(1, lp, ls).narrow(2, 0, lp);
-                (pa, self.attn(&eq, &ek, &ev, &emask))
-            } else {
-                let (eq, ek, ev) = el.qkv(&sx);
-                let eq = apply_rope(&eq, &spos);
-                let ek = apply_rope(&ek, &spos);
-                let a = self.attn(
-                    &Tensor::cat(&[&pq, &eq], 1),
-                    &Tensor::cat(&[&pk, &ek], 1),
-                    &Tensor::cat(&[&pv, &ev], 1),
-                    mask,
-                );
-                (a.narrow(1, 0, lp), a.narrow(1, lp, ls))
+        let mut blocks = [PrefixBlock::new(prefix, &pos.narrow(1, 0, lp), pmask, hd)];
+        let cross_mask = mask.narrow(1, lp, ls).narrow(2, 0, lp);
+        let mut e = ExpertStream::new(
+            suffix,
+            &pos.narrow(1, lp, ls),
+            cross_mask,
+            mask.shallow_clone(),
+            true,
+            hd,
+        );
+        for l in 0..self.text_model.layers.len() {
+            let prefix = PrefixSource::Live {
+                blocks: &mut blocks,
+                out: true,
             };
-            px = tl.finish(&px, &pa);
-            sx = el.finish(&sx, &sa);
-            trace.record(format!("debug.vlm_layer{l}_out"), &px);
-            trace.record(format!("debug.expert_layer{l}_out"), &sx);
+            self.layer(l, prefix, Some(&mut e), None);
+            trace.record(format!("debug.vlm_layer{l}_out"), &blocks[0].x);
+            trace.record(format!("debug.expert_layer{l}_out"), &e.x);
         }
-        let po = self.text_model.norm.forward(&px);
-        let so = self.lm_expert.norm.forward(&sx);
+        let po = self.text_model.norm.forward(&blocks[0].x);
+        let so = self.lm_expert.norm.forward(&e.x);
         trace.record("debug.vlm_final_norm_out", &po);
         trace.record("debug.expert_final_norm_out", &so);
         (po, so)
@@ -192,77 +360,58 @@ impl SmolVlmWithExpert {
         let lc = ctx.size()[1];
         let lp = lc + 1;
         let ls = suffix.size()[1];
-        let cpos = pos.narrow(1, 0, lc);
-        let stpos = pos.narrow(1, lc, 1);
-        let spos = pos.narrow(1, lp, ls);
-        let cmask = mask.narrow(1, 0, lc).narrow(2, 0, lc);
-        let stmask = mask.narrow(1, lc, 1).narrow(2, 0, lp);
-        let last = self.text_model.layers.len().saturating_sub(1);
-        // Each position set's sin/cos once for all layers (VLM and expert share the head dim).
-        let hd = self.text_model.layers.first().map_or(2, |tl| tl.head_dim);
-        let ctab = RopeTables::new(&cpos, hd);
-        let ttab = RopeTables::new(&stpos, hd);
-        let stab = RopeTables::new(&spos, hd);
-        let xtab = RopeTables::new(&restart(&spos), hd);
-        let (mut cx, mut stx, mut sx) = (
-            ctx.shallow_clone(),
-            state.shallow_clone(),
-            suffix.shallow_clone(),
+        let hd = self.head_dim();
+        let mut blocks = [
+            PrefixBlock::new(
+                ctx,
+                &pos.narrow(1, 0, lc),
+                mask.narrow(1, 0, lc).narrow(2, 0, lc),
+                hd,
+            ),
+            PrefixBlock::new(
+                state,
+                &pos.narrow(1, lc, 1),
+                mask.narrow(1, lc, 1).narrow(2, 0, lp),
+                hd,
+            ),
+        ];
+        let mut e = ExpertStream::new(
+            suffix,
+            &pos.narrow(1, lp, ls),
+            mask.narrow(1, lp, ls).narrow(2, 0, lp),
+            mask.narrow(1, lp, ls),
+            false,
+            hd,
         );
-        for (l, (tl, el)) in self
-            .text_model
-            .layers
-            .iter()
-            .zip(&self.lm_expert.layers)
-            .enumerate()
-        {
-            let (cq, ck, cv) = tl.qkv(&cx);
-            let cq = apply_rope_with(&cq, &ctab);
-            let ck = apply_rope_with(&ck, &ctab);
-            let (tq, tk, tv) = tl.qkv(&stx);
-            let tq = apply_rope_with(&tq, &ttab);
-            let tk = apply_rope_with(&tk, &ttab);
-            let pk = Tensor::cat(&[&ck, &tk], 1);
-            let pv = Tensor::cat(&[&cv, &tv], 1);
-            let sa = if self.is_cross(l) {
-                let eq = apply_rope_with(&el.query(&sx), &xtab);
-                let (ek, ev) = el.cross_kv(&pk, &pv);
-                let emask = mask.narrow(1, lp, ls).narrow(2, 0, lp);
-                self.attn(&eq, &ek, &ev, &emask)
-            } else {
-                let (eq, ek, ev) = el.qkv(&sx);
-                let eq = apply_rope_with(&eq, &stab);
-                let ek = apply_rope_with(&ek, &stab);
-                self.attn(
-                    &eq,
-                    &Tensor::cat(&[&pk, &ek], 1),
-                    &Tensor::cat(&[&pv, &ev], 1),
-                    &mask.narrow(1, lp, ls),
-                )
+        let n = self.text_model.layers.len();
+        for l in 0..n {
+            let prefix = PrefixSource::Live {
+                blocks: &mut blocks,
+                out: l + 1 < n,
             };
-            if l < last {
-                let ca = self.attn(&cq, &ck, &cv, &cmask);
-                let ta = self.attn(&tq, &pk, &pv, &stmask);
-                cx = tl.finish(&cx, &ca);
-                stx = tl.finish(&stx, &ta);
-            }
-            sx = el.finish(&sx, &sa);
+            self.layer(l, prefix, Some(&mut e), None);
         }
-        self.lm_expert.norm.forward(&sx)
+        self.lm_expert.norm.forward(&e.x)
     }
 
     /// Prefill: every layer as self-attention over the prefix alone, keeping each layer's
     /// post-RoPE K/V (LeRobot's `fill_kv_cache=True`).
     pub fn fill_cache(&self, prefix: &Tensor, mask: &Tensor, pos: &Tensor) -> KvCache {
-        let mut px = prefix.shallow_clone();
-        let mut cache = Vec::with_capacity(self.text_model.layers.len());
-        for tl in &self.text_model.layers {
-            let (q, k, v) = tl.qkv(&px);
-            let q = apply_rope(&q, pos);
-            let k = apply_rope(&k, pos);
-            let a = self.attn(&q, &k, &v, mask);
-            px = tl.finish(&px, &a);
-            cache.push((k, v));
+        let mut blocks = [PrefixBlock::new(
+            prefix,
+            pos,
+            mask.shallow_clone(),
+            self.head_dim(),
+        )];
+        let n = self.text_model.layers.len();
+        let mut cache = Vec::with_capacity(n);
+        for l in 0..n {
+            // The last layer's attention output is never read: only its K/V are kept.
+            let prefix = PrefixSource::Live {
+                blocks: &mut blocks,
+                out: l + 1 < n,
+            };
+            self.layer(l, prefix, None, Some(&mut cache));
         }
         cache
     }
@@ -275,27 +424,27 @@ impl SmolVlmWithExpert {
         mask: &Tensor,
         pos: &Tensor,
     ) -> Tensor {
-        let mut sx = suffix.shallow_clone();
-        for (l, (el, (ck, cv))) in self.lm_expert.layers.iter().zip(cache).enumerate() {
-            let lp = ck.size()[1];
-            let sa = if self.is_cross(l) {
-                let eq = apply_rope(&el.query(&sx), &restart(pos));
-                let (ek, ev) = el.cross_kv(ck, cv);
-                self.attn(&eq, &ek, &ev, &mask.narrow(2, 0, lp))
-            } else {
-                let (eq, ek, ev) = el.qkv(&sx);
-                let eq = apply_rope(&eq, pos);
-                let ek = apply_rope(&ek, pos);
-                self.attn(
-                    &eq,
-                    &Tensor::cat(&[ck, &ek], 1),
-                    &Tensor::cat(&[cv, &ev], 1),
-                    mask,
-                )
-            };
-            sx = el.finish(&sx, &sa);
+        let lp = cache.first().map_or(0, |(k, _)| k.size()[1]);
+        let mut e = ExpertStream::new(
+            suffix,
+            pos,
+            mask.narrow(2, 0, lp),
+            mask.shallow_clone(),
+            false,
+            self.head_dim(),
+        );
+        for (l, kv) in cache.iter().enumerate().take(self.lm_expert.layers.len()) {
+            self.layer(l, PrefixSource::Cached(kv), Some(&mut e), None);
         }
-        self.lm_expert.norm.forward(&sx)
+        self.lm_expert.norm.forward(&e.x)
+    }
+}
+
+/// One block's tensor as is, several concatenated along the sequence.
+fn join(ts: &[Tensor]) -> Tensor {
+    match ts {
+        [t] => t.shallow_clone(),
+        _ => Tensor::cat(ts, 1),
     }
 }
 
@@ -593,7 +742,8 @@ mod tests {
 
     use tch::{Device, Tensor};
 
-    use crate::{Batch, SmolVlaPolicy, Trace};
+    use crate::policy::read_fixture_inputs;
+    use crate::{SmolVlaPolicy, Trace};
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -603,16 +753,7 @@ mod tests {
     /// Loss and trainable gradients of one forward/backward, joint pass (trace on) or split
     /// pass (trace off).
     fn loss_and_grads(policy: &SmolVlaPolicy, traced: bool) -> (f64, BTreeMap<String, Tensor>) {
-        let inputs: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(format!("{FIXTURE}/inputs.safetensors"))
-                .unwrap()
-                .into_iter()
-                .collect();
-        let batch: Batch = inputs
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "noise" | "time" | "sample_noise"))
-            .map(|(k, v)| (k.clone(), v.shallow_clone()))
-            .collect();
+        let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
         let params = policy.trainable_parameters();
         for (_, p) in &params {
             let mut g = p.grad();
@@ -624,8 +765,8 @@ mod tests {
         let lo = policy
             .forward(
                 &batch,
-                Some(&inputs["noise"]),
-                Some(&inputs["time"]),
+                Some(&draws["noise"]),
+                Some(&draws["time"]),
                 &mut trace,
             )
             .unwrap();

@@ -14,6 +14,8 @@ use crate::model::{FlowOutput, Trace, VlaFlowMatching};
 use crate::processor::prepare_image;
 use crate::{Error, Result};
 
+pub use smolvla_config::params::{is_trainable, module_order_key};
+
 /// A batch keyed like LeRobot's (`observation.images.<cam>`, `observation.state`,
 /// `observation.language.tokens`, `observation.language.attention_mask`, `action`,
 /// `action_is_pad`, optional `<cam>_padding_mask`).
@@ -25,6 +27,20 @@ pub const OBS_TOKEN_MASK: &str = "observation.language.attention_mask";
 pub const ACTION: &str = "action";
 pub const ACTION_IS_PAD: &str = "action_is_pad";
 
+/// Keys of a parity fixture's `inputs.safetensors` that hold the random draws it was recorded
+/// with rather than batch entries.
+pub const FIXTURE_DRAWS: [&str; 3] = ["noise", "time", "sample_noise"];
+
+/// A parity fixture's `inputs.safetensors` (LeRobot's preprocessed batch plus the draws of
+/// [`FIXTURE_DRAWS`] present), as (batch, draws).
+pub fn read_fixture_inputs(path: impl AsRef<Path>) -> Result<(Batch, BTreeMap<String, Tensor>)> {
+    let (draws, batch): (BTreeMap<String, Tensor>, Batch) =
+        Tensor::read_safetensors(path.as_ref())?
+            .into_iter()
+            .partition(|(k, _)| FIXTURE_DRAWS.contains(&k.as_str()));
+    Ok((batch, draws))
+}
+
 /// Loss of one training forward.
 #[derive(Debug)]
 pub struct LossOutput {
@@ -33,117 +49,6 @@ pub struct LossOutput {
     /// The same normalisation per sample (`reduction="none"`), shape [B].
     pub per_sample: Tensor,
     pub flow: FlowOutput,
-}
-
-/// Whether LeRobot trains `name` under the config's freeze settings
-/// (`SmolVLMWithExpertModel.set_requires_grad`, `VLAFlowMatching.set_requires_grad`).
-pub fn is_trainable(name: &str, cfg: &SmolVlaConfig) -> bool {
-    const VLM: &str = "model.vlm_with_expert.vlm.";
-    const VISION: &str = "model.vlm_with_expert.vlm.model.vision_model.";
-    const TEXT: &str = "model.vlm_with_expert.vlm.model.text_model.";
-    if name.starts_with("model.state_proj.") {
-        return cfg.train_state_proj;
-    }
-    if name.starts_with("model.vlm_with_expert.lm_expert.") {
-        return !name.contains("lm_head");
-    }
-    if !name.starts_with(VLM) {
-        return true;
-    }
-    if cfg.freeze_vision_encoder && name.starts_with(VISION) {
-        return false;
-    }
-    if cfg.train_expert_only {
-        return false;
-    }
-    // Parameters that receive no gradient stay frozen: lm_head, the text model's final norm,
-    // the last kept text layer (and the one before when the expert has fewer layers).
-    if name.starts_with(&format!("{VLM}lm_head")) || name.starts_with(&format!("{TEXT}norm.")) {
-        return false;
-    }
-    let mut last = vec![cfg.num_vlm_layers - 1];
-    let ne = cfg.expert_layers();
-    if cfg.num_vlm_layers != ne && cfg.num_vlm_layers % ne == 0 {
-        last.push(cfg.num_vlm_layers - 2);
-    }
-    !last
-        .iter()
-        .any(|l| name.starts_with(&format!("{TEXT}layers.{l}.")))
-}
-
-/// Sort key giving PyTorch's module registration order for SmolVLA parameter names: each
-/// path component is ranked by its position among its siblings (layer indices numerically).
-pub fn module_order_key(name: &str) -> Vec<(i64, String)> {
-    // Registration order of submodules/parameters; SigLIP's attention registers k, v, q, out.
-    const LLAMA: &[&str] = &[
-        "model",
-        "vlm_with_expert",
-        "vlm",
-        "vision_model",
-        "connector",
-        "text_model",
-        "lm_head",
-        "lm_expert",
-        "embed_tokens",
-        "layers",
-        "self_attn",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "mlp",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-        "norm",
-        "modality_projection",
-        "proj",
-        "state_proj",
-        "action_in_proj",
-        "action_out_proj",
-        "action_time_mlp_in",
-        "action_time_mlp_out",
-        "weight",
-        "bias",
-    ];
-    const VISION: &[&str] = &[
-        "embeddings",
-        "patch_embedding",
-        "position_embedding",
-        "encoder",
-        "layers",
-        "self_attn",
-        "k_proj",
-        "v_proj",
-        "q_proj",
-        "out_proj",
-        "layer_norm1",
-        "mlp",
-        "fc1",
-        "fc2",
-        "layer_norm2",
-        "post_layernorm",
-        "weight",
-        "bias",
-    ];
-    let mut in_vision = false;
-    name.split('.')
-        .map(|c| {
-            if let Ok(i) = c.parse::<i64>() {
-                return (i, String::new());
-            }
-            let table = if in_vision { VISION } else { LLAMA };
-            if c == "vision_model" {
-                in_vision = true;
-            }
-            match table.iter().position(|t| *t == c) {
-                Some(p) => (p as i64, String::new()),
-                None => (i64::MAX, c.to_string()),
-            }
-        })
-        .collect()
 }
 
 /// LeRobot's SmolVLA policy.
@@ -162,7 +67,7 @@ impl SmolVlaPolicy {
     pub fn new(config: SmolVlaConfig, vlm_config: VlmConfig, device: Device) -> Result<Self> {
         let dims = ModelDims::new(&config, &vlm_config)?;
         if dims.expert_layers != dims.vlm_layers {
-            return Err(Error::Config(format!(
+            return Err(Error::invalid(format!(
                 "num_expert_layers {} != num_vlm_layers {}: only a full-depth expert is supported",
                 dims.expert_layers, dims.vlm_layers
             )));
@@ -488,7 +393,7 @@ impl SmolVlaPolicy {
         let action_dim = self
             .config
             .action_dim()
-            .ok_or_else(|| Error::Config("no output feature `action`".into()))?;
+            .ok_or_else(|| Error::invalid("no output feature `action`".into()))?;
         Ok(x.narrow(2, 0, action_dim))
     }
 
@@ -509,6 +414,6 @@ impl SmolVlaPolicy {
         }
         self.queue
             .pop_front()
-            .ok_or_else(|| Error::Config("n_action_steps is 0".into()))
+            .ok_or_else(|| Error::invalid("n_action_steps is 0".into()))
     }
 }

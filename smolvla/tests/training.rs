@@ -1,10 +1,9 @@
 //! Training behaviour on the LeRobot fixture: repeated AdamW steps on one batch lower the loss,
 //! and the FedProx distance is the plain squared L2 distance.
 
-use std::collections::BTreeMap;
-
 use smolvla::optim::{clip_grad_norm, sq_distance, AdamW, AdamWConfig};
-use smolvla::{Batch, SmolVlaPolicy, Trace};
+use smolvla::policy::read_fixture_inputs;
+use smolvla::{SmolVlaPolicy, Trace};
 use tch::{Device, Kind, Tensor};
 
 const FIXTURE: &str = concat!(
@@ -16,16 +15,7 @@ const FIXTURE: &str = concat!(
 fn adamw_steps_lower_the_loss() {
     tch::set_num_threads(1);
     let policy = SmolVlaPolicy::from_dir(FIXTURE, Device::Cpu).unwrap();
-    let inputs: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(format!("{FIXTURE}/inputs.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let batch: Batch = inputs
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "noise" | "time" | "sample_noise"))
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
+    let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
     let params: Vec<Tensor> = policy
         .trainable_parameters()
         .into_iter()
@@ -40,8 +30,8 @@ fn adamw_steps_lower_the_loss() {
         let lo = policy
             .forward(
                 &batch,
-                Some(&inputs["noise"]),
-                Some(&inputs["time"]),
+                Some(&draws["noise"]),
+                Some(&draws["time"]),
                 &mut Trace::off(),
             )
             .unwrap();

@@ -190,6 +190,7 @@ pub const NO_LIBTORCH_PACKAGES: &[&str] = &[
     "shared-proto",
     "lerobot-dataset",
     "zk0-daemon",
+    "smolvla-config",
 ];
 
 /// `cargo xtask demo [zk0-demo args]`: builds the four binaries in the dev profile

@@ -338,7 +338,7 @@ impl TextConfig {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
-    /// The rope theta of the backbone config (reported only; see [`crate::layers::apply_rope`]).
+    /// The rope theta of the backbone config (reported only: SmolVLA's `apply_rope` uses 10000).
     pub fn config_rope_theta(&self) -> f64 {
         self.rope_theta
             .or_else(|| {
@@ -433,25 +433,25 @@ impl ModelDims {
             (vlm.text_config.hidden_size as f64 * cfg.expert_width_multiplier) as i64;
         let expert_layers = cfg.expert_layers();
         if cfg.num_vlm_layers <= 0 || cfg.num_vlm_layers > vlm.text_config.num_hidden_layers {
-            return Err(Error::Config(format!(
+            return Err(Error::Invalid(format!(
                 "num_vlm_layers {} outside 1..={}",
                 cfg.num_vlm_layers, vlm.text_config.num_hidden_layers
             )));
         }
         if cfg.num_vlm_layers % expert_layers != 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::Invalid(format!(
                 "num_vlm_layers {} is not a multiple of num_expert_layers {expert_layers}",
                 cfg.num_vlm_layers
             )));
         }
         if cfg.attention_mode != "cross_attn" && cfg.attention_mode != "self_attn" {
-            return Err(Error::Config(format!(
+            return Err(Error::Invalid(format!(
                 "unsupported attention_mode {:?}",
                 cfg.attention_mode
             )));
         }
         if cfg.add_image_special_tokens {
-            return Err(Error::Config(
+            return Err(Error::Invalid(
                 "add_image_special_tokens=true is not supported".into(),
             ));
         }
