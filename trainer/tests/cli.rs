@@ -448,6 +448,12 @@ fn loss_matches_the_fixture() {
         .find(|(n, _)| n == "train.loss")
         .unwrap()
         .1;
-    assert_eq!(v["loss"].as_f64().unwrap(), expected.double_value(&[0]));
+    // Float32 throughout: the one interleaved layer step sums in another order than the four
+    // loops it replaced, which moves this loss by 2 ulps (1.5e-7 relative) off LeRobot's.
+    let (got, want) = (v["loss"].as_f64().unwrap(), expected.double_value(&[0]));
+    assert!(
+        ((got - want) / want).abs() <= 1e-6,
+        "loss {got}, LeRobot {want}"
+    );
     assert_eq!(v["per_sample_loss"].as_array().unwrap().len(), 2);
 }
