@@ -1,19 +1,20 @@
 //! The upload intake, as a pure state machine (no async, no files, no clock): which chunk to
 //! store where, and what a manifest means, as verdicts the event loop carries out.
 //!
-//! A client publishes its chunks first and its signed manifest last. So a chunk is judged on
-//! what is known when it arrives (round admission, enrolment, the round's flood limits) and
-//! stored at its offset in the upload's file; the manifest then names the layout, a
-//! [`ChunkTracker`] checks the stored chunks against it, and either chunks are missing (ask
-//! for them) or the blob is ready for [`verify_update`](crate::verify::verify_update).
+//! A client publishes its signed manifest first; the aggregator checks it (signature,
+//! round, base model, limits) and answers with the chunks it wants (all of them at first).
+//! The manifest lists every chunk's SHA-256, so each chunk is checked before it is stored:
+//! a chunk anyone else injects on the client's topics (a wrong hash, a wrong length, an index
+//! past the count, or no manifest yet) is dropped and counted, and never costs the client its
+//! upload. Once every chunk is stored the blob goes to
+//! [`verify_update`](crate::verify::verify_update).
 
 use std::collections::{BTreeMap, HashMap};
 
 use shared_proto::chunk::ChunkTracker;
-use shared_proto::hash::parse_sha256_hex;
+use shared_proto::hash::{parse_sha256_hex, sha256};
 use shared_proto::message::{self, RejectReason, UpdateManifest};
 use shared_proto::sign::PublicKey;
-use shared_proto::ProtoError;
 
 use crate::round::{Admission, RoundState};
 use crate::store::KeyRegistry;
@@ -44,17 +45,41 @@ impl Keys {
     pub fn is_enrolled(&self, cid: &str) -> bool {
         self.clients.contains_key(cid)
     }
+
+    /// The enrolled key of `cid`, or why there is none to check with.
+    pub fn get(&self, cid: &str) -> Result<&PublicKey, Rejection> {
+        match self.clients.get(cid) {
+            None => Err(Rejection::new(
+                RejectReason::UnknownKey,
+                format!("{cid} has no enrolled key"),
+            )),
+            Some(Err(e)) => Err(Rejection::new(
+                RejectReason::Internal,
+                format!("enrolled key unreadable: {e}"),
+            )),
+            Some(Ok(k)) => Ok(k),
+        }
+    }
+}
+
+/// What the intake judges against: the open round, the enrolled keys, the limits and the
+/// federation name every signed manifest must carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    pub state: &'a RoundState,
+    pub keys: &'a Keys,
+    pub limits: &'a Limits,
+    pub federation: &'a str,
 }
 
 /// What to do with an update chunk.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChunkVerdict {
-    /// Write it at `offset` of the upload's file, then report it with [`UploadTable::stored`].
+    /// It matches its signed hash: write it at `offset` of the upload's file, then report it
+    /// with [`UploadTable::stored`].
     Spool { offset: u64 },
     /// Drop it without touching the disk.
     Ignore(Ignored),
-    /// The upload broke the round's limits: discard what is stored and ack the rejection.
-    Reject(Rejection),
 }
 
 /// Why a chunk was dropped (a label of `zk0_aggregator_update_chunks_refused_total`).
@@ -63,39 +88,64 @@ pub enum Ignored {
     /// Not for the open round (closed, aggregating, stale, future) or already accepted.
     NotAdmitted,
     NotEnrolled,
-    /// The upload was rejected; its next manifest may start it again.
-    UploadRejected,
-    /// Past the manifest's chunk count: junk, never part of the blob.
+    /// No accepted manifest for this upload yet (chunks are asked for after it).
+    NoManifest,
+    /// Past the manifest's chunk count.
     PastCount,
+    /// Its length or SHA-256 is not the one the signed manifest lists: injected, or corrupt.
+    Forged,
+    /// This chunk is stored already.
+    Duplicate,
     /// The upload's blob is being verified; the verdict settles it.
     Verifying,
 }
 
 impl Ignored {
+    pub const ALL: [Ignored; 7] = [
+        Ignored::NotAdmitted,
+        Ignored::NotEnrolled,
+        Ignored::NoManifest,
+        Ignored::PastCount,
+        Ignored::Forged,
+        Ignored::Duplicate,
+        Ignored::Verifying,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Ignored::NotAdmitted => "not_admitted",
             Ignored::NotEnrolled => "not_enrolled",
-            Ignored::UploadRejected => "upload_rejected",
+            Ignored::NoManifest => "no_manifest",
             Ignored::PastCount => "past_count",
+            Ignored::Forged => "forged",
+            Ignored::Duplicate => "duplicate",
             Ignored::Verifying => "verifying",
         }
     }
 }
 
-/// What a manifest means.
+/// What a manifest means, and which blob the answer is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The manifest's `sha256` (empty when it did not decode): the ack names it, so the client
+    /// knows the answer is about its blob.
+    pub sha256: String,
+    pub verdict: ManifestVerdict,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ManifestVerdict {
     /// The update was already accepted with this hash: the client missed the ack; send it again.
     Reack,
-    /// Ack the rejection; the upload (if any) stays as it is.
+    /// Ack the rejection; an upload already under way stays as it is.
     Reject(Rejection),
-    /// Ack the rejection and discard the upload's stored chunks.
-    Discard(Rejection),
-    /// Chunks lost on the way: ask for exactly these.
+    /// Ask for exactly these chunks (all of them for a new manifest).
     AskMissing(Vec<u32>),
-    /// Every chunk is stored: verify the blob (its length is `total_len`).
-    ReadyToVerify(UpdateManifest),
+    /// A new signed blob replaces the one stored so far (the client trained again): discard
+    /// the upload's file, then ask for these chunks.
+    Replace(Vec<u32>),
+    /// Every chunk is stored: verify the blob.
+    ReadyToVerify(Box<UpdateManifest>),
     /// A verification of this upload is already under way: its verdict answers this manifest.
     Verifying,
 }
@@ -107,18 +157,13 @@ pub enum Stored {
     ReadyToVerify(Box<UpdateManifest>),
 }
 
-/// One client's upload in the open round.
-#[derive(Debug, Default)]
+/// One client's upload in the open round: its verified manifest and which chunks are stored.
+#[derive(Debug)]
 struct Upload {
     round: u64,
-    /// Stored chunks: index → length. Chunks come before the manifest that names the layout,
-    /// so they are counted here first and checked by the tracker once it exists.
-    chunks: BTreeMap<u32, u32>,
-    bytes: u64,
-    /// The accepted-for-verification manifest and its chunk tracker.
-    manifest: Option<(UpdateManifest, ChunkTracker)>,
+    manifest: UpdateManifest,
+    tracker: ChunkTracker,
     verifying: bool,
-    rejected: bool,
 }
 
 /// Every upload of the open round, keyed by client id.
@@ -128,200 +173,186 @@ pub struct UploadTable {
 }
 
 impl UploadTable {
-    /// The client's upload for `round`, reset if it was for another round.
-    fn entry(&mut self, cid: &str, round: u64) -> &mut Upload {
-        let up = self.uploads.entry(cid.to_string()).or_default();
-        if up.round != round {
-            *up = Upload {
-                round,
-                ..Default::default()
-            };
-        }
-        up
-    }
-
     /// A new round opened: forget every upload.
     pub fn clear(&mut self) {
         self.uploads.clear();
     }
 
-    /// After a restart: the chunks of `cid` already stored for `round` (index, length).
-    pub fn resume(&mut self, cid: &str, round: u64, chunks: impl IntoIterator<Item = (u32, u32)>) {
-        let up = self.entry(cid, round);
-        for (i, len) in chunks {
-            let prev = up.chunks.insert(i, len).unwrap_or(0);
-            up.bytes = up.bytes - u64::from(prev) + u64::from(len);
-        }
+    fn get(&mut self, cid: &str, round: u64) -> Option<&mut Upload> {
+        self.uploads.get_mut(cid).filter(|u| u.round == round)
     }
 
-    /// An update chunk `index` of `len` bytes from `cid` for `round`.
-    pub fn on_chunk(
+    /// After a restart: the manifest `payload` stored for `cid`'s upload and the chunks
+    /// already written (each was checked against its hash before it was). Returns what the
+    /// manifest means now (the round may have moved on).
+    pub fn resume(
         &mut self,
-        state: &RoundState,
-        keys: &Keys,
-        limits: &Limits,
-        cid: &str,
-        round: u64,
-        index: u32,
-        len: usize,
-    ) -> ChunkVerdict {
-        if state.admit(cid, round).is_err() {
-            return ChunkVerdict::Ignore(Ignored::NotAdmitted);
-        }
-        if !keys.is_enrolled(cid) {
-            return ChunkVerdict::Ignore(Ignored::NotEnrolled);
-        }
-        let up = self.entry(cid, round);
-        if up.rejected {
-            return ChunkVerdict::Ignore(Ignored::UploadRejected);
-        }
-        if up.verifying {
-            return ChunkVerdict::Ignore(Ignored::Verifying);
-        }
-        let prev = up.chunks.get(&index).copied().map_or(0, u64::from);
-        let flood = len > limits.chunk_size as usize
-            || u64::from(index) >= limits.max_chunks()
-            || up.bytes - prev + len as u64 > limits.max_update_bytes;
-        if flood {
-            let detail = format!(
-                "chunk {index} of {len} bytes exceeds the round's limits ({} chunks of {} bytes, {} bytes total)",
-                limits.max_chunks(),
-                limits.chunk_size,
-                limits.max_update_bytes
-            );
-            Self::reject(up);
-            return ChunkVerdict::Reject(Rejection::new(RejectReason::ChunkFlood, detail));
-        }
-        match up.manifest.as_ref().map(|(_, t)| t.check(index, len)) {
-            None | Some(Ok(_)) => {}
-            Some(Err(ProtoError::ChunkIndex { .. })) => {
-                return ChunkVerdict::Ignore(Ignored::PastCount)
-            }
-            Some(Err(e)) => {
-                Self::reject(up);
-                return ChunkVerdict::Reject(Rejection::proto("chunk", &e));
-            }
-        }
-        // Every chunk but the last is `chunk_size` long (the manifest must agree): its offset
-        // is known before the manifest is.
-        ChunkVerdict::Spool {
-            offset: u64::from(index) * u64::from(limits.chunk_size),
-        }
-    }
-
-    /// Chunk `index` of `len` bytes is in the upload's file (a repeat replaces the earlier copy).
-    pub fn stored(&mut self, cid: &str, round: u64, index: u32, len: usize) -> Stored {
-        let up = self.entry(cid, round);
-        let len = len as u32; // ≤ chunk_size, checked in `on_chunk`
-        let prev = up.chunks.insert(index, len).unwrap_or(0);
-        up.bytes = up.bytes - u64::from(prev) + u64::from(len);
-        match &mut up.manifest {
-            Some((m, tracker)) if !up.verifying => {
-                tracker.mark(index);
-                if tracker.is_complete() {
-                    up.verifying = true;
-                    Stored::ReadyToVerify(Box::new(m.clone()))
-                } else {
-                    Stored::Wait // resent chunks still on their way; the manifest follows them
-                }
-            }
-            _ => Stored::Wait,
-        }
-    }
-
-    /// A manifest payload from `cid` for `round`, checked in the documented order.
-    pub fn on_manifest(
-        &mut self,
-        state: &RoundState,
-        keys: &Keys,
-        limits: &Limits,
+        gate: Gate<'_>,
         cid: &str,
         round: u64,
         payload: &[u8],
-    ) -> ManifestVerdict {
-        let reject = |r, d: String| ManifestVerdict::Reject(Rejection::new(r, d));
+        chunks: impl IntoIterator<Item = u32>,
+    ) -> Answer {
+        let answer = self.on_manifest(gate, cid, round, payload);
+        let Some(up) = self.get(cid, round) else {
+            return answer;
+        };
+        for i in chunks {
+            if i < up.tracker.chunk_count() {
+                up.tracker.mark(i);
+            }
+        }
+        let verdict = match answer.verdict {
+            ManifestVerdict::AskMissing(_) | ManifestVerdict::Replace(_)
+                if up.tracker.is_complete() =>
+            {
+                up.verifying = true;
+                ManifestVerdict::ReadyToVerify(Box::new(up.manifest.clone()))
+            }
+            ManifestVerdict::AskMissing(_) | ManifestVerdict::Replace(_) => {
+                ManifestVerdict::AskMissing(up.tracker.missing())
+            }
+            other => other,
+        };
+        Answer { verdict, ..answer }
+    }
+
+    /// An update chunk `index` from `cid` for `round`.
+    pub fn on_chunk(
+        &mut self,
+        gate: Gate<'_>,
+        cid: &str,
+        round: u64,
+        index: u32,
+        payload: &[u8],
+    ) -> ChunkVerdict {
+        use ChunkVerdict::Ignore;
+        if gate.state.admit(cid, round).is_err() {
+            return Ignore(Ignored::NotAdmitted);
+        }
+        if !gate.keys.is_enrolled(cid) {
+            return Ignore(Ignored::NotEnrolled);
+        }
+        let Some(up) = self.get(cid, round) else {
+            return Ignore(Ignored::NoManifest);
+        };
+        if up.verifying {
+            return Ignore(Ignored::Verifying);
+        }
+        let Ok(len) = up.tracker.expected_len(index) else {
+            return Ignore(Ignored::PastCount);
+        };
+        if up.tracker.is_received(index) {
+            return Ignore(Ignored::Duplicate);
+        }
+        let hash_ok = up.manifest.chunk_hash(index) == Some(&sha256(payload)[..]);
+        if payload.len() != len || !hash_ok {
+            return Ignore(Ignored::Forged);
+        }
+        ChunkVerdict::Spool {
+            offset: up.tracker.offset(index),
+        }
+    }
+
+    /// Chunk `index` is in the upload's file.
+    pub fn stored(&mut self, cid: &str, round: u64, index: u32) -> Stored {
+        let Some(up) = self.get(cid, round) else {
+            return Stored::Wait;
+        };
+        up.tracker.mark(index);
+        if !up.verifying && up.tracker.is_complete() {
+            up.verifying = true;
+            return Stored::ReadyToVerify(Box::new(up.manifest.clone()));
+        }
+        Stored::Wait
+    }
+
+    /// A manifest payload from `cid` for `round`, checked in the documented order.
+    pub fn on_manifest(&mut self, gate: Gate<'_>, cid: &str, round: u64, payload: &[u8]) -> Answer {
         let m = match message::decode::<UpdateManifest>(payload, MAX_MESSAGE_BYTES) {
             Ok(m) => m,
-            Err(e) => return ManifestVerdict::Reject(Rejection::proto("manifest", &e)),
+            Err(e) => {
+                return Answer {
+                    sha256: String::new(),
+                    verdict: ManifestVerdict::Reject(Rejection::proto("manifest", &e)),
+                }
+            }
         };
-        if m.client_id != cid || m.round != round {
+        let sha256 = m.sha256.clone();
+        let verdict = match self.judge(gate, cid, round, m) {
+            Ok(v) | Err(v) => v,
+        };
+        Answer { sha256, verdict }
+    }
+
+    /// The manifest's checks, then its effect on the table (`Err` short-circuits a verdict).
+    fn judge(
+        &mut self,
+        gate: Gate<'_>,
+        cid: &str,
+        round: u64,
+        m: UpdateManifest,
+    ) -> Result<ManifestVerdict, ManifestVerdict> {
+        let reject = |r, d: String| ManifestVerdict::Reject(Rejection::new(r, d));
+        if m.client_id != cid || m.round != round || m.federation != gate.federation {
             let detail = format!(
-                "manifest names {}/{} but came on the topic of {cid}/{round}",
-                m.client_id, m.round
+                "manifest names {}/{}/{} but came on the topic of {}/{cid}/{round}",
+                m.federation, m.client_id, m.round, gate.federation
             );
-            return reject(RejectReason::MalformedMessage, detail);
+            return Err(reject(RejectReason::MalformedMessage, detail));
         }
-        if let Err(a) = state.admit(cid, round) {
-            if a == Admission::Duplicate && same_hash(state, cid, &m.sha256) {
-                return ManifestVerdict::Reack;
+        if let Err(a) = gate.state.admit(cid, round) {
+            if a == Admission::Duplicate && same_hash(gate.state, cid, &m.sha256) {
+                return Err(ManifestVerdict::Reack);
             }
-            return ManifestVerdict::Reject(admission_rejection(a, round, state.round));
+            return Err(ManifestVerdict::Reject(admission_rejection(
+                a,
+                round,
+                gate.state.round,
+            )));
         }
-        let key = match keys.clients.get(cid) {
-            None => {
-                return reject(
-                    RejectReason::UnknownKey,
-                    format!("{cid} has no enrolled key"),
-                )
-            }
-            Some(Err(e)) => {
-                return reject(
-                    RejectReason::Internal,
-                    format!("enrolled key unreadable: {e}"),
-                )
-            }
-            Some(Ok(k)) => k,
-        };
+        let key = gate.keys.get(cid).map_err(ManifestVerdict::Reject)?;
         if let Err(e) = m.verify_with(key) {
-            return reject(
-                RejectReason::BadSignature,
-                format!("manifest signature: {e}"),
-            );
+            let detail = format!("manifest signature: {e}");
+            return Err(reject(RejectReason::BadSignature, detail));
         }
-        if m.base_model_id != state.model_id {
+        if m.base_model_id != gate.state.model_id {
             let detail = format!(
                 "update is against model {} but round {round} trains {}",
-                m.base_model_id, state.model_id
+                m.base_model_id, gate.state.model_id
             );
-            return reject(RejectReason::WrongBaseModel, detail);
+            return Err(reject(RejectReason::WrongBaseModel, detail));
         }
-        let mut tracker = match check_manifest(&m, limits) {
-            Ok(t) => t,
-            Err(r) => return ManifestVerdict::Reject(r),
-        };
-        let up = self.entry(cid, round);
-        if up.verifying {
-            return ManifestVerdict::Verifying;
-        }
-        let mut bad = None;
-        for (&i, &len) in &up.chunks {
-            match tracker.check(i, len as usize) {
-                Ok(_) => {
-                    tracker.mark(i);
-                }
-                Err(ProtoError::ChunkIndex { .. }) => {} // past the count: not part of the blob
-                Err(e) => {
-                    bad = Some(e);
-                    break;
-                }
+        let tracker = check_manifest(&m, gate.limits).map_err(ManifestVerdict::Reject)?;
+        let replaces = match self.get(cid, round) {
+            Some(up) if up.manifest.sha256_bytes().ok() == m.sha256_bytes().ok() => {
+                return Ok(if up.verifying {
+                    ManifestVerdict::Verifying
+                } else {
+                    ManifestVerdict::AskMissing(up.tracker.missing())
+                });
             }
-        }
-        if let Some(e) = bad {
-            Self::reject(up);
-            return ManifestVerdict::Discard(Rejection::proto("chunk", &e));
-        }
-        up.rejected = false;
-        let verdict = if tracker.is_complete() {
-            up.verifying = true;
-            ManifestVerdict::ReadyToVerify(m.clone())
-        } else {
-            // The client publishes its manifest after its chunks, so chunks still missing now
-            // were lost on the way (a broker drops QoS 1 messages when a subscriber's backlog
-            // overflows). Bounded by the manifest's count.
-            ManifestVerdict::AskMissing(tracker.missing())
+            Some(up) if up.verifying => return Ok(ManifestVerdict::Verifying),
+            Some(_) => true,
+            None => false,
         };
-        up.manifest = Some((m, tracker));
-        verdict
+        let mut up = Upload {
+            round,
+            manifest: m,
+            tracker,
+            verifying: false,
+        };
+        let verdict = if up.tracker.is_complete() {
+            // An empty blob has no chunks to wait for.
+            up.verifying = true;
+            ManifestVerdict::ReadyToVerify(Box::new(up.manifest.clone()))
+        } else if replaces {
+            ManifestVerdict::Replace(up.tracker.missing())
+        } else {
+            ManifestVerdict::AskMissing(up.tracker.missing())
+        };
+        self.uploads.insert(cid.to_string(), up);
+        Ok(verdict)
     }
 
     /// The verifier accepted `cid`'s upload: it leaves the table.
@@ -329,19 +360,12 @@ impl UploadTable {
         self.uploads.remove(cid);
     }
 
-    /// The verifier (or the disk) refused `cid`'s upload for `round`; its file is discarded.
+    /// The verifier (or the disk) refused `cid`'s upload for `round`: it leaves the table, so
+    /// a new manifest starts it again.
     pub fn refused(&mut self, cid: &str, round: u64) {
-        if let Some(up) = self.uploads.get_mut(cid).filter(|u| u.round == round) {
-            Self::reject(up);
+        if self.get(cid, round).is_some() {
+            self.uploads.remove(cid);
         }
-    }
-
-    fn reject(up: &mut Upload) {
-        up.rejected = true;
-        up.verifying = false;
-        up.manifest = None;
-        up.chunks.clear();
-        up.bytes = 0;
     }
 }
 
@@ -468,14 +492,15 @@ mod tests {
     fn manifest(f: &Fed, blob: &[u8], codec: Codec) -> UpdateManifest {
         let mut m = UpdateManifest {
             v: PROTOCOL_VERSION,
+            federation: "lab".into(),
             client_id: "arm-a".into(),
             round: 1,
             base_model_id: f.state.model_id.clone(),
             codec: codec.to_string(),
-            total_len: blob.len() as u64,
-            chunk_count: shared_proto::chunk::chunk_count(blob.len(), CHUNK as usize),
-            chunk_size: CHUNK,
-            sha256: shared_proto::hash::sha256_hex(blob),
+            total_len: 0,
+            chunk_count: 0,
+            chunk_size: 0,
+            sha256: String::new(),
             examples: 10,
             metrics: ClientMetrics {
                 loss: 1.0,
@@ -485,8 +510,10 @@ mod tests {
                 steps: 1,
                 seconds: 1.0,
             },
+            chunk_sha256: Vec::new(),
             signature: Vec::new(),
         };
+        m.describe_blob(blob, CHUNK);
         m.sign_with(&f.key);
         m
     }
@@ -496,17 +523,28 @@ mod tests {
         message::encode(&m)
     }
 
+    fn all(blob: &[u8]) -> Vec<u32> {
+        (0..blob.len().div_ceil(CHUNK as usize) as u32).collect()
+    }
+
     impl Fed {
-        fn chunk(&mut self, index: u32, len: usize) -> ChunkVerdict {
-            self.table.on_chunk(
-                &self.state,
-                &self.keys,
-                &self.limits,
-                "arm-a",
-                1,
-                index,
-                len,
-            )
+        fn gate(&self) -> Gate<'_> {
+            Gate {
+                state: &self.state,
+                keys: &self.keys,
+                limits: &self.limits,
+                federation: "lab",
+            }
+        }
+
+        fn chunk(&mut self, index: u32, bytes: &[u8]) -> ChunkVerdict {
+            let gate = Gate {
+                state: &self.state,
+                keys: &self.keys,
+                limits: &self.limits,
+                federation: "lab",
+            };
+            self.table.on_chunk(gate, "arm-a", 1, index, bytes)
         }
 
         /// Sends (and "stores") the chunks of `blob` whose index `keep` allows.
@@ -518,57 +556,108 @@ mod tests {
                     continue;
                 }
                 assert_eq!(
-                    self.chunk(i, c.len()),
+                    self.chunk(i, c),
                     ChunkVerdict::Spool {
                         offset: u64::from(i * CHUNK)
                     }
                 );
-                out.push(self.table.stored("arm-a", 1, i, c.len()));
+                out.push(self.table.stored("arm-a", 1, i));
             }
             out
         }
 
         fn manifest(&mut self, payload: &[u8]) -> ManifestVerdict {
-            self.table
-                .on_manifest(&self.state, &self.keys, &self.limits, "arm-a", 1, payload)
+            self.manifest_as("arm-a", 1, payload)
+        }
+
+        fn manifest_as(&mut self, cid: &str, round: u64, payload: &[u8]) -> ManifestVerdict {
+            let gate = Gate {
+                state: &self.state,
+                keys: &self.keys,
+                limits: &self.limits,
+                federation: "lab",
+            };
+            self.table.on_manifest(gate, cid, round, payload).verdict
         }
 
         fn rejected(&mut self, payload: &[u8]) -> RejectReason {
             match self.manifest(payload) {
-                ManifestVerdict::Reject(r) | ManifestVerdict::Discard(r) => r.reason,
+                ManifestVerdict::Reject(r) => r.reason,
                 v => panic!("expected a rejection, got {v:?}"),
             }
         }
     }
 
     #[test]
-    fn chunks_then_manifest_are_ready_and_verify() {
+    fn manifest_first_then_chunks_are_ready_and_verify() {
         let mut f = fed();
         let b = blob(0.1, Codec::F32);
-        let stored = f.send_chunks(&b, |_| true);
-        assert!(stored.iter().all(|s| *s == Stored::Wait), "no manifest yet");
         let m = manifest(&f, &b, Codec::F32);
-        let ManifestVerdict::ReadyToVerify(ready) = f.manifest(&message::encode(&m)) else {
-            panic!("not ready")
+        let mut table = UploadTable::default();
+        let answer = table.on_manifest(f.gate(), "arm-a", 1, &message::encode(&m));
+        assert_eq!(answer.sha256, m.sha256, "the answer names the blob");
+        assert_eq!(answer.verdict, ManifestVerdict::AskMissing(all(&b)));
+        f.table = table;
+        let stored = f.send_chunks(&b, |_| true);
+        let Some(Stored::ReadyToVerify(ready)) = stored.last() else {
+            panic!("not ready: {stored:?}")
         };
-        let v = verify_update(&ready, &b, &f.spec, &f.limits).unwrap();
+        let v = verify_update(ready, &b, &f.spec, &f.limits).unwrap();
         let expected = shared_proto::tensor::l2_norm_sq(&delta(0.1)).sqrt();
         assert!((v.norm - expected).abs() < 1e-6, "{} vs {expected}", v.norm);
         // While it is verified, the same manifest again starts nothing new.
         assert_eq!(f.manifest(&message::encode(&m)), ManifestVerdict::Verifying);
         assert_eq!(
-            f.chunk(0, CHUNK as usize),
+            f.chunk(0, &b[..CHUNK as usize]),
             ChunkVerdict::Ignore(Ignored::Verifying)
         );
     }
 
     #[test]
-    fn lost_chunks_are_asked_for_and_a_resend_completes() {
+    fn chunks_before_the_manifest_are_not_stored() {
+        let mut f = fed();
+        let b = blob(0.1, Codec::F32);
+        assert_eq!(
+            f.chunk(0, &b[..CHUNK as usize]),
+            ChunkVerdict::Ignore(Ignored::NoManifest)
+        );
+    }
+
+    #[test]
+    fn injected_chunks_are_dropped_and_the_real_ones_still_complete_the_upload() {
+        let mut f = fed();
+        let b = blob(0.1, Codec::F32);
+        let payload = message::encode(&manifest(&f, &b, Codec::F32));
+        f.manifest(&payload);
+        let n = all(&b).len() as u32;
+        // Someone else's bytes on the client's chunk topics: right length, wrong hash; wrong
+        // length; past the count; the real chunk 0's bytes at index 1.
+        let junk = vec![0xAA; CHUNK as usize];
+        assert_eq!(f.chunk(0, &junk), ChunkVerdict::Ignore(Ignored::Forged));
+        assert_eq!(f.chunk(0, &b[..10]), ChunkVerdict::Ignore(Ignored::Forged));
+        assert_eq!(f.chunk(n, &junk), ChunkVerdict::Ignore(Ignored::PastCount));
+        assert_eq!(
+            f.chunk(1, &b[..CHUNK as usize]),
+            ChunkVerdict::Ignore(Ignored::Forged)
+        );
+        // The real chunks, one repeated.
+        f.send_chunks(&b, |i| i == 0);
+        assert_eq!(
+            f.chunk(0, &b[..CHUNK as usize]),
+            ChunkVerdict::Ignore(Ignored::Duplicate)
+        );
+        let s = f.send_chunks(&b, |i| i != 0);
+        assert!(matches!(s.last(), Some(Stored::ReadyToVerify(_))));
+    }
+
+    #[test]
+    fn a_resent_manifest_asks_for_what_is_still_missing() {
         let mut f = fed();
         let b = blob(0.1, Codec::F32);
         assert!(b.len() > 3 * CHUNK as usize);
-        f.send_chunks(&b, |i| i != 1 && i != 3);
         let payload = message::encode(&manifest(&f, &b, Codec::F32));
+        f.manifest(&payload);
+        f.send_chunks(&b, |i| i != 1 && i != 3);
         assert_eq!(
             f.manifest(&payload),
             ManifestVerdict::AskMissing(vec![1, 3])
@@ -577,6 +666,24 @@ mod tests {
         let s = f.send_chunks(&b, |i| i == 1 || i == 3);
         assert_eq!(s[0], Stored::Wait);
         assert!(matches!(s[1], Stored::ReadyToVerify(_)));
+    }
+
+    #[test]
+    fn a_new_blob_replaces_the_upload_under_way() {
+        let mut f = fed();
+        let b = blob(0.1, Codec::F32);
+        f.manifest(&message::encode(&manifest(&f, &b, Codec::F32)));
+        f.send_chunks(&b, |i| i == 0);
+        let b2 = blob(0.3, Codec::F32);
+        let m2 = message::encode(&manifest(&f, &b2, Codec::F32));
+        assert_eq!(f.manifest(&m2), ManifestVerdict::Replace(all(&b2)));
+        // The first blob's chunks no longer fit.
+        assert_eq!(
+            f.chunk(1, &b[CHUNK as usize..2 * CHUNK as usize]),
+            ChunkVerdict::Ignore(Ignored::Forged)
+        );
+        let s = f.send_chunks(&b2, |_| true);
+        assert!(matches!(s.last(), Some(Stored::ReadyToVerify(_))));
     }
 
     #[test]
@@ -599,7 +706,10 @@ mod tests {
             RejectReason::DuplicateUpdate
         );
         // Its chunks never reach the disk.
-        assert_eq!(f.chunk(0, 10), ChunkVerdict::Ignore(Ignored::NotAdmitted));
+        assert_eq!(
+            f.chunk(0, &b[..10]),
+            ChunkVerdict::Ignore(Ignored::NotAdmitted)
+        );
     }
 
     #[test]
@@ -614,6 +724,8 @@ mod tests {
         };
         assert_eq!(f.rejected(b"\xff\x00junk"), RejectReason::MalformedMessage);
         let m = with(&|m| m.round = 2);
+        assert_eq!(f.rejected(&signed(&f, m)), RejectReason::MalformedMessage);
+        let m = with(&|m| m.federation = "other-lab".into());
         assert_eq!(f.rejected(&signed(&f, m)), RejectReason::MalformedMessage);
         let mut forged = good.clone();
         forged.examples = 1_000_000; // changed after signing
@@ -641,29 +753,30 @@ mod tests {
             m.chunk_count = (m.total_len as u32).div_ceil(32);
         });
         assert_eq!(f.rejected(&signed(&f, m)), RejectReason::MalformedMessage);
+        let m = with(&|m| {
+            m.chunk_sha256.truncate(32);
+        });
+        assert_eq!(f.rejected(&signed(&f, m)), RejectReason::MalformedMessage);
         // An unenrolled client (its topic) has no key.
         let payload = signed(&f, with(&|m| m.client_id = "arm-z".into()));
-        let v = f
-            .table
-            .on_manifest(&f.state, &f.keys, &f.limits, "arm-z", 1, &payload);
+        let v = f.manifest_as("arm-z", 1, &payload);
         assert!(matches!(v, ManifestVerdict::Reject(r) if r.reason == RejectReason::UnknownKey));
         // Rounds other than the open one.
         for round in [0, 2] {
             let payload = signed(&f, with(&|m| m.round = round));
-            let v = f
-                .table
-                .on_manifest(&f.state, &f.keys, &f.limits, "arm-a", round, &payload);
+            let v = f.manifest_as("arm-a", round, &payload);
             assert!(
                 matches!(v, ManifestVerdict::Reject(ref r) if r.reason == RejectReason::LateOrOldRound),
                 "{v:?}"
             );
         }
         // None of it disturbed the real upload.
-        f.send_chunks(&b, |_| true);
-        assert!(matches!(
+        assert_eq!(
             f.manifest(&message::encode(&good)),
-            ManifestVerdict::ReadyToVerify(_)
-        ));
+            ManifestVerdict::AskMissing(all(&b))
+        );
+        let s = f.send_chunks(&b, |_| true);
+        assert!(matches!(s.last(), Some(Stored::ReadyToVerify(_))));
     }
 
     #[test]
@@ -715,83 +828,11 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_rejects_the_upload_and_its_later_chunks_are_dropped() {
-        for (index, len) in [(0, CHUNK as usize + 1), (64, 1)] {
-            let mut f = fed();
-            let v = f.chunk(index, len);
-            assert!(
-                matches!(v, ChunkVerdict::Reject(ref r) if r.reason == RejectReason::ChunkFlood),
-                "chunk {index} of {len}: {v:?}"
-            );
-            assert_eq!(
-                f.chunk(1, 10),
-                ChunkVerdict::Ignore(Ignored::UploadRejected)
-            );
-        }
-        // Total bytes past max_update_bytes (4096 = 64 full chunks), even with in-range indices.
-        let mut f = fed();
-        f.limits.max_update_bytes = 4 * u64::from(CHUNK) - 1;
-        for i in 0..3 {
-            assert!(matches!(
-                f.chunk(i, CHUNK as usize),
-                ChunkVerdict::Spool { .. }
-            ));
-            f.table.stored("arm-a", 1, i, CHUNK as usize);
-        }
-        assert!(matches!(
-            f.chunk(3, CHUNK as usize),
-            ChunkVerdict::Reject(_)
-        ));
-        // A repeat replaces its earlier copy rather than counting twice.
-        let mut f = fed();
-        f.limits.max_update_bytes = 2 * u64::from(CHUNK);
-        for _ in 0..5 {
-            assert!(matches!(
-                f.chunk(0, CHUNK as usize),
-                ChunkVerdict::Spool { .. }
-            ));
-            f.table.stored("arm-a", 1, 0, CHUNK as usize);
-        }
-        // A fresh valid manifest starts the rejected upload again.
-        let mut f = fed();
-        f.chunk(0, CHUNK as usize + 1);
-        let b = blob(0.1, Codec::F32);
-        let payload = message::encode(&manifest(&f, &b, Codec::F32));
-        assert!(
-            matches!(f.manifest(&payload), ManifestVerdict::AskMissing(ref m) if m.len() as u32 == b.len().div_ceil(CHUNK as usize) as u32)
-        );
-    }
-
-    #[test]
-    fn chunks_of_a_wrong_length_or_past_the_count() {
-        let mut f = fed();
-        let b = blob(0.1, Codec::F32);
-        let m = manifest(&f, &b, Codec::F32);
-        // A chunk stored one byte short: the layout says every chunk but the last is full.
-        f.chunk(0, CHUNK as usize - 1);
-        f.table.stored("arm-a", 1, 0, CHUNK as usize - 1);
-        assert!(matches!(
-            f.manifest(&message::encode(&m)),
-            ManifestVerdict::Discard(ref r) if r.reason == RejectReason::MalformedMessage
-        ));
-        // Past the manifest's count (but within the round's limits): junk, not stored.
-        let mut f = fed();
-        let m = manifest(&f, &b, Codec::F32); // signed by this federation's key
-        f.send_chunks(&b, |i| i == 0);
-        assert!(matches!(
-            f.manifest(&message::encode(&m)),
-            ManifestVerdict::AskMissing(_)
-        ));
-        assert_eq!(
-            f.chunk(m.chunk_count + 2, CHUNK as usize),
-            ChunkVerdict::Ignore(Ignored::PastCount)
-        );
-    }
-
-    #[test]
     fn after_the_deadline_nothing_is_admitted() {
         let mut f = fed();
         let b = blob(0.1, Codec::F32);
+        let payload = message::encode(&manifest(&f, &b, Codec::F32));
+        f.manifest(&payload);
         f.send_chunks(&b, |i| i == 0);
         let online: BTreeSet<String> = ["arm-a".to_string()].into();
         assert!(
@@ -803,33 +844,40 @@ mod tests {
             Some(Transition::Close { .. })
         ));
         assert_eq!(
-            f.chunk(1, CHUNK as usize),
+            f.chunk(1, &b[CHUNK as usize..2 * CHUNK as usize]),
             ChunkVerdict::Ignore(Ignored::NotAdmitted)
         );
-        let payload = message::encode(&manifest(&f, &b, Codec::F32));
         assert_eq!(f.rejected(&payload), RejectReason::LateOrOldRound);
     }
 
     #[test]
     fn unenrolled_chunks_never_touch_the_disk() {
-        let mut f = fed();
-        let v = f
-            .table
-            .on_chunk(&f.state, &f.keys, &f.limits, "arm-z", 1, 0, 10);
+        let f = fed();
+        let mut table = UploadTable::default();
+        let v = table.on_chunk(f.gate(), "arm-z", 1, 0, &[0; 10]);
         assert_eq!(v, ChunkVerdict::Ignore(Ignored::NotEnrolled));
     }
 
     #[test]
-    fn a_restart_resumes_from_the_stored_chunks() {
+    fn a_restart_resumes_from_the_stored_manifest_and_chunks() {
         let mut f = fed();
         let b = blob(0.1, Codec::F32);
-        let lens: Vec<(u32, u32)> = shared_proto::chunk::split(&b, CHUNK as usize)
-            .enumerate()
-            .map(|(i, c)| (i as u32, c.len() as u32))
-            .collect();
-        f.table
-            .resume("arm-a", 1, lens.into_iter().filter(|&(i, _)| i != 2));
         let payload = message::encode(&manifest(&f, &b, Codec::F32));
-        assert_eq!(f.manifest(&payload), ManifestVerdict::AskMissing(vec![2]));
+        let n = all(&b).len() as u32;
+        let gate = f.gate();
+        let mut table = UploadTable::default();
+        let a = table.resume(gate, "arm-a", 1, &payload, (0..n).filter(|&i| i != 2));
+        assert_eq!(a.verdict, ManifestVerdict::AskMissing(vec![2]));
+        // All stored before the crash: verify at once.
+        let mut table = UploadTable::default();
+        let a = table.resume(gate, "arm-a", 1, &payload, 0..n);
+        assert!(matches!(a.verdict, ManifestVerdict::ReadyToVerify(_)));
+        // A manifest that no longer passes (the round moved on) is refused.
+        f.state.model_id = "n".repeat(64);
+        let mut table = UploadTable::default();
+        let a = table.resume(f.gate(), "arm-a", 1, &payload, 0..n);
+        assert!(
+            matches!(a.verdict, ManifestVerdict::Reject(r) if r.reason == RejectReason::WrongBaseModel)
+        );
     }
 }

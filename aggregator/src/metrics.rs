@@ -34,6 +34,8 @@ pub struct Metrics {
     pub chunks_refused: Family<ReasonLabel, Counter>,
     pub chunks_shed: Counter,
     pub chunk_bytes_shed: Counter,
+    pub statuses_refused: Family<ReasonLabel, Counter>,
+    pub retained_restored: Counter,
 }
 
 impl Metrics {
@@ -53,6 +55,8 @@ impl Metrics {
             chunks_refused: Family::default(),
             chunks_shed: Counter::default(),
             chunk_bytes_shed: Counter::default(),
+            statuses_refused: Family::default(),
+            retained_restored: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -79,6 +83,16 @@ impl Metrics {
             "update_chunk_bytes_shed",
             "Payload bytes of the update chunks shed",
             m.chunk_bytes_shed.clone(),
+        );
+        registry.register(
+            "client_statuses_refused",
+            "Client status messages dropped (unsigned or forged, unknown client, replayed), by reason",
+            m.statuses_refused.clone(),
+        );
+        registry.register(
+            "retained_restored",
+            "The aggregator's retained announcement or status, overwritten by another publisher and published again",
+            m.retained_restored.clone(),
         );
         registry.register(
             "rounds_completed",
@@ -126,7 +140,20 @@ impl Metrics {
                 reason: r.as_str().to_string(),
             });
         }
+        for i in crate::intake::Ignored::ALL {
+            let _ = m.chunks_refused.get_or_create(&ReasonLabel {
+                reason: i.as_str().to_string(),
+            });
+        }
         Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn status_refused(&self, why: &str) {
+        self.statuses_refused
+            .get_or_create(&ReasonLabel {
+                reason: why.to_string(),
+            })
+            .inc();
     }
 
     pub fn reject(&self, reason: &str) {

@@ -26,7 +26,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(topic: String, payload: impl Into<Bytes>, retain: bool) -> Self {
+    pub fn new(topic: String, payload: impl Into<Bytes>, retain: bool) -> Self {
         Outgoing {
             topic,
             payload: payload.into(),
@@ -87,7 +87,14 @@ pub fn clear_model(topics: &Topics, id: &str, count: u32) -> Vec<Outgoing> {
 
 /// The retained announcement of the collecting round (`None` when none collects), with zk0's
 /// schedules (warm restarts, stall, adaptive mu, per-client boosts) over the configured values.
-pub fn announcement(topics: &Topics, state: &RoundState, cfg: &Config) -> Option<Outgoing> {
+/// Signed with sequence number `seq`.
+pub fn announcement(
+    topics: &Topics,
+    state: &RoundState,
+    cfg: &Config,
+    seq: u64,
+    signer: &KeyPair,
+) -> Option<Outgoing> {
     let deadline = state.deadline_ms()?;
     let r = &cfg.rounds;
     let base = HyperParams {
@@ -99,6 +106,8 @@ pub fn announcement(topics: &Topics, state: &RoundState, cfg: &Config) -> Option
     };
     let ann = RoundAnnouncement {
         v: PROTOCOL_VERSION,
+        federation: cfg.federation.clone(),
+        seq,
         round: state.round,
         model_id: state.model_id.clone(),
         base_model: r.base_model.clone(),
@@ -109,30 +118,38 @@ pub fn announcement(topics: &Topics, state: &RoundState, cfg: &Config) -> Option
         accepted_codecs: r.accepted_codecs.clone(),
         chunk_size: r.chunk_size as u32,
         max_update_bytes: r.max_update_bytes,
-    };
+        signature: Vec::new(),
+    }
+    .signed(signer);
     Some(Outgoing::new(topics.round(), message::encode(&ann), true))
 }
 
-/// The aggregator's retained status (also its last will, with `online: false`).
+/// The aggregator's retained status of connection `session`, signed (also each connection's
+/// last will, with `online: false`).
 pub fn status(
     topics: &Topics,
     state: &RoundState,
     signer: &KeyPair,
+    session: u64,
     online: bool,
     now_ms: u64,
 ) -> Outgoing {
     let s = ServerStatus {
         v: PROTOCOL_VERSION,
+        federation: topics.federation().to_string(),
+        session,
         online,
         round: state.round,
         model_id: Some(state.model_id.clone()),
         aggregator_key: signer.public().fingerprint(),
         ts_ms: now_ms,
-    };
+        signature: Vec::new(),
+    }
+    .signed(signer);
     Outgoing::new(topics.server_status(), message::encode(&s), true)
 }
 
-/// The verdict on `ack.client_id`'s update (not retained).
+/// The answer to `ack.client_id`'s update (not retained); `ack` is sealed already.
 pub fn ack(topics: &Topics, ack: &Ack) -> Outgoing {
     Outgoing::new(
         topics.ack(&ack.client_id, ack.round),

@@ -16,17 +16,19 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rumqttc_ring::{AsyncClient, LastWill, QoS};
-use shared_proto::message::{self, Ack, ClientStatus, UpdateManifest};
+use shared_proto::message::{self, Ack, ClientStatus, Freshness, UpdateManifest};
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::ModelSpec;
 use shared_proto::topic::{TopicKind, Topics};
 use tokio::sync::mpsc;
-use zk0_daemon::mqtt::{self, Incoming, Shedding};
+use zk0_daemon::mqtt::{self, Incoming, Sequence, Shedding};
 use zk0_daemon::{now_ms, write_atomic, Durability::Durable, Lifecycle};
 
 use crate::close::{self, CloseJob, Closed};
 use crate::config::Config;
-use crate::intake::{ChunkVerdict, Keys, ManifestVerdict, Stored, UploadTable, MAX_MESSAGE_BYTES};
+use crate::intake::{
+    Answer, ChunkVerdict, Gate, Keys, ManifestVerdict, Stored, UploadTable, MAX_MESSAGE_BYTES,
+};
 use crate::metrics::{self, Metrics};
 use crate::outputs::Outputs as OutputFiles;
 use crate::publish::{self, Outgoing};
@@ -62,6 +64,16 @@ struct Server {
     client: AsyncClient,
     jobs: mpsc::Sender<Job>,
     online: BTreeSet<String>,
+    /// The newest signed status of each client: an older one (a replay) is dropped.
+    statuses: BTreeMap<String, Freshness>,
+    /// Sequence numbers of the announcements and acks this aggregator signs.
+    seq: Sequence,
+    /// The current broker connection's session (its will carries the same number).
+    session: u64,
+    /// The retained announcement and status last published, to restore them should anyone
+    /// else overwrite them (a broker without ACLs lets any login publish there).
+    announced: Option<Bytes>,
+    status_sent: Option<Bytes>,
     /// The dataset each client says it trains on (its retained status), for the round records
     /// when the federation config does not name one.
     reported_datasets: BTreeMap<String, String>,
@@ -122,7 +134,10 @@ impl Server {
         let (topic, payload) = match ev {
             Incoming::Publish { topic, payload } => (topic, payload),
             Incoming::Disconnected => return Ok(()),
-            Incoming::Connected => return self.on_connected().await,
+            Incoming::Connected { session } => {
+                self.session = session;
+                return self.on_connected().await;
+            }
         };
         match self.topics.parse(&topic) {
             Some(TopicKind::ClientStatus { client_id }) => {
@@ -136,6 +151,17 @@ impl Server {
             Some(TopicKind::UpdateManifest { client_id, round }) => {
                 self.on_manifest(&client_id, round, &payload).await
             }
+            Some(TopicKind::Round) => {
+                let ours = self.announced.clone();
+                self.restore(self.topics.round(), ours, &payload).await;
+                Ok(())
+            }
+            Some(TopicKind::ServerStatus) => {
+                let ours = self.status_sent.clone();
+                self.restore(self.topics.server_status(), ours, &payload)
+                    .await;
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -148,6 +174,10 @@ impl Server {
         self.client
             .subscribe(self.topics.all_updates(), QoS::AtLeastOnce)
             .await?;
+        // Our own retained topics: to notice when someone else overwrites them.
+        for t in [self.topics.round(), self.topics.server_status()] {
+            self.client.subscribe(t, QoS::AtLeastOnce).await?;
+        }
         self.publish_status(true).await;
         // Retained messages do not survive an embedded-broker restart: publish again.
         self.published = None;
@@ -158,32 +188,27 @@ impl Server {
         Ok(())
     }
 
+    /// A client's retained status: signed by its enrolled key, for this federation, and not
+    /// older than the last one seen; anything else is dropped and counted.
     async fn on_client_status(&mut self, cid: &str, payload: &[u8]) -> Result<()> {
+        if payload.is_empty() {
+            return Ok(()); // a cleared retained topic
+        }
         self.refresh_keys()?;
-        let enrolled = self.keys.is_enrolled(cid);
-        let status = (!payload.is_empty())
-            .then(|| message::decode::<ClientStatus>(payload, MAX_MESSAGE_BYTES))
-            .transpose()
-            .unwrap_or_else(|e| {
-                tracing::warn!(client = cid, error = %e, "malformed client status");
-                None
-            })
-            .filter(|s| s.client_id == cid);
-        if let Some(s) = status
-            .as_ref()
-            .filter(|s| enrolled && !s.dataset.is_empty())
-        {
+        let status = match self.check_status(cid, payload) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(client = cid, why, "client status dropped");
+                self.metrics.status_refused(why);
+                return Ok(());
+            }
+        };
+        if !status.dataset.is_empty() {
             self.reported_datasets
-                .insert(cid.to_string(), s.dataset.clone());
+                .insert(cid.to_string(), status.dataset.clone());
         }
-        let online = status.is_some_and(|s| s.online);
-        if online && !enrolled {
-            tracing::warn!(
-                client = cid,
-                "client online but not enrolled; ignored (zk0-aggregator keys enroll)"
-            );
-        }
-        let changed = if online && enrolled {
+        let online = status.online;
+        let changed = if online {
             self.online.insert(cid.to_string())
         } else {
             self.online.remove(cid)
@@ -200,30 +225,48 @@ impl Server {
         Ok(())
     }
 
+    /// The status if it is authentic and fresh, else the reason it is not (a metric label).
+    fn check_status(&mut self, cid: &str, payload: &[u8]) -> Result<ClientStatus, &'static str> {
+        let s =
+            message::decode::<ClientStatus>(payload, MAX_MESSAGE_BYTES).map_err(|_| "malformed")?;
+        if s.client_id != cid || s.federation != self.cfg.federation {
+            return Err("wrong_topic");
+        }
+        let key = self.keys.get(cid).map_err(|_| "unknown_key")?;
+        s.verify_with(key).map_err(|_| "bad_signature")?;
+        let fresh = Freshness::status(s.session, s.online);
+        if self.statuses.get(cid).is_some_and(|f| !f.admits(fresh)) {
+            return Err("stale");
+        }
+        self.statuses.insert(cid.to_string(), fresh);
+        Ok(s)
+    }
+
     async fn on_chunk(&mut self, cid: &str, round: u64, index: u32, payload: Bytes) -> Result<()> {
         self.metrics.update_bytes.inc_by(payload.len() as u64);
-        let verdict = self.uploads.on_chunk(
-            &self.state,
-            &self.keys,
-            &self.limits,
-            cid,
-            round,
-            index,
-            payload.len(),
-        );
-        match verdict {
+        let gate = Gate {
+            state: &self.state,
+            keys: &self.keys,
+            limits: &self.limits,
+            federation: &self.cfg.federation,
+        };
+        match self.uploads.on_chunk(gate, cid, round, index, &payload) {
             ChunkVerdict::Spool { offset } => {
                 spool::write_chunk(&self.store, round, cid, index, offset, &payload)?;
-                if let Stored::ReadyToVerify(m) =
-                    self.uploads.stored(cid, round, index, payload.len())
-                {
+                if let Stored::ReadyToVerify(m) = self.uploads.stored(cid, round, index) {
                     self.start_verify(*m);
                 }
             }
-            ChunkVerdict::Ignore(why) => self.metrics.chunk_refused(why.as_str()),
-            ChunkVerdict::Reject(r) => {
-                spool::discard(&self.store, round, cid);
-                self.reject(cid, round, r).await;
+            ChunkVerdict::Ignore(why) => {
+                if why == crate::intake::Ignored::Forged {
+                    tracing::warn!(
+                        client = cid,
+                        round,
+                        index,
+                        "chunk not matching its signed hash dropped"
+                    );
+                }
+                self.metrics.chunk_refused(why.as_str());
             }
         }
         Ok(())
@@ -231,34 +274,55 @@ impl Server {
 
     async fn on_manifest(&mut self, cid: &str, round: u64, payload: &[u8]) -> Result<()> {
         self.refresh_keys()?;
-        let verdict =
-            self.uploads
-                .on_manifest(&self.state, &self.keys, &self.limits, cid, round, payload);
-        match verdict {
-            ManifestVerdict::Reack => {
-                self.send(publish::ack(&self.topics, &Ack::accepted(cid, round)))
-                    .await
-            }
-            ManifestVerdict::Reject(r) => self.reject(cid, round, r).await,
-            ManifestVerdict::Discard(r) => {
+        let gate = Gate {
+            state: &self.state,
+            keys: &self.keys,
+            limits: &self.limits,
+            federation: &self.cfg.federation,
+        };
+        let answer = self.uploads.on_manifest(gate, cid, round, payload);
+        if let ManifestVerdict::AskMissing(_) | ManifestVerdict::Replace(_) = answer.verdict {
+            if matches!(answer.verdict, ManifestVerdict::Replace(_)) {
                 spool::discard(&self.store, round, cid);
-                self.reject(cid, round, r).await;
             }
-            ManifestVerdict::AskMissing(missing) => {
-                tracing::info!(
+            // Kept beside the chunks, so a restart resumes the upload.
+            spool::write_manifest(&self.store, round, cid, payload)?;
+        }
+        self.carry_out(cid, round, answer).await;
+        Ok(())
+    }
+
+    /// Publishes `ours` again on the retained `topic` if what arrived there is something else
+    /// (agents drop a forgery, but one connecting later would see only that).
+    async fn restore(&mut self, topic: String, ours: Option<Bytes>, arrived: &[u8]) {
+        let Some(ours) = ours.filter(|o| o[..] != *arrived) else {
+            return;
+        };
+        tracing::warn!(%topic, "retained message overwritten by another publisher; restored");
+        self.metrics.retained_restored.inc();
+        self.send(Outgoing::new(topic, ours, true)).await;
+    }
+
+    /// Executes a manifest's verdict.
+    async fn carry_out(&mut self, cid: &str, round: u64, answer: Answer) {
+        let Answer { sha256, verdict } = answer;
+        match verdict {
+            ManifestVerdict::Reack => self.answer(&sha256, Ack::accepted(cid, round)).await,
+            ManifestVerdict::Reject(r) => self.reject(cid, round, &sha256, r).await,
+            ManifestVerdict::AskMissing(missing) | ManifestVerdict::Replace(missing) => {
+                tracing::debug!(
                     client = cid,
                     round,
-                    missing = missing.len(),
-                    "asking for missing chunks"
+                    chunks = missing.len(),
+                    "asking for chunks"
                 );
                 self.metrics.chunks_requested.inc_by(missing.len() as u64);
-                let ack = Ack::incomplete(cid, round, missing);
-                self.send(publish::ack(&self.topics, &ack)).await;
+                self.answer(&sha256, Ack::incomplete(cid, round, missing))
+                    .await;
             }
-            ManifestVerdict::ReadyToVerify(m) => self.start_verify(m),
+            ManifestVerdict::ReadyToVerify(m) => self.start_verify(*m),
             ManifestVerdict::Verifying => {}
         }
-        Ok(())
     }
 
     /// Reads and verifies the upload's blob on a blocking thread; the verdict comes back as
@@ -305,7 +369,7 @@ impl Server {
                     Err(r) => {
                         self.uploads.refused(&cid, round);
                         spool::discard(&self.store, round, &cid);
-                        self.reject(&cid, round, r).await;
+                        self.reject(&cid, round, &manifest.sha256, r).await;
                         Ok(())
                     }
                 }
@@ -330,15 +394,21 @@ impl Server {
         self.uploads.accepted(cid);
         self.metrics.updates_accepted.inc();
         tracing::info!(client = cid, round, examples = m.examples, bytes = m.total_len, codec = %m.codec, "update accepted");
-        self.send(publish::ack(&self.topics, &Ack::accepted(cid, round)))
-            .await;
+        self.answer(&m.sha256, Ack::accepted(cid, round)).await;
         Ok(())
     }
 
-    async fn reject(&self, cid: &str, round: u64, r: Rejection) {
+    async fn reject(&mut self, cid: &str, round: u64, sha256: &str, r: Rejection) {
         tracing::warn!(client = cid, round, reason = r.reason.as_str(), detail = %r.detail, "update rejected");
         self.metrics.reject(r.reason.as_str());
-        let ack = Ack::rejected(cid, round, r.reason, r.detail);
+        self.answer(sha256, Ack::rejected(cid, round, r.reason, r.detail))
+            .await;
+    }
+
+    /// Seals `ack` (federation, the blob it answers, a sequence number, signature) and sends it.
+    async fn answer(&mut self, sha256: &str, ack: Ack) {
+        let seq = self.seq.next(now_ms());
+        let ack = ack.seal(&self.cfg.federation, sha256, seq, &self.signer);
         self.send(publish::ack(&self.topics, &ack)).await;
     }
 

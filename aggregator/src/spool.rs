@@ -2,6 +2,7 @@
 //! the whole file renamed into `accepted/` once the update is accepted.
 //!
 //! ```text
+//! spool/r<round>/<cid>.manifest the client's signed manifest, as received
 //! spool/r<round>/<cid>.part     the blob as it fills in: chunk i at i·chunk_size
 //! spool/r<round>/<cid>.chunks   8 bytes per stored chunk (index, length; u32 LE), appended
 //!                               after the chunk's bytes: what a restart resumes from
@@ -28,6 +29,31 @@ fn part_path(store: &Store, round: u64, cid: &str) -> PathBuf {
 
 fn log_path(store: &Store, round: u64, cid: &str) -> PathBuf {
     store.spool_round_dir(round).join(format!("{cid}.chunks"))
+}
+
+fn manifest_path(store: &Store, round: u64, cid: &str) -> PathBuf {
+    store.spool_round_dir(round).join(format!("{cid}.manifest"))
+}
+
+/// Keeps the upload's signed manifest (the CBOR received), so a restart can resume it.
+pub fn write_manifest(store: &Store, round: u64, cid: &str, payload: &[u8]) -> Result<()> {
+    let dir = store.spool_round_dir(round);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    zk0_daemon::write_atomic(
+        &manifest_path(store, round, cid),
+        payload,
+        zk0_daemon::Durability::Atomic,
+    )?;
+    Ok(())
+}
+
+/// An upload spooled before a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spooled {
+    /// The signed manifest, as received.
+    pub manifest: Vec<u8>,
+    /// Stored chunks: index → length (a chunk logged twice keeps its last length).
+    pub chunks: BTreeMap<u32, u32>,
 }
 
 /// Writes chunk `index` at `offset` of the upload's file and logs it.
@@ -91,33 +117,36 @@ pub fn accept(store: &Store, round: u64, cid: &str, len: u64) -> Result<PathBuf>
         let _ = d.sync_all();
     }
     let _ = fs::remove_file(log_path(store, round, cid));
+    let _ = fs::remove_file(manifest_path(store, round, cid));
     Ok(dest)
 }
 
-/// Forgets an upload's stored chunks (rejected, or superseded).
+/// Forgets an upload's stored chunks and manifest (rejected, or superseded).
 pub fn discard(store: &Store, round: u64, cid: &str) {
     let _ = fs::remove_file(part_path(store, round, cid));
     let _ = fs::remove_file(log_path(store, round, cid));
+    let _ = fs::remove_file(manifest_path(store, round, cid));
 }
 
-/// After a restart: every upload spooled for `round`, with its stored chunks (index → length;
-/// a chunk logged twice keeps its last length).
-pub fn stored(store: &Store, round: u64) -> BTreeMap<String, BTreeMap<u32, u32>> {
+/// After a restart: every upload spooled for `round` with its manifest (chunks without one
+/// were never asked for and are ignored).
+pub fn stored(store: &Store, round: u64) -> BTreeMap<String, Spooled> {
     let mut out = BTreeMap::new();
     let Ok(rd) = fs::read_dir(store.spool_round_dir(round)) else {
         return out;
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(cid) = name.strip_suffix(".chunks") else {
+        let Some(cid) = name.strip_suffix(".manifest") else {
             continue;
         };
         if shared_proto::topic::validate_client_id(cid).is_err() {
             continue;
         }
-        let Ok(log) = fs::read(e.path()) else {
+        let Ok(manifest) = fs::read(e.path()) else {
             continue;
         };
+        let log = fs::read(log_path(store, round, cid)).unwrap_or_default();
         // A crash mid-append leaves a short last record: ignore it (that chunk is resent).
         let chunks = log
             .chunks_exact(8)
@@ -127,7 +156,7 @@ pub fn stored(store: &Store, round: u64) -> BTreeMap<String, BTreeMap<u32, u32>>
                 (index, len)
             })
             .collect();
-        out.insert(cid.to_string(), chunks);
+        out.insert(cid.to_string(), Spooled { manifest, chunks });
     }
     out
 }
@@ -141,21 +170,34 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = Store::new(d.path());
         // Out of order, one repeated, chunk size 4.
+        write_manifest(&store, 3, "arm-a", b"signed").unwrap();
         write_chunk(&store, 3, "arm-a", 1, 4, b"efgh").unwrap();
         write_chunk(&store, 3, "arm-a", 2, 8, b"ij").unwrap();
         write_chunk(&store, 3, "arm-a", 0, 0, b"xxxx").unwrap();
         write_chunk(&store, 3, "arm-a", 0, 0, b"abcd").unwrap();
         let s = stored(&store, 3);
+        assert_eq!(s["arm-a"].manifest, b"signed");
         assert_eq!(
-            s["arm-a"].iter().map(|(&i, &l)| (i, l)).collect::<Vec<_>>(),
+            s["arm-a"]
+                .chunks
+                .iter()
+                .map(|(&i, &l)| (i, l))
+                .collect::<Vec<_>>(),
             [(0, 4), (1, 4), (2, 2)]
         );
         assert_eq!(read_blob(&store, 3, "arm-a", 10).unwrap(), b"abcdefghij");
         let path = accept(&store, 3, "arm-a", 10).unwrap();
         assert_eq!(fs::read(path).unwrap(), b"abcdefghij");
         assert!(stored(&store, 3).is_empty(), "the log goes with the accept");
+        write_chunk(&store, 3, "arm-c", 0, 0, b"zz").unwrap();
+        assert!(
+            stored(&store, 3).is_empty(),
+            "chunks without a manifest do not resume"
+        );
+        write_manifest(&store, 3, "arm-b", b"m").unwrap();
         write_chunk(&store, 3, "arm-b", 0, 0, b"zz").unwrap();
         discard(&store, 3, "arm-b");
+        discard(&store, 3, "arm-c");
         assert_eq!(fs::read_dir(store.spool_round_dir(3)).unwrap().count(), 0);
     }
 }

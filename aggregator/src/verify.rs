@@ -91,7 +91,8 @@ impl Verified {
 }
 
 /// The manifest's own fields against the round's limits: codec accepted, examples positive,
-/// size cap, a self-consistent chunk layout in the announced chunk size. Returns the tracker
+/// size cap, a self-consistent chunk layout in the announced chunk size, one hash per chunk.
+/// Returns the tracker
 /// for its chunks.
 pub fn check_manifest(m: &UpdateManifest, limits: &Limits) -> Result<ChunkTracker, Rejection> {
     let accepted = m
@@ -132,6 +133,16 @@ pub fn check_manifest(m: &UpdateManifest, limits: &Limits) -> Result<ChunkTracke
             format!(
                 "chunk size {} differs from the announced {}",
                 m.chunk_size, limits.chunk_size
+            ),
+        ));
+    }
+    if !m.chunk_hashes_complete() {
+        return Err(Rejection::new(
+            RejectReason::MalformedMessage,
+            format!(
+                "{} bytes of chunk hashes for {} chunks (32 each)",
+                m.chunk_sha256.len(),
+                m.chunk_count
             ),
         ));
     }

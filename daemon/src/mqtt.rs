@@ -21,8 +21,11 @@ use crate::{BrokerUrl, Error};
 /// What the connection task hands the daemon.
 #[derive(Debug, Clone)]
 pub enum Incoming {
-    /// A (re)connection was accepted: subscribe and republish retained state now.
-    Connected,
+    /// A (re)connection was accepted: subscribe and republish retained state now. `session`
+    /// numbers the connection (larger each time; see [`Settings::last_will`]).
+    Connected {
+        session: u64,
+    },
     /// The connection dropped; the task retries by itself.
     Disconnected,
     Publish {
@@ -42,7 +45,10 @@ pub struct Settings {
     /// Largest packet either way; rumqttc's 10 KiB default cannot carry a chunk.
     pub max_packet_bytes: usize,
     pub keep_alive: Duration,
-    pub last_will: Option<LastWill>,
+    /// Makes the last will for a connection from its session number, before every
+    /// (re)connect, so a signed will can name the session it ends (the same number then comes
+    /// with [`Incoming::Connected`]).
+    pub last_will: Option<WillFn>,
     /// Publishes the client may queue before `publish` waits.
     pub request_capacity: usize,
     /// Incoming events the inbox holds before back-pressure or shedding starts.
@@ -65,6 +71,39 @@ impl Settings {
             inbox_capacity: 64,
             retry_delay: Duration::from_millis(500),
         }
+    }
+}
+
+/// Builds the last will of the connection numbered by its argument.
+#[derive(Clone)]
+pub struct WillFn(Arc<dyn Fn(u64) -> LastWill + Send + Sync>);
+
+impl WillFn {
+    pub fn new(f: impl Fn(u64) -> LastWill + Send + Sync + 'static) -> Self {
+        WillFn(Arc::new(f))
+    }
+
+    pub fn will(&self, session: u64) -> LastWill {
+        (self.0)(session)
+    }
+}
+
+impl std::fmt::Debug for WillFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WillFn")
+    }
+}
+
+/// Increasing numbers from the clock (connection sessions, sequence numbers of signed
+/// messages): Unix milliseconds, but always larger than the last one, so they increase across
+/// reconnects and (with a sane clock) across restarts, with nothing to persist.
+#[derive(Debug, Default)]
+pub struct Sequence(u64);
+
+impl Sequence {
+    pub fn next(&mut self, now_ms: u64) -> u64 {
+        self.0 = now_ms.max(self.0.saturating_add(1));
+        self.0
     }
 }
 
@@ -142,8 +181,11 @@ pub fn connect(settings: Settings, shedding: Shedding) -> Result<(AsyncClient, I
     if let Some((u, p)) = s.credentials {
         opts.set_credentials(u, p);
     }
-    if let Some(w) = s.last_will {
-        opts.set_last_will(w);
+    let will = s.last_will;
+    let mut sessions = Sequence::default();
+    let mut session = sessions.next(crate::now_ms());
+    if let Some(w) = &will {
+        opts.set_last_will(w.will(session));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, s.request_capacity.max(1));
     let (tx, rx) = mpsc::channel(s.inbox_capacity.max(1));
@@ -153,7 +195,9 @@ pub fn connect(settings: Settings, shedding: Shedding) -> Result<(AsyncClient, I
     tokio::spawn(async move {
         loop {
             let forwarded = match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => tx.send(Incoming::Connected).await,
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tx.send(Incoming::Connected { session }).await
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if (shedding.sheddable)(&p.topic) {
                         let len = p.payload.len();
@@ -187,6 +231,11 @@ pub fn connect(settings: Settings, shedding: Shedding) -> Result<(AsyncClient, I
                     tracing::warn!(error = %e, "MQTT connection lost; retrying");
                     let r = tx.send(Incoming::Disconnected).await;
                     tokio::time::sleep(retry).await;
+                    // The next poll reconnects: as a new session, with its own will.
+                    session = sessions.next(crate::now_ms());
+                    if let Some(w) = &will {
+                        eventloop.mqtt_options.set_last_will(w.will(session));
+                    }
                     r
                 }
             };
@@ -211,5 +260,19 @@ pub async fn publish_logged(
         .await
     {
         tracing::warn!(%topic, error = %e, "publish failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sequence;
+
+    #[test]
+    fn sessions_increase_even_when_the_clock_does_not() {
+        let mut c = Sequence::default();
+        assert_eq!(c.next(1_000), 1_000);
+        assert_eq!(c.next(1_000), 1_001, "two connects in one millisecond");
+        assert_eq!(c.next(500), 1_002, "the clock stepped back");
+        assert_eq!(c.next(5_000), 5_000);
     }
 }

@@ -32,6 +32,13 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     /// What went wrong so far (malformed messages, rejected models, failed workers, …).
     pub counters: crate::federate::core::Counters,
+    /// The `seq` of the newest round announcement acted on: a restarted agent refuses older
+    /// ones (replays).
+    #[serde(default)]
+    pub announcement_seq: u64,
+    /// The aggregator's last signed status (`None`: none seen yet).
+    #[serde(default)]
+    pub server_online: Option<bool>,
 }
 
 impl AgentStatus {

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use shared_proto::message::{self, HyperParams, RoundAnnouncement, PROTOCOL_VERSION};
+use shared_proto::sign::KeyPair;
 use shared_proto::topic::Topics;
 
 fn agent(args: &[&str], envs: &[(&str, &Path)]) -> Output {
@@ -131,8 +132,12 @@ fn start_status_stop_with_a_broker_and_a_cached_dataset() {
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let aggregator =
+        KeyPair::from_pem(&std::fs::read_to_string(d.join("aggregator.key")).unwrap()).unwrap();
     let ann = RoundAnnouncement {
         v: PROTOCOL_VERSION,
+        federation: "fleet".into(),
+        seq: 1,
         round: 7,
         model_id: "ab".repeat(32),
         base_model: "lerobot/smolvla_base".into(),
@@ -149,7 +154,9 @@ fn start_status_stop_with_a_broker_and_a_cached_dataset() {
         accepted_codecs: vec!["int8".into()],
         chunk_size: 1 << 20,
         max_update_bytes: 1 << 20,
-    };
+        signature: Vec::new(),
+    }
+    .signed(&aggregator);
     fake_broker(
         listener,
         Topics::new("fleet").unwrap().round(),

@@ -2,9 +2,13 @@
 //!
 //! Every message carries `v`; [`decode`] checks it against [`PROTOCOL_VERSION`] before parsing
 //! the rest, so a peer on another version gets `WrongVersion` rather than a confusing parse error.
-//! Manifests are signed over [`ModelManifest::signing_bytes`]: a domain tag plus the manifest's
-//! CBOR with `signature` emptied. Field order is declaration order, so the encoding is canonical
-//! for a given protocol version.
+//! Every message is signed by its publisher over `signing_bytes()`: a domain tag per message
+//! kind plus the message's CBOR with `signature` emptied. Field order is declaration order, so
+//! the encoding is canonical for a given protocol version. The aggregator signs what steers
+//! the fleet (round announcements, acks, its status, models); a client signs its status and its
+//! updates. Signed content names the federation, and a round, a sequence number or a session,
+//! so a message neither replays into another federation nor rolls a receiver back (see
+//! [`Freshness`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,7 +23,7 @@ use crate::tensor::ModelSpec;
 use crate::ProtoError;
 
 /// Version of every payload defined here; bump on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Our messages nest a few levels at most; a low limit keeps hostile input far from the stack
 /// limit even on small (tokio worker) stacks.
@@ -72,12 +76,17 @@ pub const DEFAULT_MAX_MESSAGE_LEN: usize = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub v: u16,
+    pub federation: String,
+    /// The connection this status belongs to (see [`Freshness::status`]).
+    pub session: u64,
     pub online: bool,
     pub round: u64,
     pub model_id: Option<String>,
     /// The aggregator's public key fingerprint (or compact key), for agents to check their pin.
     pub aggregator_key: String,
     pub ts_ms: u64,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
 }
 
 /// Hyper-parameters of one round's local training.
@@ -103,6 +112,10 @@ impl HyperParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundAnnouncement {
     pub v: u16,
+    pub federation: String,
+    /// The aggregator's sequence number, increasing across rounds and restarts: an agent never
+    /// goes back to an announcement older than one it has acted on.
+    pub seq: u64,
     pub round: u64,
     /// The global model clients train from (and their deltas are against).
     pub model_id: String,
@@ -117,6 +130,8 @@ pub struct RoundAnnouncement {
     pub accepted_codecs: Vec<String>,
     pub chunk_size: u32,
     pub max_update_bytes: u64,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
 }
 
 impl RoundAnnouncement {
@@ -170,6 +185,9 @@ pub struct ModelManifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientStatus {
     pub v: u16,
+    pub federation: String,
+    /// The connection this status belongs to (see [`Freshness::status`]).
+    pub session: u64,
     pub client_id: String,
     pub online: bool,
     pub dataset: String,
@@ -178,6 +196,8 @@ pub struct ClientStatus {
     pub version: String,
     /// The agent's public key, compact form or PEM ([`PublicKey::parse`] takes both).
     pub public_key: String,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,10 +219,13 @@ pub struct ClientMetrics {
     pub seconds: f64,
 }
 
-/// `client/<cid>/update/<round>/manifest`, sent after the chunks, signed by the agent.
+/// `client/<cid>/update/<round>/manifest`, signed by the agent, sent before the chunks: the
+/// aggregator stores a chunk only if it matches its hash here, so chunks injected on the
+/// client's topics by anyone else are discarded instead of spoiling the upload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateManifest {
     pub v: u16,
+    pub federation: String,
     pub client_id: String,
     pub round: u64,
     pub base_model_id: String,
@@ -214,35 +237,51 @@ pub struct UpdateManifest {
     pub sha256: String,
     pub examples: u64,
     pub metrics: ClientMetrics,
+    /// SHA-256 of each chunk, 32 bytes per chunk in index order.
+    #[serde(with = "cbor_bytes")]
+    pub chunk_sha256: Vec<u8>,
     #[serde(with = "cbor_bytes")]
     pub signature: Vec<u8>,
 }
 
-/// `client/<cid>/ack/<round>`: the aggregator's verdict on an update.
+/// `client/<cid>/ack/<round>`: the aggregator's verdict on an update, or a request for chunks.
+/// Signed, and bound to the update it answers by `update_sha256`: an agent acts only on an
+/// ack for the blob it sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
     pub v: u16,
+    pub federation: String,
+    /// The aggregator's sequence number when it answered.
+    pub seq: u64,
     pub client_id: String,
     pub round: u64,
+    /// Hex SHA-256 of the update blob (the manifest's `sha256`) this answers.
+    pub update_sha256: String,
     pub accepted: bool,
     pub reason: Option<RejectReason>,
     pub detail: String,
-    /// Not a verdict yet: the manifest arrived but these chunk indices did not (a broker may
-    /// drop QoS 1 messages under backlog). The client resends them and the manifest.
+    /// Not a verdict yet: the manifest was accepted and these chunks are still wanted (all of
+    /// them at first; later those a broker dropped under backlog). The client sends them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<u32>,
+    #[serde(with = "cbor_bytes")]
+    pub signature: Vec<u8>,
 }
 
 impl Ack {
     pub fn accepted(client_id: &str, round: u64) -> Self {
         Self {
             v: PROTOCOL_VERSION,
+            federation: String::new(),
+            seq: 0,
             client_id: client_id.to_owned(),
             round,
+            update_sha256: String::new(),
             accepted: true,
             reason: None,
             detail: String::new(),
             missing: Vec::new(),
+            signature: Vec::new(),
         }
     }
 
@@ -250,12 +289,16 @@ impl Ack {
     pub fn incomplete(client_id: &str, round: u64, missing: Vec<u32>) -> Self {
         Self {
             v: PROTOCOL_VERSION,
+            federation: String::new(),
+            seq: 0,
             client_id: client_id.to_owned(),
             round,
+            update_sha256: String::new(),
             accepted: false,
             reason: None,
             detail: format!("{} chunk(s) missing", missing.len()),
             missing,
+            signature: Vec::new(),
         }
     }
 
@@ -272,18 +315,39 @@ impl Ack {
     ) -> Self {
         Self {
             v: PROTOCOL_VERSION,
+            federation: String::new(),
+            seq: 0,
             client_id: client_id.to_owned(),
             round,
+            update_sha256: String::new(),
             accepted: false,
             reason: Some(reason),
             detail: detail.into(),
             missing: Vec::new(),
+            signature: Vec::new(),
         }
     }
 
     /// A rejection carrying `err`'s reason and message.
     pub fn from_error(client_id: &str, round: u64, err: &ProtoError) -> Self {
         Self::rejected(client_id, round, err.reject_reason(), err.to_string())
+    }
+
+    /// Binds the ack to the federation and the update it answers, and signs it.
+    pub fn seal(mut self, federation: &str, update_sha256: &str, seq: u64, key: &KeyPair) -> Self {
+        federation.clone_into(&mut self.federation);
+        update_sha256.clone_into(&mut self.update_sha256);
+        self.seq = seq;
+        self.sign_with(key);
+        self
+    }
+
+    /// Whether this ack answers the update whose blob hash is `sha256` (compared as bytes).
+    pub fn answers(&self, sha256: &str) -> bool {
+        matches!(
+            (parse_sha256_hex(&self.update_sha256), parse_sha256_hex(sha256)),
+            (Ok(a), Ok(b)) if a == b
+        )
     }
 }
 
@@ -359,16 +423,20 @@ impl fmt::Display for RejectReason {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Signing and blob helpers shared by both manifests
+// Signing, freshness and blob helpers
 
-/// Domain tags keep a signature over one kind of manifest from verifying as the other.
-const MODEL_MANIFEST_TAG: &[u8] = b"zk0/v1/model-manifest\0";
-const UPDATE_MANIFEST_TAG: &[u8] = b"zk0/v1/update-manifest\0";
+/// Domain tags keep a signature over one kind of message from verifying as another.
+const MODEL_MANIFEST_TAG: &[u8] = b"zk0/v2/model-manifest\0";
+const UPDATE_MANIFEST_TAG: &[u8] = b"zk0/v2/update-manifest\0";
+const ROUND_TAG: &[u8] = b"zk0/v2/round\0";
+const ACK_TAG: &[u8] = b"zk0/v2/ack\0";
+const SERVER_STATUS_TAG: &[u8] = b"zk0/v2/server-status\0";
+const CLIENT_STATUS_TAG: &[u8] = b"zk0/v2/client-status\0";
 
-macro_rules! signed_blob_manifest {
+macro_rules! signed_message {
     ($ty:ty, $tag:expr) => {
         impl $ty {
-            /// What the signature covers: a domain tag + this manifest's CBOR with `signature`
+            /// What the signature covers: a domain tag + this message's CBOR with `signature`
             /// emptied.
             pub fn signing_bytes(&self) -> Vec<u8> {
                 let mut unsigned = self.clone();
@@ -383,10 +451,29 @@ macro_rules! signed_blob_manifest {
                 self.signature = key.sign(&self.signing_bytes()).to_vec();
             }
 
+            /// This message, signed.
+            pub fn signed(mut self, key: &KeyPair) -> Self {
+                self.sign_with(key);
+                self
+            }
+
             pub fn verify_with(&self, key: &PublicKey) -> Result<(), ProtoError> {
                 key.verify(&self.signing_bytes(), &self.signature)
             }
+        }
+    };
+}
 
+signed_message!(ModelManifest, MODEL_MANIFEST_TAG);
+signed_message!(UpdateManifest, UPDATE_MANIFEST_TAG);
+signed_message!(RoundAnnouncement, ROUND_TAG);
+signed_message!(Ack, ACK_TAG);
+signed_message!(ServerStatus, SERVER_STATUS_TAG);
+signed_message!(ClientStatus, CLIENT_STATUS_TAG);
+
+macro_rules! blob_manifest {
+    ($ty:ty) => {
+        impl $ty {
             /// The blob's SHA-256 as bytes.
             pub fn sha256_bytes(&self) -> Result<[u8; 32], ProtoError> {
                 parse_sha256_hex(&self.sha256)
@@ -407,8 +494,58 @@ macro_rules! signed_blob_manifest {
     };
 }
 
-signed_blob_manifest!(ModelManifest, MODEL_MANIFEST_TAG);
-signed_blob_manifest!(UpdateManifest, UPDATE_MANIFEST_TAG);
+blob_manifest!(ModelManifest);
+blob_manifest!(UpdateManifest);
+
+impl UpdateManifest {
+    /// Describes `blob` cut into `chunk_size` chunks: length, count, hash and chunk hashes.
+    pub fn describe_blob(&mut self, blob: &[u8], chunk_size: u32) {
+        self.total_len = blob.len() as u64;
+        self.chunk_size = chunk_size;
+        self.chunk_count = crate::chunk::chunk_count(blob.len(), chunk_size.max(1) as usize);
+        self.sha256 = crate::hash::sha256_hex(blob);
+        self.chunk_sha256 = crate::chunk::split(blob, chunk_size.max(1) as usize)
+            .flat_map(crate::hash::sha256)
+            .collect();
+    }
+
+    /// The signed SHA-256 of chunk `index`, if the manifest lists one.
+    pub fn chunk_hash(&self, index: u32) -> Option<&[u8]> {
+        let start = usize::try_from(index).ok()?.checked_mul(32)?;
+        self.chunk_sha256.get(start..start.checked_add(32)?)
+    }
+
+    /// Whether the chunk hash list has one entry per chunk.
+    pub fn chunk_hashes_complete(&self) -> bool {
+        self.chunk_sha256.len() as u64 == u64::from(self.chunk_count) * 32
+    }
+}
+
+/// The newest signed message a receiver has acted on, per publisher, so that an older one
+/// (a replay, or a rollback to an earlier round's announcement) is refused.
+///
+/// Announcements are ordered by the aggregator's `seq`. Statuses are ordered by
+/// `(session, offline)`: each connection of a publisher gets a larger session number, its
+/// online status and its last will carry that number, and within one session the offline
+/// status (the will, or the goodbye) supersedes the online one. So a will published by the
+/// broker after a drop is fresh, and replaying an old online status after it is not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Freshness(pub u64, pub bool);
+
+impl Freshness {
+    pub fn announcement(ann: &RoundAnnouncement) -> Self {
+        Freshness(ann.seq, false)
+    }
+
+    pub fn status(session: u64, online: bool) -> Self {
+        Freshness(session, !online)
+    }
+
+    /// `next` is at least as new as `self` (an equal one is the same message delivered again).
+    pub fn admits(self, next: Freshness) -> bool {
+        next >= self
+    }
+}
 
 impl ModelManifest {
     /// The names and shapes the model (or delta) blob must decode to.
@@ -478,6 +615,7 @@ mod tests {
     pub(crate) fn update_manifest() -> UpdateManifest {
         UpdateManifest {
             v: PROTOCOL_VERSION,
+            federation: "lab".into(),
             client_id: "robot-1".into(),
             round: 3,
             base_model_id: "ab".repeat(32),
@@ -495,6 +633,7 @@ mod tests {
                 steps: 100,
                 seconds: 12.5,
             },
+            chunk_sha256: vec![9; 96],
             signature: Vec::new(),
         }
     }
@@ -536,18 +675,72 @@ mod tests {
 
     #[test]
     fn all_messages_round_trip() {
-        round_trip(&ServerStatus {
+        let key = KeyPair::generate();
+        round_trip(&server_status().signed(&key));
+        round_trip(&announcement().signed(&key));
+        let mut m = model_manifest();
+        m.sign_with(&key);
+        round_trip(&m);
+        round_trip(&ModelManifest {
+            kind: ModelBlobKind::Full,
+            ..model_manifest()
+        });
+        round_trip(&client_status().signed(&key));
+        round_trip(&update_manifest().signed(&key));
+        for reason in RejectReason::ALL.iter().copied().map(Some).chain([None]) {
+            let ack = match reason {
+                Some(r) => Ack::rejected("robot-1", 3, r, "because"),
+                None => Ack::accepted("robot-1", 3),
+            };
+            round_trip(&ack.seal("lab", &"cd".repeat(32), 5, &key));
+        }
+        round_trip(&Ack::incomplete("robot-1", 3, vec![0, 7, 41]));
+        assert!(Ack::incomplete("r", 1, vec![2]).is_incomplete());
+        assert!(!Ack::accepted("r", 1).is_incomplete());
+    }
+
+    fn server_status() -> ServerStatus {
+        ServerStatus {
             v: PROTOCOL_VERSION,
+            federation: "lab".into(),
+            session: 1_700_000_000_000,
             online: true,
             round: 7,
             model_id: Some("ab".repeat(32)),
             aggregator_key: "SHA256:xyz".into(),
             ts_ms: 1_700_000_000_000,
-        });
+            signature: Vec::new(),
+        }
+    }
+
+    fn client_status() -> ClientStatus {
+        ClientStatus {
+            v: PROTOCOL_VERSION,
+            federation: "lab".into(),
+            session: 1_700_000_000_001,
+            client_id: "robot-1".into(),
+            online: false,
+            dataset: "lerobot/svla_so100_pickplace".into(),
+            examples: 19631,
+            hardware: HardwareInfo {
+                cpu: "Cortex-A78AE".into(),
+                cores: 12,
+                mem_bytes: 64 << 30,
+                gpu: Some("Orin".into()),
+            },
+            version: "0.1.0".into(),
+            public_key: KeyPair::generate().public().to_compact(),
+            signature: Vec::new(),
+        }
+    }
+
+    fn announcement() -> RoundAnnouncement {
         let mut lr_overrides = BTreeMap::new();
         lr_overrides.insert("robot-2".to_string(), 1.15e-4);
-        round_trip(&RoundAnnouncement {
+        RoundAnnouncement {
             v: PROTOCOL_VERSION,
+            federation: "lab".into(),
+            seq: 1_700_000_000_002,
             round: 7,
             model_id: "ab".repeat(32),
             base_model: "lerobot/smolvla_base".into(),
@@ -564,44 +757,8 @@ mod tests {
             accepted_codecs: vec!["int8".into(), "topk:0.01".into()],
             chunk_size: 1 << 20,
             max_update_bytes: 1 << 30,
-        });
-        let mut m = model_manifest();
-        m.sign_with(&KeyPair::generate());
-        round_trip(&m);
-        round_trip(&ModelManifest {
-            kind: ModelBlobKind::Full,
-            ..model_manifest()
-        });
-        round_trip(&ClientStatus {
-            v: PROTOCOL_VERSION,
-            client_id: "robot-1".into(),
-            online: false,
-            dataset: "lerobot/svla_so100_pickplace".into(),
-            examples: 19631,
-            hardware: HardwareInfo {
-                cpu: "Cortex-A78AE".into(),
-                cores: 12,
-                mem_bytes: 64 << 30,
-                gpu: Some("Orin".into()),
-            },
-            version: "0.1.0".into(),
-            public_key: KeyPair::generate().public().to_compact(),
-        });
-        round_trip(&update_manifest());
-        for reason in RejectReason::ALL.iter().copied().map(Some).chain([None]) {
-            round_trip(&Ack {
-                v: PROTOCOL_VERSION,
-                client_id: "robot-1".into(),
-                round: 3,
-                accepted: reason.is_none(),
-                reason,
-                detail: "because".into(),
-                missing: Vec::new(),
-            });
+            signature: Vec::new(),
         }
-        round_trip(&Ack::incomplete("robot-1", 3, vec![0, 7, 41]));
-        assert!(Ack::incomplete("r", 1, vec![2]).is_incomplete());
-        assert!(!Ack::accepted("r", 1).is_incomplete());
     }
 
     #[test]
@@ -620,13 +777,13 @@ mod tests {
     #[test]
     fn version_mismatch_and_oversize_are_rejected() {
         let mut m = update_manifest();
-        m.v = 2;
+        m.v = 1;
         let bytes = encode(&m);
         assert!(matches!(
             decode::<UpdateManifest>(&bytes, DEFAULT_MAX_MESSAGE_LEN),
             Err(ProtoError::WrongVersion {
-                found: 2,
-                expected: 1
+                found: 1,
+                expected: 2
             })
         ));
         // A future version with a different shape still reports the version, not a parse error.
@@ -679,6 +836,7 @@ mod tests {
 
         let mutations: Vec<fn(&mut UpdateManifest)> = vec![
             |m| m.v += 1,
+            |m| m.federation.push('x'),
             |m| m.client_id.push('x'),
             |m| m.round += 1,
             |m| m.base_model_id = "00".repeat(32),
@@ -694,6 +852,7 @@ mod tests {
             |m| m.metrics.update_norm = 0.2,
             |m| m.metrics.steps += 1,
             |m| m.metrics.seconds = 1.0,
+            |m| m.chunk_sha256[40] ^= 1,
             |m| m.signature[0] ^= 1,
         ];
         for (i, mutate) in mutations.iter().enumerate() {
@@ -728,6 +887,103 @@ mod tests {
                 "model mutation {i} still verifies"
             );
         }
+    }
+
+    #[test]
+    fn control_messages_are_signed_over_federation_and_sequence() {
+        let key = KeyPair::generate();
+        let other = KeyPair::generate().public();
+        let ann = announcement().signed(&key);
+        assert!(ann.verify_with(&key.public()).is_ok());
+        assert!(ann.verify_with(&other).is_err());
+        let ann_mutations: Vec<fn(&mut RoundAnnouncement)> = vec![
+            |a| a.federation.push('x'),
+            |a| a.seq -= 1,
+            |a| a.round += 1,
+            |a| a.model_id = "00".repeat(32),
+            |a| a.hyper.lr *= 2.0,
+            |a| a.hyper.local_steps += 1,
+            |a| a.chunk_size = 1,
+            |a| a.selected.clear(),
+            |a| a.deadline_unix_ms += 1,
+        ];
+        for (i, mutate) in ann_mutations.iter().enumerate() {
+            let mut changed = ann.clone();
+            mutate(&mut changed);
+            assert!(
+                changed.verify_with(&key.public()).is_err(),
+                "announcement mutation {i}"
+            );
+        }
+        let ack = Ack::accepted("robot-1", 3).seal("lab", &"cd".repeat(32), 9, &key);
+        assert!(ack.verify_with(&key.public()).is_ok());
+        assert!(ack.answers(&"CD".repeat(32)) && !ack.answers(&"ce".repeat(32)));
+        let ack_mutations: Vec<fn(&mut Ack)> = vec![
+            |a| a.federation.push('x'),
+            |a| a.seq += 1,
+            |a| a.client_id.push('x'),
+            |a| a.round += 1,
+            |a| a.update_sha256 = "ce".repeat(32),
+            |a| a.accepted = false,
+            |a| a.missing = vec![1],
+        ];
+        for (i, mutate) in ack_mutations.iter().enumerate() {
+            let mut changed = ack.clone();
+            mutate(&mut changed);
+            assert!(
+                changed.verify_with(&key.public()).is_err(),
+                "ack mutation {i}"
+            );
+        }
+        let st = server_status().signed(&key);
+        let mut offline = st.clone();
+        offline.online = false;
+        assert!(st.verify_with(&key.public()).is_ok());
+        assert!(offline.verify_with(&key.public()).is_err());
+        let cs = client_status().signed(&key);
+        let mut moved = cs.clone();
+        moved.session += 1;
+        assert!(cs.verify_with(&key.public()).is_ok());
+        assert!(moved.verify_with(&key.public()).is_err());
+        // Same key, other kind: tags keep an ack's signature off an announcement.
+        let mut a2 = announcement();
+        a2.signature = ack.signature.clone();
+        assert!(a2.verify_with(&key.public()).is_err());
+    }
+
+    #[test]
+    fn freshness_orders_announcements_and_statuses() {
+        let a = |seq| {
+            Freshness::announcement(&RoundAnnouncement {
+                seq,
+                ..announcement()
+            })
+        };
+        assert!(a(5).admits(a(5)) && a(5).admits(a(6)) && !a(6).admits(a(5)));
+        let online = Freshness::status(10, true);
+        let will = Freshness::status(10, false);
+        let next = Freshness::status(11, true);
+        assert!(
+            online.admits(will),
+            "the will of a session supersedes its online status"
+        );
+        assert!(
+            !will.admits(online),
+            "an online status replayed after the will is stale"
+        );
+        assert!(will.admits(next) && !next.admits(will));
+    }
+
+    #[test]
+    fn chunk_hashes_describe_the_blob() {
+        let blob: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+        let mut m = update_manifest();
+        m.describe_blob(&blob, 100);
+        assert_eq!((m.total_len, m.chunk_count, m.chunk_size), (250, 3, 100));
+        assert!(m.chunk_hashes_complete());
+        assert_eq!(m.chunk_hash(2).unwrap(), crate::hash::sha256(&blob[200..]));
+        assert!(m.chunk_hash(3).is_none() && m.chunk_hash(u32::MAX).is_none());
+        assert_eq!(m.sha256, crate::hash::sha256_hex(&blob));
     }
 
     #[test]

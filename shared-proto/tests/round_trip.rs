@@ -70,6 +70,7 @@ fn agent_to_aggregator() {
         .collect();
     let mut manifest = UpdateManifest {
         v: PROTOCOL_VERSION,
+        federation: "lab".into(),
         client_id: "robot-1".into(),
         round: 5,
         base_model_id: model_id(&global),
@@ -87,8 +88,10 @@ fn agent_to_aggregator() {
             steps: 10,
             seconds: 3.0,
         },
+        chunk_sha256: Vec::new(),
         signature: Vec::new(),
     };
+    manifest.describe_blob(&blob, chunk_size as u32);
     manifest.sign_with(&agent_key);
     let manifest_msg = (topics.update_manifest("robot-1", 5), encode(&manifest));
 

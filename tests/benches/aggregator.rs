@@ -298,12 +298,15 @@ impl Uplink {
 }
 
 /// One test client: says it is online, waits for a round that selects it, takes an upload
-/// slot, uploads `blob` (chunks then a signed manifest) and returns its ack.
+/// slot, sends its signed manifest, then the chunks the aggregator asks for, and returns the
+/// verdict.
 fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) -> Result<Ack> {
     let topics = Topics::new(FEDERATION)?;
     let (c, mut conn) = mqtt(port, &cid);
     let status = ClientStatus {
         v: PROTOCOL_VERSION,
+        federation: FEDERATION.into(),
+        session: 1,
         client_id: cid.clone(),
         online: true,
         dataset: "synthetic".into(),
@@ -316,7 +319,9 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
         },
         version: env!("CARGO_PKG_VERSION").into(),
         public_key: key.public().to_compact(),
-    };
+        signature: Vec::new(),
+    }
+    .signed(&key);
     let mut uploading: Option<thread::JoinHandle<Result<()>>> = None;
     // The manifest being sent, kept to answer the aggregator's requests for lost chunks.
     let mut sent: Option<UpdateManifest> = None;
@@ -370,26 +375,19 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                     if a.round == 0 || !a.is_selected(&cid) {
                         continue;
                     }
-                    let (c2, cid2, topics2, blob2, up2) = (
-                        c.clone(),
-                        cid.clone(),
-                        topics.clone(),
-                        blob.clone(),
-                        up.clone(),
-                    );
+                    let (c2, cid2, topics2, up2) =
+                        (c.clone(), cid.clone(), topics.clone(), up.clone());
                     let mut m = UpdateManifest {
                         v: PROTOCOL_VERSION,
+                        federation: FEDERATION.into(),
                         client_id: cid.clone(),
                         round: a.round,
                         base_model_id: a.model_id.clone(),
                         codec: "int8".into(),
-                        total_len: blob.len() as u64,
-                        chunk_count: shared_proto::chunk::chunk_count(
-                            blob.len(),
-                            a.chunk_size as usize,
-                        ),
-                        chunk_size: a.chunk_size,
-                        sha256: shared_proto::hash::sha256_hex(&blob),
+                        total_len: 0,
+                        chunk_count: 0,
+                        chunk_size: 0,
+                        sha256: String::new(),
                         examples: 100,
                         metrics: ClientMetrics {
                             loss: 1.0,
@@ -399,28 +397,20 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                             steps: 1,
                             seconds: 1.0,
                         },
+                        chunk_sha256: Vec::new(),
                         signature: Vec::new(),
                     };
+                    m.describe_blob(&blob, a.chunk_size);
                     m.sign_with(&key);
                     sent = Some(m.clone());
                     let out = manifest_out.clone();
                     // Publishing blocks when the request queue is full, so not on this thread,
                     // which drives the connection.
+                    // The chunks follow when the aggregator asks for them.
                     uploading = Some(thread::spawn(move || -> Result<()> {
                         up2.acquire()?;
-                        let round = m.round;
-                        for (i, ch) in
-                            shared_proto::chunk::split(&blob2, m.chunk_size as usize).enumerate()
-                        {
-                            c2.publish(
-                                topics2.update_chunk(&cid2, round, i as u32),
-                                QoS::AtLeastOnce,
-                                false,
-                                ch.to_vec(),
-                            )?;
-                        }
                         c2.publish(
-                            topics2.update_manifest(&cid2, round),
+                            topics2.update_manifest(&cid2, m.round),
                             QoS::AtLeastOnce,
                             false,
                             message::encode(&m),
@@ -431,12 +421,14 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                 } else if p.topic.contains("/ack/") {
                     let ack: Ack = message::decode(&p.payload, message::DEFAULT_MAX_MESSAGE_LEN)?;
                     if ack.is_incomplete() {
-                        // Chunks lost on the way (a broker backlog overrun): resend exactly
-                        // those, then the manifest, as zk0-agent does.
+                        // The manifest is accepted: send the chunks asked for (all of them
+                        // at first, later those lost on the way), as zk0-agent does.
                         // Not joined here: this thread drives the connection, and a publish
                         // blocked on a full queue would wait for it forever.
                         let m = sent.clone().context("resend request before any upload")?;
-                        eprintln!("  {cid}: {} chunk(s) lost, resending", ack.missing.len());
+                        if ack.missing.len() < m.chunk_count as usize {
+                            eprintln!("  {cid}: {} chunk(s) lost, resending", ack.missing.len());
+                        }
                         manifest_sent = Some(Instant::now());
                         let (c2, cid2, topics2, blob2) =
                             (c.clone(), cid.clone(), topics.clone(), blob.clone());
@@ -452,12 +444,6 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                                     blob2[start..end].to_vec(),
                                 )?;
                             }
-                            c2.publish(
-                                topics2.update_manifest(&cid2, m.round),
-                                QoS::AtLeastOnce,
-                                false,
-                                message::encode(&m),
-                            )?;
                             Ok(())
                         }));
                         continue;

@@ -26,12 +26,21 @@ pub enum BrokerKind {
     Mosquitto,
 }
 
-/// Everything the observer saw, keyed for reassembly.
+/// Everything the observer saw, keyed for reassembly. Anyone may publish on a client's
+/// topics, so every manifest and chunk seen is kept; [`Observed::update_blob`] picks the
+/// manifest the aggregator accepted and the chunks matching its signed hashes.
 #[derive(Debug, Default)]
 pub struct Observed {
-    /// (client, round) → chunk index → bytes.
-    pub update_chunks: HashMap<(String, u64), BTreeMap<u32, Vec<u8>>>,
-    pub update_manifests: HashMap<(String, u64), UpdateManifest>,
+    /// (client, round) → chunk index → every payload seen there.
+    pub update_chunks: HashMap<(String, u64), BTreeMap<u32, Vec<Vec<u8>>>>,
+    /// (client, round) → every manifest seen, in arrival order.
+    pub update_manifests: HashMap<(String, u64), Vec<UpdateManifest>>,
+    /// (client, round) → the blob hash the aggregator's accepting ack names.
+    pub accepted_sha256: HashMap<(String, u64), String>,
+    /// Retained round announcements seen, in arrival order (raw CBOR).
+    pub announcements: Vec<Vec<u8>>,
+    /// When set, acks not signed by this key (forgeries a test sends) are not recorded.
+    pub aggregator_key: Option<shared_proto::sign::PublicKey>,
     pub model_chunks: HashMap<String, BTreeMap<u32, Vec<u8>>>,
     pub model_manifests: HashMap<String, ModelManifest>,
     /// (client, round) → (accepted, reason)
@@ -41,16 +50,25 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// The blob of an update, if every chunk was seen.
+    /// The blob of an update and its manifest (the accepted one, else the last seen), if a
+    /// chunk matching each of the manifest's hashes was seen.
     pub fn update_blob(&self, cid: &str, round: u64) -> Option<(Vec<u8>, UpdateManifest)> {
-        let m = self
-            .update_manifests
-            .get(&(cid.to_string(), round))?
-            .clone();
-        let chunks = self.update_chunks.get(&(cid.to_string(), round))?;
+        let key = (cid.to_string(), round);
+        let manifests = self.update_manifests.get(&key)?;
+        let m = match self.accepted_sha256.get(&key) {
+            Some(sha) => manifests.iter().rev().find(|m| m.sha256 == *sha)?,
+            None => manifests.last()?,
+        }
+        .clone();
+        let chunks = self.update_chunks.get(&key)?;
         let mut blob = Vec::new();
         for i in 0..m.chunk_count {
-            blob.extend_from_slice(chunks.get(&i)?);
+            let want = m.chunk_hash(i)?;
+            let c = chunks
+                .get(&i)?
+                .iter()
+                .find(|c| shared_proto::hash::sha256(c)[..] == *want)?;
+            blob.extend_from_slice(c);
         }
         Some((blob, m))
     }
@@ -154,13 +172,19 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
             o.update_chunks
                 .entry((client_id, round))
                 .or_default()
-                .insert(index, payload.to_vec());
+                .entry(index)
+                .or_default()
+                .push(payload.to_vec());
         }
         Some(TopicKind::UpdateManifest { client_id, round }) => {
             if let Ok(m) = message::decode::<UpdateManifest>(payload, max) {
-                o.update_manifests.insert((client_id, round), m);
+                o.update_manifests
+                    .entry((client_id, round))
+                    .or_default()
+                    .push(m);
             }
         }
+        Some(TopicKind::Round) => o.announcements.push(payload.to_vec()),
         Some(TopicKind::ModelChunk { model_id, index }) => {
             o.model_chunks
                 .entry(model_id)
@@ -174,9 +198,16 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
         }
         Some(TopicKind::Ack { client_id, round }) => {
             if let Ok(a) = message::decode::<message::Ack>(payload, max) {
+                if o.aggregator_key.is_some_and(|k| a.verify_with(&k).is_err()) {
+                    return;
+                }
                 if a.is_incomplete() {
                     o.missing.insert((client_id, round), a.missing);
                     return;
+                }
+                if a.accepted {
+                    o.accepted_sha256
+                        .insert((client_id.clone(), round), a.update_sha256.clone());
                 }
                 o.acks.insert(
                     (client_id, round),
@@ -427,6 +458,13 @@ impl Federation {
                 .ok()
                 .map(|_| ())
         })
+    }
+
+    /// The aggregator's public key (written by `init`).
+    pub fn aggregator_key(&self) -> Result<shared_proto::sign::PublicKey> {
+        Ok(zk0_daemon::keys::load_public_key(
+            self.state_dir.join("aggregator.pub"),
+        )?)
     }
 
     /// Starts (or restarts) one agent.

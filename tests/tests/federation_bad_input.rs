@@ -2,8 +2,8 @@
 //! (embedded broker) while a real agent takes part in the round. Each must be rejected with its
 //! own reason in the ack and its own `updates_rejected{reason=…}` counter on `/metrics`, and the
 //! aggregator must keep serving: the round completes with the honest agent's update.
-//! A client whose chunk got lost on the way is asked for exactly that chunk, and once it
-//! resends it, its update is accepted and aggregated.
+//! A client whose chunk got lost on the way is asked for exactly that chunk when it sends its
+//! manifest again, and once it resends the chunk, its update is accepted and aggregated.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,14 +43,15 @@ fn f32_blob(d: &TensorSet) -> Vec<u8> {
 fn manifest(cid: &str, round: u64, base: &str, blob: &[u8], key: &KeyPair) -> UpdateManifest {
     let mut m = UpdateManifest {
         v: PROTOCOL_VERSION,
+        federation: "e2e".into(),
         client_id: cid.into(),
         round,
         base_model_id: base.into(),
         codec: "f32".into(),
-        total_len: blob.len() as u64,
-        chunk_count: shared_proto::chunk::chunk_count(blob.len(), CHUNK),
-        chunk_size: CHUNK as u32,
-        sha256: shared_proto::hash::sha256_hex(blob),
+        total_len: 0,
+        chunk_count: 0,
+        chunk_size: 0,
+        sha256: String::new(),
         examples: 10,
         metrics: ClientMetrics {
             loss: 1.0,
@@ -60,12 +61,16 @@ fn manifest(cid: &str, round: u64, base: &str, blob: &[u8], key: &KeyPair) -> Up
             steps: 1,
             seconds: 1.0,
         },
+        chunk_sha256: Vec::new(),
         signature: Vec::new(),
     };
+    m.describe_blob(blob, CHUNK as u32);
     m.sign_with(key);
     m
 }
 
+/// The manifest, then every chunk without waiting to be asked (the broker keeps one
+/// publisher's order, so the chunks arrive after the manifest they are checked against).
 fn send(
     c: &Client,
     t: &Topics,
@@ -74,6 +79,12 @@ fn send(
     blob: &[u8],
     m: &UpdateManifest,
 ) -> Result<()> {
+    c.publish(
+        t.update_manifest(cid, round),
+        QoS::AtLeastOnce,
+        false,
+        message::encode(m),
+    )?;
     for (i, ch) in shared_proto::chunk::split(blob, CHUNK).enumerate() {
         c.publish(
             t.update_chunk(cid, round, i as u32),
@@ -82,12 +93,6 @@ fn send(
             ch.to_vec(),
         )?;
     }
-    c.publish(
-        t.update_manifest(cid, round),
-        QoS::AtLeastOnce,
-        false,
-        message::encode(m),
-    )?;
     Ok(())
 }
 
@@ -234,7 +239,15 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             false,
             message::encode(&m),
         )?;
-        // Chunk flood: indices far past anything an update may have.
+        // Chunk flood: indices far past the signed manifest's count, dropped unstored (the
+        // manifest itself is valid; the chunks that belong to it never come).
+        let flood = manifest("m-flood", 2, &base, &good, &mallory);
+        c.publish(
+            topics.update_manifest("m-flood", 2),
+            QoS::AtLeastOnce,
+            false,
+            message::encode(&flood),
+        )?;
         for i in 0..5u32 {
             c.publish(
                 topics.update_chunk("m-flood", 2, 10_000_000 + i),
@@ -254,7 +267,8 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         };
         send(&c, &topics, "robot-a", 1, &blob1, &m1)?;
 
-        // Lost chunk: every chunk but #1 arrives, then the manifest.
+        // Lost chunk: the manifest, every chunk but #1, then the manifest again (as an agent
+        // does when no verdict comes).
         let lossy_blob = f32_blob(&{
             let mut d = tiny_model();
             d.values_mut()
@@ -264,6 +278,21 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         let lossy = manifest("m-lossy", 2, &base, &lossy_blob, &mallory);
         anyhow::ensure!(lossy.chunk_count >= 3, "want a multi-chunk update");
         let chunks: Vec<&[u8]> = shared_proto::chunk::split(&lossy_blob, CHUNK).collect();
+        c.publish(
+            topics.update_manifest("m-lossy", 2),
+            QoS::AtLeastOnce,
+            false,
+            message::encode(&lossy),
+        )?;
+        let all: Vec<u32> = (0..lossy.chunk_count).collect();
+        zk0_e2e::wait_for(
+            Duration::from_secs(20),
+            "the request for every chunk",
+            || {
+                let seen = observer.seen.lock().ok()?;
+                (seen.missing.get(&("m-lossy".to_string(), 2)) == Some(&all)).then_some(())
+            },
+        )?;
         for (i, ch) in chunks.iter().enumerate().filter(|(i, _)| *i != 1) {
             c.publish(
                 topics.update_chunk("m-lossy", 2, i as u32),
@@ -278,22 +307,15 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             false,
             message::encode(&lossy),
         )?;
-        let asked = zk0_e2e::wait_for(Duration::from_secs(20), "a resend request", || {
+        zk0_e2e::wait_for(Duration::from_secs(20), "a resend request", || {
             let seen = observer.seen.lock().ok()?;
-            seen.missing.get(&("m-lossy".to_string(), 2)).cloned()
+            (seen.missing.get(&("m-lossy".to_string(), 2)) == Some(&vec![1])).then_some(())
         })?;
-        anyhow::ensure!(asked == vec![1], "asked for {asked:?}, lost only chunk 1");
         c.publish(
             topics.update_chunk("m-lossy", 2, 1),
             QoS::AtLeastOnce,
             false,
             chunks[1].to_vec(),
-        )?;
-        c.publish(
-            topics.update_manifest("m-lossy", 2),
-            QoS::AtLeastOnce,
-            false,
-            message::encode(&lossy),
         )?;
 
         let expect = [
@@ -304,7 +326,6 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             ("m-shape", 2, "shape_mismatch"),
             ("m-nan", 2, "non_finite"),
             ("m-oversize", 2, "oversize"),
-            ("m-flood", 2, "chunk_flood"),
             ("m-codec", 2, "unsupported_codec"),
             ("robot-a", 1, "late_or_old_round"),
         ];
@@ -340,9 +361,17 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             (seen.acks.get(&("m-lossy".to_string(), 2)) == Some(&(true, None))).then_some(())
         })?;
         let metrics = http_get(&fed.metrics_listen, "/metrics")?;
+        for line in [
+            "zk0_aggregator_update_chunks_refused_total{reason=\"past_count\"} 5",
+            // The forged and unknown-key uploads' chunks, and the replay's: never asked for.
+            "zk0_aggregator_update_chunks_refused_total{reason=\"forged\"} 0",
+        ] {
+            anyhow::ensure!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
+        }
         anyhow::ensure!(
-            metrics.contains("zk0_aggregator_update_chunks_requested_total 1"),
-            "metrics lack the chunk resend request:\n{metrics}"
+            !metrics
+                .contains("zk0_aggregator_update_chunks_refused_total{reason=\"no_manifest\"} 0"),
+            "the chunks of refused manifests are counted as having none:\n{metrics}"
         );
 
         // The aggregator kept serving: round 2 completes with the honest update.

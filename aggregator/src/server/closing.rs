@@ -94,8 +94,13 @@ impl Server {
         self.publish_status(false).await;
     }
 
-    pub(super) async fn announce(&self) {
-        if let Some(o) = publish::announcement(&self.topics, &self.state, &self.cfg) {
+    /// Publishes the collecting round's announcement, signed with a fresh sequence number.
+    pub(super) async fn announce(&mut self) {
+        let seq = self.seq.next(now_ms());
+        if let Some(o) =
+            publish::announcement(&self.topics, &self.state, &self.cfg, seq, &self.signer)
+        {
+            self.announced = Some(o.payload.clone());
             self.send(o).await;
         }
     }
@@ -153,15 +158,17 @@ impl Server {
         Some((prev, count as u32))
     }
 
-    pub(super) async fn publish_status(&self, online: bool) {
-        self.send(publish::status(
+    pub(super) async fn publish_status(&mut self, online: bool) {
+        let o = publish::status(
             &self.topics,
             &self.state,
             &self.signer,
+            self.session,
             online,
             now_ms(),
-        ))
-        .await;
+        );
+        self.status_sent = Some(o.payload.clone());
+        self.send(o).await;
     }
 
     pub(super) async fn send(&self, o: Outgoing) {

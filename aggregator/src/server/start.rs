@@ -32,13 +32,20 @@ impl Server {
         settings.credentials = credentials;
         settings.max_packet_bytes = cfg.broker.max_packet_bytes;
         settings.request_capacity = 4096;
-        let offline = publish::status(&topics, &state, &signer, false, now_ms());
-        settings.last_will = Some(LastWill::new(
-            offline.topic,
-            offline.payload.to_vec(),
-            QoS::AtLeastOnce,
-            true,
-        ));
+        // Each connection's will: the offline status of that session, signed.
+        let (will_topics, will_state, will_signer) =
+            (topics.clone(), state.clone(), signer.clone());
+        settings.last_will = Some(mqtt::WillFn::new(move |session| {
+            let o = publish::status(
+                &will_topics,
+                &will_state,
+                &will_signer,
+                session,
+                false,
+                now_ms(),
+            );
+            LastWill::new(o.topic, o.payload, QoS::AtLeastOnce, true)
+        }));
         // Update chunks are what a flood is made of, and what a client resends when asked:
         // shed those when the inbox is full, never control messages.
         let parser = topics.clone();
@@ -78,6 +85,11 @@ impl Server {
             client,
             jobs,
             online: BTreeSet::new(),
+            statuses: BTreeMap::new(),
+            seq: Sequence::default(),
+            session: 0,
+            announced: None,
+            status_sent: None,
             reported_datasets: BTreeMap::new(),
             uploads: UploadTable::default(),
             keys: Keys::default(),
@@ -91,14 +103,36 @@ impl Server {
         drop(global);
         srv.metrics.current_round.set(srv.state.round as i64);
         srv.refresh_keys()?;
-        for (cid, chunks) in spool::stored(&srv.store, srv.state.round) {
-            if !srv.state.accepted.contains_key(&cid) {
-                srv.uploads.resume(&cid, srv.state.round, chunks);
-            }
-        }
+        srv.resume_uploads().await;
         srv.initial_eval().await;
         tracing::info!(round = srv.state.round, model = %srv.state.model_id, phase = ?srv.state.phase, "aggregator started");
         Ok((srv, inbox))
+    }
+
+    /// Takes up the uploads spooled before a restart: their signed manifests are checked
+    /// again and their stored chunks counted; one already complete is verified now.
+    async fn resume_uploads(&mut self) {
+        let round = self.state.round;
+        for (cid, up) in spool::stored(&self.store, round) {
+            if self.state.accepted.contains_key(&cid) {
+                continue;
+            }
+            let gate = Gate {
+                state: &self.state,
+                keys: &self.keys,
+                limits: &self.limits,
+                federation: &self.cfg.federation,
+            };
+            let answer =
+                self.uploads
+                    .resume(gate, &cid, round, &up.manifest, up.chunks.into_keys());
+            match answer.verdict {
+                // The client resends its manifest when no ack comes; it is asked then.
+                ManifestVerdict::AskMissing(_) => {}
+                ManifestVerdict::ReadyToVerify(m) => self.start_verify(*m),
+                _ => spool::discard(&self.store, round, &cid),
+            }
+        }
     }
 
     /// Round 0 of the policy-loss history: the initial model, evaluated once.

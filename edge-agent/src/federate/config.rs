@@ -25,6 +25,8 @@
 //! max_packet_bytes = 4194304
 //! fetch_window = 8                       # model chunks requested at once
 //! upload_max_bytes_per_sec = 0           # pace update uploads (thin uplinks); 0 = no limit
+//! worker_timeout_secs = 0                # kill a training run after this long; 0 = at the
+//!                                        # round's deadline (always the upper bound)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -68,6 +70,9 @@ pub struct AgentConfig {
     /// a robot on a thin uplink does not saturate it for the whole upload (see
     /// [`super::upload`]). Slower than the round deadline allows, the update arrives too late.
     pub upload_max_bytes_per_sec: u64,
+    /// A training run still going after this long is killed and reported as failed (0: only
+    /// the round's deadline bounds it, since an update after the deadline is refused anyway).
+    pub worker_timeout_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -96,6 +101,7 @@ impl Default for AgentConfig {
             max_packet_bytes: 4 << 20,
             fetch_window: 8,
             upload_max_bytes_per_sec: 0,
+            worker_timeout_secs: 0,
         }
     }
 }

@@ -17,8 +17,10 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shared_proto::codec::Codec;
-use shared_proto::message::{self, Ack, ClientStatus, ModelManifest, RoundAnnouncement};
-use shared_proto::sign::PublicKey;
+use shared_proto::message::{
+    self, Ack, ClientStatus, Freshness, ModelManifest, RoundAnnouncement, ServerStatus,
+};
+use shared_proto::sign::{KeyPair, PublicKey};
 use shared_proto::topic::{TopicKind, Topics};
 use shared_proto::ProtoError;
 
@@ -39,11 +41,16 @@ const FINISHED_KEPT: usize = 64;
 /// What the core reacts to.
 #[derive(Debug)]
 pub enum Event {
-    Connected,
+    /// Connection number `session` is up (its will names the same session).
+    Connected {
+        session: u64,
+    },
     /// The connection failed (the event loop keeps reconnecting).
     Disconnected,
     /// The retained `round` announcement (CBOR; empty: cleared).
     Round(Bytes),
+    /// The aggregator's retained status.
+    ServerStatus(Bytes),
     ModelManifest {
         model_id: String,
         payload: Bytes,
@@ -63,10 +70,12 @@ pub enum Event {
         round: u64,
         out: TrainOutput,
     },
-    /// The training worker or the encoding of `round` failed.
+    /// The training worker or the encoding of `round` failed (or the worker ran past its
+    /// time and was killed: `timed_out`).
     WorkerFailed {
         round: u64,
         error: String,
+        timed_out: bool,
     },
     Encoded {
         round: u64,
@@ -91,6 +100,7 @@ impl Event {
     ) -> Option<Event> {
         Some(match topics.parse(topic)? {
             TopicKind::Round => Event::Round(payload),
+            TopicKind::ServerStatus => Event::ServerStatus(payload),
             TopicKind::ModelManifest { model_id } => Event::ModelManifest { model_id, payload },
             TopicKind::ModelChunk { model_id, index } => Event::ModelChunk {
                 model_id,
@@ -116,10 +126,12 @@ pub enum Command {
         payload: Bytes,
         retain: bool,
     },
-    /// Run the worker; report [`Event::Trained`] or [`Event::WorkerFailed`].
+    /// Run the worker, killing it after `timeout_ms`; report [`Event::Trained`] or
+    /// [`Event::WorkerFailed`].
     SpawnTraining {
         round: u64,
         job: TrainJob,
+        timeout_ms: u64,
     },
     /// Encode and sign the update ([`super::outbound::encode_update`]); report
     /// [`Event::Encoded`] or [`Event::WorkerFailed`].
@@ -182,8 +194,11 @@ impl Phase {
 pub struct Counters {
     /// Messages that did not decode (round, model manifest, ack).
     pub malformed: u64,
-    /// Round announcements older than the latest one, ignored.
+    /// Round announcements older than the newest one acted on (replays), ignored.
     pub stale_rounds: u64,
+    /// Announcements, acks and server statuses not signed by the pinned aggregator key, or
+    /// signed for another federation or client: dropped.
+    pub forged: u64,
     /// Model downloads refused: a manifest not signed by the pinned key or not matching the
     /// model id, or a blob failing its hash.
     pub models_rejected: u64,
@@ -193,6 +208,8 @@ pub struct Counters {
     pub worker_failures: u64,
     /// Chunk resends the aggregator asked for.
     pub resends: u64,
+    /// Training runs killed at the round's deadline or the worker timeout.
+    pub worker_timeouts: u64,
 }
 
 /// The agent's state (see the module doc).
@@ -202,9 +219,17 @@ pub struct Core {
     codec: Codec,
     topics: Topics,
     pinned: PublicKey,
-    /// This agent's status message (`online` set when sent).
+    /// Signs this agent's status messages.
+    key: KeyPair,
+    /// This agent's status message (`online`, `session` and the signature set when sent).
     hello: ClientStatus,
+    /// The current connection's number.
+    session: u64,
     round: Option<RoundAnnouncement>,
+    /// The newest announcement acted on (kept across restarts in the status file).
+    newest_round: Freshness,
+    /// The newest aggregator status seen.
+    newest_server: Option<Freshness>,
     phase: Phase,
     /// Rounds this agent finished (acked, rejected, failed or expired).
     finished: BTreeSet<u64>,
@@ -218,12 +243,15 @@ pub struct Core {
 }
 
 impl Core {
-    /// A core for `cfg` (already validated), trusting models signed by `pinned`, announcing
-    /// itself with `hello`.
+    /// A core for `cfg` (already validated), trusting what `pinned` signed, announcing itself
+    /// with `hello` signed by `key`. `previous` is the status file of the last run: the newest
+    /// announcement it acted on stays the floor, so a replay cannot take a restarted agent back.
     pub fn new(
         cfg: AgentConfig,
         pinned: PublicKey,
+        key: KeyPair,
         hello: ClientStatus,
+        previous: Option<&AgentStatus>,
     ) -> Result<Core, ProtoError> {
         let codec = cfg.codec.parse()?;
         let topics = Topics::new(&cfg.federation)?;
@@ -231,6 +259,7 @@ impl Core {
             client_id: cfg.client_id.clone(),
             pid: std::process::id(),
             dataset: cfg.dataset.display().to_string(),
+            announcement_seq: previous.map_or(0, |p| p.announcement_seq),
             ..AgentStatus::default()
         };
         Ok(Core {
@@ -238,8 +267,12 @@ impl Core {
             codec,
             topics,
             pinned,
+            key,
             hello,
+            session: 0,
             round: None,
+            newest_round: Freshness(status.announcement_seq, false),
+            newest_server: None,
             phase: Phase::Idle,
             finished: BTreeSet::new(),
             rounds_done: 0,
@@ -306,7 +339,10 @@ impl Core {
     pub fn on(&mut self, ev: Event, now: u64) -> Vec<Command> {
         self.now = now;
         match ev {
-            Event::Connected => self.on_connected(),
+            Event::Connected { session } => {
+                self.session = session;
+                self.on_connected()
+            }
             Event::Disconnected => {
                 if self.status.connected {
                     self.status.connected = false;
@@ -314,6 +350,7 @@ impl Core {
                 }
             }
             Event::Round(payload) => self.on_round(&payload),
+            Event::ServerStatus(payload) => self.on_server_status(&payload),
             Event::ModelManifest { model_id, payload } => {
                 self.on_model_manifest(&model_id, &payload)
             }
@@ -324,7 +361,11 @@ impl Core {
             } => self.on_model_chunk(&model_id, index, &payload),
             Event::Ack { round, payload } => self.on_ack(round, &payload),
             Event::Trained { round, out } => self.on_trained(round, out),
-            Event::WorkerFailed { round, error } => self.on_worker_failed(round, error),
+            Event::WorkerFailed {
+                round,
+                error,
+                timed_out,
+            } => self.on_worker_failed(round, error, timed_out),
             Event::Encoded { round, out } => self.on_encoded(round, out),
             Event::Uploaded { round, upload_id } => match self.take_phase() {
                 // The ack wait starts when the manifest went out, not when a slow upload
@@ -355,13 +396,36 @@ impl Core {
         }
     }
 
+    /// Makes the signed offline status of a session: each connection's last will.
+    pub fn will_maker(&self) -> impl Fn(u64) -> (String, Bytes) + Send + Sync + 'static {
+        let (hello, key) = (self.hello.clone(), self.key.clone());
+        let topic = self.topics.client_status(&self.cfg.client_id);
+        move |session| (topic.clone(), signed_status(&hello, &key, session, false))
+    }
+
     fn status_message(&self, online: bool) -> (String, Bytes) {
-        let mut st = self.hello.clone();
-        st.online = online;
         (
             self.topics.client_status(&self.cfg.client_id),
-            Bytes::from(message::encode(&st)),
+            signed_status(&self.hello, &self.key, self.session, online),
         )
+    }
+
+    /// Checks an aggregator-signed message: the pinned key, this federation. Counts a forgery.
+    fn authentic(
+        &mut self,
+        what: &str,
+        federation: &str,
+        verified: Result<(), ProtoError>,
+    ) -> bool {
+        let ok = federation == self.cfg.federation && verified.is_ok();
+        if !ok {
+            self.status.counters.forged += 1;
+            tracing::warn!(
+                federation,
+                "{what} not signed by the pinned aggregator key for this federation; dropped"
+            );
+        }
+        ok
     }
 
     fn save_status(&mut self) {
@@ -388,6 +452,7 @@ impl Core {
         self.status.connected = true;
         self.save_status();
         let cid = self.cfg.client_id.clone();
+        self.subscribe(self.topics.server_status());
         self.subscribe(self.topics.round());
         self.subscribe(self.topics.acks_for(&cid));
         let (topic, payload) = self.status_message(true);
@@ -403,10 +468,39 @@ impl Core {
             self.subscribe(t);
             self.request_chunks();
         }
-        // Resend unacknowledged work: the aggregator keeps the chunks it has and overwrites
-        // repeats, so resending everything is safe.
+        // Unacknowledged work: send the manifest again; the aggregator answers with the
+        // chunks it still lacks, or its verdict.
         if self.phase.outbound().is_some() {
             self.send_outbound();
+        }
+    }
+
+    fn on_server_status(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let st: ServerStatus = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
+            Ok(s) => s,
+            Err(e) => {
+                self.status.counters.malformed += 1;
+                tracing::warn!(error = %e, "malformed server status ignored");
+                return;
+            }
+        };
+        let verified = st.verify_with(&self.pinned);
+        if !self.authentic("server status", &st.federation, verified) {
+            return;
+        }
+        let fresh = Freshness::status(st.session, st.online);
+        if self.newest_server.is_some_and(|n| !n.admits(fresh)) {
+            self.status.counters.stale_rounds += 1;
+            return;
+        }
+        self.newest_server = Some(fresh);
+        if self.status.server_online != Some(st.online) {
+            tracing::info!(online = st.online, round = st.round, "aggregator status");
+            self.status.server_online = Some(st.online);
+            self.save_status();
         }
     }
 
@@ -423,24 +517,35 @@ impl Core {
                     return;
                 }
             };
-        if let Some(cur) = &self.round {
-            if ann.round < cur.round {
-                self.status.counters.stale_rounds += 1;
-                tracing::debug!(
-                    round = ann.round,
-                    current = cur.round,
-                    "old round announcement ignored"
-                );
-                return;
-            }
+        let verified = ann.verify_with(&self.pinned);
+        if !self.authentic("round announcement", &ann.federation, verified) {
+            return;
         }
-        if self.status.round != ann.round {
+        let fresh = Freshness::announcement(&ann);
+        if !self.newest_round.admits(fresh) {
+            self.status.counters.stale_rounds += 1;
+            tracing::warn!(
+                round = ann.round,
+                seq = ann.seq,
+                newest = self.newest_round.0,
+                "announcement older than one already acted on (a replay); ignored"
+            );
+            return;
+        }
+        self.newest_round = fresh;
+        if self.round.as_ref().is_some_and(|cur| ann.round < cur.round) {
+            // A newer announcement of an earlier round: the federation was started again.
+            tracing::warn!(round = ann.round, "the aggregator restarted the federation");
+            self.finished.clear();
+        }
+        if self.status.round != ann.round || self.status.announcement_seq != ann.seq {
             self.status.round = ann.round;
+            self.status.announcement_seq = ann.seq;
             self.save_status();
         }
         match &self.phase {
             Phase::Fetching { fetch, .. } if fetch.model_id() != ann.model_id => self.drop_fetch(),
-            Phase::Sending(o) | Phase::AwaitingAck(o) if o.round < ann.round => {
+            Phase::Sending(o) | Phase::AwaitingAck(o) if o.round != ann.round => {
                 let r = o.round;
                 tracing::warn!(
                     round = r,
@@ -603,9 +708,18 @@ impl Core {
             output: cfg.worker_output,
             out_dir: cfg.work_dir.join(format!("round-{round}")),
         };
-        tracing::info!(round, steps = job.steps, "training started");
+        // Past the deadline the update would be refused: the run never outlives it.
+        let mut timeout_ms = ann.deadline_unix_ms.saturating_sub(self.now);
+        if cfg.worker_timeout_secs > 0 {
+            timeout_ms = timeout_ms.min(cfg.worker_timeout_secs.saturating_mul(1000));
+        }
+        tracing::info!(round, steps = job.steps, timeout_ms, "training started");
         self.phase = Phase::Training { round };
-        self.out.push(Command::SpawnTraining { round, job });
+        self.out.push(Command::SpawnTraining {
+            round,
+            job,
+            timeout_ms,
+        });
     }
 
     fn on_trained(&mut self, round: u64, out: TrainOutput) {
@@ -637,7 +751,7 @@ impl Core {
         self.out.push(Command::SpawnEncode { round, ann, out });
     }
 
-    fn on_worker_failed(&mut self, round: u64, error: String) {
+    fn on_worker_failed(&mut self, round: u64, error: String, timed_out: bool) {
         if !matches!(self.phase, Phase::Training { round: r } | Phase::Encoding { round: r } if r == round)
         {
             return;
@@ -645,6 +759,9 @@ impl Core {
         tracing::error!(round, error = %error, "training or encoding failed; sitting this round out");
         self.phase = Phase::Idle;
         self.status.counters.worker_failures += 1;
+        if timed_out {
+            self.status.counters.worker_timeouts += 1;
+        }
         self.status.last_error = Some(error);
         self.finish_round(round);
         self.save_status();
@@ -667,21 +784,26 @@ impl Core {
         self.consider_round();
     }
 
-    /// Sends the whole update again (all chunks, then the manifest), unless its deadline
-    /// passed, in which case it is dropped.
+    /// Publishes the update's manifest (again), unless its deadline passed, in which case the
+    /// update is dropped. The aggregator answers with the chunks it wants, or its verdict.
     fn send_outbound(&mut self) {
-        let Some(o) = self.take_outbound() else {
+        let Some(mut o) = self.take_outbound() else {
             return;
         };
         if o.deadline_ms <= self.now {
             self.expire(o.round);
             return;
         }
-        let all = (0..o.chunk_count()).collect();
-        self.start_upload(o, all);
+        o.sent_ms = self.now;
+        self.out.push(Command::Publish {
+            topic: self.topics.update_manifest(&self.cfg.client_id, o.round),
+            payload: o.manifest.clone(),
+            retain: false,
+        });
+        self.phase = Phase::AwaitingAck(o);
     }
 
-    /// Publishes chunks `indices` of `o`, then its manifest.
+    /// Publishes chunks `indices` of `o`.
     fn start_upload(&mut self, mut o: Outbound, indices: Vec<u32>) {
         self.uploads += 1;
         o.upload_id = self.uploads;
@@ -696,8 +818,6 @@ impl Core {
                 .collect(),
             blob: o.blob.clone(),
             chunk_size: o.chunk_size,
-            manifest_topic: self.topics.update_manifest(cid, o.round),
-            manifest: o.manifest.clone(),
         };
         self.out.push(Command::StartUpload(up));
         self.phase = Phase::Sending(o);
@@ -712,7 +832,21 @@ impl Core {
                 return;
             }
         };
-        if self.phase.outbound().is_none_or(|o| o.round != round) {
+        let verified = ack.verify_with(&self.pinned);
+        if !self.authentic("ack", &ack.federation, verified) {
+            return;
+        }
+        if ack.client_id != self.cfg.client_id || ack.round != round {
+            // Signed, but for another client or round: replayed onto our topic.
+            self.status.counters.forged += 1;
+            tracing::warn!(round, client = %ack.client_id, "ack for another client or round; dropped");
+            return;
+        }
+        if self
+            .phase
+            .outbound()
+            .is_none_or(|o| o.round != round || !ack.answers(&o.sha256))
+        {
             tracing::debug!(
                 round,
                 accepted = ack.accepted,
@@ -738,11 +872,21 @@ impl Core {
         self.consider_round();
     }
 
-    /// Resends the chunks the aggregator did not get, then the manifest.
+    /// Sends the chunks the aggregator asked for: all of them after the first manifest, later
+    /// those lost on the way.
     fn resend_missing(&mut self, missing: &[u32]) {
         let Some(mut o) = self.take_outbound() else {
             return;
         };
+        if o.upload_id == 0 {
+            tracing::info!(
+                round = o.round,
+                chunks = missing.len(),
+                "manifest accepted; sending chunks"
+            );
+            self.start_upload(o, missing.to_vec());
+            return;
+        }
         if o.resends >= MAX_RESENDS {
             tracing::warn!(
                 round = o.round,
@@ -796,6 +940,15 @@ impl Core {
             }
         }
     }
+}
+
+/// `hello` for connection `session`, online or not, signed and encoded.
+fn signed_status(hello: &ClientStatus, key: &KeyPair, session: u64, online: bool) -> Bytes {
+    let mut st = hello.clone();
+    st.online = online;
+    st.session = session;
+    st.sign_with(key);
+    Bytes::from(message::encode(&st))
 }
 
 #[cfg(test)]

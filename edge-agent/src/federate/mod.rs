@@ -46,7 +46,8 @@ pub fn run(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     rt.block_on(daemon(cfg, max_rounds))
 }
 
-/// What this host reports in its status message, read once at start (`nvidia-smi` is slow).
+/// What this host reports in its status message, read once at start (`nvidia-smi` is slow);
+/// the core sets the session and signs it.
 fn hello(cfg: &AgentConfig, key: &KeyPair) -> ClientStatus {
     let host = zk0_host::host();
     let gpu = zk0_host::gpu().map(|g| match g.memory_bytes {
@@ -55,6 +56,8 @@ fn hello(cfg: &AgentConfig, key: &KeyPair) -> ClientStatus {
     });
     ClientStatus {
         v: PROTOCOL_VERSION,
+        federation: cfg.federation.clone(),
+        session: 0,
         client_id: cfg.client_id.clone(),
         online: true,
         dataset: cfg.dataset.display().to_string(),
@@ -67,6 +70,7 @@ fn hello(cfg: &AgentConfig, key: &KeyPair) -> ClientStatus {
         },
         version: env!("CARGO_PKG_VERSION").to_string(),
         public_key: key.public().to_compact(),
+        signature: Vec::new(),
     }
 }
 
@@ -110,15 +114,27 @@ impl Executor {
                     tracing::warn!(%topic, error = %e, "publish failed");
                 }
             }
-            Command::SpawnTraining { round, job } => {
+            Command::SpawnTraining {
+                round,
+                job,
+                timeout_ms,
+            } => {
                 let tx = self.jobs.clone();
                 // The worker runs in its own task: the MQTT loop keeps pinging meanwhile.
+                // On timeout the run's future is dropped, which kills the child.
                 tokio::spawn(async move {
-                    let ev = match worker::run(&job).await {
-                        Ok(out) => Event::Trained { round, out },
-                        Err(e) => Event::WorkerFailed {
+                    let limit = Duration::from_millis(timeout_ms);
+                    let ev = match tokio::time::timeout(limit, worker::run(&job)).await {
+                        Ok(Ok(out)) => Event::Trained { round, out },
+                        Ok(Err(e)) => Event::WorkerFailed {
                             round,
                             error: format!("{e:#}"),
+                            timed_out: false,
+                        },
+                        Err(_) => Event::WorkerFailed {
+                            round,
+                            error: format!("the worker ran past {limit:?} and was killed"),
+                            timed_out: true,
                         },
                     };
                     let _ = tx.send(ev);
@@ -132,6 +148,7 @@ impl Executor {
                         Err(e) => Event::WorkerFailed {
                             round,
                             error: format!("encoding the update: {e:#}"),
+                            timed_out: false,
                         },
                     };
                     let _ = tx.send(ev);
@@ -194,7 +211,11 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         )
     })?;
     let hello = hello(&cfg, &key);
-    let mut core = Core::new(cfg.clone(), pinned, hello)?;
+    // The last run's status file: the newest announcement it acted on stays the floor.
+    let previous = crate::fleet::AgentStatus::read(&cfg.work_dir)
+        .ok()
+        .flatten();
+    let mut core = Core::new(cfg.clone(), pinned, key.clone(), hello, previous.as_ref())?;
     let mut settings = Settings::new(
         format!("zk0-agent-{}", cfg.client_id),
         BrokerUrl::parse(&cfg.broker)?,
@@ -204,13 +225,12 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     if !cfg.username.is_empty() {
         settings.credentials = Some((cfg.username.clone(), cfg.password.clone()));
     }
-    let (will_topic, will) = core.goodbye();
-    settings.last_will = Some(rumqttc_ring::LastWill::new(
-        will_topic,
-        will,
-        QoS::AtLeastOnce,
-        true,
-    ));
+    // Each connection's will is the offline status of that session, signed.
+    let will_core = core.will_maker();
+    settings.last_will = Some(zk0_daemon::mqtt::WillFn::new(move |session| {
+        let (topic, payload) = will_core(session);
+        rumqttc_ring::LastWill::new(topic, payload, QoS::AtLeastOnce, true)
+    }));
     // Nothing the agent receives is shed: model chunks are few and it asks for them in
     // windows, so a full inbox only slows the connection task down (back-pressure).
     let (client, mut mqtt) = zk0_daemon::mqtt::connect(settings, Shedding::never())?;
@@ -230,7 +250,7 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     loop {
         let ev = tokio::select! {
             m = mqtt.recv() => match m.context("the MQTT task ended")? {
-                Incoming::Connected => Some(Event::Connected),
+                Incoming::Connected { session } => Some(Event::Connected { session }),
                 Incoming::Disconnected => Some(Event::Disconnected),
                 Incoming::Publish { topic, payload } => {
                     Event::from_publish(core.topics(), core.client_id(), &topic, payload)

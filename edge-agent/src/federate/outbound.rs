@@ -1,5 +1,6 @@
 //! The update an agent sends for a round: the worker's delta encoded with the configured
-//! codec, one signed manifest, and the blob whose slices are the chunks.
+//! codec, one signed manifest (with every chunk's hash), and the blob whose slices are the
+//! chunks.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -20,6 +21,8 @@ pub struct Outbound {
     pub chunk_size: usize,
     /// The signed, CBOR-encoded manifest.
     pub manifest: Bytes,
+    /// The blob's hex SHA-256: acks name it.
+    pub sha256: String,
     /// When the manifest was last sent (0: never): with no answer for the ack wait it is sent
     /// again, and the aggregator re-acks, names missing chunks or gives its verdict.
     pub sent_ms: u64,
@@ -68,18 +71,21 @@ pub fn encode_update(
     };
     let mut manifest = UpdateManifest {
         v: PROTOCOL_VERSION,
+        federation: cfg.federation.clone(),
         client_id: cfg.client_id.clone(),
         round: ann.round,
         base_model_id: ann.model_id.clone(),
         codec: codec.to_string(),
-        total_len: blob.len() as u64,
-        chunk_count: shared_proto::chunk::chunk_count(blob.len(), chunk_size),
-        chunk_size: chunk_size as u32,
-        sha256: shared_proto::hash::sha256_hex(&blob),
+        total_len: 0,
+        chunk_count: 0,
+        chunk_size: 0,
+        sha256: String::new(),
         examples,
         metrics: m.client_metrics(),
+        chunk_sha256: Vec::new(),
         signature: Vec::new(),
     };
+    manifest.describe_blob(&blob, chunk_size as u32);
     manifest.sign_with(key);
     Ok(Outbound {
         round: ann.round,
@@ -87,6 +93,7 @@ pub fn encode_update(
         blob: Bytes::from(blob),
         chunk_size,
         manifest: Bytes::from(message::encode(&manifest)),
+        sha256: manifest.sha256,
         sent_ms: 0,
         resends: 0,
         upload_id: 0,

@@ -1,4 +1,5 @@
-//! Sending an update: its chunks, then its manifest, in a task of its own so the event loop
+//! Sending an update's chunks (those the aggregator asked for after accepting the manifest)
+//! in a task of its own, so the event loop
 //! keeps answering while a slow upload runs, optionally paced to `upload_max_bytes_per_sec`.
 //!
 //! Pacing is for robots on thin uplinks (LTE, shared Wi-Fi): publishing a whole update at once
@@ -41,7 +42,7 @@ impl Pacer {
 }
 
 /// One upload: some chunks of an update (all of them, or those the aggregator asked again
-/// for), then its manifest.
+/// for).
 #[derive(Debug, Clone)]
 pub struct Upload {
     /// Which upload this is (the agent's counter): its `Uploaded` report names it, so a report
@@ -54,8 +55,6 @@ pub struct Upload {
     /// it (no copy). Indices beyond the blob are skipped.
     pub blob: Bytes,
     pub chunk_size: usize,
-    pub manifest_topic: String,
-    pub manifest: Bytes,
 }
 
 impl Upload {
@@ -87,9 +86,6 @@ where
         total += c.len() as u64;
         publish(topic.clone(), c).await;
     }
-    tokio::time::sleep_until(start + pacer.next(up.manifest.len())).await;
-    total += up.manifest.len() as u64;
-    publish(up.manifest_topic, up.manifest).await;
     total
 }
 
@@ -120,8 +116,6 @@ mod tests {
             chunks: (0..n as u32).map(|i| (format!("c/{i}"), i)).collect(),
             blob: blob.into(),
             chunk_size: len,
-            manifest_topic: "m".into(),
-            manifest: Bytes::from(vec![0; 10]),
         }
     }
 
@@ -157,18 +151,18 @@ mod tests {
 
     #[test]
     fn limited_upload_takes_total_over_rate_and_keeps_order() {
-        // 5 chunks of 2000 B at 40 kB/s: chunk i at ≥ 50·i ms, the manifest at ≥ 250 ms.
-        let (total, log) = timed_send(upload(5, 2000), 40_000);
-        assert_eq!(total, 10_010);
+        // 6 chunks of 2000 B at 40 kB/s: chunk i at ≥ 50·i ms.
+        let (total, log) = timed_send(upload(6, 2000), 40_000);
+        assert_eq!(total, 12_000);
         let topics: Vec<&str> = log.iter().map(|(t, _, _)| t.as_str()).collect();
-        assert_eq!(topics, ["c/0", "c/1", "c/2", "c/3", "c/4", "m"]);
+        assert_eq!(topics, ["c/0", "c/1", "c/2", "c/3", "c/4", "c/5"]);
         for (i, (_, len, at)) in log.iter().enumerate() {
             let due = 0.05 * i as f64;
             assert!(
                 *at >= due - 1e-3,
                 "payload {i} at {at:.3} s, due {due:.3} s"
             );
-            assert!(*len == 2000 || i == 5);
+            assert_eq!(*len, 2000);
         }
         // Generous upper bound: a loaded CI machine may sleep late, never early.
         assert!(log[5].2 < 2.0, "upload took {:.3} s", log[5].2);
@@ -177,14 +171,14 @@ mod tests {
     #[test]
     fn unlimited_upload_and_resend_subset() {
         let (total, log) = timed_send(upload(50, 1000), 0);
-        assert_eq!(total, 50_010);
+        assert_eq!(total, 50_000);
         assert!(log.last().unwrap().2 < 0.5, "unpaced upload waited");
         // A resend names only some chunks; indices outside the update are skipped.
         let mut up = upload(4, 100);
         up.chunks = vec![("c/3".into(), 3), ("c/9".into(), 9), ("c/1".into(), 1)];
         let (total, log) = timed_send(up, 0);
-        assert_eq!(total, 210);
+        assert_eq!(total, 200);
         let topics: Vec<&str> = log.iter().map(|(t, _, _)| t.as_str()).collect();
-        assert_eq!(topics, ["c/3", "c/1", "m"]);
+        assert_eq!(topics, ["c/3", "c/1"]);
     }
 }

@@ -19,13 +19,23 @@ const DEADLINE: u64 = T0 + 600_000;
 struct Fixture {
     _dir: tempfile::TempDir,
     core: Core,
+    /// The aggregator's key (pinned by the agent).
     key: KeyPair,
+    /// The agent's own key.
+    agent: KeyPair,
+    /// The sequence number of the next announcement.
+    seq: u64,
     /// The global model (canonical safetensors) and its id.
     blob: Vec<u8>,
     id: String,
 }
 
 fn fixture() -> Fixture {
+    fixture_after(None)
+}
+
+/// A fixture whose agent ran before and left `previous` as its status file.
+fn fixture_after(previous: Option<&AgentStatus>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let cfg = AgentConfig {
         client_id: "r1".into(),
@@ -37,8 +47,11 @@ fn fixture() -> Fixture {
         ..AgentConfig::default()
     };
     let key = KeyPair::generate();
+    let agent = KeyPair::generate();
     let hello = ClientStatus {
         v: PROTOCOL_VERSION,
+        federation: "default".into(),
+        session: 0,
         client_id: "r1".into(),
         online: true,
         dataset: "d".into(),
@@ -50,9 +63,10 @@ fn fixture() -> Fixture {
             gpu: None,
         },
         version: "0".into(),
-        public_key: KeyPair::generate().public().to_compact(),
+        public_key: agent.public().to_compact(),
+        signature: Vec::new(),
     };
-    let core = Core::new(cfg, key.public(), hello).unwrap();
+    let core = Core::new(cfg, key.public(), agent.clone(), hello, previous).unwrap();
     let set: TensorSet = [(
         "w".to_string(),
         Tensor::new(vec![40], (0..40).map(|i| i as f32).collect()).unwrap(),
@@ -65,6 +79,8 @@ fn fixture() -> Fixture {
         _dir: dir,
         core,
         key,
+        agent,
+        seq: 100,
         blob,
         id,
     }
@@ -115,21 +131,37 @@ impl Fixture {
         self.round_with(round, now, |_| {})
     }
 
-    /// Announces round `round`, changed by `edit`.
+    /// Announces round `round` with the next sequence number, changed by `edit`, signed by
+    /// the aggregator.
     fn round_with(
         &mut self,
         round: u64,
         now: u64,
         edit: impl FnOnce(&mut RoundAnnouncement),
     ) -> Vec<Command> {
-        let mut ann = announcement(round, &self.id);
+        self.seq += 1;
+        let mut ann = announcement(round, &self.id, self.seq);
         edit(&mut ann);
+        ann.sign_with(&self.key);
         self.core
             .on(Event::Round(Bytes::from(message::encode(&ann))), now)
     }
 
-    /// Cached model, round `round` announced, trained, encoded, uploaded: awaiting the ack
-    /// since `T0`.
+    /// `ack` for the test update ([`encoded`]), sealed by `signer`.
+    fn ack_by(&self, a: Ack, signer: &KeyPair) -> Event {
+        let a = a.seal("default", &update_sha(), 1, signer);
+        Event::Ack {
+            round: a.round,
+            payload: Bytes::from(message::encode(&a)),
+        }
+    }
+
+    fn ack(&self, a: Ack) -> Event {
+        self.ack_by(a, &self.key)
+    }
+
+    /// Cached model, round `round` announced, trained, encoded, manifest accepted, chunks
+    /// uploaded: awaiting the verdict since `T0`.
     fn awaiting_ack(&mut self, round: u64) {
         self.seed_cache();
         self.round(round, T0);
@@ -138,6 +170,11 @@ impl Fixture {
             .iter()
             .any(|c| matches!(c, Command::SpawnEncode { .. })));
         let cmds = self.core.on(encoded(round), T0);
+        assert_eq!(published(&cmds).len(), 1, "the manifest goes first");
+        assert!(uploads(&cmds).is_empty(), "chunks only once asked for");
+        let cmds = self
+            .core
+            .on(self.ack(Ack::incomplete("r1", round, (0..5).collect())), T0);
         let up = uploads(&cmds);
         assert_eq!(up.len(), 1);
         let upload_id = up[0].id;
@@ -146,9 +183,11 @@ impl Fixture {
     }
 }
 
-fn announcement(round: u64, model_id: &str) -> RoundAnnouncement {
+fn announcement(round: u64, model_id: &str, seq: u64) -> RoundAnnouncement {
     RoundAnnouncement {
         v: PROTOCOL_VERSION,
+        federation: "default".into(),
+        seq,
         round,
         model_id: model_id.into(),
         base_model: "base".into(),
@@ -165,7 +204,16 @@ fn announcement(round: u64, model_id: &str) -> RoundAnnouncement {
         accepted_codecs: vec!["f32".into(), "int8".into()],
         chunk_size: 64,
         max_update_bytes: 1 << 20,
+        signature: Vec::new(),
     }
+}
+
+fn update_blob() -> Bytes {
+    Bytes::from((0..300u32).map(|i| i as u8).collect::<Vec<_>>())
+}
+
+fn update_sha() -> String {
+    shared_proto::hash::sha256_hex(&update_blob())
 }
 
 fn trained(round: u64) -> Event {
@@ -191,20 +239,14 @@ fn encoded(round: u64) -> Event {
         out: Outbound {
             round,
             deadline_ms: DEADLINE,
-            blob: Bytes::from((0..300u32).map(|i| i as u8).collect::<Vec<_>>()),
+            blob: update_blob(),
             chunk_size: 64,
             manifest: Bytes::from_static(b"signed manifest"),
+            sha256: update_sha(),
             sent_ms: 0,
             resends: 0,
             upload_id: 0,
         },
-    }
-}
-
-fn ack(a: &Ack) -> Event {
-    Event::Ack {
-        round: a.round,
-        payload: Bytes::from(message::encode(a)),
     }
 }
 
@@ -229,7 +271,7 @@ fn subscribed(cmds: &[Command]) -> Vec<&str> {
 fn trainings(cmds: &[Command]) -> Vec<(u64, &TrainJob)> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::SpawnTraining { round, job } => Some((*round, job)),
+            Command::SpawnTraining { round, job, .. } => Some((*round, job)),
             _ => None,
         })
         .collect()
@@ -265,14 +307,28 @@ fn a_cached_model_is_trained_encoded_sent_and_acked() {
         matches!(cmds.as_slice(), [Command::SaveStatus(st), Command::SpawnEncode { round: 1, .. }] if st.last_loss == Some(0.5))
     );
     let cmds = f.core.on(encoded(1), T0 + 20);
+    assert_eq!(
+        published(&cmds),
+        [(
+            f.core.topics().update_manifest("r1", 1).as_str(),
+            &b"signed manifest"[..]
+        )],
+        "the signed manifest goes first"
+    );
+    assert_eq!(f.core.phase().name(), "awaiting_ack");
+    // The aggregator accepts the manifest and asks for every chunk.
+    let cmds = f
+        .core
+        .on(f.ack(Ack::incomplete("r1", 1, (0..5).collect())), T0 + 21);
     let up = uploads(&cmds);
     assert_eq!(up[0].chunks.len(), 5);
     assert_eq!(up[0].chunks[4].0, f.core.topics().update_chunk("r1", 1, 4));
-    assert_eq!(
-        up[0].manifest_topic,
-        f.core.topics().update_manifest("r1", 1)
-    );
     assert_eq!(f.core.phase().name(), "sending");
+    assert_eq!(
+        f.core.counters().resends,
+        0,
+        "the first request is no resend"
+    );
     // A report from another (older) upload does not end this one.
     f.core.on(
         Event::Uploaded {
@@ -292,7 +348,7 @@ fn a_cached_model_is_trained_encoded_sent_and_acked() {
     );
     assert_eq!(f.core.phase().name(), "awaiting_ack");
 
-    let cmds = f.core.on(ack(&Ack::accepted("r1", 1)), T0 + 40);
+    let cmds = f.core.on(f.ack(Ack::accepted("r1", 1)), T0 + 40);
     assert!(cmds.iter().any(|c| matches!(c, Command::StopUpload)));
     assert!(cmds.iter().any(|c| matches!(c, Command::SaveStatus(st) if st.last_accepted == Some(true) && st.rounds_done == 1)));
     assert_eq!(f.core.phase().name(), "idle");
@@ -432,7 +488,7 @@ fn an_incomplete_ack_resends_only_the_missing_chunks_a_bounded_number_of_times()
     f.awaiting_ack(1);
     let cmds = f
         .core
-        .on(ack(&Ack::incomplete("r1", 1, vec![1, 3])), T0 + 5);
+        .on(f.ack(Ack::incomplete("r1", 1, vec![1, 3])), T0 + 5);
     let up = uploads(&cmds);
     let idx: Vec<u32> = up[0].chunks.iter().map(|c| c.1).collect();
     assert_eq!(idx, [1, 3]);
@@ -440,25 +496,23 @@ fn an_incomplete_ack_resends_only_the_missing_chunks_a_bounded_number_of_times()
     assert_eq!(f.core.phase().name(), "sending");
     assert_eq!(f.core.counters().resends, 1);
     for _ in 1..MAX_RESENDS {
-        let cmds = f.core.on(ack(&Ack::incomplete("r1", 1, vec![2])), T0 + 6);
+        let cmds = f.core.on(f.ack(Ack::incomplete("r1", 1, vec![2])), T0 + 6);
         assert_eq!(uploads(&cmds).len(), 1);
     }
-    let cmds = f.core.on(ack(&Ack::incomplete("r1", 1, vec![2])), T0 + 7);
+    let cmds = f.core.on(f.ack(Ack::incomplete("r1", 1, vec![2])), T0 + 7);
     assert!(
         uploads(&cmds).is_empty(),
         "no more than {MAX_RESENDS} resends"
     );
     assert_eq!(f.core.counters().resends, u64::from(MAX_RESENDS));
     // A verdict still settles it.
-    f.core.on(
-        ack(&Ack::rejected(
-            "r1",
-            1,
-            shared_proto::message::RejectReason::HashMismatch,
-            "x",
-        )),
-        T0 + 8,
-    );
+    let verdict = f.ack(Ack::rejected(
+        "r1",
+        1,
+        shared_proto::message::RejectReason::HashMismatch,
+        "x",
+    ));
+    f.core.on(verdict, T0 + 8);
     assert_eq!(f.core.phase().name(), "idle");
     assert_eq!(f.core.rounds_done(), 1);
 }
@@ -477,10 +531,8 @@ fn an_update_is_dropped_once_its_round_deadline_passes() {
     assert_eq!(f.core.phase().name(), "idle");
     assert!(f.core.is_done(1));
     // A late ack changes nothing.
-    assert!(f
-        .core
-        .on(ack(&Ack::accepted("r1", 1)), DEADLINE + 1)
-        .is_empty());
+    let late = f.ack(Ack::accepted("r1", 1));
+    assert!(f.core.on(late, DEADLINE + 1).is_empty());
     // A round announced with its deadline already passed is not joined.
     let mut g = fixture();
     g.seed_cache();
@@ -496,8 +548,13 @@ fn duplicate_and_old_round_announcements_are_ignored() {
         trainings(&f.round(2, T0 + 1)).is_empty(),
         "the same round again while training"
     );
-    let cmds = f.round(1, T0 + 2);
-    assert!(cmds.is_empty(), "an older round changes nothing");
+    // The replay of an earlier announcement (an older sequence number).
+    let mut old = announcement(1, &f.id, 50);
+    old.sign_with(&f.key);
+    let cmds = f
+        .core
+        .on(Event::Round(message::encode(&old).into()), T0 + 2);
+    assert!(cmds.is_empty(), "an older announcement changes nothing");
     assert_eq!(f.core.counters().stale_rounds, 1);
     assert_eq!(f.core.phase().name(), "training");
     // Finished rounds are not joined again when re-announced (e.g. retained, on reconnect).
@@ -505,6 +562,7 @@ fn duplicate_and_old_round_announcements_are_ignored() {
         Event::WorkerFailed {
             round: 2,
             error: "x".into(),
+            timed_out: false,
         },
         T0 + 3,
     );
@@ -524,6 +582,7 @@ fn a_worker_failure_returns_to_idle_and_is_reported() {
         Event::WorkerFailed {
             round: 1,
             error: "worker exited with 2".into(),
+            timed_out: false,
         },
         T0 + 1,
     );
@@ -575,23 +634,223 @@ fn a_new_round_supersedes_an_update_still_awaiting_its_ack() {
 }
 
 #[test]
-fn a_reconnect_resubscribes_says_hello_and_resends_the_update() {
+fn a_reconnect_resubscribes_says_hello_and_resends_the_manifest() {
     let mut f = fixture();
     f.awaiting_ack(1);
     f.core.on(Event::Disconnected, T0 + 1);
-    let cmds = f.core.on(Event::Connected, T0 + 2);
+    let cmds = f.core.on(Event::Connected { session: 77 }, T0 + 2);
     let topics = f.core.topics();
-    assert_eq!(subscribed(&cmds), [topics.round(), topics.acks_for("r1")]);
-    let hello = published(&cmds);
-    assert_eq!(hello[0].0, topics.client_status("r1"));
-    let st: ClientStatus = message::decode(hello[0].1, usize::MAX).unwrap();
-    assert!(st.online);
-    assert_eq!(uploads(&cmds)[0].chunks.len(), 5, "the whole update again");
+    assert_eq!(
+        subscribed(&cmds),
+        [
+            topics.server_status(),
+            topics.round(),
+            topics.acks_for("r1")
+        ]
+    );
+    let sent = published(&cmds);
+    assert_eq!(sent[0].0, topics.client_status("r1"));
+    let st: ClientStatus = message::decode(sent[0].1, usize::MAX).unwrap();
+    assert!(st.online && st.session == 77);
+    st.verify_with(&f.agent.public())
+        .expect("the status is signed by the agent's key");
+    assert_eq!(
+        sent[1],
+        (
+            topics.update_manifest("r1", 1).as_str(),
+            &b"signed manifest"[..]
+        ),
+        "the manifest again: the aggregator answers with what it lacks"
+    );
+    assert!(uploads(&cmds).is_empty());
+    // The goodbye and each connection's will: offline, signed, for that session.
     let (_, bye) = f.core.goodbye();
-    assert!(
-        !message::decode::<ClientStatus>(&bye, usize::MAX)
-            .unwrap()
-            .online
+    let bye: ClientStatus = message::decode(&bye, usize::MAX).unwrap();
+    assert!(!bye.online && bye.session == 77);
+    bye.verify_with(&f.agent.public()).unwrap();
+    let (t, will) = (f.core.will_maker())(78);
+    assert_eq!(t, topics.client_status("r1"));
+    let will: ClientStatus = message::decode(&will, usize::MAX).unwrap();
+    assert!(!will.online && will.session == 78);
+    will.verify_with(&f.agent.public()).unwrap();
+}
+
+#[test]
+fn forged_and_foreign_announcements_are_dropped_and_counted() {
+    let mut f = fixture();
+    f.seed_cache();
+    let mallory = KeyPair::generate();
+    // Signed by another key; unsigned; for another federation (signed by the real key).
+    let mut forged = announcement(1, &f.id, 500);
+    forged.hyper.lr = 10.0;
+    let unsigned = forged.clone();
+    forged.sign_with(&mallory);
+    let mut foreign = announcement(1, &f.id, 500);
+    foreign.federation = "other".into();
+    foreign.sign_with(&f.key);
+    for ann in [forged, unsigned, foreign] {
+        let cmds = f.core.on(Event::Round(message::encode(&ann).into()), T0);
+        assert!(trainings(&cmds).is_empty());
+    }
+    assert_eq!(f.core.counters().forged, 3);
+    assert_eq!(f.core.phase().name(), "idle");
+    // The real one is acted on, with its own settings.
+    let t = f.round(1, T0 + 1);
+    assert_eq!(trainings(&t)[0].1.lr, 0.1);
+}
+
+#[test]
+fn a_restarted_agent_refuses_announcements_older_than_it_acted_on() {
+    let mut f = fixture();
+    f.seed_cache();
+    f.round(5, T0);
+    let seq = f.seq;
+    // The status file the first run leaves carries the newest sequence number.
+    let previous = AgentStatus {
+        announcement_seq: seq,
+        ..AgentStatus::default()
+    };
+    let mut g = fixture_after(Some(&previous));
+    g.seed_cache();
+    // A replay of round 4's announcement (older model, older sequence): a rollback, refused.
+    let mut old = announcement(4, &g.id, seq - 1);
+    old.sign_with(&g.key);
+    let cmds = g
+        .core
+        .on(Event::Round(message::encode(&old).into()), T0 + 2);
+    assert!(trainings(&cmds).is_empty());
+    assert_eq!(g.core.counters().stale_rounds, 1);
+    // The retained current announcement (same sequence number) is taken up again.
+    let mut cur = announcement(5, &g.id, seq);
+    cur.sign_with(&g.key);
+    let cmds = g
+        .core
+        .on(Event::Round(message::encode(&cur).into()), T0 + 3);
+    assert_eq!(trainings(&cmds).len(), 1);
+    // A newer announcement of an earlier round: the aggregator started the federation again.
+    let mut restart = announcement(1, &g.id, seq + 10);
+    restart.sign_with(&g.key);
+    g.core.on(
+        Event::WorkerFailed {
+            round: 5,
+            error: "x".into(),
+            timed_out: false,
+        },
+        T0 + 4,
+    );
+    let cmds = g
+        .core
+        .on(Event::Round(message::encode(&restart).into()), T0 + 5);
+    assert_eq!(trainings(&cmds).len(), 1);
+}
+
+#[test]
+fn forged_replayed_and_foreign_acks_leave_the_update_alone() {
+    let mut f = fixture();
+    f.awaiting_ack(1);
+    let mallory = KeyPair::generate();
+    // A forged "accepted" (another key) and a forged rejection.
+    let forged = f.ack_by(Ack::accepted("r1", 1), &mallory);
+    assert!(f.core.on(forged, T0 + 1).is_empty());
+    // A genuine ack for another client's update, replayed onto our topic.
+    let theirs = Ack::accepted("r2", 1).seal("default", &update_sha(), 3, &f.key);
+    let replayed = Event::Ack {
+        round: 1,
+        payload: message::encode(&theirs).into(),
+    };
+    assert!(f.core.on(replayed, T0 + 2).is_empty());
+    // A genuine ack of ours, but about another blob (an earlier upload of this round).
+    let other = Ack::accepted("r1", 1).seal("default", &"ab".repeat(32), 4, &f.key);
+    let stale = Event::Ack {
+        round: 1,
+        payload: message::encode(&other).into(),
+    };
+    assert!(f.core.on(stale, T0 + 3).is_empty());
+    assert_eq!(f.core.counters().forged, 2);
+    assert_eq!(
+        f.core.phase().name(),
+        "awaiting_ack",
+        "the update still waits"
+    );
+    let real = f.ack(Ack::accepted("r1", 1));
+    f.core.on(real, T0 + 4);
+    assert_eq!(f.core.phase().name(), "idle");
+    assert_eq!(f.core.rounds_done(), 1);
+}
+
+#[test]
+fn server_status_is_checked_against_the_pinned_key() {
+    let mut f = fixture();
+    let status = |online, session, key: &KeyPair| {
+        let s = ServerStatus {
+            v: PROTOCOL_VERSION,
+            federation: "default".into(),
+            session,
+            online,
+            round: 1,
+            model_id: None,
+            aggregator_key: String::new(),
+            ts_ms: 0,
+            signature: Vec::new(),
+        }
+        .signed(key);
+        Event::ServerStatus(message::encode(&s).into())
+    };
+    f.core.on(status(true, 10, &f.key), T0);
+    assert_eq!(f.core.status.server_online, Some(true));
+    f.core.on(status(false, 10, &KeyPair::generate()), T0);
+    assert_eq!(f.core.counters().forged, 1);
+    assert_eq!(f.core.status.server_online, Some(true));
+    // The will of session 10, then an online status of session 10 replayed: stale.
+    f.core.on(status(false, 10, &f.key), T0);
+    assert_eq!(f.core.status.server_online, Some(false));
+    f.core.on(status(true, 10, &f.key), T0);
+    assert_eq!(f.core.status.server_online, Some(false));
+    f.core.on(status(true, 11, &f.key), T0);
+    assert_eq!(f.core.status.server_online, Some(true));
+}
+
+#[test]
+fn training_is_bounded_by_the_deadline_and_the_worker_timeout() {
+    let mut f = fixture();
+    f.seed_cache();
+    let cmds = f.round(1, T0);
+    let timeout = cmds.iter().find_map(|c| match c {
+        Command::SpawnTraining { timeout_ms, .. } => Some(*timeout_ms),
+        _ => None,
+    });
+    assert_eq!(timeout, Some(DEADLINE - T0));
+    f.core.cfg.worker_timeout_secs = 30;
+    f.core.on(
+        Event::WorkerFailed {
+            round: 1,
+            error: "x".into(),
+            timed_out: false,
+        },
+        T0 + 1,
+    );
+    let cmds = f.round(2, T0 + 2);
+    let timeout = cmds.iter().find_map(|c| match c {
+        Command::SpawnTraining { timeout_ms, .. } => Some(*timeout_ms),
+        _ => None,
+    });
+    assert_eq!(timeout, Some(30_000));
+    let cmds = f.core.on(
+        Event::WorkerFailed {
+            round: 2,
+            error: "killed".into(),
+            timed_out: true,
+        },
+        T0 + 30_002,
+    );
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, Command::SaveStatus(st) if st.counters.worker_timeouts == 1)));
+    assert_eq!(f.core.phase().name(), "idle");
+    assert_eq!(
+        trainings(&f.round(3, T0 + 30_003)).len(),
+        1,
+        "the next round proceeds"
     );
 }
 

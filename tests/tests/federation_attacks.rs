@@ -1,0 +1,309 @@
+//! End-to-end: a compromised robot. The attacker holds robot-a's broker login and its enrolled
+//! signing key (embedded broker, per-client passwords) and, while robot-b and robot-c take part
+//! in a live federation, tries to steer and spoil them: a forged round announcement, a replay of
+//! an earlier round's announcement (a rollback to the older model), forged acks to robot-b,
+//! a manifest and chunks under robot-b's topics, robot-b's status set offline, a status for an
+//! unenrolled id. Each is refused or neutralised with its own counter, robot-b's update is still
+//! accepted every round, and every published model is the weighted average of the honest
+//! updates (`verify_rounds` recomputes it from what was on the wire).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc_ring::{Client, MqttOptions, QoS};
+use shared_proto::message::{self, Ack, ClientStatus, HardwareInfo, RoundAnnouncement};
+use shared_proto::message::{ClientMetrics, UpdateManifest, PROTOCOL_VERSION};
+use shared_proto::sign::KeyPair;
+use shared_proto::topic::Topics;
+use zk0_e2e::federation::{BrokerKind, Federation, Observer};
+use zk0_e2e::http_get;
+
+/// The value of one sample line of a Prometheus text exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn status(cid: &str, online: bool, key: &KeyPair) -> Vec<u8> {
+    let s = ClientStatus {
+        v: PROTOCOL_VERSION,
+        federation: "e2e".into(),
+        session: u64::MAX / 2,
+        client_id: cid.into(),
+        online,
+        dataset: "forged".into(),
+        examples: 1,
+        hardware: HardwareInfo {
+            cpu: "x".into(),
+            cores: 1,
+            mem_bytes: 1,
+            gpu: None,
+        },
+        version: "0".into(),
+        public_key: key.public().to_compact(),
+        signature: Vec::new(),
+    };
+    message::encode(&s.signed(key))
+}
+
+/// A manifest claiming to be robot-b's, signed with the attacker's key.
+fn forged_manifest(round: u64, base: &str, key: &KeyPair) -> Vec<u8> {
+    let blob = vec![7u8; 5000];
+    let mut m = UpdateManifest {
+        v: PROTOCOL_VERSION,
+        federation: "e2e".into(),
+        client_id: "robot-b".into(),
+        round,
+        base_model_id: base.into(),
+        codec: "f32".into(),
+        total_len: 0,
+        chunk_count: 0,
+        chunk_size: 0,
+        sha256: String::new(),
+        examples: 1_000_000,
+        metrics: ClientMetrics {
+            loss: 0.0,
+            fedprox_loss: 0.0,
+            grad_norm: 0.0,
+            update_norm: 0.0,
+            steps: 1,
+            seconds: 1.0,
+        },
+        chunk_sha256: Vec::new(),
+        signature: Vec::new(),
+    };
+    m.describe_blob(&blob, 4096);
+    message::encode(&m.signed(key))
+}
+
+#[test]
+fn a_robot_with_a_valid_login_cannot_steer_or_spoil_the_others() -> Result<()> {
+    zk0_e2e::ensure_built()?;
+    let tmp = tempfile::tempdir()?;
+    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
+    let mut fed = Federation::setup(
+        tmp.path(),
+        BrokerKind::Embedded,
+        worker.as_ref(),
+        &[("robot-b", 30, "f32"), ("robot-c", 70, "f32")],
+    )?;
+    // robot-a: enrolled, with a login, and in the attacker's hands (no agent runs for it).
+    let attacker_key = KeyPair::generate();
+    let pub_path = tmp.path().join("robot-a.pub");
+    zk0_daemon::keys::save_public_key(&pub_path, &attacker_key.public())?;
+    zk0_e2e::run_ok(
+        std::process::Command::new(zk0_e2e::bin("zk0-aggregator"))
+            .arg("--state-dir")
+            .arg(&fed.state_dir)
+            .args(["keys", "enroll", "--client-id", "robot-a"])
+            .arg(&pub_path),
+    )?;
+    for (u, p) in [
+        ("robot-a", "pw-a"),
+        ("robot-b", "pw-b"),
+        ("robot-c", "pw-c"),
+        ("observer", "pw-o"),
+    ] {
+        fed.users.insert(u.into(), p.into());
+    }
+    let r = (|| -> Result<()> {
+        let mport = zk0_e2e::free_port()?;
+        fed.metrics_listen = format!("127.0.0.1:{mport}");
+        fed.start_aggregator(2, 90.0, &[])?;
+        let observer = Observer::start_with(fed.port, &fed.federation, Some(("observer", "pw-o")))?;
+        observer.wait_subscribed(Duration::from_secs(20))?;
+        // The observer records only genuine acks (the attacker forges some).
+        observer
+            .seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .aggregator_key = Some(fed.aggregator_key()?);
+        // Slow training keeps each round open while the attacks land; robot-b's slow uplink
+        // keeps its upload under way for a while, so injected chunks meet its manifest.
+        fed.agent_extra
+            .insert("robot-b".into(), "upload_max_bytes_per_sec = 8000\n".into());
+        let slow = [("ZK0_FAKE_WORKER_SLEEP_MS", "300")];
+        fed.start_agent_env("robot-b", 2, &slow)?;
+        fed.start_agent_env("robot-c", 2, &slow)?;
+        let st = fed.wait_state(Duration::from_secs(60), "round 1 to collect", |s| {
+            s["round"] == 1 && s["phase"]["phase"] == "collecting"
+        })?;
+        let base1 = st["model_id"].as_str().context("model id")?.to_string();
+
+        let topics = Topics::new(&fed.federation)?;
+        // The agent's own client id: with a login bound to its client id, this is the only
+        // one robot-a's credentials open.
+        let mut opts = MqttOptions::new("zk0-agent-robot-a", "127.0.0.1", fed.port);
+        opts.set_credentials("robot-a", "pw-a");
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (c, mut conn) = Client::new(opts, 1024);
+        std::thread::spawn(move || for _ in conn.iter().take(1_000_000) {});
+
+        // A forged announcement: the attacker's settings for everyone, retained.
+        let genuine: RoundAnnouncement = {
+            let seen = observer
+                .seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let raw = seen.announcements.last().context("no announcement seen")?;
+            message::decode(raw, usize::MAX)?
+        };
+        let mut forged = genuine.clone();
+        forged.seq += 1_000;
+        forged.hyper.lr = 10.0;
+        forged.hyper.local_steps = 1;
+        forged.chunk_size = 1;
+        let forged = forged.signed(&attacker_key);
+        c.publish(
+            topics.round(),
+            QoS::AtLeastOnce,
+            true,
+            message::encode(&forged),
+        )?;
+
+        // Until robot-b's round-1 update is accepted: forged acks to robot-b (naming its real
+        // blob once its manifest is out), a forged manifest and junk chunks on its topics, its
+        // status set offline, a status for an unenrolled id.
+        let mut attempts = 0;
+        loop {
+            let st = fed.state()?;
+            if st["round"] != 1 || st["accepted"].get("robot-b").is_some() {
+                break;
+            }
+            let b_sha = {
+                let seen = observer
+                    .seen
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                seen.update_manifests
+                    .get(&("robot-b".to_string(), 1))
+                    .and_then(|m| m.first())
+                    .map(|m| m.sha256.clone())
+            };
+            attempts += 1;
+            anyhow::ensure!(attempts < 600, "robot-b's update was never accepted");
+            let sha = b_sha.unwrap_or_else(|| "00".repeat(32));
+            for verdict in [
+                Ack::accepted("robot-b", 1),
+                Ack::rejected("robot-b", 1, shared_proto::RejectReason::HashMismatch, "x"),
+            ] {
+                let a = verdict.seal("e2e", &sha, u64::MAX, &attacker_key);
+                c.publish(
+                    topics.ack("robot-b", 1),
+                    QoS::AtLeastOnce,
+                    false,
+                    message::encode(&a),
+                )?;
+            }
+            c.publish(
+                topics.update_manifest("robot-b", 1),
+                QoS::AtLeastOnce,
+                false,
+                forged_manifest(1, &base1, &attacker_key),
+            )?;
+            for i in 0..3 {
+                c.publish(
+                    topics.update_chunk("robot-b", 1, i),
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![0x5a; 4096],
+                )?;
+            }
+            c.publish(
+                topics.client_status("robot-b"),
+                QoS::AtLeastOnce,
+                true,
+                status("robot-b", false, &attacker_key),
+            )?;
+            c.publish(
+                topics.client_status("eve"),
+                QoS::AtLeastOnce,
+                true,
+                status("eve", true, &attacker_key),
+            )?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{attempts} rounds of attacks while robot-b uploaded");
+
+        // Round 2: replay round 1's genuine announcement (an older sequence number and the
+        // older model: a rollback).
+        fed.wait_state(Duration::from_secs(60), "round 2 to collect", |s| {
+            s["round"] == 2 && s["phase"]["phase"] == "collecting"
+        })?;
+        c.publish(
+            topics.round(),
+            QoS::AtLeastOnce,
+            true,
+            message::encode(&genuine),
+        )?;
+        // The aggregator put its own announcement back after each overwrite; read its counters
+        // while it runs.
+        let metrics = zk0_e2e::wait_for(Duration::from_secs(20), "both restores", || {
+            let m = http_get(&fed.metrics_listen, "/metrics").ok()?;
+            (metric(&m, "zk0_aggregator_retained_restored_total") >= 2.0).then_some(m)
+        })?;
+        for (series, what) in [
+            (
+                "zk0_aggregator_updates_rejected_total{reason=\"bad_signature\"}",
+                "manifests under robot-b's topic signed by another key",
+            ),
+            (
+                "zk0_aggregator_update_chunks_refused_total{reason=\"forged\"}",
+                "junk chunks on robot-b's topics after its manifest",
+            ),
+            (
+                "zk0_aggregator_client_statuses_refused_total{reason=\"bad_signature\"}",
+                "robot-b set offline by another key",
+            ),
+            (
+                "zk0_aggregator_client_statuses_refused_total{reason=\"unknown_key\"}",
+                "a status for an unenrolled id",
+            ),
+        ] {
+            let v = metric(&metrics, series);
+            anyhow::ensure!(v >= 1.0, "{what}: {series} = {v}\n{metrics}");
+            eprintln!("{series} = {v} ({what})");
+        }
+
+        let st = fed
+            .aggregator
+            .as_mut()
+            .context("aggregator")?
+            .wait_timeout(Duration::from_secs(90))?;
+        anyhow::ensure!(st.success(), "aggregator exited with {st}");
+        let state = fed.state()?;
+        for r in 0..2 {
+            anyhow::ensure!(
+                state["history"][r]["accepted"] == serde_json::json!(["robot-b", "robot-c"]),
+                "round {}: {:?}",
+                r + 1,
+                state["history"][r]
+            );
+        }
+        {
+            let seen = observer
+                .seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            anyhow::ensure!(fed.verify_rounds(&seen)? == 2, "expected 2 rounds");
+        }
+
+        for cid in ["robot-b", "robot-c"] {
+            let path = tmp.path().join(cid).join("work").join("status.json");
+            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            let forged = s["counters"]["forged"].as_u64().unwrap_or(0);
+            let stale = s["counters"]["stale_rounds"].as_u64().unwrap_or(0);
+            anyhow::ensure!(forged >= 1, "{cid} counted no forgery: {s}");
+            anyhow::ensure!(stale >= 1, "{cid} counted no replayed announcement: {s}");
+        }
+        let b = tmp.path().join("robot-b").join("work").join("status.json");
+        let b: serde_json::Value = serde_json::from_slice(&std::fs::read(&b)?)?;
+        anyhow::ensure!(
+            b["counters"]["forged"].as_u64().unwrap_or(0) >= 2,
+            "robot-b counted the forged announcement but none of the forged acks: {b}"
+        );
+        Ok(())
+    })();
+    r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
+}
