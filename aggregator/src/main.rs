@@ -157,7 +157,8 @@ enum CertsCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// DNS names / IP addresses the broker is reached by (default: localhost, 127.0.0.1).
+        /// DNS names / IP addresses the agents reach the broker by. `localhost` and
+        /// `127.0.0.1` are always included: the aggregator dials its own broker by them.
         #[arg(long = "san")]
         sans: Vec<String>,
     },

@@ -6,8 +6,13 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use zk0_daemon::{write_atomic, write_private, Durability::Durable};
 
+/// The names the aggregator dials its own embedded broker by (see `broker::self_connect_host`):
+/// every broker certificate from [`certs_init`] carries them, whatever else it is issued for.
+pub const LOOPBACK_NAMES: [&str; 2] = ["127.0.0.1", "localhost"];
+
 /// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key` into `dir`: a private CA and a broker
-/// certificate for `sans` (DNS names or IP addresses). Refuses to overwrite.
+/// certificate for [`LOOPBACK_NAMES`] plus `sans` (DNS names or IP addresses). Keys are created
+/// owner-only. Refuses to overwrite.
 pub fn certs_init(dir: &Path, sans: &[String]) -> Result<()> {
     let files = ["ca.pem", "ca.key", "server.pem", "server.key"];
     for f in files {
@@ -31,11 +36,13 @@ pub fn certs_init(dir: &Path, sans: &[String]) -> Result<()> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, &ca_key);
 
-    let mut sans = sans.to_vec();
-    if sans.is_empty() {
-        sans = vec!["localhost".into(), "127.0.0.1".into()];
+    let mut names: Vec<String> = LOOPBACK_NAMES.iter().map(|s| s.to_string()).collect();
+    for s in sans {
+        if !names.contains(s) {
+            names.push(s.clone());
+        }
     }
-    let mut params = rcgen::CertificateParams::new(sans)?;
+    let mut params = rcgen::CertificateParams::new(names)?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "zk0-aggregator");
@@ -57,8 +64,24 @@ mod tests {
     #[test]
     fn certs_init_writes_a_ca_the_client_config_accepts() {
         let d = tempfile::tempdir().unwrap();
-        certs_init(d.path(), &[]).unwrap();
-        zk0_daemon::tls::client_transport(&d.path().join("ca.pem")).unwrap();
+        certs_init(d.path(), &["example.org".into()]).unwrap();
+        let (ca, cert) = (d.path().join("ca.pem"), d.path().join("server.pem"));
+        zk0_daemon::tls::client_transport(&ca).unwrap();
+        // `--san` adds names; the loopback names the aggregator dials itself by stay.
+        for name in ["example.org", "127.0.0.1", "localhost"] {
+            zk0_daemon::tls::check_server_cert(&ca, &cert, name).unwrap();
+        }
+        let e = zk0_daemon::tls::check_server_cert(&ca, &cert, "example.com").unwrap_err();
+        assert!(e.to_string().contains("example.com"), "{e}");
+        #[cfg(unix)]
+        for key in ["ca.key", "server.key"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
         assert!(certs_init(d.path(), &[]).is_err(), "must not overwrite");
     }
 }

@@ -18,6 +18,18 @@ use tokio::sync::mpsc;
 
 use crate::{BrokerUrl, Error};
 
+/// The MQTT client id of the agent of zk0 client `client_id`. The embedded broker lets broker
+/// login `client_id` connect under this id only, so one robot's password can neither act as
+/// another robot nor take over its session.
+pub fn agent_client_id(client_id: &str) -> String {
+    format!("zk0-agent-{client_id}")
+}
+
+/// The MQTT client id of the aggregator of `federation` (the only id its login may use).
+pub fn aggregator_client_id(federation: &str) -> String {
+    format!("zk0-aggregator-{federation}")
+}
+
 /// What the connection task hands the daemon.
 #[derive(Debug, Clone)]
 pub enum Incoming {

@@ -91,11 +91,12 @@ impl Observer {
         login: Option<(&str, &str)>,
     ) -> Result<Observer> {
         let topics = Topics::new(federation)?;
-        let mut opts = MqttOptions::new(
-            format!("zk0-test-observer-{}", std::process::id()),
-            "127.0.0.1",
-            port,
-        );
+        // The embedded broker binds a login to one client id: the agent id of its name.
+        let id = match login {
+            Some((u, _)) => zk0_daemon::mqtt::agent_client_id(u),
+            None => format!("zk0-test-observer-{}", std::process::id()),
+        };
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         if let Some((u, p)) = login {
             opts.set_credentials(u, p);
         }
@@ -239,6 +240,13 @@ pub struct Federation {
     /// Per-client worker command replacing `[worker, "train"]` (e.g. the real worker behind a
     /// start delay, see [`crate::smolvla::delayed_worker`]).
     pub worker_cmd: BTreeMap<String, Vec<String>>,
+    /// Per-client top-level agent config keys replacing the generated ones (key → TOML value,
+    /// e.g. `broker` → `"mqtts://127.0.0.2:1234"`), or added when the template has none.
+    pub agent_set: BTreeMap<String, BTreeMap<String, String>>,
+    /// Embedded broker listen address (default `127.0.0.1:<port>`).
+    pub listen: Option<String>,
+    /// `--min-clients` (default: every client of the federation).
+    pub min_clients: Option<usize>,
 }
 
 impl Federation {
@@ -318,6 +326,9 @@ impl Federation {
             aggregator_toml: String::new(),
             chunk_size: 4096,
             worker_cmd: BTreeMap::new(),
+            agent_set: BTreeMap::new(),
+            listen: None,
+            min_clients: None,
         })
     }
 
@@ -399,7 +410,7 @@ impl Federation {
             "--rounds",
             &rounds.to_string(),
             "--min-clients",
-            &self.clients.len().to_string(),
+            &self.min_clients.unwrap_or(self.clients.len()).to_string(),
         ]);
         cmd.args([
             "--round-timeout-s",
@@ -409,24 +420,32 @@ impl Federation {
         ]);
         match self.broker_kind {
             BrokerKind::Embedded => {
-                cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+                let listen = self
+                    .listen
+                    .clone()
+                    .unwrap_or_else(|| format!("127.0.0.1:{}", self.port));
+                cmd.args(["--listen", &listen]);
             }
             BrokerKind::Mosquitto => {
                 cmd.args(["--broker", &format!("mqtt://127.0.0.1:{}", self.port)]);
             }
         }
         cmd.args(extra);
-        self.aggregator = Some(ChildGuard::spawn(
+        let agg = self.aggregator.insert(ChildGuard::spawn(
             "zk0-aggregator",
             cmd,
             &self.dir.join("aggregator.log"),
         )?);
         let port = self.port;
         crate::wait_for(Duration::from_secs(20), "the broker port", || {
+            if let Ok(Some(st)) = agg.child.try_wait() {
+                return Some(Err(st)); // it gave up (a test may expect that): say so now
+            }
             std::net::TcpStream::connect(("127.0.0.1", port))
                 .ok()
-                .map(|_| ())
-        })
+                .map(|_| Ok(()))
+        })?
+        .map_err(|st| anyhow::anyhow!("zk0-aggregator exited with {st} before it listened"))
     }
 
     /// Starts (or restarts) one agent.
@@ -479,6 +498,10 @@ impl Federation {
             cache = cdir.join("cache"),
             work = cdir.join("work"),
         );
+        let cfg = match self.agent_set.get(cid) {
+            Some(set) => set_toml_keys(&cfg, set),
+            None => cfg,
+        };
         let cfg_path = cdir.join("agent.toml");
         std::fs::write(&cfg_path, cfg)?;
         let mut cmd = Command::new(bin("zk0-agent"));
@@ -635,6 +658,23 @@ impl Federation {
         }
         Ok(history.len())
     }
+}
+
+/// `toml` with each top-level `key = …` line of `set` replaced (or, when absent, added at the
+/// top, where it is still top-level).
+fn set_toml_keys(toml: &str, set: &BTreeMap<String, String>) -> String {
+    let mut lines: Vec<String> = toml.lines().map(String::from).collect();
+    for (k, v) in set {
+        let line = format!("{k} = {v}");
+        let at = lines
+            .iter()
+            .position(|l| l.split_once('=').is_some_and(|(lk, _)| lk.trim() == k));
+        match at {
+            Some(i) => lines[i] = line,
+            None => lines.insert(0, line),
+        }
+    }
+    lines.join("\n") + "\n"
 }
 
 /// Every descendant of `pid` (Linux `/proc/<pid>/task/*/children`), children first.

@@ -26,8 +26,7 @@ impl Server {
         }
         let topics = Topics::new(&cfg.federation).context("federation name")?;
         let (broker, credentials) = crate::broker::start_or_connect(&cfg)?;
-        let mut settings =
-            mqtt::Settings::new(format!("zk0-aggregator-{}", cfg.federation), broker);
+        let mut settings = mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker);
         settings.ca_file = cfg.broker.tls_ca.clone().into();
         settings.credentials = credentials;
         settings.max_packet_bytes = cfg.broker.max_packet_bytes;

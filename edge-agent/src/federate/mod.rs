@@ -196,7 +196,7 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     let hello = hello(&cfg, &key);
     let mut core = Core::new(cfg.clone(), pinned, hello)?;
     let mut settings = Settings::new(
-        format!("zk0-agent-{}", cfg.client_id),
+        zk0_daemon::mqtt::agent_client_id(&cfg.client_id),
         BrokerUrl::parse(&cfg.broker)?,
     );
     settings.ca_file = cfg.ca_file.clone();
