@@ -12,6 +12,7 @@
 //! - `start` / `stop`: `serve` as a background daemon with a pidfile and log in the state dir.
 //! - `push --repo <owner/name> --dir <folder>`: upload a folder to the Hugging Face Hub.
 //! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
+//! - `acl --mosquitto <d>`: mosquitto password file, ACL and conf snippet for the federation.
 //!
 //! The daemon itself is the `aggregator` library (module map in its crate doc, `lib.rs`).
 
@@ -94,6 +95,14 @@ enum Command {
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+    /// Write a mosquitto password file (`passwd`), ACL (`acl`) and conf snippet (`zk0.conf`)
+    /// from `[broker.users]` and `broker.username`: each client login publishes only under its
+    /// own `client/<id>/` topics, and is bound to one MQTT client id.
+    Acl {
+        /// Directory to write into (files are replaced).
+        #[arg(long)]
+        mosquitto: PathBuf,
     },
     /// Check this host: CPU, memory, disk, state dir, config, broker and metrics ports.
     Doctor {
@@ -293,6 +302,14 @@ fn main() -> Result<()> {
             if strict && !healthy {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Acl { mosquitto } => {
+            aggregator::acl::write_mosquitto(&cfg, &mosquitto)?;
+            println!(
+                "wrote {0}/passwd, {0}/acl and {0}/zk0.conf (paste it after mosquitto.conf's listener line)",
+                mosquitto.display()
+            );
             Ok(())
         }
         Command::Certs {

@@ -247,6 +247,11 @@ pub struct Federation {
     pub listen: Option<String>,
     /// `--min-clients` (default: every client of the federation).
     pub min_clients: Option<usize>,
+    /// The aggregator's own login on an external broker (`broker.username`/`password`).
+    pub broker_login: Option<(String, String)>,
+    /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
+    /// --mosquitto`) instead of `allow_anonymous true`.
+    pub mosquitto_conf: Option<String>,
 }
 
 impl Federation {
@@ -329,6 +334,8 @@ impl Federation {
             agent_set: BTreeMap::new(),
             listen: None,
             min_clients: None,
+            broker_login: None,
+            mosquitto_conf: None,
         })
     }
 
@@ -344,7 +351,13 @@ impl Federation {
         let conf = self.dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n", self.port),
+            format!(
+                "listener {} 127.0.0.1\npersistence false\nmax_inflight_messages 100\n{}\n",
+                self.port,
+                self.mosquitto_conf
+                    .as_deref()
+                    .unwrap_or("allow_anonymous true")
+            ),
         )?;
         let mut cmd = Command::new(mosq);
         cmd.arg("-c").arg(&conf);
@@ -373,6 +386,9 @@ impl Federation {
         } else {
             // Authenticated embedded broker or extra settings: a config file.
             let mut toml = String::from("[broker]\n");
+            if let Some((u, p)) = &self.broker_login {
+                toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
+            }
             if let Some(d) = &self.tls_dir {
                 toml.push_str(&format!(
                     "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
