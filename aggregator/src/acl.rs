@@ -126,8 +126,10 @@ mod tests {
     #[test]
     fn writes_every_login_and_refuses_without_the_aggregators() {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = Config::default();
-        cfg.federation = "fed".into();
+        let mut cfg = Config {
+            federation: "fed".into(),
+            ..Default::default()
+        };
         cfg.broker.users.insert("robot-a".into(), "a".into());
         cfg.broker.users.insert("robot-b".into(), "b".into());
         assert!(

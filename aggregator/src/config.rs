@@ -16,6 +16,8 @@
 //! tls_cert = ""                    # embedded broker: serve mqtts with this cert (PEM) …
 //! tls_key = ""                     # … and key; see `zk0-aggregator certs init`
 //! tls_ca = ""                      # CA the aggregator's own client trusts (mqtts)
+//! tls_client_cert = ""             # its client certificate for a broker requiring mTLS …
+//! tls_client_key = ""              # … and key (`certs issue`)
 //! [broker.users]                   # embedded broker: per-client username = password
 //! robot-1 = "secret"
 //!
@@ -83,6 +85,10 @@ pub struct BrokerConfig {
     /// CA (PEM) that signed the broker's certificate; used by the aggregator's own client for
     /// the embedded broker with TLS and for `mqtts://` external brokers.
     pub tls_ca: String,
+    /// The aggregator's client certificate and key (PEM) for an `mqtts://` external broker
+    /// that requires mutual TLS (`zk0-aggregator certs issue`). Empty: none.
+    pub tls_client_cert: String,
+    pub tls_client_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +146,8 @@ impl Default for BrokerConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_ca: String::new(),
+            tls_client_cert: String::new(),
+            tls_client_key: String::new(),
         }
     }
 }
@@ -220,6 +228,10 @@ impl Config {
         anyhow::ensure!(
             self.broker.tls_cert.is_empty() == self.broker.tls_key.is_empty(),
             "broker.tls_cert and broker.tls_key go together"
+        );
+        anyhow::ensure!(
+            self.broker.tls_client_cert.is_empty() == self.broker.tls_client_key.is_empty(),
+            "broker.tls_client_cert and broker.tls_client_key go together"
         );
         if !self.broker.tls_cert.is_empty() || self.broker.url.starts_with("mqtts://") {
             anyhow::ensure!(

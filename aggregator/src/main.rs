@@ -11,7 +11,8 @@
 //!   every client with its last loss and dataset.
 //! - `start` / `stop`: `serve` as a background daemon with a pidfile and log in the state dir.
 //! - `push --repo <owner/name> --dir <folder>`: upload a folder to the Hugging Face Hub.
-//! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
+//! - `certs init --dir <d>`: a private CA and broker certificate for mqtts; `certs issue <id>`:
+//!   a client certificate from that CA (mutual TLS).
 //! - `acl --mosquitto <d>`: mosquitto password file, ACL and conf snippet for the federation.
 //!
 //! The daemon itself is the `aggregator` library (module map in its crate doc, `lib.rs`).
@@ -171,6 +172,13 @@ enum CertsCmd {
         #[arg(long = "san")]
         sans: Vec<String>,
     },
+    /// Write `<client-id>.pem`/`.key` into `--dir`: a client certificate signed by its CA
+    /// (`certs init`), for a broker that requires mutual TLS.
+    Issue {
+        client_id: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -317,6 +325,13 @@ fn main() -> Result<()> {
         } => {
             tls::certs_init(&dir, &sans)?;
             println!("wrote {}/{{ca,server}}.{{pem,key}}", dir.display());
+            Ok(())
+        }
+        Command::Certs {
+            cmd: CertsCmd::Issue { client_id, dir },
+        } => {
+            tls::certs_issue(&dir, &client_id)?;
+            println!("wrote {}/{client_id}.{{pem,key}}", dir.display());
             Ok(())
         }
     }

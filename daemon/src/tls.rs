@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rumqttc_ring::{TlsConfiguration, Transport};
 use rustls_ring::pki_types::pem::PemObject;
-use rustls_ring::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_ring::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::Error;
 
@@ -68,13 +68,33 @@ pub fn check_server_cert(ca_pem: &Path, cert_pem: &Path, name: &str) -> Result<(
 
 /// An mqtts transport that trusts only the CA certificates in `ca_pem`.
 pub fn client_transport(ca_pem: &Path) -> Result<Transport, Error> {
+    client_transport_with(ca_pem, None)
+}
+
+/// [`client_transport`], presenting the client certificate chain and key of `identity`
+/// (`(cert_pem, key_pem)`, e.g. from `zk0-aggregator certs issue`) to a broker that asks.
+pub fn client_transport_with(
+    ca_pem: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Transport, Error> {
     let bad = tls_err(ca_pem);
     let roots = roots(ca_pem)?;
-    let config = rustls_ring::ClientConfig::builder_with_provider(provider())
+    let builder = rustls_ring::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = read_certs(cert)?;
+            let pem = std::fs::read(key).map_err(Error::io(key))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| tls_err(key)(format!("reading the private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls_err(cert)(format!("client certificate and key: {e}")))?
+        }
+    };
     Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(config),
     )))

@@ -443,7 +443,12 @@ impl Federation {
                 cmd.args(["--listen", &listen]);
             }
             BrokerKind::Mosquitto => {
-                cmd.args(["--broker", &format!("mqtt://127.0.0.1:{}", self.port)]);
+                let scheme = if self.tls_dir.is_some() {
+                    "mqtts"
+                } else {
+                    "mqtt"
+                };
+                cmd.args(["--broker", &format!("{scheme}://127.0.0.1:{}", self.port)]);
             }
         }
         cmd.args(extra);

@@ -9,6 +9,7 @@
 //! - The shipped example configs (`systemd/*.example.toml`) run a round as written, with only
 //!   paths, ports and the host substituted.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -353,6 +354,108 @@ fn the_shipped_example_configs_run_a_round_as_written() -> Result<()> {
         for a in &mut agents {
             let st = a.wait_timeout(Duration::from_secs(20))?;
             anyhow::ensure!(st.success(), "agent {} exited with {st}", a.name);
+        }
+        Ok(())
+    })();
+    r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
+}
+
+#[test]
+fn mutual_tls_admits_an_issued_client_certificate_and_refuses_others() -> Result<()> {
+    zk0_e2e::ensure_built()?;
+    let tmp = tempfile::tempdir()?;
+    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
+    let mut fed = Federation::setup(
+        tmp.path(),
+        BrokerKind::Mosquitto,
+        worker.as_ref(),
+        &[
+            ("robot-a", 50, "int8"),
+            ("robot-no-cert", 50, "int8"),
+            ("robot-other-ca", 50, "int8"),
+        ],
+    )?;
+    let certs = tmp.path().join("certs");
+    certs_init(&certs, &[])?;
+    let other = tmp.path().join("other-ca");
+    certs_init(&other, &[])?;
+    let issue = |dir: &Path, id: &str| {
+        run_ok(
+            Command::new(bin("zk0-aggregator"))
+                .args(["certs", "issue", id, "--dir"])
+                .arg(dir),
+        )
+    };
+    issue(&certs, "robot-a")?;
+    issue(&certs, "zk0-aggregator")?;
+    issue(&other, "robot-other-ca")?;
+    // mosquitto serving the certs-init certificate and requiring a client certificate from
+    // the same CA (`user root`: run as root it would drop to a user that cannot read the
+    // owner-only key; as anyone else it has no effect).
+    fed.mosquitto_conf = Some(format!(
+        "user root\nallow_anonymous true\nrequire_certificate true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        certs.join("ca.pem").display(),
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    ));
+    fed.tls_dir = Some(certs.clone());
+    fed.broker_login = Some(("zk0-aggregator".into(), "unused".into()));
+    fed.aggregator_toml = format!(
+        "tls_client_cert = {:?}\ntls_client_key = {:?}\n",
+        certs.join("zk0-aggregator.pem"),
+        certs.join("zk0-aggregator.key")
+    );
+    fed.min_clients = Some(1);
+    let identity = |dir: &Path, id: &str| -> BTreeMap<String, String> {
+        [
+            (
+                "cert_file".to_string(),
+                format!("{:?}", dir.join(format!("{id}.pem"))),
+            ),
+            (
+                "cert_key_file".to_string(),
+                format!("{:?}", dir.join(format!("{id}.key"))),
+            ),
+        ]
+        .into()
+    };
+    fed.agent_set
+        .insert("robot-a".into(), identity(&certs, "robot-a"));
+    fed.agent_set
+        .insert("robot-other-ca".into(), identity(&other, "robot-other-ca"));
+    anyhow::ensure!(fed.start_broker()?, "mosquitto is not installed");
+    let r = (|| -> Result<()> {
+        fed.start_aggregator(1, 30.0, &[])?;
+        fed.start_agent("robot-no-cert", 1)?;
+        fed.start_agent("robot-other-ca", 1)?;
+        wait_log(
+            &fed,
+            "robot-no-cert",
+            "received fatal alert: CertificateRequired",
+        )?;
+        // The other CA has the same name: its signature on the client certificate fails.
+        wait_log(&fed, "robot-other-ca", "received fatal alert: DecryptError")?;
+        fed.start_agent("robot-a", 1)?;
+        let st = fed
+            .aggregator
+            .as_mut()
+            .map(|a| a.wait_timeout(Duration::from_secs(60)))
+            .transpose()?;
+        anyhow::ensure!(
+            st.is_some_and(|s| s.success()),
+            "aggregator exited with {st:?}"
+        );
+        let state = fed.state()?;
+        anyhow::ensure!(
+            state["history"][0]["accepted"] == serde_json::json!(["robot-a"]),
+            "round 1: {:?}",
+            state["history"][0]
+        );
+        for bad in ["robot-no-cert", "robot-other-ca"] {
+            anyhow::ensure!(
+                !log_of(&fed, bad).contains("connected to the broker"),
+                "{bad} got through"
+            );
         }
         Ok(())
     })();

@@ -200,6 +200,9 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         BrokerUrl::parse(&cfg.broker)?,
     );
     settings.ca_file = cfg.ca_file.clone();
+    if !cfg.cert_file.as_os_str().is_empty() {
+        settings.client_cert = Some((cfg.cert_file.clone(), cfg.cert_key_file.clone()));
+    }
     settings.max_packet_bytes = cfg.max_packet_bytes;
     if !cfg.username.is_empty() {
         settings.credentials = Some((cfg.username.clone(), cfg.password.clone()));
