@@ -23,21 +23,11 @@ pub fn start_or_connect(
         return Ok((BrokerUrl::parse(&b.url)?, me));
     }
     let listen: SocketAddr = b.listen.parse().context("broker.listen")?;
+    if b.require_client_cert {
+        return start_behind_mtls_front(cfg, listen);
+    }
     let host = self_connect_host(listen, b)?;
-    let (logins, me) = if cfg.insecure {
-        (None, None)
-    } else {
-        let pass =
-            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-aggregator-login"));
-        let me = Login {
-            password: pass.clone(),
-            client_id: mqtt::aggregator_client_id(&cfg.federation),
-        };
-        (
-            Some(Logins::for_clients(&b.users, AGGREGATOR_LOGIN, me)),
-            Some((AGGREGATOR_LOGIN.to_string(), pass)),
-        )
-    };
+    let (logins, me) = logins(cfg);
     EmbeddedBroker {
         listen,
         max_packet_bytes: b.max_packet_bytes,
@@ -53,6 +43,63 @@ pub fn start_or_connect(
         port: listen.port(),
     };
     Ok((url, me))
+}
+
+/// `broker.require_client_cert`: rumqttd on a loopback port of its own, plain, and the
+/// [`crate::mtls`] front on `listen`. The aggregator dials rumqttd directly (loopback, still
+/// with its login), so it needs no client certificate of its own.
+fn start_behind_mtls_front(
+    cfg: &crate::config::Config,
+    listen: SocketAddr,
+) -> Result<(BrokerUrl, Option<(String, String)>)> {
+    let b = &cfg.broker;
+    let public = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("embedded broker cannot listen on {listen}"))?;
+    // A free loopback port for rumqttd (released, then bound by rumqttd: a short race that
+    // `spawn` reports as a bind failure).
+    let inner = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
+    let (logins, me) = logins(cfg);
+    EmbeddedBroker {
+        listen: inner,
+        max_packet_bytes: b.max_packet_bytes,
+        backlog_bytes: b.backlog_bytes,
+        logins,
+        tls: None,
+    }
+    .spawn()?;
+    crate::mtls::spawn_front(
+        public,
+        std::path::Path::new(&b.tls_cert),
+        std::path::Path::new(&b.tls_key),
+        std::path::Path::new(&b.tls_ca),
+        inner,
+    )?;
+    tracing::info!(%listen, "embedded MQTT broker started (mutual TLS: client certificates from broker.tls_ca)");
+    let url = BrokerUrl {
+        tls: false,
+        host: inner.ip().to_string(),
+        port: inner.port(),
+    };
+    Ok((url, me))
+}
+
+/// The embedded broker's logins and the aggregator's own (none when insecure).
+fn logins(cfg: &crate::config::Config) -> (Option<Logins>, Option<(String, String)>) {
+    let b = &cfg.broker;
+    if cfg.insecure {
+        (None, None)
+    } else {
+        let pass =
+            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-aggregator-login"));
+        let me = Login {
+            password: pass.clone(),
+            client_id: mqtt::aggregator_client_id(&cfg.federation),
+        };
+        (
+            Some(Logins::for_clients(&b.users, AGGREGATOR_LOGIN, me)),
+            Some((AGGREGATOR_LOGIN.to_string(), pass)),
+        )
+    }
 }
 
 /// The embedded broker login of the aggregator itself (its password is random per start).

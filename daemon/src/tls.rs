@@ -66,6 +66,33 @@ pub fn check_server_cert(ca_pem: &Path, cert_pem: &Path, name: &str) -> Result<(
     Ok(())
 }
 
+/// A TLS server config serving `cert_pem`/`key_pem` that admits only clients presenting a
+/// certificate chaining to `client_ca_pem` (mutual TLS).
+pub fn server_config_requiring_client_certs(
+    cert_pem: &Path,
+    key_pem: &Path,
+    client_ca_pem: &Path,
+) -> Result<rustls_ring::ServerConfig, Error> {
+    let verifier = rustls_ring::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(client_ca_pem)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| tls_err(client_ca_pem)(e.to_string()))?;
+    rustls_ring::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(cert_pem)(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(cert_pem)?, read_key(key_pem)?)
+        .map_err(|e| tls_err(cert_pem)(format!("certificate and key: {e}")))
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem = std::fs::read(path).map_err(Error::io(path))?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| tls_err(path)(format!("reading the private key: {e}")))
+}
+
 /// An mqtts transport that trusts only the CA certificates in `ca_pem`.
 pub fn client_transport(ca_pem: &Path) -> Result<Transport, Error> {
     client_transport_with(ca_pem, None)
@@ -85,15 +112,9 @@ pub fn client_transport_with(
         .with_root_certificates(roots);
     let config = match identity {
         None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = read_certs(cert)?;
-            let pem = std::fs::read(key).map_err(Error::io(key))?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| tls_err(key)(format!("reading the private key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| tls_err(cert)(format!("client certificate and key: {e}")))?
-        }
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
+            .map_err(|e| tls_err(cert)(format!("client certificate and key: {e}")))?,
     };
     Ok(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(config),

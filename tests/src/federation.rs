@@ -249,6 +249,8 @@ pub struct Federation {
     pub min_clients: Option<usize>,
     /// The aggregator's own login on an external broker (`broker.username`/`password`).
     pub broker_login: Option<(String, String)>,
+    /// Extra lines for the aggregator config's `[broker]` table.
+    pub broker_toml: String,
     /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
     /// --mosquitto`) instead of `allow_anonymous true`.
     pub mosquitto_conf: Option<String>,
@@ -335,6 +337,7 @@ impl Federation {
             listen: None,
             min_clients: None,
             broker_login: None,
+            broker_toml: String::new(),
             mosquitto_conf: None,
         })
     }
@@ -389,6 +392,7 @@ impl Federation {
             if let Some((u, p)) = &self.broker_login {
                 toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
             }
+            toml.push_str(&self.broker_toml);
             if let Some(d) = &self.tls_dir {
                 toml.push_str(&format!(
                     "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",

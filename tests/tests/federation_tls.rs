@@ -361,13 +361,27 @@ fn the_shipped_example_configs_run_a_round_as_written() -> Result<()> {
 }
 
 #[test]
-fn mutual_tls_admits_an_issued_client_certificate_and_refuses_others() -> Result<()> {
+fn mosquitto_with_mutual_tls_admits_an_issued_client_certificate_and_refuses_others() -> Result<()>
+{
+    mutual_tls_round(BrokerKind::Mosquitto)
+}
+
+#[test]
+fn the_embedded_broker_with_mutual_tls_admits_an_issued_certificate_and_refuses_others(
+) -> Result<()> {
+    mutual_tls_round(BrokerKind::Embedded)
+}
+
+/// One round over mutual TLS (`kind`'s broker requiring client certificates from the certs-init
+/// CA): robot-a with a certificate from `certs issue` takes part; robot-no-cert (none) and
+/// robot-other-ca (issued by another CA) are refused by the broker's TLS.
+fn mutual_tls_round(kind: BrokerKind) -> Result<()> {
     zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
     let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
     let mut fed = Federation::setup(
         tmp.path(),
-        BrokerKind::Mosquitto,
+        kind,
         worker.as_ref(),
         &[
             ("robot-a", 50, "int8"),
@@ -399,12 +413,23 @@ fn mutual_tls_admits_an_issued_client_certificate_and_refuses_others() -> Result
         certs.join("server.key").display()
     ));
     fed.tls_dir = Some(certs.clone());
-    fed.broker_login = Some(("zk0-aggregator".into(), "unused".into()));
-    fed.aggregator_toml = format!(
-        "tls_client_cert = {:?}\ntls_client_key = {:?}\n",
-        certs.join("zk0-aggregator.pem"),
-        certs.join("zk0-aggregator.key")
-    );
+    match kind {
+        // The aggregator's own client presents its issued certificate to mosquitto.
+        BrokerKind::Mosquitto => {
+            fed.broker_login = Some(("zk0-aggregator".into(), "unused".into()));
+            fed.broker_toml = format!(
+                "tls_client_cert = {:?}\ntls_client_key = {:?}\n",
+                certs.join("zk0-aggregator.pem"),
+                certs.join("zk0-aggregator.key")
+            );
+        }
+        BrokerKind::Embedded => {
+            fed.broker_toml = "require_client_cert = true\n".into();
+            for c in ["robot-a", "robot-no-cert", "robot-other-ca"] {
+                fed.users.insert(c.into(), format!("pw-{c}"));
+            }
+        }
+    }
     fed.min_clients = Some(1);
     let identity = |dir: &Path, id: &str| -> BTreeMap<String, String> {
         [
