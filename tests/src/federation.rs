@@ -473,6 +473,17 @@ impl Federation {
         .map_err(|st| anyhow::anyhow!("zk0-aggregator exited with {st} before it listened"))
     }
 
+    /// Waits up to `timeout` for the aggregator to exit, and requires success.
+    pub fn wait_aggregator_ok(&mut self, timeout: Duration) -> Result<()> {
+        let st = self
+            .aggregator
+            .as_mut()
+            .context("no aggregator started")?
+            .wait_timeout(timeout)?;
+        anyhow::ensure!(st.success(), "aggregator exited with {st}");
+        Ok(())
+    }
+
     /// Starts (or restarts) one agent.
     pub fn start_agent(&mut self, cid: &str, max_rounds: u64) -> Result<()> {
         self.start_agent_env(cid, max_rounds, &[])

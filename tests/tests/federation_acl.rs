@@ -5,7 +5,7 @@
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rumqttc_ring::{Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
@@ -165,17 +165,7 @@ fn mosquitto_with_the_generated_acl_confines_each_login_to_its_own_topics() -> R
         fed.start_aggregator(1, 30.0, &[])?;
         fed.start_agent("robot-a", 1)?;
         fed.start_agent("robot-b", 1)?;
-        let start = Instant::now();
-        let st = fed
-            .aggregator
-            .as_mut()
-            .context("aggregator")?
-            .wait_timeout(Duration::from_secs(60))?;
-        anyhow::ensure!(
-            st.success(),
-            "aggregator exited with {st} after {:?}",
-            start.elapsed()
-        );
+        fed.wait_aggregator_ok(Duration::from_secs(60))?;
         let state = fed.state()?;
         anyhow::ensure!(
             state["history"][0]["accepted"] == serde_json::json!(["robot-a", "robot-b"]),

@@ -55,6 +55,26 @@ fn plain_mqtt_refused(port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Starts robot-a and waits for the round: it alone is accepted, and none of `refused` (already
+/// started) ever got through to the broker.
+fn only_robot_a_takes_part(fed: &mut Federation, refused: &[&str]) -> Result<()> {
+    fed.start_agent("robot-a", 1)?;
+    fed.wait_aggregator_ok(Duration::from_secs(60))?;
+    let state = fed.state()?;
+    anyhow::ensure!(
+        state["history"][0]["accepted"] == serde_json::json!(["robot-a"]),
+        "round 1: {:?}",
+        state["history"][0]
+    );
+    for bad in refused {
+        anyhow::ensure!(
+            !log_of(fed, bad).contains("connected to the broker"),
+            "{bad} got through"
+        );
+    }
+    Ok(())
+}
+
 /// A server certificate for `sans`, valid only between `from` and `until` (years), signed by
 /// the CA that `certs init` wrote into `ca_dir` (its subject and key usages, its key).
 fn server_cert_from(ca_dir: &Path, out: &Path, sans: &[&str], years: (i32, i32)) -> Result<()> {
@@ -136,29 +156,7 @@ fn documented_setup_runs_a_round_and_bad_certificates_and_plain_mqtt_are_refused
             "robot-wrong-name",
             "certificate not valid for name \"127.0.0.2\"",
         )?;
-        fed.start_agent("robot-a", 1)?;
-        let st = fed
-            .aggregator
-            .as_mut()
-            .map(|a| a.wait_timeout(Duration::from_secs(60)))
-            .transpose()?;
-        anyhow::ensure!(
-            st.is_some_and(|s| s.success()),
-            "aggregator exited with {st:?}"
-        );
-        let state = fed.state()?;
-        anyhow::ensure!(
-            state["history"][0]["accepted"] == serde_json::json!(["robot-a"]),
-            "round 1: {:?}",
-            state["history"][0]
-        );
-        for bad in ["robot-wrong-ca", "robot-wrong-name"] {
-            anyhow::ensure!(
-                !log_of(&fed, bad).contains("connected to the broker"),
-                "{bad} got through"
-            );
-        }
-        Ok(())
+        only_robot_a_takes_part(&mut fed, &["robot-wrong-ca", "robot-wrong-name"])
     })();
     r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
 }
@@ -460,29 +458,7 @@ fn mutual_tls_round(kind: BrokerKind) -> Result<()> {
         )?;
         // The other CA has the same name: its signature on the client certificate fails.
         wait_log(&fed, "robot-other-ca", "received fatal alert: DecryptError")?;
-        fed.start_agent("robot-a", 1)?;
-        let st = fed
-            .aggregator
-            .as_mut()
-            .map(|a| a.wait_timeout(Duration::from_secs(60)))
-            .transpose()?;
-        anyhow::ensure!(
-            st.is_some_and(|s| s.success()),
-            "aggregator exited with {st:?}"
-        );
-        let state = fed.state()?;
-        anyhow::ensure!(
-            state["history"][0]["accepted"] == serde_json::json!(["robot-a"]),
-            "round 1: {:?}",
-            state["history"][0]
-        );
-        for bad in ["robot-no-cert", "robot-other-ca"] {
-            anyhow::ensure!(
-                !log_of(&fed, bad).contains("connected to the broker"),
-                "{bad} got through"
-            );
-        }
-        Ok(())
+        only_robot_a_takes_part(&mut fed, &["robot-no-cert", "robot-other-ca"])
     })();
     r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
 }
