@@ -5,17 +5,21 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 use shared_proto::sign::KeyPair;
 use zk0_daemon::{mqtt, BrokerUrl};
 
+use crate::metrics::{Metrics, ReasonLabel};
+
 /// The broker the aggregator connects to, and its credentials there: the embedded one
 /// (started here; the aggregator gets random credentials of its own unless insecure) unless
 /// `broker.url` names an external one.
 pub fn start_or_connect(
     cfg: &crate::config::Config,
+    metrics: &Arc<Metrics>,
 ) -> Result<(BrokerUrl, Option<(String, String)>)> {
     let b = &cfg.broker;
     if !b.url.is_empty() {
@@ -24,7 +28,7 @@ pub fn start_or_connect(
     }
     let listen: SocketAddr = b.listen.parse().context("broker.listen")?;
     if b.require_client_cert {
-        return start_behind_mtls_front(cfg, listen);
+        return start_behind_mtls_front(cfg, listen, metrics);
     }
     let host = self_connect_host(listen, b)?;
     let (logins, me) = logins(cfg);
@@ -33,6 +37,7 @@ pub fn start_or_connect(
         max_packet_bytes: b.max_packet_bytes,
         backlog_bytes: b.backlog_bytes,
         logins,
+        metrics: metrics.clone(),
         tls: (!b.tls_cert.is_empty()).then(|| (b.tls_cert.clone(), b.tls_key.clone())),
     }
     .spawn()?;
@@ -51,6 +56,7 @@ pub fn start_or_connect(
 fn start_behind_mtls_front(
     cfg: &crate::config::Config,
     listen: SocketAddr,
+    metrics: &Arc<Metrics>,
 ) -> Result<(BrokerUrl, Option<(String, String)>)> {
     let b = &cfg.broker;
     let public = std::net::TcpListener::bind(listen)
@@ -64,6 +70,7 @@ fn start_behind_mtls_front(
         max_packet_bytes: b.max_packet_bytes,
         backlog_bytes: b.backlog_bytes,
         logins,
+        metrics: metrics.clone(),
         tls: None,
     }
     .spawn()?;
@@ -73,6 +80,7 @@ fn start_behind_mtls_front(
         std::path::Path::new(&b.tls_key),
         std::path::Path::new(&b.tls_ca),
         inner,
+        metrics.clone(),
     )?;
     tracing::info!(%listen, "embedded MQTT broker started (mutual TLS: client certificates from broker.tls_ca)");
     let url = BrokerUrl {
@@ -140,7 +148,8 @@ impl Logins {
         Logins(m)
     }
 
-    /// Whether `username`/`password` may connect as MQTT client `client_id`; why not if not.
+    /// Whether `username`/`password` may connect as MQTT client `client_id`; why not if not
+    /// (`unknown_login`, `wrong_password`, `foreign_client_id`: also the metric's reasons).
     pub fn check(
         &self,
         client_id: &str,
@@ -148,13 +157,13 @@ impl Logins {
         password: &str,
     ) -> Result<(), &'static str> {
         let Some(login) = self.0.get(username) else {
-            return Err("unknown login");
+            return Err("unknown_login");
         };
         if !constant_time_eq(login.password.as_bytes(), password.as_bytes()) {
-            return Err("wrong password");
+            return Err("wrong_password");
         }
         if login.client_id != client_id {
-            return Err("client id is not the login's own");
+            return Err("foreign_client_id"); // not the login's own
         }
         Ok(())
     }
@@ -212,6 +221,8 @@ pub struct EmbeddedBroker {
     pub backlog_bytes: usize,
     /// Who may connect, as which client id; `None` accepts anyone (insecure mode).
     pub logins: Option<Logins>,
+    /// Counts refused CONNECTs.
+    pub metrics: Arc<Metrics>,
     /// (certificate chain, key) PEM paths: serve mqtts instead of plain MQTT.
     pub tls: Option<(String, String)>,
 }
@@ -233,10 +244,17 @@ impl EmbeddedBroker {
             dynamic_filters: true,
         };
         if let Some(logins) = self.logins.clone() {
+            let metrics = self.metrics.clone();
             connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
                 let verdict = logins.check(&client_id, &user, &pass);
                 if let Err(why) = verdict {
                     tracing::warn!(%client_id, login = %user, why, "broker refused a CONNECT");
+                    metrics
+                        .broker_connects_refused
+                        .get_or_create(&ReasonLabel {
+                            reason: why.to_string(),
+                        })
+                        .inc();
                 }
                 std::future::ready(verdict.is_ok())
             });
@@ -323,16 +341,13 @@ mod tests {
         );
         // A's password as B, or under any other id: refused.
         let b = mqtt::agent_client_id("robot-b");
-        assert_eq!(
-            l.check(&b, "robot-a", "pw-a"),
-            Err("client id is not the login's own")
-        );
+        assert_eq!(l.check(&b, "robot-a", "pw-a"), Err("foreign_client_id"));
         assert_eq!(
             l.check("zk0-aggregator-fed", "robot-a", "pw-a"),
-            Err("client id is not the login's own")
+            Err("foreign_client_id")
         );
-        assert_eq!(l.check(&a, "robot-a", "pw-b"), Err("wrong password"));
-        assert_eq!(l.check(&a, "robot-c", "pw-a"), Err("unknown login"));
-        assert_eq!(l.check(&a, "robot-a", ""), Err("wrong password"));
+        assert_eq!(l.check(&a, "robot-a", "pw-b"), Err("wrong_password"));
+        assert_eq!(l.check(&a, "robot-c", "pw-a"), Err("unknown_login"));
+        assert_eq!(l.check(&a, "robot-a", ""), Err("wrong_password"));
     }
 }

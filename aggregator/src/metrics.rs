@@ -34,6 +34,10 @@ pub struct Metrics {
     pub chunks_refused: Family<ReasonLabel, Counter>,
     pub chunks_shed: Counter,
     pub chunk_bytes_shed: Counter,
+    /// Embedded broker: CONNECTs refused by the login check, by reason.
+    pub broker_connects_refused: Family<ReasonLabel, Counter>,
+    /// Embedded broker's mutual-TLS front: clients refused in the TLS handshake.
+    pub tls_clients_refused: Counter,
 }
 
 impl Metrics {
@@ -53,6 +57,8 @@ impl Metrics {
             chunks_refused: Family::default(),
             chunks_shed: Counter::default(),
             chunk_bytes_shed: Counter::default(),
+            broker_connects_refused: Family::default(),
+            tls_clients_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -79,6 +85,16 @@ impl Metrics {
             "update_chunk_bytes_shed",
             "Payload bytes of the update chunks shed",
             m.chunk_bytes_shed.clone(),
+        );
+        registry.register(
+            "broker_connects_refused",
+            "CONNECTs the embedded broker refused (unknown login, wrong password, another login's client id), by reason",
+            m.broker_connects_refused.clone(),
+        );
+        registry.register(
+            "tls_clients_refused",
+            "Clients the embedded broker's mutual-TLS front refused in the handshake",
+            m.tls_clients_refused.clone(),
         );
         registry.register(
             "rounds_completed",

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::metrics::Metrics;
+
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,6 +28,7 @@ pub fn spawn_front(
     key: &Path,
     client_ca: &Path,
     upstream: SocketAddr,
+    metrics: Arc<Metrics>,
 ) -> Result<()> {
     let config = zk0_daemon::tls::server_config_requiring_client_certs(cert, key, client_ca)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -45,7 +48,8 @@ pub fn spawn_front(
                 loop {
                     match listener.accept().await {
                         Ok((tcp, peer)) => {
-                            tokio::spawn(relay(acceptor.clone(), tcp, peer, upstream));
+                            let m = metrics.clone();
+                            tokio::spawn(relay(acceptor.clone(), tcp, peer, upstream, m));
                         }
                         Err(e) => {
                             // Out of file descriptors and the like: back off, keep serving.
@@ -65,11 +69,18 @@ async fn relay(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     upstream: SocketAddr,
+    metrics: Arc<Metrics>,
 ) {
     let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return tracing::warn!(%peer, error = %e, "refused a TLS client"),
-        Err(_) => return tracing::warn!(%peer, "TLS handshake timed out"),
+        Ok(Err(e)) => {
+            metrics.tls_clients_refused.inc();
+            return tracing::warn!(%peer, error = %e, "refused a TLS client");
+        }
+        Err(_) => {
+            metrics.tls_clients_refused.inc();
+            return tracing::warn!(%peer, "TLS handshake timed out");
+        }
     };
     let mut broker = match tokio::net::TcpStream::connect(upstream).await {
         Ok(s) => s,

@@ -46,6 +46,7 @@ fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()>
         worker.as_ref(),
         &[("robot-a", 50, "int8")],
     )?;
+    fed.metrics_listen = format!("127.0.0.1:{}", zk0_e2e::free_port()?);
     fed.users.insert("robot-a".into(), "pw-robot-a".into());
     fed.users.insert("robot-b".into(), "pw-robot-b".into());
     fed.users.insert("observer".into(), "pw-observer".into());
@@ -75,10 +76,13 @@ fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()>
             can_connect(fed.port, "robot-a", Some(("robot-a", "pw-robot-a"))),
             "a right password under its own client id was refused"
         );
-        let refused = std::fs::read_to_string(fed.dir.join("aggregator.log"))?
-            .matches("broker refused a CONNECT")
-            .count();
-        anyhow::ensure!(refused >= 3, "{refused} refusals logged, expected 3");
+        let metrics = zk0_e2e::http_get(&fed.metrics_listen, "/metrics")?;
+        for (reason, n) in [("wrong_password", 1), ("foreign_client_id", 2)] {
+            let line = format!(
+                "zk0_aggregator_broker_connects_refused_total{{reason=\"{reason}\"}} {n}\n"
+            );
+            anyhow::ensure!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+        }
         fed.start_agent("robot-a", 1)?;
         let st = fed
             .aggregator

@@ -423,6 +423,7 @@ fn mutual_tls_round(kind: BrokerKind) -> Result<()> {
         }
         BrokerKind::Embedded => {
             fed.broker_toml = "require_client_cert = true\n".into();
+            fed.metrics_listen = format!("127.0.0.1:{}", free_port()?);
             for c in ["robot-a", "robot-no-cert", "robot-other-ca"] {
                 fed.users.insert(c.into(), format!("pw-{c}"));
             }
@@ -458,6 +459,15 @@ fn mutual_tls_round(kind: BrokerKind) -> Result<()> {
         )?;
         // The other CA has the same name: its signature on the client certificate fails.
         wait_log(&fed, "robot-other-ca", "received fatal alert: DecryptError")?;
+        if kind == BrokerKind::Embedded {
+            let m = zk0_e2e::http_get(&fed.metrics_listen, "/metrics")?;
+            let refused: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("zk0_aggregator_tls_clients_refused_total "))
+                .and_then(|v| v.trim().parse().ok())
+                .context("no tls_clients_refused metric")?;
+            anyhow::ensure!(refused >= 2, "{refused} TLS clients refused, expected both");
+        }
         only_robot_a_takes_part(&mut fed, &["robot-no-cert", "robot-other-ca"])
     })();
     r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))

@@ -25,7 +25,7 @@ impl Server {
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
         let topics = Topics::new(&cfg.federation).context("federation name")?;
-        let (broker, credentials) = crate::broker::start_or_connect(&cfg)?;
+        let (broker, credentials) = crate::broker::start_or_connect(&cfg, &metrics)?;
         let mut settings = mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker);
         settings.ca_file = cfg.broker.tls_ca.clone().into();
         if !cfg.broker.tls_client_cert.is_empty() {
