@@ -5,17 +5,21 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 use shared_proto::sign::KeyPair;
-use zk0_daemon::BrokerUrl;
+use zk0_daemon::{mqtt, BrokerUrl};
+
+use crate::metrics::{Metrics, ReasonLabel};
 
 /// The broker the aggregator connects to, and its credentials there: the embedded one
 /// (started here; the aggregator gets random credentials of its own unless insecure) unless
 /// `broker.url` names an external one.
 pub fn start_or_connect(
     cfg: &crate::config::Config,
+    metrics: &Arc<Metrics>,
 ) -> Result<(BrokerUrl, Option<(String, String)>)> {
     let b = &cfg.broker;
     if !b.url.is_empty() {
@@ -23,35 +27,188 @@ pub fn start_or_connect(
         return Ok((BrokerUrl::parse(&b.url)?, me));
     }
     let listen: SocketAddr = b.listen.parse().context("broker.listen")?;
-    let (users, me) = if cfg.insecure {
-        (None, None)
-    } else {
-        let pass =
-            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-aggregator-login"));
-        let mut u: HashMap<String, String> = b.users.clone().into_iter().collect();
-        u.insert("zk0-aggregator".into(), pass.clone());
-        (Some(u), Some(("zk0-aggregator".to_string(), pass)))
-    };
+    if b.require_client_cert {
+        return start_behind_mtls_front(cfg, listen, metrics);
+    }
+    let host = self_connect_host(listen, b)?;
+    let (logins, me) = logins(cfg);
     EmbeddedBroker {
         listen,
         max_packet_bytes: b.max_packet_bytes,
         backlog_bytes: b.backlog_bytes,
-        users,
+        logins,
+        metrics: metrics.clone(),
         tls: (!b.tls_cert.is_empty()).then(|| (b.tls_cert.clone(), b.tls_key.clone())),
     }
     .spawn()?;
     tracing::info!(%listen, "embedded MQTT broker started");
-    let host = if listen.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        listen.ip().to_string()
-    };
     let url = BrokerUrl {
         tls: !b.tls_cert.is_empty(),
         host,
         port: listen.port(),
     };
     Ok((url, me))
+}
+
+/// `broker.require_client_cert`: rumqttd on a loopback port of its own, plain, and the
+/// [`crate::mtls`] front on `listen`. The aggregator dials rumqttd directly (loopback, still
+/// with its login), so it needs no client certificate of its own.
+fn start_behind_mtls_front(
+    cfg: &crate::config::Config,
+    listen: SocketAddr,
+    metrics: &Arc<Metrics>,
+) -> Result<(BrokerUrl, Option<(String, String)>)> {
+    let b = &cfg.broker;
+    let public = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("embedded broker cannot listen on {listen}"))?;
+    // A free loopback port for rumqttd (released, then bound by rumqttd: a short race that
+    // `spawn` reports as a bind failure).
+    let inner = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
+    let (logins, me) = logins(cfg);
+    EmbeddedBroker {
+        listen: inner,
+        max_packet_bytes: b.max_packet_bytes,
+        backlog_bytes: b.backlog_bytes,
+        logins,
+        metrics: metrics.clone(),
+        tls: None,
+    }
+    .spawn()?;
+    crate::mtls::spawn_front(
+        public,
+        std::path::Path::new(&b.tls_cert),
+        std::path::Path::new(&b.tls_key),
+        std::path::Path::new(&b.tls_ca),
+        inner,
+        metrics.clone(),
+    )?;
+    tracing::info!(%listen, "embedded MQTT broker started (mutual TLS: client certificates from broker.tls_ca)");
+    let url = BrokerUrl {
+        tls: false,
+        host: inner.ip().to_string(),
+        port: inner.port(),
+    };
+    Ok((url, me))
+}
+
+/// The embedded broker's logins and the aggregator's own (none when insecure).
+fn logins(cfg: &crate::config::Config) -> (Option<Logins>, Option<(String, String)>) {
+    let b = &cfg.broker;
+    if cfg.insecure {
+        (None, None)
+    } else {
+        let pass =
+            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-aggregator-login"));
+        let me = Login {
+            password: pass.clone(),
+            client_id: mqtt::aggregator_client_id(&cfg.federation),
+        };
+        (
+            Some(Logins::for_clients(&b.users, AGGREGATOR_LOGIN, me)),
+            Some((AGGREGATOR_LOGIN.to_string(), pass)),
+        )
+    }
+}
+
+/// The embedded broker login of the aggregator itself (its password is random per start).
+pub const AGGREGATOR_LOGIN: &str = "zk0-aggregator";
+
+/// One broker login: its password and the one MQTT client id it may connect with.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub password: String,
+    pub client_id: String,
+}
+
+/// The embedded broker's logins, checked at CONNECT (rumqttd's `external_auth` hook): the
+/// password, and that the client id is the login's own. Login `robot-a` of `[broker.users]` is
+/// zk0 client `robot-a` and connects as [`mqtt::agent_client_id`]`("robot-a")`, so robot A's
+/// password cannot connect as robot B, nor take over B's session by reusing B's client id.
+#[derive(Debug, Clone, Default)]
+pub struct Logins(HashMap<String, Login>);
+
+impl Logins {
+    /// `[broker.users]` (username = zk0 client id → password) plus the aggregator's own login.
+    pub fn for_clients<'a>(
+        users: impl IntoIterator<Item = (&'a String, &'a String)>,
+        me_user: &str,
+        me: Login,
+    ) -> Logins {
+        let mut m: HashMap<String, Login> = users
+            .into_iter()
+            .map(|(u, p)| {
+                let login = Login {
+                    password: p.clone(),
+                    client_id: mqtt::agent_client_id(u),
+                };
+                (u.clone(), login)
+            })
+            .collect();
+        m.insert(me_user.to_string(), me);
+        Logins(m)
+    }
+
+    /// Whether `username`/`password` may connect as MQTT client `client_id`; why not if not
+    /// (`unknown_login`, `wrong_password`, `foreign_client_id`: also the metric's reasons).
+    pub fn check(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<(), &'static str> {
+        let Some(login) = self.0.get(username) else {
+            return Err("unknown_login");
+        };
+        if !constant_time_eq(login.password.as_bytes(), password.as_bytes()) {
+            return Err("wrong_password");
+        }
+        if login.client_id != client_id {
+            return Err("foreign_client_id"); // not the login's own
+        }
+        Ok(())
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ (only on their lengths).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The host name the aggregator dials its embedded broker by: the listen address, or loopback
+/// when it listens on every interface. With TLS it must be a name the broker certificate was
+/// issued for (rustls checks the dialled name), so it is the first candidate the certificate
+/// passes for, checked against `tls_ca` now; a certificate that fits none (issued only for the
+/// public name, expired, or from another CA) fails here with the reason, instead of leaving
+/// the aggregator retrying a connection it can never make.
+fn self_connect_host(listen: SocketAddr, b: &crate::config::BrokerConfig) -> Result<String> {
+    let candidates: Vec<String> = if listen.ip().is_unspecified() {
+        crate::tls::LOOPBACK_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        vec![listen.ip().to_string()]
+    };
+    if b.tls_cert.is_empty() {
+        return Ok(candidates[0].clone());
+    }
+    let (ca, cert) = (
+        std::path::Path::new(&b.tls_ca),
+        std::path::Path::new(&b.tls_cert),
+    );
+    let mut why = Vec::new();
+    for name in &candidates {
+        match zk0_daemon::tls::check_server_cert(ca, cert, name) {
+            Ok(()) => return Ok(name.clone()),
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    anyhow::bail!(
+        "the aggregator cannot reach its own broker over TLS (it dials {}): {}; \
+         `zk0-aggregator certs init --san <host>` issues a certificate that fits",
+        candidates.join(" or "),
+        why.join("; ")
+    )
 }
 
 /// Settings for the embedded broker.
@@ -62,8 +219,10 @@ pub struct EmbeddedBroker {
     pub max_packet_bytes: usize,
     /// Unread bytes kept per subscription before the oldest are dropped.
     pub backlog_bytes: usize,
-    /// username → password; `None` accepts anyone (insecure mode).
-    pub users: Option<HashMap<String, String>>,
+    /// Who may connect, as which client id; `None` accepts anyone (insecure mode).
+    pub logins: Option<Logins>,
+    /// Counts refused CONNECTs.
+    pub metrics: Arc<Metrics>,
     /// (certificate chain, key) PEM paths: serve mqtts instead of plain MQTT.
     pub tls: Option<(String, String)>,
 }
@@ -74,16 +233,32 @@ impl EmbeddedBroker {
     }
 
     fn config(&self) -> Config {
-        let connections = ConnectionSettings {
+        let mut connections = ConnectionSettings {
             connection_timeout_ms: 60_000,
             max_payload_size: self.max_packet_bytes,
             // Retained messages for a subscription are forwarded only up to the free inflight
             // slots (rumqttd drops the rest), so keep this well above the agents' fetch window.
             max_inflight_count: 500,
-            auth: self.users.clone(),
+            auth: None,
             external_auth: None,
             dynamic_filters: true,
         };
+        if let Some(logins) = self.logins.clone() {
+            let metrics = self.metrics.clone();
+            connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+                let verdict = logins.check(&client_id, &user, &pass);
+                if let Err(why) = verdict {
+                    tracing::warn!(%client_id, login = %user, why, "broker refused a CONNECT");
+                    metrics
+                        .broker_connects_refused
+                        .get_or_create(&ReasonLabel {
+                            reason: why.to_string(),
+                        })
+                        .inc();
+                }
+                std::future::ready(verdict.is_ok())
+            });
+        }
         let server = ServerSettings {
             name: "zk0-v4".into(),
             listen: self.listen,
@@ -140,5 +315,39 @@ impl EmbeddedBroker {
             })
             .context("spawning the broker thread")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_connects_only_as_its_own_client_id() {
+        let users = [
+            ("robot-a".to_string(), "pw-a".to_string()),
+            ("robot-b".to_string(), "pw-b".to_string()),
+        ];
+        let me = Login {
+            password: "pw-agg".into(),
+            client_id: mqtt::aggregator_client_id("fed"),
+        };
+        let l = Logins::for_clients(users.iter().map(|(u, p)| (u, p)), AGGREGATOR_LOGIN, me);
+        let a = mqtt::agent_client_id("robot-a");
+        assert_eq!(l.check(&a, "robot-a", "pw-a"), Ok(()));
+        assert_eq!(
+            l.check("zk0-aggregator-fed", AGGREGATOR_LOGIN, "pw-agg"),
+            Ok(())
+        );
+        // A's password as B, or under any other id: refused.
+        let b = mqtt::agent_client_id("robot-b");
+        assert_eq!(l.check(&b, "robot-a", "pw-a"), Err("foreign_client_id"));
+        assert_eq!(
+            l.check("zk0-aggregator-fed", "robot-a", "pw-a"),
+            Err("foreign_client_id")
+        );
+        assert_eq!(l.check(&a, "robot-a", "pw-b"), Err("wrong_password"));
+        assert_eq!(l.check(&a, "robot-c", "pw-a"), Err("unknown_login"));
+        assert_eq!(l.check(&a, "robot-a", ""), Err("wrong_password"));
     }
 }

@@ -16,6 +16,9 @@
 //! tls_cert = ""                    # embedded broker: serve mqtts with this cert (PEM) …
 //! tls_key = ""                     # … and key; see `zk0-aggregator certs init`
 //! tls_ca = ""                      # CA the aggregator's own client trusts (mqtts)
+//! require_client_cert = false     # embedded broker: admit only certificates from tls_ca
+//! tls_client_cert = ""             # its client certificate for a broker requiring mTLS …
+//! tls_client_key = ""              # … and key (`certs issue`)
 //! [broker.users]                   # embedded broker: per-client username = password
 //! robot-1 = "secret"
 //!
@@ -83,6 +86,13 @@ pub struct BrokerConfig {
     /// CA (PEM) that signed the broker's certificate; used by the aggregator's own client for
     /// the embedded broker with TLS and for `mqtts://` external brokers.
     pub tls_ca: String,
+    /// Embedded broker with TLS: admit only clients presenting a certificate from `tls_ca`
+    /// (`zk0-aggregator certs issue`); see the `mtls` module.
+    pub require_client_cert: bool,
+    /// The aggregator's client certificate and key (PEM) for an `mqtts://` external broker
+    /// that requires mutual TLS (`zk0-aggregator certs issue`). Empty: none.
+    pub tls_client_cert: String,
+    pub tls_client_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +150,9 @@ impl Default for BrokerConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_ca: String::new(),
+            require_client_cert: false,
+            tls_client_cert: String::new(),
+            tls_client_key: String::new(),
         }
     }
 }
@@ -220,6 +233,14 @@ impl Config {
         anyhow::ensure!(
             self.broker.tls_cert.is_empty() == self.broker.tls_key.is_empty(),
             "broker.tls_cert and broker.tls_key go together"
+        );
+        anyhow::ensure!(
+            !self.broker.require_client_cert || !self.broker.tls_cert.is_empty(),
+            "broker.require_client_cert needs broker.tls_cert/tls_key (mutual TLS is TLS)"
+        );
+        anyhow::ensure!(
+            self.broker.tls_client_cert.is_empty() == self.broker.tls_client_key.is_empty(),
+            "broker.tls_client_cert and broker.tls_client_key go together"
         );
         if !self.broker.tls_cert.is_empty() || self.broker.url.starts_with("mqtts://") {
             anyhow::ensure!(

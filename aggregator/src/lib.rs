@@ -8,11 +8,12 @@
 //! | pure cores | [`intake`], [`verify`], [`round`], [`schedule`], [`publish`] | upload table and manifest checks; blob verification; the round machine; LR/mu schedules; message building |
 //! | round close | [`close`], [`aggregate`], [`server_eval`], [`outputs`], [`plots`], [`checkpoint`], [`hub`] | FedProx fold, evaluation, run outputs (beside the loop) |
 //! | disk | [`store`], [`spool`] | state-dir layout, `state.json`, keys; uploads written in place |
-//! | plumbing | [`broker`], [`metrics`], [`config`], [`tls`], [`doctor`], [`datasets`] | embedded rumqttd, Prometheus, `[config]`, certificates, `doctor` |
+//! | plumbing | [`broker`], [`mtls`], [`acl`], [`metrics`], [`config`], [`tls`], [`doctor`], [`datasets`] | embedded rumqttd (logins bound to client ids) and its mutual-TLS front, mosquitto password/ACL files, Prometheus, `[config]`, certificates, `doctor` |
 //!
 //! The wire format is `shared_proto`; MQTT connect, TLS, signals and atomic files are
 //! `zk0_daemon`. The cores are unit-tested without a broker.
 
+pub mod acl;
 pub mod aggregate;
 pub mod broker;
 pub mod checkpoint;
@@ -23,6 +24,7 @@ pub mod doctor;
 pub mod hub;
 pub mod intake;
 pub mod metrics;
+pub mod mtls;
 pub mod outputs;
 pub mod plots;
 pub mod publish;

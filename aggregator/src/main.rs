@@ -11,7 +11,9 @@
 //!   every client with its last loss and dataset.
 //! - `start` / `stop`: `serve` as a background daemon with a pidfile and log in the state dir.
 //! - `push --repo <owner/name> --dir <folder>`: upload a folder to the Hugging Face Hub.
-//! - `certs init --dir <d>`: a private CA and broker certificate for mqtts.
+//! - `certs init --dir <d>`: a private CA and broker certificate for mqtts; `certs issue <id>`:
+//!   a client certificate from that CA (mutual TLS).
+//! - `acl --mosquitto <d>`: mosquitto password file, ACL and conf snippet for the federation.
 //!
 //! The daemon itself is the `aggregator` library (module map in its crate doc, `lib.rs`).
 
@@ -95,6 +97,14 @@ enum Command {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Write a mosquitto password file (`passwd`), ACL (`acl`) and conf snippet (`zk0.conf`)
+    /// from `[broker.users]` and `broker.username`: each client login publishes only under its
+    /// own `client/<id>/` topics, and is bound to one MQTT client id.
+    Acl {
+        /// Directory to write into (files are replaced).
+        #[arg(long)]
+        mosquitto: PathBuf,
+    },
     /// Check this host: CPU, memory, disk, state dir, config, broker and metrics ports.
     Doctor {
         /// Print one JSON object instead of a checklist.
@@ -157,9 +167,17 @@ enum CertsCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// DNS names / IP addresses the broker is reached by (default: localhost, 127.0.0.1).
+        /// DNS names / IP addresses the agents reach the broker by. `localhost` and
+        /// `127.0.0.1` are always included: the aggregator dials its own broker by them.
         #[arg(long = "san")]
         sans: Vec<String>,
+    },
+    /// Write `<client-id>.pem`/`.key` into `--dir`: a client certificate signed by its CA
+    /// (`certs init`), for a broker that requires mutual TLS.
+    Issue {
+        client_id: String,
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -294,11 +312,26 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Acl { mosquitto } => {
+            aggregator::acl::write_mosquitto(&cfg, &mosquitto)?;
+            println!(
+                "wrote {0}/passwd, {0}/acl and {0}/zk0.conf (paste it after mosquitto.conf's listener line)",
+                mosquitto.display()
+            );
+            Ok(())
+        }
         Command::Certs {
             cmd: CertsCmd::Init { dir, sans },
         } => {
             tls::certs_init(&dir, &sans)?;
             println!("wrote {}/{{ca,server}}.{{pem,key}}", dir.display());
+            Ok(())
+        }
+        Command::Certs {
+            cmd: CertsCmd::Issue { client_id, dir },
+        } => {
+            tls::certs_issue(&dir, &client_id)?;
+            println!("wrote {}/{client_id}.{{pem,key}}", dir.display());
             Ok(())
         }
     }

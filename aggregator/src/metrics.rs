@@ -36,6 +36,10 @@ pub struct Metrics {
     pub chunk_bytes_shed: Counter,
     pub statuses_refused: Family<ReasonLabel, Counter>,
     pub retained_restored: Counter,
+    /// Embedded broker: CONNECTs refused by the login check, by reason.
+    pub broker_connects_refused: Family<ReasonLabel, Counter>,
+    /// Embedded broker's mutual-TLS front: clients refused in the TLS handshake.
+    pub tls_clients_refused: Counter,
 }
 
 impl Metrics {
@@ -57,6 +61,8 @@ impl Metrics {
             chunk_bytes_shed: Counter::default(),
             statuses_refused: Family::default(),
             retained_restored: Counter::default(),
+            broker_connects_refused: Family::default(),
+            tls_clients_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +99,16 @@ impl Metrics {
             "retained_restored",
             "The aggregator's retained announcement or status, overwritten by another publisher and published again",
             m.retained_restored.clone(),
+        );
+        registry.register(
+            "broker_connects_refused",
+            "CONNECTs the embedded broker refused (unknown login, wrong password, another login's client id), by reason",
+            m.broker_connects_refused.clone(),
+        );
+        registry.register(
+            "tls_clients_refused",
+            "Clients the embedded broker's mutual-TLS front refused in the handshake",
+            m.tls_clients_refused.clone(),
         );
         registry.register(
             "rounds_completed",

@@ -13,7 +13,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS with CA file {path}: {why}")]
+    #[error("TLS, {path}: {why}")]
     Tls { path: PathBuf, why: String },
     #[error("key file {path}: {source}")]
     Key {

@@ -18,6 +18,18 @@ use tokio::sync::mpsc;
 
 use crate::{BrokerUrl, Error};
 
+/// The MQTT client id of the agent of zk0 client `client_id`. The embedded broker lets broker
+/// login `client_id` connect under this id only, so one robot's password can neither act as
+/// another robot nor take over its session.
+pub fn agent_client_id(client_id: &str) -> String {
+    format!("zk0-agent-{client_id}")
+}
+
+/// The MQTT client id of the aggregator of `federation` (the only id its login may use).
+pub fn aggregator_client_id(federation: &str) -> String {
+    format!("zk0-aggregator-{federation}")
+}
+
 /// What the connection task hands the daemon.
 #[derive(Debug, Clone)]
 pub enum Incoming {
@@ -41,6 +53,8 @@ pub struct Settings {
     pub broker: BrokerUrl,
     /// CA certificate to trust, used when `broker.tls`.
     pub ca_file: PathBuf,
+    /// Client certificate chain and key (PEM) for a broker that requires mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     pub credentials: Option<(String, String)>,
     /// Largest packet either way; rumqttc's 10 KiB default cannot carry a chunk.
     pub max_packet_bytes: usize,
@@ -63,6 +77,7 @@ impl Settings {
             client_id: client_id.into(),
             broker,
             ca_file: PathBuf::new(),
+            client_cert: None,
             credentials: None,
             max_packet_bytes: (1 << 20) + (64 << 10),
             keep_alive: Duration::from_secs(15),
@@ -176,7 +191,11 @@ pub fn connect(settings: Settings, shedding: Shedding) -> Result<(AsyncClient, I
     opts.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
     opts.set_clean_session(true);
     if s.broker.tls {
-        opts.set_transport(crate::tls::client_transport(&s.ca_file)?);
+        let identity = s
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        opts.set_transport(crate::tls::client_transport_with(&s.ca_file, identity)?);
     }
     if let Some((u, p)) = s.credentials {
         opts.set_credentials(u, p);

@@ -109,11 +109,12 @@ impl Observer {
         login: Option<(&str, &str)>,
     ) -> Result<Observer> {
         let topics = Topics::new(federation)?;
-        let mut opts = MqttOptions::new(
-            format!("zk0-test-observer-{}", std::process::id()),
-            "127.0.0.1",
-            port,
-        );
+        // The embedded broker binds a login to one client id: the agent id of its name.
+        let id = match login {
+            Some((u, _)) => zk0_daemon::mqtt::agent_client_id(u),
+            None => format!("zk0-test-observer-{}", std::process::id()),
+        };
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         if let Some((u, p)) = login {
             opts.set_credentials(u, p);
         }
@@ -270,6 +271,20 @@ pub struct Federation {
     /// Per-client worker command replacing `[worker, "train"]` (e.g. the real worker behind a
     /// start delay, see [`crate::smolvla::delayed_worker`]).
     pub worker_cmd: BTreeMap<String, Vec<String>>,
+    /// Per-client top-level agent config keys replacing the generated ones (key → TOML value,
+    /// e.g. `broker` → `"mqtts://127.0.0.2:1234"`), or added when the template has none.
+    pub agent_set: BTreeMap<String, BTreeMap<String, String>>,
+    /// Embedded broker listen address (default `127.0.0.1:<port>`).
+    pub listen: Option<String>,
+    /// `--min-clients` (default: every client of the federation).
+    pub min_clients: Option<usize>,
+    /// The aggregator's own login on an external broker (`broker.username`/`password`).
+    pub broker_login: Option<(String, String)>,
+    /// Extra lines for the aggregator config's `[broker]` table.
+    pub broker_toml: String,
+    /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
+    /// --mosquitto`) instead of `allow_anonymous true`.
+    pub mosquitto_conf: Option<String>,
 }
 
 impl Federation {
@@ -349,6 +364,12 @@ impl Federation {
             aggregator_toml: String::new(),
             chunk_size: 4096,
             worker_cmd: BTreeMap::new(),
+            agent_set: BTreeMap::new(),
+            listen: None,
+            min_clients: None,
+            broker_login: None,
+            broker_toml: String::new(),
+            mosquitto_conf: None,
         })
     }
 
@@ -364,7 +385,13 @@ impl Federation {
         let conf = self.dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n", self.port),
+            format!(
+                "listener {} 127.0.0.1\npersistence false\nmax_inflight_messages 100\n{}\n",
+                self.port,
+                self.mosquitto_conf
+                    .as_deref()
+                    .unwrap_or("allow_anonymous true")
+            ),
         )?;
         let mut cmd = Command::new(mosq);
         cmd.arg("-c").arg(&conf);
@@ -393,6 +420,10 @@ impl Federation {
         } else {
             // Authenticated embedded broker or extra settings: a config file.
             let mut toml = String::from("[broker]\n");
+            if let Some((u, p)) = &self.broker_login {
+                toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
+            }
+            toml.push_str(&self.broker_toml);
             if let Some(d) = &self.tls_dir {
                 toml.push_str(&format!(
                     "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
@@ -430,7 +461,7 @@ impl Federation {
             "--rounds",
             &rounds.to_string(),
             "--min-clients",
-            &self.clients.len().to_string(),
+            &self.min_clients.unwrap_or(self.clients.len()).to_string(),
         ]);
         cmd.args([
             "--round-timeout-s",
@@ -440,24 +471,48 @@ impl Federation {
         ]);
         match self.broker_kind {
             BrokerKind::Embedded => {
-                cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+                let listen = self
+                    .listen
+                    .clone()
+                    .unwrap_or_else(|| format!("127.0.0.1:{}", self.port));
+                cmd.args(["--listen", &listen]);
             }
             BrokerKind::Mosquitto => {
-                cmd.args(["--broker", &format!("mqtt://127.0.0.1:{}", self.port)]);
+                let scheme = if self.tls_dir.is_some() {
+                    "mqtts"
+                } else {
+                    "mqtt"
+                };
+                cmd.args(["--broker", &format!("{scheme}://127.0.0.1:{}", self.port)]);
             }
         }
         cmd.args(extra);
-        self.aggregator = Some(ChildGuard::spawn(
+        let agg = self.aggregator.insert(ChildGuard::spawn(
             "zk0-aggregator",
             cmd,
             &self.dir.join("aggregator.log"),
         )?);
         let port = self.port;
         crate::wait_for(Duration::from_secs(20), "the broker port", || {
+            if let Ok(Some(st)) = agg.child.try_wait() {
+                return Some(Err(st)); // it gave up (a test may expect that): say so now
+            }
             std::net::TcpStream::connect(("127.0.0.1", port))
                 .ok()
-                .map(|_| ())
-        })
+                .map(|_| Ok(()))
+        })?
+        .map_err(|st| anyhow::anyhow!("zk0-aggregator exited with {st} before it listened"))
+    }
+
+    /// Waits up to `timeout` for the aggregator to exit, and requires success.
+    pub fn wait_aggregator_ok(&mut self, timeout: Duration) -> Result<()> {
+        let st = self
+            .aggregator
+            .as_mut()
+            .context("no aggregator started")?
+            .wait_timeout(timeout)?;
+        anyhow::ensure!(st.success(), "aggregator exited with {st}");
+        Ok(())
     }
 
     /// The aggregator's public key (written by `init`).
@@ -517,6 +572,10 @@ impl Federation {
             cache = cdir.join("cache"),
             work = cdir.join("work"),
         );
+        let cfg = match self.agent_set.get(cid) {
+            Some(set) => set_toml_keys(&cfg, set),
+            None => cfg,
+        };
         let cfg_path = cdir.join("agent.toml");
         std::fs::write(&cfg_path, cfg)?;
         let mut cmd = Command::new(bin("zk0-agent"));
@@ -673,6 +732,23 @@ impl Federation {
         }
         Ok(history.len())
     }
+}
+
+/// `toml` with each top-level `key = …` line of `set` replaced (or, when absent, added at the
+/// top, where it is still top-level).
+fn set_toml_keys(toml: &str, set: &BTreeMap<String, String>) -> String {
+    let mut lines: Vec<String> = toml.lines().map(String::from).collect();
+    for (k, v) in set {
+        let line = format!("{k} = {v}");
+        let at = lines
+            .iter()
+            .position(|l| l.split_once('=').is_some_and(|(lk, _)| lk.trim() == k));
+        match at {
+            Some(i) => lines[i] = line,
+            None => lines.insert(0, line),
+        }
+    }
+    lines.join("\n") + "\n"
 }
 
 /// Every descendant of `pid` (Linux `/proc/<pid>/task/*/children`), children first.

@@ -4,7 +4,7 @@
 //!   venv for interop tests and benchmarks) into a cache dir; idempotent and offline once done.
 //! - `env`    prints the shell exports for that environment.
 //! - `test`   fmt check, clippy with warnings denied, the no-libtorch proof, all tests.
-//! - `demo`, `bench <name>`, `cross`, `fuzz <target>`.
+//! - `demo`, `bench <name>`, `cross`, `fuzz <target>|--all [--seconds N]`.
 //!
 //! Every command that runs cargo sets LIBTORCH, LD_LIBRARY_PATH and ORT_DYLIB_PATH for its
 //! children, so nobody juggles environment variables by hand.
@@ -45,9 +45,15 @@ enum Command {
     },
     /// Cross-build zk0-agent and zk0-aggregator for aarch64 and smoke-test them under qemu.
     Cross(cross::CrossArgs),
-    /// Run a cargo-fuzz target for a bounded time.
+    /// Run a cargo-fuzz target (or `--all` of them, one after another) for a bounded time
+    /// each; installs cargo-fuzz when missing. Builds go to fuzz/target.
     Fuzz {
-        target: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        target: Option<String>,
+        /// Every target of fuzz/Cargo.toml.
+        #[arg(long)]
+        all: bool,
+        /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -66,6 +72,16 @@ fn main() -> Result<()> {
         Command::Demo { args } => tasks::demo(&args),
         Command::Bench { name, args } => tasks::bench(&name, &args),
         Command::Cross(args) => cross::cross(&args),
-        Command::Fuzz { target, seconds } => tasks::fuzz(&target, seconds),
+        Command::Fuzz {
+            target,
+            all,
+            seconds,
+        } => {
+            let targets = match target {
+                Some(t) if !all => vec![t],
+                _ => tasks::fuzz_targets()?,
+            };
+            tasks::fuzz(&targets, seconds)
+        }
     }
 }

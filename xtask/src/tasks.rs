@@ -455,7 +455,32 @@ fn fixture_cameras(model: &Path) -> Result<Vec<String>> {
     Ok(cams)
 }
 
-pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
+/// The fuzz targets: the `[[bin]]` names of fuzz/Cargo.toml.
+pub fn fuzz_targets() -> Result<Vec<String>> {
+    let path = root().join("fuzz/Cargo.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // The `name` of each `[[bin]]` table (cargo-fuzz's layout: one per target).
+    let mut targets = Vec::new();
+    let mut in_bin = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if let Some(v) = line.strip_prefix("name").map(str::trim_start) {
+            if let (true, Some(v)) = (in_bin, v.strip_prefix('=')) {
+                targets.push(v.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    if targets.is_empty() {
+        bail!("{} declares no fuzz target", path.display());
+    }
+    Ok(targets)
+}
+
+/// Runs each target for `seconds` (libFuzzer's `-max_total_time`), one after another; a crash
+/// stops with libFuzzer's report (the input lands in fuzz/artifacts/<target>/).
+pub fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
     if !root().join("fuzz/Cargo.toml").is_file() {
         bail!("no fuzz/ directory");
     }
@@ -466,15 +491,40 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
     if !have_fuzz {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    // cargo-fuzz needs nightly flags; the stable toolchain accepts them with RUSTC_BOOTSTRAP.
-    run(Command::new("cargo")
-        .current_dir(root())
-        .env("RUSTC_BOOTSTRAP", "1")
-        .args([
-            "fuzz",
-            "run",
-            target,
-            "--",
-            &format!("-max_total_time={seconds}"),
-        ]))
+    for target in targets {
+        eprintln!("fuzzing {target} for {seconds} s");
+        // cargo-fuzz needs nightly flags; the stable toolchain accepts them with RUSTC_BOOTSTRAP.
+        run(Command::new("cargo")
+            .current_dir(root())
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args([
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ]))
+        .with_context(|| format!("fuzz target {target}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fuzz_target_file_is_a_declared_target() {
+        let mut declared = fuzz_targets().unwrap();
+        declared.sort();
+        let mut files: Vec<String> = std::fs::read_dir(root().join("fuzz/fuzz_targets"))
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                Some(p.file_stem()?.to_str()?.to_string())
+            })
+            .collect();
+        files.sort();
+        assert_eq!(declared, files);
+    }
 }

@@ -25,10 +25,16 @@ impl Server {
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
         let topics = Topics::new(&cfg.federation).context("federation name")?;
-        let (broker, credentials) = crate::broker::start_or_connect(&cfg)?;
-        let mut settings =
-            mqtt::Settings::new(format!("zk0-aggregator-{}", cfg.federation), broker);
+        let (broker, credentials) = crate::broker::start_or_connect(&cfg, &metrics)?;
+        let mut settings = mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker);
         settings.ca_file = cfg.broker.tls_ca.clone().into();
+        if !cfg.broker.tls_client_cert.is_empty() {
+            let b = &cfg.broker;
+            settings.client_cert = Some((
+                b.tls_client_cert.clone().into(),
+                b.tls_client_key.clone().into(),
+            ));
+        }
         settings.credentials = credentials;
         settings.max_packet_bytes = cfg.broker.max_packet_bytes;
         settings.request_capacity = 4096;

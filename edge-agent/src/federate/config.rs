@@ -47,6 +47,10 @@ pub struct AgentConfig {
     pub insecure: bool,
     /// CA certificate (PEM) trusted for `mqtts://` brokers.
     pub ca_file: PathBuf,
+    /// Client certificate (PEM) presented to an mqtts broker that requires mutual TLS.
+    pub cert_file: PathBuf,
+    /// The private key of `cert_file` (PEM).
+    pub cert_key_file: PathBuf,
     pub key_file: PathBuf,
     pub aggregator_key: PathBuf,
     pub dataset: PathBuf,
@@ -85,6 +89,8 @@ impl Default for AgentConfig {
             password: String::new(),
             insecure: false,
             ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            cert_key_file: PathBuf::new(),
             key_file: PathBuf::from("agent.key"),
             aggregator_key: PathBuf::from("aggregator.pub"),
             dataset: PathBuf::from("dataset"),
@@ -124,6 +130,10 @@ impl AgentConfig {
         anyhow::ensure!(
             !self.broker.starts_with("mqtts://") || !self.ca_file.as_os_str().is_empty(),
             "an mqtts:// broker needs ca_file"
+        );
+        anyhow::ensure!(
+            self.cert_file.as_os_str().is_empty() == self.cert_key_file.as_os_str().is_empty(),
+            "cert_file and cert_key_file go together"
         );
         anyhow::ensure!(self.fetch_window > 0, "fetch_window must be positive");
         self.codec

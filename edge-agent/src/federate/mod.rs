@@ -217,10 +217,13 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
         .flatten();
     let mut core = Core::new(cfg.clone(), pinned, key.clone(), hello, previous.as_ref())?;
     let mut settings = Settings::new(
-        format!("zk0-agent-{}", cfg.client_id),
+        zk0_daemon::mqtt::agent_client_id(&cfg.client_id),
         BrokerUrl::parse(&cfg.broker)?,
     );
     settings.ca_file = cfg.ca_file.clone();
+    if !cfg.cert_file.as_os_str().is_empty() {
+        settings.client_cert = Some((cfg.cert_file.clone(), cfg.cert_key_file.clone()));
+    }
     settings.max_packet_bytes = cfg.max_packet_bytes;
     if !cfg.username.is_empty() {
         settings.credentials = Some((cfg.username.clone(), cfg.password.clone()));
