@@ -33,7 +33,7 @@ use crate::publish::{self, Outgoing};
 use crate::round::{CloseReason, Phase, RoundState, Transition};
 use crate::spool;
 use crate::store::Store;
-use crate::verify::{verify_update, Limits, Rejection, Verified};
+use crate::verify::{check_weight, verify_update, Limits, Rejection, Verified};
 use crate::{aggregate, checkpoint};
 
 mod closing;
@@ -65,6 +65,9 @@ struct Server {
     /// The dataset each client says it trains on (its retained status), for the round records
     /// when the federation config does not name one.
     reported_datasets: BTreeMap<String, String>,
+    /// The dataset size each enrolled client reports (when it does): an update may not claim
+    /// more examples.
+    reported_examples: BTreeMap<String, u64>,
     uploads: UploadTable,
     spec: Arc<ModelSpec>,
     /// Enrolled keys, re-read when `keys.json` changes (so `keys enroll|revoke` apply live).
@@ -175,6 +178,9 @@ impl Server {
         {
             self.reported_datasets
                 .insert(cid.to_string(), s.dataset.clone());
+        }
+        if let Some(s) = status.as_ref().filter(|s| enrolled && s.examples > 0) {
+            self.reported_examples.insert(cid.to_string(), s.examples);
         }
         let online = status.is_some_and(|s| s.online);
         if online && !enrolled {
@@ -293,13 +299,16 @@ impl Server {
                 result,
             } => {
                 // The round may have closed while the blob was being verified.
-                let result = result.and_then(|v| match self.state.admit(&cid, round) {
-                    Ok(()) => Ok(v),
-                    Err(_) => Err(Rejection::new(
-                        shared_proto::RejectReason::LateOrOldRound,
-                        format!("round {round} closed while the update was verified"),
-                    )),
-                });
+                let reported = self.reported_examples.get(&cid).copied();
+                let result = result
+                    .and_then(|v| match self.state.admit(&cid, round) {
+                        Ok(()) => Ok(v),
+                        Err(_) => Err(Rejection::new(
+                            shared_proto::RejectReason::LateOrOldRound,
+                            format!("round {round} closed while the update was verified"),
+                        )),
+                    })
+                    .and_then(|v| check_weight(&manifest, &self.limits, reported).map(|()| v));
                 match result {
                     Ok(v) => self.accept(&cid, round, &manifest, &v).await,
                     Err(r) => {

@@ -79,6 +79,7 @@ impl Server {
             jobs,
             online: BTreeSet::new(),
             reported_datasets: BTreeMap::new(),
+            reported_examples: BTreeMap::new(),
             uploads: UploadTable::default(),
             keys: Keys::default(),
             keys_mtime: None,
