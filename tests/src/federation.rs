@@ -239,6 +239,9 @@ pub struct Federation {
     /// Per-client worker command replacing `[worker, "train"]` (e.g. the real worker behind a
     /// start delay, see [`crate::smolvla::delayed_worker`]).
     pub worker_cmd: BTreeMap<String, Vec<String>>,
+    /// The aggregator's `rounds.server_lr` (set it in [`Federation::aggregator_toml`] too), for
+    /// [`Federation::verify_rounds`].
+    pub server_lr: f64,
 }
 
 impl Federation {
@@ -318,6 +321,7 @@ impl Federation {
             aggregator_toml: String::new(),
             chunk_size: 4096,
             worker_cmd: BTreeMap::new(),
+            server_lr: 1.0,
         })
     }
 
@@ -556,8 +560,9 @@ impl Federation {
     }
 
     /// Checks every finished round: the published model equals (1e-6) the example-weighted
-    /// average of the clients' decoded deltas applied to the round's base model, recomputed
-    /// here from what the observer saw on the wire. Returns the number of rounds checked.
+    /// average of the clients' decoded deltas (× [`Federation::server_lr`]) applied to the
+    /// round's base model, recomputed here from what the observer saw on the wire, over the
+    /// accepted updates the round did not exclude. Returns the number of rounds checked.
     pub fn verify_rounds(&self, seen: &Observed) -> Result<usize> {
         let state = self.state()?;
         let history = state["history"]
@@ -569,11 +574,17 @@ impl Federation {
             let new_id = h["model_id"].as_str().context("model id")?;
             let base = self.model(base_id)?;
             let spec = ModelSpec::from_tensors(&base);
+            let excluded: Vec<&str> = h["excluded"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|x| x["client_id"].as_str()).collect())
+                .unwrap_or_default();
             let accepted: Vec<String> = h["accepted"]
                 .as_array()
                 .context("accepted")?
                 .iter()
-                .filter_map(|v| v.as_str().map(String::from))
+                .filter_map(|v| v.as_str())
+                .filter(|c| !excluded.contains(c))
+                .map(String::from)
                 .collect();
             anyhow::ensure!(!accepted.is_empty(), "round {round} accepted nobody");
             let mut expected: BTreeMap<String, Vec<f64>> = base
@@ -604,7 +615,7 @@ impl Federation {
             }
             for (k, e) in expected.iter_mut() {
                 for (x, s) in e.iter_mut().zip(&sum[k]) {
-                    *x += s / total;
+                    *x += self.server_lr * s / total;
                 }
             }
             // The model as published on the wire (not just the aggregator's file).
