@@ -299,15 +299,16 @@ impl Server {
                 result,
             } => {
                 // The round may have closed while the blob was being verified.
+                let result = result.and_then(|v| match self.state.admit(&cid, round) {
+                    Ok(()) => Ok(v),
+                    Err(_) => Err(Rejection::new(
+                        shared_proto::RejectReason::LateOrOldRound,
+                        format!("round {round} closed while the update was verified"),
+                    )),
+                });
+                // No more examples than the dataset the client reported (the loop holds that).
                 let reported = self.reported_examples.get(&cid).copied();
                 let result = result
-                    .and_then(|v| match self.state.admit(&cid, round) {
-                        Ok(()) => Ok(v),
-                        Err(_) => Err(Rejection::new(
-                            shared_proto::RejectReason::LateOrOldRound,
-                            format!("round {round} closed while the update was verified"),
-                        )),
-                    })
                     .and_then(|v| check_weight(&manifest, &self.limits, reported).map(|()| v));
                 match result {
                     Ok(v) => self.accept(&cid, round, &manifest, &v).await,

@@ -693,6 +693,26 @@ impl Federation {
         for (cid, _, _) in clients {
             self.start_agent(cid, rounds)?;
         }
+        self.finish_and_verify(&observer, rounds, timeout)?;
+        for (cid, _, _) in clients {
+            if let Some(a) = self.agents.get_mut(*cid) {
+                let st = a.wait_timeout(Duration::from_secs(20))?;
+                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
+            }
+        }
+        self.state()
+    }
+}
+
+impl Federation {
+    /// Waits (within `timeout`) for the aggregator to exit cleanly, then checks that `rounds`
+    /// rounds ran and each passes [`Federation::verify_rounds`] against what `observer` saw.
+    pub fn finish_and_verify(
+        &mut self,
+        observer: &Observer,
+        rounds: u64,
+        timeout: Duration,
+    ) -> Result<()> {
         let st = self
             .aggregator
             .as_mut()
@@ -712,13 +732,7 @@ impl Federation {
             n as u64 == rounds,
             "expected {rounds} rounds, state has {n}"
         );
-        for (cid, _, _) in clients {
-            if let Some(a) = self.agents.get_mut(*cid) {
-                let st = a.wait_timeout(Duration::from_secs(20))?;
-                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
-            }
-        }
-        self.state()
+        Ok(())
     }
 }
 

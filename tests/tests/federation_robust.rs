@@ -18,6 +18,13 @@ use anyhow::{Context, Result};
 use zk0_e2e::federation::{BrokerKind, Federation, Observer};
 use zk0_e2e::http_get;
 
+/// A federation of `clients` (id, examples, codec) on the embedded broker, fake worker.
+fn setup(dir: &std::path::Path, clients: &[(&str, u64, &str)]) -> Result<Federation> {
+    zk0_e2e::ensure_built()?;
+    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
+    Federation::setup(dir, BrokerKind::Embedded, worker.as_ref(), clients)
+}
+
 /// Runs `clients` for `rounds` rounds (`env`: per-client worker environment), waits for the
 /// aggregator to finish and checks every round with `verify_rounds`. Returns the state, the
 /// `/metrics` text at the end and the acks seen.
@@ -41,24 +48,7 @@ fn run(
         s["history"].as_array().map(Vec::len) == Some(rounds as usize)
     })?;
     let metrics = http_get(&fed.metrics_listen, "/metrics")?;
-    let st = fed
-        .aggregator
-        .as_mut()
-        .context("aggregator")?
-        .wait_timeout(Duration::from_secs(60))?;
-    anyhow::ensure!(st.success(), "aggregator exited with {st}");
-    std::thread::sleep(Duration::from_millis(500));
-    let n = {
-        let seen = observer
-            .seen
-            .lock()
-            .map_err(|_| anyhow::anyhow!("observer poisoned"))?;
-        fed.verify_rounds(&seen)?
-    };
-    anyhow::ensure!(
-        n as u64 == rounds,
-        "expected {rounds} rounds, state has {n}"
-    );
+    fed.finish_and_verify(&observer, rounds, Duration::from_secs(60))?;
     Ok((fed.state()?, metrics, observer))
 }
 
@@ -110,7 +100,6 @@ fn excluded(
 
 #[test]
 fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
     let clients = [
         ("robot-a", 50, "f32"),
@@ -118,12 +107,7 @@ fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
         ("heavy", 1_000_000_000_000, "f32"),
         ("loud", 80, "f32"),
     ];
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
-        &clients,
-    )?;
+    let mut fed = setup(tmp.path(), &clients)?;
     let r = (|| -> Result<()> {
         // heavy's refused update never counts, so the round closes at its deadline.
         let (state, metrics, observer) = run(
@@ -160,15 +144,8 @@ fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
 
 #[test]
 fn an_update_overflowing_the_aggregate_is_left_out() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let clients = [("robot-a", 100, "f32"), ("huge", 300, "f32")];
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
-        &clients,
-    )?;
+    let mut fed = setup(tmp.path(), &[("robot-a", 100, "f32"), ("huge", 300, "f32")])?;
     fed.aggregator_toml = "[rounds]\nserver_lr = 3.0\n".into();
     fed.server_lr = 3.0;
     let r = (|| -> Result<()> {
