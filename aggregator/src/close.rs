@@ -13,11 +13,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use shared_proto::codec::decode_delta_each;
-use shared_proto::tensor::{read_safetensors, ModelSpec};
+use shared_proto::tensor::{read_safetensors, ModelSpec, TensorSet};
 
-use crate::aggregate::{self, ServerStep};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+
+use crate::aggregate::{self, Aggregation, Coordinatewise, Excluded, ServerStep};
 use crate::checkpoint;
 use crate::config::Config;
+use crate::config::Strategy;
 use crate::metrics::Metrics;
 use crate::outputs::{self, PolicyLossPoint, RoundRecord, ServerEval};
 use crate::plots;
@@ -47,6 +51,8 @@ pub struct CloseJob {
 pub struct Closed {
     pub model_id: String,
     pub model: Bytes,
+    /// Accepted updates left out of the model, with why.
+    pub excluded: Vec<Excluded>,
     pub server_eval: EvalOutcome,
 }
 
@@ -56,52 +62,191 @@ impl CloseJob {
     /// evaluation is never lost.
     pub async fn run(self) -> Result<Closed> {
         let job = self.clone();
-        let (model_id, model) = tokio::task::spawn_blocking(move || {
+        let agg = tokio::task::spawn_blocking(move || {
             aggregate_round(
                 &job.store,
                 &job.spec,
                 &job.model_id,
                 job.round,
                 &job.accepted,
-                job.cfg.rounds.server_lr,
+                &job.cfg.aggregation(),
             )
         })
         .await
         .context("aggregation task")??;
-        let server_eval = server_eval(&self, self.round, &model_id).await;
+        let server_eval = server_eval(&self, self.round, &agg.model_id).await;
         Ok(Closed {
-            model_id,
-            model: Bytes::from(model),
+            model_id: agg.model_id,
+            model: Bytes::from(agg.model),
+            excluded: agg.excluded,
             server_eval,
         })
     }
 }
 
-/// `global += server_lr · Σ wᵢΔᵢ / Σ wᵢ` over the accepted blobs, read one at a time in
-/// sorted client order and folded tensor by tensor as each is decoded: peak memory is the
-/// global model plus one update's blob, and the result does not depend on arrival order.
-/// Returns the new model's id and bytes (already saved).
+/// A round's new model: saved under its id, with its bytes and the updates left out of it.
+#[derive(Debug)]
+pub struct Aggregated {
+    pub model_id: String,
+    pub model: Vec<u8>,
+    pub excluded: Vec<Excluded>,
+}
+
+/// Combines the accepted updates of `round` into the next global model with the configured
+/// strategy, leaving out norm outliers and any update that makes the model non-finite.
+///
+/// The normal path is one pass over the blobs: the norm rule needs only the norms measured on
+/// receipt, so the included set is known before the first blob is read; the fold's result is
+/// then checked finite. Only when it is not (an attack: honest deltas are tiny next to
+/// f32::MAX) is the largest-norm update dropped and the fold redone from the base model, until
+/// the model is finite: at most one refold per update, paid by attacked rounds alone, instead of
+/// checking every update's effect on every round. Sorted client order throughout, so a redone
+/// round (after a crash) gives the same model and the same exclusions.
 pub fn aggregate_round(
     store: &Store,
     spec: &ModelSpec,
     model_id: &str,
     round: u64,
     accepted: &BTreeMap<String, UpdateRecord>,
-    server_lr: f64,
-) -> Result<(String, Vec<u8>)> {
-    let (_, mut global) = aggregate::load_model(store, model_id)?;
-    let max_decoded = spec.f32_bytes().saturating_add(1 << 20);
-    let total: f64 = accepted.values().map(|r| r.examples as f64).sum();
-    let mut step = ServerStep::new(&mut global, total, server_lr)?;
-    for (cid, rec) in accepted {
-        let path = store.accepted_path(round, cid);
-        let blob = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        decode_delta_each(&blob, spec, max_decoded, |name, _, delta| {
-            step.add_tensor(rec.examples as f64, name, &delta)
-        })
-        .with_context(|| format!("decoding {}", path.display()))?;
+    agg: &Aggregation,
+) -> Result<Aggregated> {
+    let norms: BTreeMap<String, f64> = accepted.iter().map(|(c, r)| (c.clone(), r.norm)).collect();
+    let mut excluded = aggregate::norm_outliers(&norms, agg.norm_bound_multiple);
+    loop {
+        let included: BTreeMap<&String, &UpdateRecord> = accepted
+            .iter()
+            .filter(|(c, _)| !excluded.iter().any(|e| &e.client_id == *c))
+            .collect();
+        let (_, mut global) = aggregate::load_model(store, model_id)?;
+        fold(store, spec, round, &included, agg, &mut global)?;
+        if aggregate::all_finite(&global) {
+            let (model_id, model) = aggregate::save_model(store, &global)?;
+            for e in &excluded {
+                tracing::warn!(round, client = %e.client_id, reason = e.reason.as_str(), detail = %e.detail, "update left out of the aggregate");
+            }
+            return Ok(Aggregated {
+                model_id,
+                model,
+                excluded,
+            });
+        }
+        let left: BTreeMap<String, f64> =
+            included.keys().map(|c| ((*c).clone(), norms[*c])).collect();
+        // With nothing folded the model is the base one, which was finite when published.
+        let culprit = aggregate::overflow_culprit(&left)
+            .with_context(|| format!("base model {model_id} is not finite"))?;
+        excluded.push(culprit);
     }
-    aggregate::save_model(store, &global)
+}
+
+/// Folds the `included` updates into `global` with the configured strategy (nothing included:
+/// the model stays).
+fn fold(
+    store: &Store,
+    spec: &ModelSpec,
+    round: u64,
+    included: &BTreeMap<&String, &UpdateRecord>,
+    agg: &Aggregation,
+    global: &mut TensorSet,
+) -> Result<()> {
+    let stat = match agg.strategy {
+        Strategy::FedProx => return fold_weighted(store, spec, round, included, agg, global),
+        Strategy::TrimmedMean => Coordinatewise::TrimmedMean(agg.trim_fraction),
+        Strategy::Median => Coordinatewise::Median,
+    };
+    if included.is_empty() {
+        return Ok(());
+    }
+    fold_coordinatewise(store, spec, round, included, stat, agg.server_lr, global)
+}
+
+/// `global += server_lr · Σ wᵢΔᵢ / Σ wᵢ`, the blobs read one at a time and folded tensor by
+/// tensor as each is decoded: peak memory is the global model plus one update's blob.
+fn fold_weighted(
+    store: &Store,
+    spec: &ModelSpec,
+    round: u64,
+    included: &BTreeMap<&String, &UpdateRecord>,
+    agg: &Aggregation,
+    global: &mut TensorSet,
+) -> Result<()> {
+    let total: f64 = included.values().map(|r| r.examples as f64).sum();
+    let mut step = ServerStep::new(global, total, agg.server_lr)?;
+    for (cid, rec) in included {
+        each_delta(store, spec, round, cid, |name, delta| {
+            step.add_tensor(rec.examples as f64, name, &delta)
+        })?;
+    }
+    Ok(())
+}
+
+/// A coordinate-wise statistic needs every client's value of a coordinate at once, but a blob
+/// (zstd over the whole update) only decodes from its start. So each blob is decoded once into
+/// a scratch file of raw f32 in spec order, then the files are read side by side, one tensor of
+/// each at a time: memory is the model plus n × one tensor, disk n × the model's f32 size.
+fn fold_coordinatewise(
+    store: &Store,
+    spec: &ModelSpec,
+    round: u64,
+    included: &BTreeMap<&String, &UpdateRecord>,
+    stat: Coordinatewise,
+    server_lr: f64,
+    global: &mut TensorSet,
+) -> Result<()> {
+    let scratch = store.scratch_round_dir(round);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let mut readers = Vec::with_capacity(included.len());
+    for cid in included.keys() {
+        let path = scratch.join(format!("{cid}.f32"));
+        let mut out = BufWriter::new(
+            File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        each_delta(store, spec, round, cid, |_, delta| {
+            let raw: Vec<u8> = delta.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Ok(out.write_all(&raw)?)
+        })?;
+        out.flush()?;
+        readers.push(BufReader::new(File::open(&path)?));
+    }
+    let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); readers.len()];
+    let mut bytes = Vec::new();
+    for name in spec.tensors.keys() {
+        let g = global
+            .get_mut(name)
+            .with_context(|| format!("global model lacks {name}"))?;
+        bytes.resize(g.data.len() * 4, 0);
+        for (d, r) in deltas.iter_mut().zip(&mut readers) {
+            r.read_exact(&mut bytes)
+                .with_context(|| format!("reading back {name}"))?;
+            d.clear();
+            d.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        aggregate::robust_step(stat, server_lr, &mut g.data, &deltas)?;
+    }
+    drop(readers);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Decodes the accepted blob of `cid` tensor by tensor (spec order) into `each`.
+fn each_delta(
+    store: &Store,
+    spec: &ModelSpec,
+    round: u64,
+    cid: &str,
+    mut each: impl FnMut(&str, Vec<f32>) -> Result<()>,
+) -> Result<()> {
+    let path = store.accepted_path(round, cid);
+    let blob = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let max_decoded = spec.f32_bytes().saturating_add(1 << 20);
+    decode_delta_each(&blob, spec, max_decoded, |name, _, delta| each(name, delta))
+        .with_context(|| format!("decoding {}", path.display()))?;
+    Ok(())
 }
 
 /// Evaluates model `model_id` on the held-out dataset when round `round` is due (round 0: the
@@ -159,16 +304,19 @@ pub async fn server_eval(job: &CloseJob, round: u64, model_id: &str) -> EvalOutc
 }
 
 /// Feeds the closing round's client losses to the zk0 schedule, before `complete` clears the
-/// accepted updates; it decides the adaptive part of the next announcement.
+/// accepted updates; it decides the adaptive part of the next announcement. Updates left out
+/// of the aggregate do not steer it either.
 pub fn observe_schedule(
     state: &mut RoundState,
     cfg: &Config,
     round: u64,
     server_loss: Option<f64>,
+    excluded: &[Excluded],
 ) {
     let clients = state
         .accepted
         .iter()
+        .filter(|(c, _)| !excluded.iter().any(|e| &e.client_id == *c))
         .filter_map(|(c, rec)| Some((c.clone(), (*rec.metrics.get("loss")?, rec.examples))))
         .collect();
     let obs = crate::schedule::RoundObservation {
@@ -270,6 +418,211 @@ fn push_to_hub(repo: &str, dir: &std::path::Path) {
         }
         Err(e) => {
             tracing::warn!(%repo, error = format!("{e:#}"), "push to the Hub failed; retry with `zk0-aggregator push`")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::ExcludeReason;
+    use shared_proto::codec::{encode_delta, Codec, EncodeOptions};
+    use shared_proto::tensor::Tensor;
+
+    /// A model of two tensors, `a` (2 values) and `b` (1 value).
+    fn model(a: [f32; 2], b: f32) -> TensorSet {
+        [
+            (
+                "a".to_string(),
+                Tensor {
+                    shape: vec![2],
+                    data: a.to_vec(),
+                },
+            ),
+            (
+                "b".to_string(),
+                Tensor {
+                    shape: vec![1],
+                    data: vec![b],
+                },
+            ),
+        ]
+        .into()
+    }
+
+    /// A state dir holding base model `base` and round-1 accepted updates (id, examples, Δ).
+    fn round(
+        base: &TensorSet,
+        updates: &[(&str, u64, TensorSet)],
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        String,
+        BTreeMap<String, UpdateRecord>,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        std::fs::create_dir_all(store.dir.join("models")).unwrap();
+        let (id, _) = aggregate::save_model(&store, base).unwrap();
+        let mut accepted = BTreeMap::new();
+        for (cid, examples, delta) in updates {
+            let opts = EncodeOptions {
+                codec: Codec::F32,
+                zstd_level: 1,
+            };
+            let blob = encode_delta(delta, &opts, None).unwrap();
+            let path = store.accepted_path(1, cid);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &blob).unwrap();
+            let norm = delta
+                .values()
+                .flat_map(|t| &t.data)
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            let rec = UpdateRecord {
+                examples: *examples,
+                sha256: String::new(),
+                codec: "f32".into(),
+                bytes: blob.len() as u64,
+                norm,
+                metrics: BTreeMap::new(),
+            };
+            accepted.insert(cid.to_string(), rec);
+        }
+        (d, store, id, accepted)
+    }
+
+    fn agg(strategy: Strategy, server_lr: f64) -> Aggregation {
+        Aggregation {
+            strategy,
+            trim_fraction: 0.2,
+            server_lr,
+            norm_bound_multiple: 10.0,
+        }
+    }
+
+    fn run(
+        store: &Store,
+        id: &str,
+        accepted: &BTreeMap<String, UpdateRecord>,
+        a: &Aggregation,
+    ) -> (TensorSet, Vec<(String, ExcludeReason)>) {
+        let spec = ModelSpec::from_tensors(&aggregate::load_model(store, id).unwrap().1);
+        let out = aggregate_round(store, &spec, id, 1, accepted, a).unwrap();
+        let (bytes, m) = aggregate::load_model(store, &out.model_id).unwrap();
+        assert_eq!(bytes, out.model, "the returned bytes are the saved model");
+        let ex = out
+            .excluded
+            .iter()
+            .map(|e| (e.client_id.clone(), e.reason))
+            .collect();
+        (m, ex)
+    }
+
+    fn values(m: &TensorSet) -> Vec<f32> {
+        [&m["a"].data[..], &m["b"].data[..]].concat()
+    }
+
+    #[test]
+    fn fedprox_is_the_weighted_average_without_the_norm_outlier() {
+        let base = model([1.0, 2.0], 0.0);
+        let (_d, store, id, acc) = round(
+            &base,
+            &[
+                ("a", 1, model([1.0, 0.0], 4.0)),
+                ("b", 3, model([0.0, 4.0], 0.0)),
+                ("c", 4, model([0.5, 0.5], 1.0)),
+                ("evil", 1000, model([1000.0, -1000.0], 1000.0)),
+            ],
+        );
+        let (m, ex) = run(&store, &id, &acc, &agg(Strategy::FedProx, 1.0));
+        assert_eq!(ex, vec![("evil".to_string(), ExcludeReason::NormOutlier)]);
+        // (1·Δa + 3·Δb + 4·Δc) / 8 added to the base.
+        assert_eq!(values(&m), vec![1.375, 3.75, 1.0]);
+    }
+
+    #[test]
+    fn fewer_than_three_updates_exclude_nobody_by_norm() {
+        let base = model([0.0, 0.0], 0.0);
+        let (_d, store, id, acc) = round(
+            &base,
+            &[
+                ("a", 1, model([1.0, 1.0], 1.0)),
+                ("big", 1, model([1000.0, 1000.0], 1000.0)),
+            ],
+        );
+        let (m, ex) = run(&store, &id, &acc, &agg(Strategy::FedProx, 1.0));
+        assert!(ex.is_empty());
+        assert_eq!(values(&m), vec![500.5, 500.5, 500.5]);
+    }
+
+    #[test]
+    fn an_update_overflowing_the_aggregate_is_left_out() {
+        // Finite values near f32::MAX with most of the weight and server_lr 3: the step would
+        // make ±∞ (in every strategy). The norm rule cannot catch it with two updates.
+        let base = model([1.0, 1.0], 1.0);
+        let (_d, store, id, acc) = round(
+            &base,
+            &[
+                ("a", 1, model([0.5, -0.5], 0.25)),
+                ("huge", 3, model([f32::MAX, -f32::MAX], 1.0)),
+            ],
+        );
+        for strategy in [Strategy::FedProx, Strategy::Median, Strategy::TrimmedMean] {
+            let (m, ex) = run(&store, &id, &acc, &agg(strategy, 3.0));
+            assert_eq!(
+                ex,
+                vec![("huge".to_string(), ExcludeReason::NonFiniteAggregate)],
+                "{strategy:?}"
+            );
+            assert!(aggregate::all_finite(&m));
+            // The model of the rest: base + 3·Δa.
+            assert_eq!(values(&m), vec![2.5, -0.5, 1.75], "{strategy:?}");
+        }
+    }
+
+    #[test]
+    fn coordinatewise_strategies_read_every_client_per_tensor() {
+        let base = model([0.0, 0.0], 10.0);
+        let (_d, store, id, acc) = round(
+            &base,
+            &[
+                ("a", 1, model([-5.0, 1.0], 1.0)),
+                ("b", 100, model([1.0, 2.0], 2.0)),
+                ("c", 1, model([2.0, 3.0], 3.0)),
+                ("d", 1, model([3.0, 4.0], 4.0)),
+                ("e", 1, model([5.0, 9.0], -5.0)),
+            ],
+        );
+        // Unweighted: b's 100 examples change nothing. Median per coordinate: 2, 3, 2.
+        let (m, ex) = run(&store, &id, &acc, &agg(Strategy::Median, 1.0));
+        assert!(ex.is_empty());
+        assert_eq!(values(&m), vec![2.0, 3.0, 12.0]);
+        // Trim 0.2 of 5 cuts one at each end: means of {1,2,3}, {2,3,4}, {1,2,3}.
+        let (m, _) = run(&store, &id, &acc, &agg(Strategy::TrimmedMean, 1.0));
+        assert_eq!(values(&m), vec![2.0, 3.0, 12.0]);
+        assert!(
+            !store.scratch_round_dir(1).exists(),
+            "scratch files are removed"
+        );
+        // And the strategies differ where they should: trim 0 is the plain mean.
+        let plain = Aggregation {
+            trim_fraction: 0.0,
+            ..agg(Strategy::TrimmedMean, 1.0)
+        };
+        let (m, _) = run(&store, &id, &acc, &plain);
+        assert_eq!(values(&m), vec![1.2, 3.8, 11.0]);
+    }
+
+    #[test]
+    fn no_update_left_keeps_the_model() {
+        let base = model([1.0, 2.0], 3.0);
+        let (_d, store, id, acc) = round(&base, &[]);
+        for strategy in [Strategy::FedProx, Strategy::Median] {
+            let (m, ex) = run(&store, &id, &acc, &agg(strategy, 1.0));
+            assert!(ex.is_empty());
+            assert_eq!(m, base);
         }
     }
 }

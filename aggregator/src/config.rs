@@ -37,7 +37,12 @@
 //! accepted_codecs = ["f32", "bf16", "int8", "topk:0.01"]
 //! chunk_size = 1048576
 //! max_update_bytes = 268435456
-//! max_update_norm = 0.0            # 0: no bound on ‖Δ‖₂
+//! max_update_norm = 0.0            # absolute bound on ‖Δ‖₂ at receipt; 0: none
+//! max_examples = 10000000          # bigger `examples` (the weight) is refused: weight_bound
+//! strategy = "fedprox"             # "fedprox" (weighted FedAvg step) | "trimmed-mean" | "median"
+//! trim_fraction = 0.1              # trimmed-mean: fraction cut at each end, per coordinate
+//! norm_bound_multiple = 10.0       # with >= 3 updates, ‖Δ‖₂ over this × the round's median
+//!                                  # is left out of the aggregate (norm_outlier); 0: off
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9464"        # Prometheus /metrics; empty disables
@@ -113,6 +118,27 @@ pub struct RoundsConfig {
     pub chunk_size: usize,
     pub max_update_bytes: u64,
     pub max_update_norm: f64,
+    /// Largest `examples` (aggregation weight) an update may claim.
+    pub max_examples: u64,
+    pub strategy: Strategy,
+    /// `trimmed-mean`: fraction of the values cut at each end of every coordinate, in [0, 0.5).
+    pub trim_fraction: f64,
+    /// Relative norm bound at round close (see `aggregate::norm_outliers`); 0 turns it off.
+    pub norm_bound_multiple: f64,
+}
+
+/// How a round's accepted updates are combined (`rounds.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// `global += server_lr · Σ wᵢΔᵢ / Σ wᵢ` (the server step of FedProx / FedAvg).
+    #[serde(rename = "fedprox")]
+    FedProx,
+    /// Coordinate-wise trimmed mean of the deltas, unweighted (Flower's FedTrimmedAvg).
+    #[serde(rename = "trimmed-mean")]
+    TrimmedMean,
+    /// Coordinate-wise median of the deltas, unweighted (Flower's FedMedian).
+    #[serde(rename = "median")]
+    Median,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +206,10 @@ impl Default for RoundsConfig {
             chunk_size: 1 << 20,
             max_update_bytes: 256 << 20,
             max_update_norm: 0.0,
+            max_examples: 10_000_000,
+            strategy: Strategy::FedProx,
+            trim_fraction: 0.1,
+            norm_bound_multiple: 10.0,
         }
     }
 }
@@ -222,6 +252,16 @@ impl Config {
             "rounds.round_timeout_s must be > 0"
         );
         anyhow::ensure!(r.server_lr.is_finite(), "rounds.server_lr must be finite");
+        anyhow::ensure!(r.max_examples > 0, "rounds.max_examples must be > 0");
+        anyhow::ensure!(
+            (0.0..0.5).contains(&r.trim_fraction),
+            "rounds.trim_fraction must be in [0, 0.5)"
+        );
+        anyhow::ensure!(
+            r.norm_bound_multiple == 0.0
+                || (r.norm_bound_multiple >= 1.0 && r.norm_bound_multiple.is_finite()),
+            "rounds.norm_bound_multiple must be 0 (off) or a finite value >= 1"
+        );
         anyhow::ensure!(
             !r.accepted_codecs.is_empty(),
             "rounds.accepted_codecs is empty"
@@ -273,6 +313,7 @@ impl Config {
             chunk_size: u32::try_from(r.chunk_size).unwrap_or(u32::MAX),
             max_update_bytes: r.max_update_bytes,
             max_update_norm: r.max_update_norm,
+            max_examples: r.max_examples,
             // `validate` checked they parse.
             accepted_codecs: r
                 .accepted_codecs
@@ -289,6 +330,17 @@ impl Config {
             max_clients: self.rounds.max_clients,
             fraction: self.rounds.fraction,
             round_timeout_ms: (self.rounds.round_timeout_s * 1000.0) as u64,
+        }
+    }
+
+    /// How round close combines the accepted updates.
+    pub fn aggregation(&self) -> crate::aggregate::Aggregation {
+        let r = &self.rounds;
+        crate::aggregate::Aggregation {
+            strategy: r.strategy,
+            trim_fraction: r.trim_fraction,
+            server_lr: r.server_lr,
+            norm_bound_multiple: r.norm_bound_multiple,
         }
     }
 }
@@ -315,6 +367,31 @@ mod tests {
         c.broker.users.insert("a".into(), "b".into());
         c.validate().unwrap();
         c.broker.max_packet_bytes = 1000;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn robust_aggregation_keys_parse_and_are_checked() {
+        let c = Config::default();
+        assert_eq!(c.rounds.strategy, Strategy::FedProx);
+        assert_eq!(
+            c.rounds.norm_bound_multiple, 10.0,
+            "the relative bound is on by default"
+        );
+        let mut c: Config = toml::from_str(
+            "insecure = true\n[rounds]\nstrategy = \"trimmed-mean\"\ntrim_fraction = 0.2\n",
+        )
+        .unwrap();
+        assert_eq!(c.rounds.strategy, Strategy::TrimmedMean);
+        c.validate().unwrap();
+        assert!(toml::from_str::<Config>("[rounds]\nstrategy = \"krum\"\n").is_err());
+        c.rounds.trim_fraction = 0.5;
+        assert!(c.validate().is_err());
+        c.rounds.trim_fraction = 0.1;
+        c.rounds.norm_bound_multiple = 0.5;
+        assert!(c.validate().is_err());
+        c.rounds.norm_bound_multiple = 0.0;
+        c.rounds.max_examples = 0;
         assert!(c.validate().is_err());
     }
 }

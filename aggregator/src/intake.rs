@@ -471,6 +471,7 @@ mod tests {
                 chunk_size: CHUNK,
                 max_update_bytes: 4096,
                 max_update_norm: 0.0,
+                max_examples: 1_000_000,
                 accepted_codecs: vec![Codec::F32, Codec::Int8],
             },
             spec: ModelSpec::from_tensors(&delta(1.0)),

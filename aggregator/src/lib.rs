@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | event loop (I/O) | [`server`] | MQTT in/out, executes the cores' verdicts, runs long work as jobs |
 //! | pure cores | [`intake`], [`verify`], [`round`], [`schedule`], [`publish`] | upload table and manifest checks; blob verification; the round machine; LR/mu schedules; message building |
-//! | round close | [`close`], [`aggregate`], [`server_eval`], [`outputs`], [`plots`], [`checkpoint`], [`hub`] | FedProx fold, evaluation, run outputs (beside the loop) |
+//! | round close | [`close`], [`aggregate`], [`server_eval`], [`outputs`], [`plots`], [`checkpoint`], [`hub`] | strategies and exclusion rules, evaluation, run outputs (beside the loop) |
 //! | disk | [`store`], [`spool`] | state-dir layout, `state.json`, keys; uploads written in place |
 //! | plumbing | [`broker`], [`mtls`], [`acl`], [`metrics`], [`config`], [`tls`], [`doctor`], [`datasets`] | embedded rumqttd (logins bound to client ids) and its mutual-TLS front, mosquitto password/ACL files, Prometheus, `[config]`, certificates, `doctor` |
 //!

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub current_round: Gauge,
     pub updates_accepted: Counter,
     pub updates_rejected: Family<ReasonLabel, Counter>,
+    /// Accepted updates left out of a round's aggregate at close.
+    pub updates_excluded: Family<ReasonLabel, Counter>,
     pub update_bytes: Counter,
     pub model_bytes_published: Counter,
     pub connected_clients: Gauge,
@@ -50,6 +52,7 @@ impl Metrics {
             current_round: Gauge::default(),
             updates_accepted: Counter::default(),
             updates_rejected: Family::default(),
+            updates_excluded: Family::default(),
             update_bytes: Counter::default(),
             model_bytes_published: Counter::default(),
             connected_clients: Gauge::default(),
@@ -131,6 +134,11 @@ impl Metrics {
             m.updates_rejected.clone(),
         );
         registry.register(
+            "updates_excluded",
+            "Accepted updates left out of the round's aggregate (norm outlier, non-finite aggregate), by reason",
+            m.updates_excluded.clone(),
+        );
+        registry.register(
             "update_bytes",
             "Encoded update bytes received in chunks",
             m.update_bytes.clone(),
@@ -161,6 +169,11 @@ impl Metrics {
                 reason: i.as_str().to_string(),
             });
         }
+        for r in crate::aggregate::ExcludeReason::ALL {
+            let _ = m.updates_excluded.get_or_create(&ReasonLabel {
+                reason: r.as_str().to_string(),
+            });
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -168,6 +181,14 @@ impl Metrics {
         self.statuses_refused
             .get_or_create(&ReasonLabel {
                 reason: why.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn exclude(&self, reason: &str) {
+        self.updates_excluded
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -212,14 +212,18 @@ pub struct RoundRecord {
     pub round: u64,
     pub model_id: String,
     pub base_model_id: String,
-    /// Example-weighted means of the client metrics.
+    /// Example-weighted means of the client metrics (of the aggregated updates).
     pub aggregated: BTreeMap<String, f64>,
     /// Sum of the accepted updates' encoded sizes.
     pub bytes_received: u64,
     pub server_eval: Option<ServerEval>,
     /// Why there is no server evaluation although one was due (the error).
     pub server_eval_error: Option<String>,
+    /// Every accepted update, including those left out of the aggregate …
     pub clients: Vec<ClientRecord>,
+    /// … which are listed here with why.
+    #[serde(default)]
+    pub excluded: Vec<crate::aggregate::Excluded>,
     pub duration_ms: u64,
 }
 
@@ -242,6 +246,7 @@ impl RoundRecord {
             server_eval: None,
             server_eval_error: None,
             clients,
+            excluded: summary.excluded.clone(),
             duration_ms: summary.duration_ms,
         }
     }

@@ -227,6 +227,7 @@ mod tests {
                 bytes_received: 3000 * r,
                 server_eval: None,
                 server_eval_error: None,
+                excluded: Vec::new(),
                 clients: ["a", "b"]
                     .iter()
                     .map(|c| ClientRecord {

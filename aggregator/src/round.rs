@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::Excluded;
+
 /// Scheduling knobs of the round machine (a subset of the aggregator config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundConfig {
@@ -49,6 +51,10 @@ pub struct UpdateRecord {
     pub codec: String,
     /// Encoded size in bytes.
     pub bytes: u64,
+    /// ‖Δ‖₂ of the decoded delta, measured on receipt (round close bounds it without
+    /// decoding again). 0 in a state written before it was recorded.
+    #[serde(default)]
+    pub norm: f64,
     /// Training metrics the client reported.
     pub metrics: BTreeMap<String, f64>,
 }
@@ -73,8 +79,11 @@ pub struct RoundSummary {
     pub selected: Vec<String>,
     pub accepted: Vec<String>,
     pub dropped: Vec<String>,
+    /// Accepted updates left out of the aggregate (norm outlier, non-finite aggregate).
+    #[serde(default)]
+    pub excluded: Vec<Excluded>,
     pub duration_ms: u64,
-    /// Example-weighted mean of each client metric.
+    /// Example-weighted mean of each client metric, over the aggregated updates.
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -245,12 +254,20 @@ impl RoundState {
     }
 
     /// The aggregated model is published: record the summary and move to the next round.
+    /// `excluded`: accepted updates the aggregate left out.
     pub fn complete(
         &mut self,
         new_model_id: String,
         reason: CloseReason,
+        excluded: Vec<Excluded>,
         now_ms: u64,
     ) -> RoundSummary {
+        let aggregated: BTreeMap<String, UpdateRecord> = self
+            .accepted
+            .iter()
+            .filter(|(c, _)| !excluded.iter().any(|e| &e.client_id == *c))
+            .map(|(c, r)| (c.clone(), r.clone()))
+            .collect();
         let started = match self.phase {
             Phase::Aggregating { started_ms, .. } | Phase::Collecting { started_ms, .. } => {
                 started_ms
@@ -265,8 +282,9 @@ impl RoundState {
             selected: self.selected.iter().cloned().collect(),
             accepted: self.accepted.keys().cloned().collect(),
             dropped: self.dropped(),
+            excluded,
             duration_ms: now_ms.saturating_sub(started),
-            metrics: weighted_metrics(&self.accepted),
+            metrics: weighted_metrics(&aggregated),
         };
         self.history.push(summary.clone());
         self.round += 1;
@@ -339,6 +357,7 @@ mod tests {
             sha256: String::new(),
             codec: "f32".into(),
             bytes: 1,
+            norm: 1.0,
             metrics: [("loss".to_string(), loss)].into(),
         }
     }
@@ -371,7 +390,7 @@ mod tests {
             })
         );
         assert_eq!(s.admit("b", 1), Err(Admission::NotCollecting));
-        let sum = s.complete("m1".into(), CloseReason::AllReported, 20);
+        let sum = s.complete("m1".into(), CloseReason::AllReported, vec![], 20);
         assert_eq!(sum.metrics["loss"], 1.75);
         assert_eq!(s.round, 2);
         assert_eq!(s.admit("a", 1), Err(Admission::StaleRound));
@@ -402,7 +421,7 @@ mod tests {
         assert_eq!(s.join_late(&c, "d"), Some(Transition::Reannounce));
         assert_eq!(s.join_late(&c, "d"), None);
         s.tick(&c, &set(&["a"]), 2000);
-        s.complete("m1".into(), CloseReason::Deadline, 2000);
+        s.complete("m1".into(), CloseReason::Deadline, vec![], 2000);
         assert_eq!(
             s.tick(&c, &set(&["a", "b"]), 2001),
             Some(Transition::Finish)

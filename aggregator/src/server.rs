@@ -35,7 +35,7 @@ use crate::publish::{self, Outgoing};
 use crate::round::{CloseReason, Phase, RoundState, Transition};
 use crate::spool;
 use crate::store::Store;
-use crate::verify::{verify_update, Limits, Rejection, Verified};
+use crate::verify::{check_weight, verify_update, Limits, Rejection, Verified};
 use crate::{aggregate, checkpoint};
 
 mod closing;
@@ -77,6 +77,9 @@ struct Server {
     /// The dataset each client says it trains on (its retained status), for the round records
     /// when the federation config does not name one.
     reported_datasets: BTreeMap<String, String>,
+    /// The dataset size each enrolled client reports (when it does): an update may not claim
+    /// more examples.
+    reported_examples: BTreeMap<String, u64>,
     uploads: UploadTable,
     spec: Arc<ModelSpec>,
     /// Enrolled keys, re-read when `keys.json` changes (so `keys enroll|revoke` apply live).
@@ -206,6 +209,10 @@ impl Server {
         if !status.dataset.is_empty() {
             self.reported_datasets
                 .insert(cid.to_string(), status.dataset.clone());
+        }
+        if status.examples > 0 {
+            self.reported_examples
+                .insert(cid.to_string(), status.examples);
         }
         let online = status.online;
         let changed = if online {
@@ -364,6 +371,10 @@ impl Server {
                         format!("round {round} closed while the update was verified"),
                     )),
                 });
+                // No more examples than the dataset the client reported (the loop holds that).
+                let reported = self.reported_examples.get(&cid).copied();
+                let result = result
+                    .and_then(|v| check_weight(&manifest, &self.limits, reported).map(|()| v));
                 match result {
                     Ok(v) => self.accept(&cid, round, &manifest, &v).await,
                     Err(r) => {

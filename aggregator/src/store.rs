@@ -79,6 +79,10 @@ impl Store {
     pub fn accepted_round_dir(&self, round: u64) -> PathBuf {
         self.dir.join("accepted").join(format!("r{round}"))
     }
+    /// Scratch space of a round close (coordinate-wise strategies), removed when it is done.
+    pub fn scratch_round_dir(&self, round: u64) -> PathBuf {
+        self.dir.join("scratch").join(format!("r{round}"))
+    }
     pub fn round_summary_path(&self, round: u64) -> PathBuf {
         self.dir
             .join("rounds")

@@ -45,6 +45,8 @@ pub struct Limits {
     pub max_update_bytes: u64,
     /// Bound on ‖Δ‖₂; 0 disables it.
     pub max_update_norm: f64,
+    /// Largest aggregation weight (`examples`) an update may claim.
+    pub max_examples: u64,
     pub accepted_codecs: Vec<Codec>,
 }
 
@@ -85,6 +87,7 @@ impl Verified {
             sha256: m.sha256.clone(),
             codec: m.codec.clone(),
             bytes: m.total_len,
+            norm: self.norm,
             metrics,
         }
     }
@@ -111,6 +114,7 @@ pub fn check_manifest(m: &UpdateManifest, limits: &Limits) -> Result<ChunkTracke
             "examples must be positive",
         ));
     }
+    check_weight(m, limits, None)?;
     if m.total_len > limits.max_update_bytes {
         return Err(Rejection::new(
             RejectReason::Oversize,
@@ -147,6 +151,37 @@ pub fn check_manifest(m: &UpdateManifest, limits: &Limits) -> Result<ChunkTracke
         ));
     }
     Ok(tracker)
+}
+
+/// The aggregation weight a client claims (`examples`) against what the aggregator allows:
+/// `max_examples`, and the dataset size the client reported in its status (`reported`, when it
+/// reported one). Refused, not capped: a capped weight would still count an update whose claim
+/// is false. The intake checks the configured maximum before any chunk; the event loop, which
+/// holds the client statuses, checks both once the blob is verified.
+pub fn check_weight(
+    m: &UpdateManifest,
+    limits: &Limits,
+    reported: Option<u64>,
+) -> Result<(), Rejection> {
+    if m.examples > limits.max_examples {
+        return Err(Rejection::new(
+            RejectReason::WeightBound,
+            format!(
+                "examples {} exceeds max_examples {}",
+                m.examples, limits.max_examples
+            ),
+        ));
+    }
+    match reported.filter(|&n| n > 0) {
+        Some(n) if m.examples > n => Err(Rejection::new(
+            RejectReason::WeightBound,
+            format!(
+                "examples {} exceeds the dataset size {n} the client reported",
+                m.examples
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The whole blob against its manifest (which passed [`check_manifest`]) and the model spec.
@@ -210,4 +245,66 @@ pub fn verify_update(
         ));
     }
     Ok(Verified { codec, norm })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_proto::message::ClientMetrics;
+
+    fn manifest(examples: u64) -> UpdateManifest {
+        UpdateManifest {
+            v: shared_proto::PROTOCOL_VERSION,
+            client_id: "robot-1".into(),
+            round: 1,
+            base_model_id: String::new(),
+            codec: "f32".into(),
+            total_len: 10,
+            chunk_count: 1,
+            chunk_size: 1024,
+            sha256: String::new(),
+            examples,
+            metrics: ClientMetrics {
+                loss: 0.0,
+                fedprox_loss: 0.0,
+                grad_norm: 0.0,
+                update_norm: 0.0,
+                steps: 1,
+                seconds: 0.0,
+            },
+            signature: Vec::new(),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            chunk_size: 1024,
+            max_update_bytes: 1 << 20,
+            max_update_norm: 0.0,
+            max_examples: 10_000_000,
+            accepted_codecs: vec![Codec::F32],
+        }
+    }
+
+    #[test]
+    fn weight_over_the_maximum_or_the_reported_dataset_is_refused() {
+        let l = limits();
+        let refused = |m: &UpdateManifest, reported| check_weight(m, &l, reported).unwrap_err();
+        assert_eq!(
+            refused(&manifest(1_000_000_000_000), None).reason,
+            RejectReason::WeightBound
+        );
+        // The manifest check refuses it before any chunk is stored.
+        let r = check_manifest(&manifest(1_000_000_000_000), &l).unwrap_err();
+        assert_eq!(r.reason, RejectReason::WeightBound);
+        check_manifest(&manifest(10_000_000), &l).unwrap();
+        // Within the maximum but more than the client's own dataset holds.
+        let r = refused(&manifest(5_000), Some(4_999));
+        assert_eq!(r.reason, RejectReason::WeightBound);
+        assert!(r.detail.contains("4999"), "{}", r.detail);
+        check_weight(&manifest(4_999), &l, Some(4_999)).unwrap();
+        // No size reported (0 or absent): only the maximum applies.
+        check_weight(&manifest(5_000), &l, Some(0)).unwrap();
+        check_weight(&manifest(5_000), &l, None).unwrap();
+    }
 }

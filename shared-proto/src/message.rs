@@ -371,11 +371,14 @@ pub enum RejectReason {
     UnsupportedCodec,
     NotSelected,
     Internal,
+    /// `examples` (the aggregation weight) over the aggregator's `max_examples` or the dataset
+    /// size the client reported.
+    WeightBound,
 }
 
 impl RejectReason {
     /// Every reason, so metrics can register all label values up front.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::MalformedMessage,
         Self::WrongVersion,
         Self::HashMismatch,
@@ -392,6 +395,7 @@ impl RejectReason {
         Self::UnsupportedCodec,
         Self::NotSelected,
         Self::Internal,
+        Self::WeightBound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -412,6 +416,7 @@ impl RejectReason {
             Self::UnsupportedCodec => "unsupported_codec",
             Self::NotSelected => "not_selected",
             Self::Internal => "internal",
+            Self::WeightBound => "weight_bound",
         }
     }
 }

@@ -285,6 +285,9 @@ pub struct Federation {
     /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
     /// --mosquitto`) instead of `allow_anonymous true`.
     pub mosquitto_conf: Option<String>,
+    /// The aggregator's `rounds.server_lr` (set it in [`Federation::aggregator_toml`] too), for
+    /// [`Federation::verify_rounds`].
+    pub server_lr: f64,
 }
 
 impl Federation {
@@ -370,6 +373,7 @@ impl Federation {
             broker_login: None,
             broker_toml: String::new(),
             mosquitto_conf: None,
+            server_lr: 1.0,
         })
     }
 
@@ -653,8 +657,9 @@ impl Federation {
     }
 
     /// Checks every finished round: the published model equals (1e-6) the example-weighted
-    /// average of the clients' decoded deltas applied to the round's base model, recomputed
-    /// here from what the observer saw on the wire. Returns the number of rounds checked.
+    /// average of the clients' decoded deltas (× [`Federation::server_lr`]) applied to the
+    /// round's base model, recomputed here from what the observer saw on the wire, over the
+    /// accepted updates the round did not exclude. Returns the number of rounds checked.
     pub fn verify_rounds(&self, seen: &Observed) -> Result<usize> {
         let state = self.state()?;
         let history = state["history"]
@@ -666,11 +671,17 @@ impl Federation {
             let new_id = h["model_id"].as_str().context("model id")?;
             let base = self.model(base_id)?;
             let spec = ModelSpec::from_tensors(&base);
+            let excluded: Vec<&str> = h["excluded"]
+                .as_array()
+                .map(|e| e.iter().filter_map(|x| x["client_id"].as_str()).collect())
+                .unwrap_or_default();
             let accepted: Vec<String> = h["accepted"]
                 .as_array()
                 .context("accepted")?
                 .iter()
-                .filter_map(|v| v.as_str().map(String::from))
+                .filter_map(|v| v.as_str())
+                .filter(|c| !excluded.contains(c))
+                .map(String::from)
                 .collect();
             anyhow::ensure!(!accepted.is_empty(), "round {round} accepted nobody");
             let mut expected: BTreeMap<String, Vec<f64>> = base
@@ -701,7 +712,7 @@ impl Federation {
             }
             for (k, e) in expected.iter_mut() {
                 for (x, s) in e.iter_mut().zip(&sum[k]) {
-                    *x += s / total;
+                    *x += self.server_lr * s / total;
                 }
             }
             // The model as published on the wire (not just the aggregator's file).
@@ -796,6 +807,26 @@ impl Federation {
         for (cid, _, _) in clients {
             self.start_agent(cid, rounds)?;
         }
+        self.finish_and_verify(&observer, rounds, timeout)?;
+        for (cid, _, _) in clients {
+            if let Some(a) = self.agents.get_mut(*cid) {
+                let st = a.wait_timeout(Duration::from_secs(20))?;
+                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
+            }
+        }
+        self.state()
+    }
+}
+
+impl Federation {
+    /// Waits (within `timeout`) for the aggregator to exit cleanly, then checks that `rounds`
+    /// rounds ran and each passes [`Federation::verify_rounds`] against what `observer` saw.
+    pub fn finish_and_verify(
+        &mut self,
+        observer: &Observer,
+        rounds: u64,
+        timeout: Duration,
+    ) -> Result<()> {
         let st = self
             .aggregator
             .as_mut()
@@ -815,13 +846,7 @@ impl Federation {
             n as u64 == rounds,
             "expected {rounds} rounds, state has {n}"
         );
-        for (cid, _, _) in clients {
-            if let Some(a) = self.agents.get_mut(*cid) {
-                let st = a.wait_timeout(Duration::from_secs(20))?;
-                anyhow::ensure!(st.success(), "agent {cid} exited with {st}");
-            }
-        }
-        self.state()
+        Ok(())
     }
 }
 

@@ -30,10 +30,19 @@ impl Server {
             .as_ref()
             .and_then(|r| r.as_ref().ok())
             .map(|e| e.policy_loss);
-        close::observe_schedule(&mut self.state, &self.cfg, round, server_loss);
-        let summary = self
-            .state
-            .complete(closed.model_id.clone(), reason, now_ms());
+        close::observe_schedule(
+            &mut self.state,
+            &self.cfg,
+            round,
+            server_loss,
+            &closed.excluded,
+        );
+        for e in &closed.excluded {
+            self.metrics.exclude(e.reason.as_str());
+        }
+        let summary =
+            self.state
+                .complete(closed.model_id.clone(), reason, closed.excluded, now_ms());
         self.store.save_state(&self.state)?;
         let summary_json = serde_json::to_vec_pretty(&summary)?;
         write_atomic(
@@ -54,7 +63,7 @@ impl Server {
         self.metrics
             .round_duration_seconds
             .observe(summary.duration_ms as f64 / 1000.0);
-        tracing::info!(round, model = %closed.model_id, accepted = ?summary.accepted, dropped = ?summary.dropped, metrics = ?summary.metrics, "round aggregated");
+        tracing::info!(round, model = %closed.model_id, accepted = ?summary.accepted, dropped = ?summary.dropped, excluded = summary.excluded.len(), metrics = ?summary.metrics, "round aggregated");
         self.publish_model(Some(closed.model.clone())).await?;
         self.publish_status(true).await;
         let datasets = accepted

@@ -97,6 +97,7 @@ impl Server {
             announced: None,
             status_sent: None,
             reported_datasets: BTreeMap::new(),
+            reported_examples: BTreeMap::new(),
             uploads: UploadTable::default(),
             keys: Keys::default(),
             keys_mtime: None,

@@ -10,7 +10,9 @@
 //! of the dataset directory's name and the global model's bytes, scaled by `lr`, so an
 //! end-to-end test can recompute what every client sent. The example count is read from
 //! `<dataset>/examples.txt` (default 100). Setting `ZK0_FAKE_WORKER_SLEEP_MS` slows each step,
-//! and `<dataset>/fail` makes it exit with an error (fault tests).
+//! `ZK0_FAKE_WORKER_SCALE` multiplies the delta (saturating at ±f32::MAX, so a huge factor
+//! gives finite values that overflow a sum: robust-aggregation tests), and `<dataset>/fail`
+//! makes it exit with an error (fault tests).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -92,13 +94,18 @@ fn main() -> Result<()> {
             serde_json::json!({"event": "progress", "step": step, "steps": a.steps, "loss": 1.0 / step as f64})
         );
     }
+    let scale: f64 = std::env::var("ZK0_FAKE_WORKER_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    let max = f64::from(f32::MAX);
     let mut delta = TensorSet::new();
     let mut norm_sq = 0.0f64;
     for (k, t) in &global {
         let data: Vec<f32> = (0..t.data.len())
             .map(|_| {
                 let u = (next(&mut state) >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-                let x = ((u * 2.0 - 1.0) * a.lr) as f32;
+                let x = ((u * 2.0 - 1.0) * a.lr * scale).clamp(-max, max) as f32;
                 norm_sq += f64::from(x) * f64::from(x);
                 x
             })
