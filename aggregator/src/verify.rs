@@ -255,6 +255,7 @@ mod tests {
     fn manifest(examples: u64) -> UpdateManifest {
         UpdateManifest {
             v: shared_proto::PROTOCOL_VERSION,
+            federation: "lab".into(),
             client_id: "robot-1".into(),
             round: 1,
             base_model_id: String::new(),
@@ -272,6 +273,7 @@ mod tests {
                 steps: 1,
                 seconds: 0.0,
             },
+            chunk_sha256: vec![0; 32],
             signature: Vec::new(),
         }
     }

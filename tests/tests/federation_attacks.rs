@@ -134,7 +134,11 @@ fn a_robot_with_a_valid_login_cannot_steer_or_spoil_the_others() -> Result<()> {
         let topics = Topics::new(&fed.federation)?;
         // The agent's own client id: with a login bound to its client id, this is the only
         // one robot-a's credentials open.
-        let mut opts = MqttOptions::new("zk0-agent-robot-a", "127.0.0.1", fed.port);
+        let mut opts = MqttOptions::new(
+            zk0_daemon::mqtt::agent_client_id("robot-a"),
+            "127.0.0.1",
+            fed.port,
+        );
         opts.set_credentials("robot-a", "pw-a");
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (c, mut conn) = Client::new(opts, 1024);
