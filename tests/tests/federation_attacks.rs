@@ -232,9 +232,26 @@ fn a_robot_with_a_valid_login_cannot_steer_or_spoil_the_others() -> Result<()> {
 
         // Round 2: replay round 1's genuine announcement (an older sequence number and the
         // older model: a rollback).
-        fed.wait_state(Duration::from_secs(60), "round 2 to collect", |s| {
-            s["round"] == 2 && s["phase"]["phase"] == "collecting"
+        // Once round 2's announcement is out (the state file is saved just before it), so the
+        // agents have acted on it.
+        let genuine_key = fed.aggregator_key()?;
+        zk0_e2e::wait_for(Duration::from_secs(60), "round 2's announcement", || {
+            let seen = observer.seen.lock().ok()?;
+            seen.announcements
+                .iter()
+                .filter_map(|a| message::decode::<RoundAnnouncement>(a, usize::MAX).ok())
+                .any(|a| a.round == 2 && a.verify_with(&genuine_key).is_ok())
+                .then_some(())
         })?;
+        // And both agents acted on it (their status files name round 2).
+        for cid in ["robot-b", "robot-c"] {
+            let path = tmp.path().join(cid).join("work").join("status.json");
+            zk0_e2e::wait_for(Duration::from_secs(30), "an agent in round 2", || {
+                let s: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                (s["round"] == 2).then_some(())
+            })?;
+        }
         c.publish(
             topics.round(),
             QoS::AtLeastOnce,
