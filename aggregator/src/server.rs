@@ -6,7 +6,8 @@
 //! so nothing queues without limit while it runs.
 //!
 //! `server/start.rs` boots it (state, broker, connection, resumed uploads); `server/closing.rs`
-//! completes a closed round and holds every publish.
+//! completes a closed round and holds every publish; `server/control.rs` checks client statuses
+//! and restores the aggregator's retained topics.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ use crate::verify::{check_weight, verify_update, Limits, Rejection, Verified};
 use crate::{aggregate, checkpoint};
 
 mod closing;
+mod control;
 mod start;
 
 /// A job's result, back on the event loop.
@@ -191,64 +193,6 @@ impl Server {
         Ok(())
     }
 
-    /// A client's retained status: signed by its enrolled key, for this federation, and not
-    /// older than the last one seen; anything else is dropped and counted.
-    async fn on_client_status(&mut self, cid: &str, payload: &[u8]) -> Result<()> {
-        if payload.is_empty() {
-            return Ok(()); // a cleared retained topic
-        }
-        self.refresh_keys()?;
-        let status = match self.check_status(cid, payload) {
-            Ok(s) => s,
-            Err(why) => {
-                tracing::warn!(client = cid, why, "client status dropped");
-                self.metrics.status_refused(why);
-                return Ok(());
-            }
-        };
-        if !status.dataset.is_empty() {
-            self.reported_datasets
-                .insert(cid.to_string(), status.dataset.clone());
-        }
-        if status.examples > 0 {
-            self.reported_examples
-                .insert(cid.to_string(), status.examples);
-        }
-        let online = status.online;
-        let changed = if online {
-            self.online.insert(cid.to_string())
-        } else {
-            self.online.remove(cid)
-        };
-        if changed {
-            tracing::info!(client = cid, online, "client status");
-            self.metrics.connected_clients.set(self.online.len() as i64);
-            let cfg = self.cfg.round_config();
-            if online && self.state.join_late(&cfg, cid) == Some(Transition::Reannounce) {
-                self.store.save_state(&self.state)?;
-                self.announce().await;
-            }
-        }
-        Ok(())
-    }
-
-    /// The status if it is authentic and fresh, else the reason it is not (a metric label).
-    fn check_status(&mut self, cid: &str, payload: &[u8]) -> Result<ClientStatus, &'static str> {
-        let s =
-            message::decode::<ClientStatus>(payload, MAX_MESSAGE_BYTES).map_err(|_| "malformed")?;
-        if s.client_id != cid || s.federation != self.cfg.federation {
-            return Err("wrong_topic");
-        }
-        let key = self.keys.get(cid).map_err(|_| "unknown_key")?;
-        s.verify_with(key).map_err(|_| "bad_signature")?;
-        let fresh = Freshness::status(s.session, s.online);
-        if self.statuses.get(cid).is_some_and(|f| !f.admits(fresh)) {
-            return Err("stale");
-        }
-        self.statuses.insert(cid.to_string(), fresh);
-        Ok(s)
-    }
-
     async fn on_chunk(&mut self, cid: &str, round: u64, index: u32, payload: Bytes) -> Result<()> {
         self.metrics.update_bytes.inc_by(payload.len() as u64);
         let gate = Gate {
@@ -297,17 +241,6 @@ impl Server {
         }
         self.carry_out(cid, round, answer).await;
         Ok(())
-    }
-
-    /// Publishes `ours` again on the retained `topic` if what arrived there is something else
-    /// (agents drop a forgery, but one connecting later would see only that).
-    async fn restore(&mut self, topic: String, ours: Option<Bytes>, arrived: &[u8]) {
-        let Some(ours) = ours.filter(|o| o[..] != *arrived) else {
-            return;
-        };
-        tracing::warn!(%topic, "retained message overwritten by another publisher; restored");
-        self.metrics.retained_restored.inc();
-        self.send(Outgoing::new(topic, ours, true)).await;
     }
 
     /// Executes a manifest's verdict.

@@ -1,0 +1,75 @@
+//! Control messages: client statuses (signed by the enrolled key, fresh) and the aggregator's
+//! own retained topics, restored when someone else overwrites them.
+
+use super::*;
+
+impl Server {
+    /// A client's retained status: signed by its enrolled key, for this federation, and not
+    /// older than the last one seen; anything else is dropped and counted.
+    pub(super) async fn on_client_status(&mut self, cid: &str, payload: &[u8]) -> Result<()> {
+        if payload.is_empty() {
+            return Ok(()); // a cleared retained topic
+        }
+        self.refresh_keys()?;
+        let status = match self.check_status(cid, payload) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(client = cid, why, "client status dropped");
+                self.metrics.status_refused(why);
+                return Ok(());
+            }
+        };
+        if !status.dataset.is_empty() {
+            self.reported_datasets
+                .insert(cid.to_string(), status.dataset.clone());
+        }
+        if status.examples > 0 {
+            self.reported_examples
+                .insert(cid.to_string(), status.examples);
+        }
+        let online = status.online;
+        let changed = if online {
+            self.online.insert(cid.to_string())
+        } else {
+            self.online.remove(cid)
+        };
+        if changed {
+            tracing::info!(client = cid, online, "client status");
+            self.metrics.connected_clients.set(self.online.len() as i64);
+            let cfg = self.cfg.round_config();
+            if online && self.state.join_late(&cfg, cid) == Some(Transition::Reannounce) {
+                self.store.save_state(&self.state)?;
+                self.announce().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The status if it is authentic and fresh, else the reason it is not (a metric label).
+    fn check_status(&mut self, cid: &str, payload: &[u8]) -> Result<ClientStatus, &'static str> {
+        let s =
+            message::decode::<ClientStatus>(payload, MAX_MESSAGE_BYTES).map_err(|_| "malformed")?;
+        if s.client_id != cid || s.federation != self.cfg.federation {
+            return Err("wrong_topic");
+        }
+        let key = self.keys.get(cid).map_err(|_| "unknown_key")?;
+        s.verify_with(key).map_err(|_| "bad_signature")?;
+        let fresh = Freshness::status(s.session, s.online);
+        if self.statuses.get(cid).is_some_and(|f| !f.admits(fresh)) {
+            return Err("stale");
+        }
+        self.statuses.insert(cid.to_string(), fresh);
+        Ok(s)
+    }
+
+    /// Publishes `ours` again on the retained `topic` if what arrived there is something else
+    /// (agents drop a forgery, but one connecting later would see only that).
+    pub(super) async fn restore(&mut self, topic: String, ours: Option<Bytes>, arrived: &[u8]) {
+        let Some(ours) = ours.filter(|o| o[..] != *arrived) else {
+            return;
+        };
+        tracing::warn!(%topic, "retained message overwritten by another publisher; restored");
+        self.metrics.retained_restored.inc();
+        self.send(Outgoing::new(topic, ours, true)).await;
+    }
+}
