@@ -220,6 +220,44 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
     }
 }
 
+/// A test client's manifest for `blob` (f32 codec, cut at `chunk_size`), unsigned: what a
+/// hostile or hand-driven client sends, signed by whichever key the test picks.
+pub fn update_manifest(
+    federation: &str,
+    cid: &str,
+    round: u64,
+    base: &str,
+    blob: &[u8],
+    chunk_size: u32,
+    examples: u64,
+) -> UpdateManifest {
+    let mut m = UpdateManifest {
+        v: message::PROTOCOL_VERSION,
+        federation: federation.into(),
+        client_id: cid.into(),
+        round,
+        base_model_id: base.into(),
+        codec: "f32".into(),
+        total_len: 0,
+        chunk_count: 0,
+        chunk_size: 0,
+        sha256: String::new(),
+        examples,
+        metrics: message::ClientMetrics {
+            loss: 1.0,
+            fedprox_loss: 0.0,
+            grad_norm: 1.0,
+            update_norm: 1.0,
+            steps: 1,
+            seconds: 1.0,
+        },
+        chunk_sha256: Vec::new(),
+        signature: Vec::new(),
+    };
+    m.describe_blob(blob, chunk_size);
+    m
+}
+
 /// A small deterministic "trainable tensors" model (a few thousand parameters, several chunks
 /// at the test chunk size).
 pub fn tiny_model() -> TensorSet {
@@ -516,6 +554,21 @@ impl Federation {
             .context("no aggregator started")?
             .wait_timeout(timeout)?;
         anyhow::ensure!(st.success(), "aggregator exited with {st}");
+        Ok(())
+    }
+
+    /// Enrolls `key` under client id `cid` with `zk0-aggregator keys enroll`, as an operator
+    /// does (for test clients that are not agents of this federation).
+    pub fn enroll(&self, cid: &str, key: &shared_proto::sign::PublicKey) -> Result<()> {
+        let path = self.dir.join(format!("{cid}.enrolled.pub"));
+        zk0_daemon::keys::save_public_key(&path, key)?;
+        run_ok(
+            Command::new(bin("zk0-aggregator"))
+                .arg("--state-dir")
+                .arg(&self.state_dir)
+                .args(["keys", "enroll", "--client-id", cid])
+                .arg(&path),
+        )?;
         Ok(())
     }
 

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rumqttc_ring::{Client, MqttOptions, QoS};
-use shared_proto::message::{self, Ack, ClientStatus, HardwareInfo, RoundAnnouncement};
-use shared_proto::message::{ClientMetrics, UpdateManifest, PROTOCOL_VERSION};
+use shared_proto::message::{
+    self, Ack, ClientStatus, HardwareInfo, RoundAnnouncement, PROTOCOL_VERSION,
+};
 use shared_proto::sign::KeyPair;
 use shared_proto::topic::Topics;
-use zk0_e2e::federation::{BrokerKind, Federation, Observer};
+use zk0_e2e::federation::{update_manifest, BrokerKind, Federation, Observer};
 use zk0_e2e::http_get;
 
 /// The value of one sample line of a Prometheus text exposition (0 when absent).
@@ -49,31 +50,7 @@ fn status(cid: &str, online: bool, key: &KeyPair) -> Vec<u8> {
 
 /// A manifest claiming to be robot-b's, signed with the attacker's key.
 fn forged_manifest(round: u64, base: &str, key: &KeyPair) -> Vec<u8> {
-    let blob = vec![7u8; 5000];
-    let mut m = UpdateManifest {
-        v: PROTOCOL_VERSION,
-        federation: "e2e".into(),
-        client_id: "robot-b".into(),
-        round,
-        base_model_id: base.into(),
-        codec: "f32".into(),
-        total_len: 0,
-        chunk_count: 0,
-        chunk_size: 0,
-        sha256: String::new(),
-        examples: 1_000_000,
-        metrics: ClientMetrics {
-            loss: 0.0,
-            fedprox_loss: 0.0,
-            grad_norm: 0.0,
-            update_norm: 0.0,
-            steps: 1,
-            seconds: 1.0,
-        },
-        chunk_sha256: Vec::new(),
-        signature: Vec::new(),
-    };
-    m.describe_blob(&blob, 4096);
+    let m = update_manifest("e2e", "robot-b", round, base, &[7u8; 5000], 4096, 1_000_000);
     message::encode(&m.signed(key))
 }
 
@@ -90,15 +67,7 @@ fn a_robot_with_a_valid_login_cannot_steer_or_spoil_the_others() -> Result<()> {
     )?;
     // robot-a: enrolled, with a login, and in the attacker's hands (no agent runs for it).
     let attacker_key = KeyPair::generate();
-    let pub_path = tmp.path().join("robot-a.pub");
-    zk0_daemon::keys::save_public_key(&pub_path, &attacker_key.public())?;
-    zk0_e2e::run_ok(
-        std::process::Command::new(zk0_e2e::bin("zk0-aggregator"))
-            .arg("--state-dir")
-            .arg(&fed.state_dir)
-            .args(["keys", "enroll", "--client-id", "robot-a"])
-            .arg(&pub_path),
-    )?;
+    fed.enroll("robot-a", &attacker_key.public())?;
     for (u, p) in [
         ("robot-a", "pw-a"),
         ("robot-b", "pw-b"),

@@ -11,11 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc_ring::{Client, MqttOptions, QoS};
 use shared_proto::codec::{encode_delta, Codec, EncodeOptions, CODEC_KEY};
-use shared_proto::message::{self, ClientMetrics, UpdateManifest, PROTOCOL_VERSION};
+use shared_proto::message::{self, UpdateManifest};
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, TensorSet};
 use shared_proto::topic::Topics;
-use zk0_e2e::federation::{tiny_model, BrokerKind, Federation, Observer};
+use zk0_e2e::federation::{tiny_model, update_manifest, BrokerKind, Federation, Observer};
 use zk0_e2e::http_get;
 
 const CHUNK: usize = 4096;
@@ -41,32 +41,7 @@ fn f32_blob(d: &TensorSet) -> Vec<u8> {
 }
 
 fn manifest(cid: &str, round: u64, base: &str, blob: &[u8], key: &KeyPair) -> UpdateManifest {
-    let mut m = UpdateManifest {
-        v: PROTOCOL_VERSION,
-        federation: "e2e".into(),
-        client_id: cid.into(),
-        round,
-        base_model_id: base.into(),
-        codec: "f32".into(),
-        total_len: 0,
-        chunk_count: 0,
-        chunk_size: 0,
-        sha256: String::new(),
-        examples: 10,
-        metrics: ClientMetrics {
-            loss: 1.0,
-            fedprox_loss: 0.0,
-            grad_norm: 1.0,
-            update_norm: 1.0,
-            steps: 1,
-            seconds: 1.0,
-        },
-        chunk_sha256: Vec::new(),
-        signature: Vec::new(),
-    };
-    m.describe_blob(blob, CHUNK as u32);
-    m.sign_with(key);
-    m
+    update_manifest("e2e", cid, round, base, blob, CHUNK as u32, 10).signed(key)
 }
 
 /// The manifest, then every chunk without waiting to be asked (the broker keeps one
@@ -110,8 +85,6 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
     let r = (|| -> Result<()> {
         // One key enrolled under every hostile id (except "eve", who is not enrolled).
         let mallory = KeyPair::generate();
-        let pub_path = tmp.path().join("mallory.pub");
-        zk0_daemon::keys::save_public_key(&pub_path, &mallory.public())?;
         let ids = [
             "m-malformed",
             "m-hash",
@@ -124,13 +97,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
             "m-lossy",
         ];
         for id in ids {
-            zk0_e2e::run_ok(
-                std::process::Command::new(zk0_e2e::bin("zk0-aggregator"))
-                    .arg("--state-dir")
-                    .arg(&fed.state_dir)
-                    .args(["keys", "enroll", "--client-id", id])
-                    .arg(&pub_path),
-            )?;
+            fed.enroll(id, &mallory.public())?;
         }
         let mport = zk0_e2e::free_port()?;
         fed.metrics_listen = format!("127.0.0.1:{mport}");
