@@ -84,86 +84,124 @@ pub fn push_folder(endpoint: &str, token: &str, repo_id: &str, dir: &Path) -> Re
         "{repo_id:?} is not a Hub repo id (owner/name)"
     );
     anyhow::ensure!(!token.is_empty(), "no Hugging Face token (set HF_TOKEN)");
-    let endpoint = endpoint.trim_end_matches('/');
     let files = scan(dir)?;
     anyhow::ensure!(!files.is_empty(), "{} has no files to push", dir.display());
-    let http = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(30))
-        .timeout_read(Duration::from_secs(600))
-        .build();
-    let auth = format!("Bearer {token}");
-    let revision = "main";
-
-    // 1. Create the repo (a 409 means it exists).
-    let (org, name) = repo_id.split_once('/').expect("checked above");
-    let created = http
-        .post(&format!("{endpoint}/api/repos/create"))
-        .set("Authorization", &auth)
-        .send_json(json!({"name": name, "organization": org, "type": "model", "private": false}));
-    let repo_url = match created {
-        Ok(r) => r
-            .into_json::<Value>()
-            .ok()
-            .and_then(|v| v["url"].as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{endpoint}/{repo_id}")),
-        Err(ureq::Error::Status(409, _)) => format!("{endpoint}/{repo_id}"),
-        Err(e) => return Err(http_error(e, "creating the repo")),
+    let hub = Hub {
+        http: ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(30))
+            .timeout_read(Duration::from_secs(600))
+            .build(),
+        auth: format!("Bearer {token}"),
+        endpoint: endpoint.trim_end_matches('/'),
+        repo_id,
+        revision: "main",
     };
-
-    // 2. Preupload: which files are LFS, which to ignore.
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let listing: Vec<Value> = files
-        .iter()
-        .map(|f| json!({"path": f.path, "size": f.size, "sample": b64.encode(&f.sample)}))
-        .collect();
-    let pre: Value = http
-        .post(&format!(
-            "{endpoint}/api/models/{repo_id}/preupload/{revision}"
-        ))
-        .set("Authorization", &auth)
-        .send_json(json!({ "files": listing }))
-        .map_err(|e| http_error(e, "preupload"))?
-        .into_json()
-        .context("preupload: the answer is not JSON")?;
-    let mut modes = BTreeMap::new();
-    for f in pre["files"]
-        .as_array()
-        .context("preupload: no `files` in the answer")?
-    {
-        let path = f["path"].as_str().unwrap_or_default().to_string();
-        let ignore = f["shouldIgnore"].as_bool().unwrap_or(false);
-        let lfs = f["uploadMode"].as_str() == Some("lfs");
-        modes.insert(path, (lfs, ignore));
-    }
     let mut report = PushReport {
-        repo_url,
+        repo_url: hub.create_repo()?,
         commit_url: String::new(),
         regular: Vec::new(),
         lfs: Vec::new(),
         lfs_skipped: Vec::new(),
     };
-    let mut lfs_files = Vec::new();
-    let mut regular_files = Vec::new();
-    for f in &files {
-        let (lfs, ignore) = *modes
-            .get(&f.path)
-            .with_context(|| format!("preupload: no answer for {}", f.path))?;
-        match (ignore, lfs) {
-            (true, _) => {}
-            (false, true) => lfs_files.push(f),
-            (false, false) => regular_files.push(f),
+    let (regular_files, lfs_files) = hub.preupload(&files)?;
+    if !lfs_files.is_empty() {
+        hub.upload_lfs(&lfs_files, &mut report)?;
+    }
+    report.commit_url = hub.commit(&regular_files, &lfs_files, &mut report)?;
+    Ok(report)
+}
+
+/// One push's connection to the Hub: the four steps of an upload, in order.
+struct Hub<'a> {
+    http: ureq::Agent,
+    auth: String,
+    endpoint: &'a str,
+    repo_id: &'a str,
+    revision: &'a str,
+}
+
+impl Hub<'_> {
+    /// Step 1: creates the repo (a 409 means it exists); returns its URL.
+    fn create_repo(&self) -> Result<String> {
+        let (endpoint, repo_id) = (self.endpoint, self.repo_id);
+        let (org, name) = repo_id.split_once('/').context("a repo id is owner/name")?;
+        let created = self
+            .http
+            .post(&format!("{endpoint}/api/repos/create"))
+            .set("Authorization", &self.auth)
+            .send_json(
+                json!({"name": name, "organization": org, "type": "model", "private": false}),
+            );
+        match created {
+            Ok(r) => Ok(r
+                .into_json::<Value>()
+                .ok()
+                .and_then(|v| v["url"].as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{endpoint}/{repo_id}"))),
+            Err(ureq::Error::Status(409, _)) => Ok(format!("{endpoint}/{repo_id}")),
+            Err(e) => Err(http_error(e, "creating the repo")),
         }
     }
 
-    // 3. LFS: batch, then upload and verify what the Hub lacks.
-    if !lfs_files.is_empty() {
+    /// Step 2, preupload: which files go as regular files and which through LFS (ignored ones
+    /// neither).
+    fn preupload<'f>(
+        &self,
+        files: &'f [LocalFile],
+    ) -> Result<(Vec<&'f LocalFile>, Vec<&'f LocalFile>)> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let listing: Vec<Value> = files
+            .iter()
+            .map(|f| json!({"path": f.path, "size": f.size, "sample": b64.encode(&f.sample)}))
+            .collect();
+        let pre: Value = self
+            .http
+            .post(&format!(
+                "{}/api/models/{}/preupload/{}",
+                self.endpoint, self.repo_id, self.revision
+            ))
+            .set("Authorization", &self.auth)
+            .send_json(json!({ "files": listing }))
+            .map_err(|e| http_error(e, "preupload"))?
+            .into_json()
+            .context("preupload: the answer is not JSON")?;
+        let mut modes = BTreeMap::new();
+        for f in pre["files"]
+            .as_array()
+            .context("preupload: no `files` in the answer")?
+        {
+            let path = f["path"].as_str().unwrap_or_default().to_string();
+            let ignore = f["shouldIgnore"].as_bool().unwrap_or(false);
+            let lfs = f["uploadMode"].as_str() == Some("lfs");
+            modes.insert(path, (lfs, ignore));
+        }
+        let (mut regular, mut lfs_files) = (Vec::new(), Vec::new());
+        for f in files {
+            let (lfs, ignore) = *modes
+                .get(&f.path)
+                .with_context(|| format!("preupload: no answer for {}", f.path))?;
+            match (ignore, lfs) {
+                (true, _) => {}
+                (false, true) => lfs_files.push(f),
+                (false, false) => regular.push(f),
+            }
+        }
+        Ok((regular, lfs_files))
+    }
+
+    /// Step 3, LFS: batch, then upload and verify what the Hub lacks.
+    fn upload_lfs(&self, lfs_files: &[&LocalFile], report: &mut PushReport) -> Result<()> {
         let objects: Vec<Value> = lfs_files
             .iter()
             .map(|f| json!({"oid": f.sha256, "size": f.size}))
             .collect();
-        let batch: Value = http
-            .post(&format!("{endpoint}/{repo_id}.git/info/lfs/objects/batch"))
-            .set("Authorization", &auth)
+        let batch: Value = self
+            .http
+            .post(&format!(
+                "{}/{}.git/info/lfs/objects/batch",
+                self.endpoint, self.repo_id
+            ))
+            .set("Authorization", &self.auth)
             .set("Accept", "application/vnd.git-lfs+json")
             .set("Content-Type", "application/vnd.git-lfs+json")
             .send_string(
@@ -172,7 +210,7 @@ pub fn push_folder(endpoint: &str, token: &str, repo_id: &str, dir: &Path) -> Re
                     "transfers": ["basic", "multipart"],
                     "objects": objects,
                     "hash_algo": "sha256",
-                    "ref": {"name": revision},
+                    "ref": {"name": self.revision},
                 })
                 .to_string(),
             )
@@ -195,70 +233,90 @@ pub fn push_folder(endpoint: &str, token: &str, repo_id: &str, dir: &Path) -> Re
                 report.lfs_skipped.push(f.path.clone());
                 continue;
             };
-            let upload = &actions["upload"];
-            let href = upload["href"]
-                .as_str()
-                .context("LFS batch: no upload href")?;
-            let header = upload["header"].as_object().cloned().unwrap_or_default();
-            if let Some(chunk) = header.get("chunk_size") {
-                upload_multipart(&http, f, href, chunk, &header)?;
-            } else {
-                let mut req = http.put(href).set("Content-Length", &f.size.to_string());
-                for (k, v) in &header {
-                    req = req.set(k, v.as_str().unwrap_or_default());
-                }
-                let file = std::fs::File::open(&f.abs)?;
-                req.send(file)
-                    .map_err(|e| http_error(e, &format!("uploading {}", f.path)))?;
-            }
-            if let Some(verify) = actions.get("verify") {
-                let href = verify["href"].as_str().context("LFS: no verify href")?;
-                let mut req = http.post(href).set("Authorization", &auth);
-                for (k, v) in verify["header"].as_object().into_iter().flatten() {
-                    req = req.set(k, v.as_str().unwrap_or_default());
-                }
-                req.send_json(json!({"oid": f.sha256, "size": f.size}))
-                    .map_err(|e| http_error(e, &format!("verifying {}", f.path)))?;
-            }
+            self.upload_object(f, actions)?;
             report.lfs.push(f.path.clone());
         }
+        Ok(())
     }
 
-    // 4. The commit: NDJSON, header first.
-    let mut body = String::new();
-    let mut line = |v: Value| {
-        body.push_str(&v.to_string());
-        body.push('\n');
-    };
-    line(json!({"key": "header", "value": {
-        "summary": format!("Upload {} files with zk0-aggregator", regular_files.len() + lfs_files.len()),
-        "description": "",
-    }}));
-    for f in &regular_files {
-        let bytes =
-            std::fs::read(&f.abs).with_context(|| format!("reading {}", f.abs.display()))?;
-        line(json!({"key": "file", "value": {
-            "content": b64.encode(&bytes), "path": f.path, "encoding": "base64",
-        }}));
-        report.regular.push(f.path.clone());
+    /// One LFS object: its upload (basic or multipart), then the verify call if asked for.
+    fn upload_object(&self, f: &LocalFile, actions: &Value) -> Result<()> {
+        let upload = &actions["upload"];
+        let href = upload["href"]
+            .as_str()
+            .context("LFS batch: no upload href")?;
+        let header = upload["header"].as_object().cloned().unwrap_or_default();
+        if let Some(chunk) = header.get("chunk_size") {
+            upload_multipart(&self.http, f, href, chunk, &header)?;
+        } else {
+            let mut req = self
+                .http
+                .put(href)
+                .set("Content-Length", &f.size.to_string());
+            for (k, v) in &header {
+                req = req.set(k, v.as_str().unwrap_or_default());
+            }
+            let file = std::fs::File::open(&f.abs)?;
+            req.send(file)
+                .map_err(|e| http_error(e, &format!("uploading {}", f.path)))?;
+        }
+        if let Some(verify) = actions.get("verify") {
+            let href = verify["href"].as_str().context("LFS: no verify href")?;
+            let mut req = self.http.post(href).set("Authorization", &self.auth);
+            for (k, v) in verify["header"].as_object().into_iter().flatten() {
+                req = req.set(k, v.as_str().unwrap_or_default());
+            }
+            req.send_json(json!({"oid": f.sha256, "size": f.size}))
+                .map_err(|e| http_error(e, &format!("verifying {}", f.path)))?;
+        }
+        Ok(())
     }
-    for f in &lfs_files {
-        line(json!({"key": "lfsFile", "value": {
-            "path": f.path, "algo": "sha256", "oid": f.sha256, "size": f.size,
+
+    /// Step 4, the commit: NDJSON, header first, regular files inline, LFS files by pointer.
+    /// Returns the commit's URL.
+    fn commit(
+        &self,
+        regular_files: &[&LocalFile],
+        lfs_files: &[&LocalFile],
+        report: &mut PushReport,
+    ) -> Result<String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut body = String::new();
+        let mut line = |v: Value| {
+            body.push_str(&v.to_string());
+            body.push('\n');
+        };
+        line(json!({"key": "header", "value": {
+            "summary": format!("Upload {} files with zk0-aggregator", regular_files.len() + lfs_files.len()),
+            "description": "",
         }}));
+        for f in regular_files {
+            let bytes =
+                std::fs::read(&f.abs).with_context(|| format!("reading {}", f.abs.display()))?;
+            line(json!({"key": "file", "value": {
+                "content": b64.encode(&bytes), "path": f.path, "encoding": "base64",
+            }}));
+            report.regular.push(f.path.clone());
+        }
+        for f in lfs_files {
+            line(json!({"key": "lfsFile", "value": {
+                "path": f.path, "algo": "sha256", "oid": f.sha256, "size": f.size,
+            }}));
+        }
+        let commit: Value = self
+            .http
+            .post(&format!(
+                "{}/api/models/{}/commit/{}",
+                self.endpoint, self.repo_id, self.revision
+            ))
+            .set("Authorization", &self.auth)
+            .set("Content-Type", "application/x-ndjson")
+            .send_string(&body)
+            .map_err(|e| http_error(e, "commit"))?
+            .into_json()
+            .context("commit: the answer is not JSON")?;
+        Ok(commit["commitUrl"].as_str().unwrap_or_default().to_string())
     }
-    let commit: Value = http
-        .post(&format!(
-            "{endpoint}/api/models/{repo_id}/commit/{revision}"
-        ))
-        .set("Authorization", &auth)
-        .set("Content-Type", "application/x-ndjson")
-        .send_string(&body)
-        .map_err(|e| http_error(e, "commit"))?
-        .into_json()
-        .context("commit: the answer is not JSON")?;
-    report.commit_url = commit["commitUrl"].as_str().unwrap_or_default().to_string();
-    Ok(report)
 }
 
 /// Multipart LFS upload: the batch answer's header holds `chunk_size` and one presigned URL

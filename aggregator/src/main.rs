@@ -223,79 +223,9 @@ fn main() -> Result<()> {
             Some(ckpt) => init_resume(&store, &ckpt, force),
             None => init(&store, model.as_deref(), from.as_deref(), force),
         },
-        Command::Serve(a) => {
-            if let Some(b) = a.broker {
-                cfg.broker.url = b;
-            }
-            if let Some(l) = a.listen {
-                cfg.broker.listen = l;
-            }
-            if let Some(m) = a.metrics_listen {
-                cfg.metrics.listen = m;
-            }
-            if let Some(f) = a.federation {
-                cfg.federation = f;
-            }
-            if let Some(r) = a.rounds {
-                cfg.rounds.rounds = r;
-            }
-            if let Some(m) = a.min_clients {
-                cfg.rounds.min_clients = m;
-            }
-            if let Some(t) = a.round_timeout_s {
-                cfg.rounds.round_timeout_s = t;
-            }
-            if let Some(c) = a.chunk_size {
-                cfg.rounds.chunk_size = c;
-                cfg.broker.max_packet_bytes = cfg.broker.max_packet_bytes.max(c + (64 << 10));
-            }
-            cfg.insecure |= a.insecure;
-            if let Some(r) = a.push_to_hub {
-                cfg.outputs.push_to_hub = r;
-            }
-            cfg.validate()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(server::run(cfg, store, a.exit_when_done))
-        }
-        Command::Start(_) => {
-            // The daemon gets this very command line with `serve` for `start`, so every
-            // global and serve option means the same in both.
-            let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            if let Some(a) = args.iter_mut().find(|a| *a == "start") {
-                *a = "serve".into();
-            }
-            anyhow::ensure!(
-                store.state_path().exists(),
-                "no federation in {} (run `init` first)",
-                store.dir.display()
-            );
-            let d = daemon(&store);
-            let exe = std::env::current_exe().context("locating zk0-aggregator")?;
-            let pid = d.start(&exe, &args)?;
-            println!(
-                "zk0-aggregator started (pid {pid}); log {}",
-                d.logfile().display()
-            );
-            Ok(())
-        }
-        Command::Push { repo, dir } => {
-            let token = hub::token_from_env()
-                .context("no Hugging Face token: set HF_TOKEN or log in (the HF token file)")?;
-            let r = hub::push_folder(&hub::endpoint_from_env(), &token, &repo, &dir)?;
-            println!(
-                "pushed {} regular and {} LFS files ({} already on the Hub) to {}",
-                r.regular.len(),
-                r.lfs.len() + r.lfs_skipped.len(),
-                r.lfs_skipped.len(),
-                r.repo_url
-            );
-            if !r.commit_url.is_empty() {
-                println!("commit {}", r.commit_url);
-            }
-            Ok(())
-        }
+        Command::Serve(a) => serve(cfg, store, a),
+        Command::Start(_) => start(&store),
+        Command::Push { repo, dir } => push(&repo, &dir),
         Command::Stop { timeout_s } => {
             match daemon(&store).stop(std::time::Duration::from_secs(timeout_s))? {
                 Some(pid) => println!("zk0-aggregator stopped (pid {pid})"),
@@ -335,6 +265,85 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `serve`: the command line's overrides on the config, then the daemon until it stops.
+fn serve(mut cfg: Config, store: Store, a: ServeArgs) -> Result<()> {
+    if let Some(b) = a.broker {
+        cfg.broker.url = b;
+    }
+    if let Some(l) = a.listen {
+        cfg.broker.listen = l;
+    }
+    if let Some(m) = a.metrics_listen {
+        cfg.metrics.listen = m;
+    }
+    if let Some(f) = a.federation {
+        cfg.federation = f;
+    }
+    if let Some(r) = a.rounds {
+        cfg.rounds.rounds = r;
+    }
+    if let Some(m) = a.min_clients {
+        cfg.rounds.min_clients = m;
+    }
+    if let Some(t) = a.round_timeout_s {
+        cfg.rounds.round_timeout_s = t;
+    }
+    if let Some(c) = a.chunk_size {
+        cfg.rounds.chunk_size = c;
+        cfg.broker.max_packet_bytes = cfg.broker.max_packet_bytes.max(c + (64 << 10));
+    }
+    cfg.insecure |= a.insecure;
+    if let Some(r) = a.push_to_hub {
+        cfg.outputs.push_to_hub = r;
+    }
+    cfg.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(server::run(cfg, store, a.exit_when_done))
+}
+
+/// `start`: `serve` in the background, with this very command line.
+fn start(store: &Store) -> Result<()> {
+    // The daemon gets this very command line with `serve` for `start`, so every
+    // global and serve option means the same in both.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(a) = args.iter_mut().find(|a| *a == "start") {
+        *a = "serve".into();
+    }
+    anyhow::ensure!(
+        store.state_path().exists(),
+        "no federation in {} (run `init` first)",
+        store.dir.display()
+    );
+    let d = daemon(store);
+    let exe = std::env::current_exe().context("locating zk0-aggregator")?;
+    let pid = d.start(&exe, &args)?;
+    println!(
+        "zk0-aggregator started (pid {pid}); log {}",
+        d.logfile().display()
+    );
+    Ok(())
+}
+
+/// `push`: a checkpoint folder to a Hub model repo.
+fn push(repo: &str, dir: &std::path::Path) -> Result<()> {
+    let token = hub::token_from_env()
+        .context("no Hugging Face token: set HF_TOKEN or log in (the HF token file)")?;
+    let r = hub::push_folder(&hub::endpoint_from_env(), &token, repo, dir)?;
+    println!(
+        "pushed {} regular and {} LFS files ({} already on the Hub) to {}",
+        r.regular.len(),
+        r.lfs.len() + r.lfs_skipped.len(),
+        r.lfs_skipped.len(),
+        r.repo_url
+    );
+    if !r.commit_url.is_empty() {
+        println!("commit {}", r.commit_url);
+    }
+    Ok(())
 }
 
 /// The background daemon's pid and log files live in the state dir.
