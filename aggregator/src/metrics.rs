@@ -68,96 +68,32 @@ impl Metrics {
             tls_clients_refused: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "server_eval_failures",
-            "Server evaluations that failed or timed out",
-            m.server_eval_failures.clone(),
-        );
-        registry.register(
-            "update_chunks_requested",
-            "Update chunks lost on the way and asked for again",
-            m.chunks_requested.clone(),
-        );
-        registry.register(
-            "update_chunks_refused",
-            "Update chunks dropped unstored (closed round, unenrolled, rejected upload, …), by reason",
-            m.chunks_refused.clone(),
-        );
-        registry.register(
-            "update_chunks_shed",
-            "Update chunks dropped because the event loop's bounded inbox was full",
-            m.chunks_shed.clone(),
-        );
-        registry.register(
-            "update_chunk_bytes_shed",
-            "Payload bytes of the update chunks shed",
-            m.chunk_bytes_shed.clone(),
-        );
-        registry.register(
-            "client_statuses_refused",
-            "Client status messages dropped (unsigned or forged, unknown client, replayed), by reason",
-            m.statuses_refused.clone(),
-        );
-        registry.register(
-            "retained_restored",
-            "The aggregator's retained announcement or status, overwritten by another publisher and published again",
-            m.retained_restored.clone(),
-        );
-        registry.register(
-            "broker_connects_refused",
-            "CONNECTs the embedded broker refused (unknown login, wrong password, another login's client id), by reason",
-            m.broker_connects_refused.clone(),
-        );
-        registry.register(
-            "tls_clients_refused",
-            "Clients the embedded broker's mutual-TLS front refused in the handshake",
-            m.tls_clients_refused.clone(),
-        );
-        registry.register(
-            "rounds_completed",
-            "Rounds aggregated and published",
-            m.rounds_completed.clone(),
-        );
-        registry.register(
-            "current_round",
-            "Round number in progress",
-            m.current_round.clone(),
-        );
-        registry.register(
-            "updates_accepted",
-            "Client updates verified and accepted",
-            m.updates_accepted.clone(),
-        );
-        registry.register(
-            "updates_rejected",
-            "Client updates rejected, by reason",
-            m.updates_rejected.clone(),
-        );
-        registry.register(
-            "updates_excluded",
-            "Accepted updates left out of the round's aggregate (norm outlier, non-finite aggregate), by reason",
-            m.updates_excluded.clone(),
-        );
-        registry.register(
-            "update_bytes",
-            "Encoded update bytes received in chunks",
-            m.update_bytes.clone(),
-        );
-        registry.register(
-            "model_bytes_published",
-            "Global model bytes published",
-            m.model_bytes_published.clone(),
-        );
-        registry.register(
-            "connected_clients",
-            "Enrolled clients currently online",
-            m.connected_clients.clone(),
-        );
-        registry.register(
-            "round_duration_seconds",
-            "Wall time from announce to publish",
-            m.round_duration_seconds.clone(),
-        );
+        // (name, help, metric): each exported as zk0_aggregator_<name>.
+        macro_rules! register {
+            ($($name:literal, $help:literal, $field:ident;)*) => {
+                $(registry.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            "server_eval_failures", "Server evaluations that failed or timed out", server_eval_failures;
+            "update_chunks_requested", "Update chunks lost on the way and asked for again", chunks_requested;
+            "update_chunks_refused", "Update chunks dropped unstored (closed round, unenrolled, rejected upload, …), by reason", chunks_refused;
+            "update_chunks_shed", "Update chunks dropped because the event loop's bounded inbox was full", chunks_shed;
+            "update_chunk_bytes_shed", "Payload bytes of the update chunks shed", chunk_bytes_shed;
+            "client_statuses_refused", "Client status messages dropped (unsigned or forged, unknown client, replayed), by reason", statuses_refused;
+            "retained_restored", "The aggregator's retained announcement or status, overwritten by another publisher and published again", retained_restored;
+            "broker_connects_refused", "CONNECTs the embedded broker refused (unknown login, wrong password, another login's client id), by reason", broker_connects_refused;
+            "tls_clients_refused", "Clients the embedded broker's mutual-TLS front refused in the handshake", tls_clients_refused;
+            "rounds_completed", "Rounds aggregated and published", rounds_completed;
+            "current_round", "Round number in progress", current_round;
+            "updates_accepted", "Client updates verified and accepted", updates_accepted;
+            "updates_rejected", "Client updates rejected, by reason", updates_rejected;
+            "updates_excluded", "Accepted updates left out of the round's aggregate (norm outlier, non-finite aggregate), by reason", updates_excluded;
+            "update_bytes", "Encoded update bytes received in chunks", update_bytes;
+            "model_bytes_published", "Global model bytes published", model_bytes_published;
+            "connected_clients", "Enrolled clients currently online", connected_clients;
+            "round_duration_seconds", "Wall time from announce to publish", round_duration_seconds;
+        }
         // Every reason shows up at 0 from the start, so dashboards and alerts see the series.
         for r in shared_proto::RejectReason::ALL {
             let _ = m.updates_rejected.get_or_create(&ReasonLabel {
