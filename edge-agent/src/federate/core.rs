@@ -479,13 +479,9 @@ impl Core {
         if payload.is_empty() {
             return;
         }
-        let st: ServerStatus = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
-            Ok(s) => s,
-            Err(e) => {
-                self.status.counters.malformed += 1;
-                tracing::warn!(error = %e, "malformed server status ignored");
-                return;
-            }
+        let Some(st) = decode::<ServerStatus>(payload, &mut self.status.counters, "server status")
+        else {
+            return;
         };
         let verified = st.verify_with(&self.pinned);
         if !self.authentic("server status", &st.federation, verified) {
@@ -508,15 +504,11 @@ impl Core {
         if payload.is_empty() {
             return;
         }
-        let ann: RoundAnnouncement =
-            match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.status.counters.malformed += 1;
-                    tracing::warn!(error = %e, "malformed round announcement ignored");
-                    return;
-                }
-            };
+        let Some(ann) =
+            decode::<RoundAnnouncement>(payload, &mut self.status.counters, "round announcement")
+        else {
+            return;
+        };
         let verified = ann.verify_with(&self.pinned);
         if !self.authentic("round announcement", &ann.federation, verified) {
             return;
@@ -622,13 +614,9 @@ impl Core {
         if fetch.model_id() != model_id || fetch.has_manifest() || payload.is_empty() {
             return;
         }
-        let m: ModelManifest = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
-            Ok(m) => m,
-            Err(e) => {
-                self.status.counters.malformed += 1;
-                tracing::warn!(model = model_id, error = %e, "malformed model manifest");
-                return;
-            }
+        let Some(m) = decode::<ModelManifest>(payload, &mut self.status.counters, "model manifest")
+        else {
+            return;
         };
         if let Err(e) = fetch.on_manifest(m, &self.pinned) {
             self.status.counters.models_rejected += 1;
@@ -824,13 +812,8 @@ impl Core {
     }
 
     fn on_ack(&mut self, round: u64, payload: &[u8]) {
-        let ack: Ack = match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
-            Ok(a) => a,
-            Err(e) => {
-                self.status.counters.malformed += 1;
-                tracing::warn!(round, error = %e, "malformed ack");
-                return;
-            }
+        let Some(ack) = decode::<Ack>(payload, &mut self.status.counters, "ack") else {
+            return;
         };
         let verified = ack.verify_with(&self.pinned);
         if !self.authentic("ack", &ack.federation, verified) {
@@ -938,6 +921,22 @@ impl Core {
                     retain: false,
                 });
             }
+        }
+    }
+}
+
+/// Decodes a message from the broker; one that does not decode is counted and logged.
+fn decode<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    counters: &mut Counters,
+    what: &str,
+) -> Option<T> {
+    match message::decode(payload, message::DEFAULT_MAX_MESSAGE_LEN) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            counters.malformed += 1;
+            tracing::warn!(error = %e, "malformed {what} ignored");
+            None
         }
     }
 }
