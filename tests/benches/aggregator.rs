@@ -39,8 +39,8 @@ use anyhow::{Context, Result};
 use rumqttc_ring::{Client, Event, MqttOptions, Packet, QoS};
 use shared_proto::codec::{encode_delta, Codec, EncodeOptions};
 use shared_proto::message::{
-    self, Ack, ClientMetrics, ClientStatus, HardwareInfo, ModelManifest, RoundAnnouncement,
-    UpdateManifest, PROTOCOL_VERSION,
+    self, Ack, ClientStatus, HardwareInfo, ModelManifest, RoundAnnouncement, UpdateManifest,
+    PROTOCOL_VERSION,
 };
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
@@ -377,30 +377,16 @@ fn client(port: u16, cid: String, key: KeyPair, blob: Arc<Vec<u8>>, up: Uplink) 
                     }
                     let (c2, cid2, topics2, up2) =
                         (c.clone(), cid.clone(), topics.clone(), up.clone());
-                    let mut m = UpdateManifest {
-                        v: PROTOCOL_VERSION,
-                        federation: FEDERATION.into(),
-                        client_id: cid.clone(),
-                        round: a.round,
-                        base_model_id: a.model_id.clone(),
-                        codec: "int8".into(),
-                        total_len: 0,
-                        chunk_count: 0,
-                        chunk_size: 0,
-                        sha256: String::new(),
-                        examples: 100,
-                        metrics: ClientMetrics {
-                            loss: 1.0,
-                            fedprox_loss: 0.0,
-                            grad_norm: 1.0,
-                            update_norm: 1.0,
-                            steps: 1,
-                            seconds: 1.0,
-                        },
-                        chunk_sha256: Vec::new(),
-                        signature: Vec::new(),
-                    };
-                    m.describe_blob(&blob, a.chunk_size);
+                    let mut m = zk0_e2e::federation::update_manifest(
+                        FEDERATION,
+                        &cid,
+                        a.round,
+                        &a.model_id,
+                        "int8",
+                        &blob,
+                        a.chunk_size,
+                        100,
+                    );
                     m.sign_with(&key);
                     sent = Some(m.clone());
                     let out = manifest_out.clone();

@@ -220,13 +220,15 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
     }
 }
 
-/// A test client's manifest for `blob` (f32 codec, cut at `chunk_size`), unsigned: what a
-/// hostile or hand-driven client sends, signed by whichever key the test picks.
+/// A test client's manifest for `blob` (encoded with `codec`, cut at `chunk_size`), unsigned:
+/// what a hostile or hand-driven client sends, signed by whichever key the test picks.
+#[allow(clippy::too_many_arguments)] // one per manifest field a test sets
 pub fn update_manifest(
     federation: &str,
     cid: &str,
     round: u64,
     base: &str,
+    codec: &str,
     blob: &[u8],
     chunk_size: u32,
     examples: u64,
@@ -237,7 +239,7 @@ pub fn update_manifest(
         client_id: cid.into(),
         round,
         base_model_id: base.into(),
-        codec: "f32".into(),
+        codec: codec.into(),
         total_len: 0,
         chunk_count: 0,
         chunk_size: 0,

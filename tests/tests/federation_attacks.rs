@@ -50,7 +50,16 @@ fn status(cid: &str, online: bool, key: &KeyPair) -> Vec<u8> {
 
 /// A manifest claiming to be robot-b's, signed with the attacker's key.
 fn forged_manifest(round: u64, base: &str, key: &KeyPair) -> Vec<u8> {
-    let m = update_manifest("e2e", "robot-b", round, base, &[7u8; 5000], 4096, 1_000_000);
+    let m = update_manifest(
+        "e2e",
+        "robot-b",
+        round,
+        base,
+        "f32",
+        &[7u8; 5000],
+        4096,
+        1_000_000,
+    );
     message::encode(&m.signed(key))
 }
 

@@ -41,7 +41,7 @@ fn f32_blob(d: &TensorSet) -> Vec<u8> {
 }
 
 fn manifest(cid: &str, round: u64, base: &str, blob: &[u8], key: &KeyPair) -> UpdateManifest {
-    update_manifest("e2e", cid, round, base, blob, CHUNK as u32, 10).signed(key)
+    update_manifest("e2e", cid, round, base, "f32", blob, CHUNK as u32, 10).signed(key)
 }
 
 /// The manifest, then every chunk without waiting to be asked (the broker keeps one
