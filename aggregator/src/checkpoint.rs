@@ -182,6 +182,7 @@ pub fn write(checkpoints: &Path, input: &CheckpointInput<'_>) -> Result<PathBuf>
         serde_json::to_vec_pretty(&metrics)?,
     )?;
     std::fs::write(pm.join("README.md"), model_card(input))?;
+    zk0_daemon::crash_point::hold("checkpoint", round);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming onto {}", final_dir.display()))?;

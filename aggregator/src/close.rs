@@ -5,6 +5,12 @@
 //! [`CloseJob::run`] makes the new model (and its server evaluation) from owned inputs; the
 //! event loop then completes the round state and publishes; [`Outputs::run`] writes round
 //! records, plots and checkpoints afterwards.
+//!
+//! Crash safety: the round's state says `aggregating` until the new model is saved and
+//! evaluated, so a crash before that redoes the close (the fold is deterministic, the model
+//! content-addressed, the evaluation recorded per round). The outputs are saved as
+//! [`RoundOutputs`] under `pending/` before the completion is, and written again on restart
+//! until they are all there.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,6 +34,7 @@ use crate::plots;
 use crate::round::{RoundState, RoundSummary, UpdateRecord};
 use crate::server_eval;
 use crate::store::Store;
+use zk0_daemon::{write_atomic, Durability::Durable};
 
 /// A server evaluation's outcome: `None` when not due this round, `Some(Err)` when it failed
 /// (logged and counted; the federation goes on).
@@ -119,6 +126,7 @@ pub fn aggregate_round(
             .collect();
         let (_, mut global) = aggregate::load_model(store, model_id)?;
         fold(store, spec, round, &included, agg, &mut global)?;
+        zk0_daemon::crash_point::hold("aggregate", round);
         if aggregate::all_finite(&global) {
             let (model_id, model) = aggregate::save_model(store, &global)?;
             for e in &excluded {
@@ -272,7 +280,7 @@ pub async fn server_eval(job: &CloseJob, round: u64, model_id: &str) -> EvalOutc
     tracing::info!(round, model = %model_id, dataset = %o.eval.dataset, "server evaluation");
     let scratch = job.store.dir.join("eval");
     let model_path = job.store.model_path(model_id);
-    match server_eval::evaluate(&o.eval, base, &model_path, model_id, &scratch).await {
+    match server_eval::evaluate(&o.eval, base, &model_path, model_id, round, &scratch).await {
         Ok(e) => {
             tracing::info!(
                 round,
@@ -327,47 +335,152 @@ pub fn observe_schedule(
     state.schedule.observe(&cfg.schedule, &obs);
 }
 
-/// The run outputs of one closed round: `round_NNN_server_eval.json`, plots and, when due, a
-/// checkpoint (pushed to the Hub after the last round). Written on a blocking thread after
-/// the new model is published; failures are logged, outputs never stop the federation.
+/// What the run outputs of one completed round are made of (`rounds/round_NNN.json`,
+/// `federated_metrics.json`, `round_NNN_server_eval.json`, plots and, when due, a checkpoint,
+/// pushed to the Hub after the last round).
+///
+/// Saved durably under `pending/` *before* the round's completion is (see [`Pending`]), and
+/// removed once every output is written: a crash in between leaves the file, and the restart
+/// writes the outputs again. Every output is written whole under its round's name (atomic
+/// replace), so writing twice leaves each exactly once.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RoundOutputs {
+    /// The state right after the round completed (for the checkpoint's training state).
+    pub state: RoundState,
+    pub summary: RoundSummary,
+    pub accepted: BTreeMap<String, UpdateRecord>,
+    pub server_eval: EvalOutcome,
+}
+
+/// The `pending/` directory of a state dir: completed rounds whose outputs are not all written.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    dir: PathBuf,
+}
+
+impl Pending {
+    pub fn new(store: &Store) -> Self {
+        Pending {
+            dir: store.dir.join("pending"),
+        }
+    }
+
+    fn path(&self, round: u64) -> PathBuf {
+        self.dir.join(format!("round_{round:03}.json"))
+    }
+
+    /// Records `o` before the round's completion is saved (durable: the completion is).
+    pub fn save(&self, o: &RoundOutputs) -> Result<()> {
+        let path = self.path(o.summary.round);
+        write_atomic(&path, &serde_json::to_vec(o)?, Durable)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn remove(&self, round: u64) {
+        let _ = std::fs::remove_file(self.path(round));
+    }
+
+    /// The pending rounds that `state` shows completed, oldest first. A file of a round the
+    /// state has not completed (a crash between the two saves) is stale: the round's close is
+    /// redone and saves it again, so it is removed.
+    pub fn completed(&self, state: &RoundState) -> Result<Vec<RoundOutputs>> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(out);
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let o: RoundOutputs = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            if state.history.iter().any(|h| h.round == o.summary.round) {
+                out.push(o);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        out.sort_by_key(|o| o.summary.round);
+        Ok(out)
+    }
+}
+
+/// Writes a completed round's [`RoundOutputs`] on a blocking thread, after the new model is
+/// published; failures are logged (outputs never stop the federation) and leave the round
+/// pending, so the next start tries again.
 #[derive(Debug)]
 pub struct Outputs {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub base_dir: Option<PathBuf>,
-    /// The state right after the round completed (for the checkpoint's training state).
-    pub state: RoundState,
-    pub summary: RoundSummary,
-    pub accepted: BTreeMap<String, UpdateRecord>,
-    /// Client id → dataset, for the round record.
-    pub datasets: BTreeMap<String, String>,
-    pub server_eval: EvalOutcome,
-    /// The new global model's bytes (parsed again for a checkpoint, never re-read from disk).
+    pub round: RoundOutputs,
+    /// The new global model's bytes (parsed again for a checkpoint).
     pub model: Bytes,
 }
 
 impl Outputs {
+    /// The outputs of a pending round, the model read back from the state dir.
+    pub fn resume(
+        cfg: Arc<Config>,
+        store: Store,
+        base_dir: Option<PathBuf>,
+        round: RoundOutputs,
+    ) -> Result<Outputs> {
+        let path = store.model_path(&round.summary.model_id);
+        let model = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Outputs {
+            cfg,
+            store,
+            base_dir,
+            round,
+            model: Bytes::from(model),
+        })
+    }
+
     pub fn run(self) {
-        let round = self.summary.round;
-        if let Err(e) = self.write() {
-            tracing::error!(
+        let round = self.round.summary.round;
+        let pending = Pending::new(&self.store);
+        match self.write() {
+            Ok(()) => pending.remove(round),
+            Err(e) => tracing::error!(
                 round,
                 error = format!("{e:#}"),
-                "writing run outputs failed"
-            );
+                "writing run outputs failed (tried again at the next start)"
+            ),
         }
     }
 
     fn write(self) -> Result<()> {
+        let RoundOutputs {
+            state,
+            summary,
+            accepted,
+            server_eval,
+        } = self.round;
+        let round = summary.round;
+        write_atomic(
+            &self.store.round_summary_path(round),
+            &serde_json::to_vec_pretty(&summary)?,
+            Durable,
+        )?;
+        // Every round so far in one file, for plots and dashboards.
+        write_atomic(
+            &self.store.dir.join("federated_metrics.json"),
+            &serde_json::to_vec_pretty(&state.history)?,
+            Durable,
+        )?;
         let outputs = outputs::Outputs::new(&self.store);
-        let mut record = RoundRecord::new(&self.summary, &self.accepted, &self.datasets);
-        match self.server_eval {
+        let mut record = RoundRecord::new(&summary, &accepted);
+        match server_eval {
             Some(Ok(e)) => record.server_eval = Some(e),
             Some(Err(e)) => record.server_eval_error = Some(e),
             None => {}
         }
-        let round = self.summary.round;
         outputs.save_round(&record)?;
+        zk0_daemon::crash_point::hold("outputs", round);
         let history = outputs.load_history()?;
         let rounds = outputs.load_rounds(round)?;
         let o = &self.cfg.outputs;
@@ -382,8 +495,8 @@ impl Outputs {
         let (global, _) = read_safetensors(&self.model).context("decoding the new model")?;
         let training = checkpoint::TrainingState {
             round,
-            model_id: self.summary.model_id.clone(),
-            state: self.state,
+            model_id: summary.model_id.clone(),
+            state,
             policy_loss: history,
             rounds,
         };
@@ -487,6 +600,7 @@ mod tests {
                 bytes: blob.len() as u64,
                 norm,
                 metrics: BTreeMap::new(),
+                dataset: None,
             };
             accepted.insert(cid.to_string(), rec);
         }
@@ -613,6 +727,46 @@ mod tests {
         };
         let (m, _) = run(&store, &id, &acc, &plain);
         assert_eq!(values(&m), vec![1.2, 3.8, 11.0]);
+    }
+
+    #[test]
+    fn pending_outputs_are_those_of_completed_rounds_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        let pending = Pending::new(&store);
+        let mut state = RoundState::new("m0");
+        let mut saved = Vec::new();
+        for round in 1..=3 {
+            state.phase = crate::round::Phase::Aggregating {
+                started_ms: 0,
+                closed_ms: 0,
+            };
+            let summary = state.complete(
+                format!("m{round}"),
+                crate::round::CloseReason::AllReported,
+                vec![],
+                0,
+            );
+            saved.push(RoundOutputs {
+                state: state.clone(),
+                summary,
+                accepted: BTreeMap::new(),
+                server_eval: None,
+            });
+        }
+        // Saved newest first; round 3 as if the crash came before its completion was saved.
+        for o in saved.iter().rev() {
+            pending.save(o).unwrap();
+        }
+        let state_at_crash = saved[1].state.clone();
+        let got = pending.completed(&state_at_crash).unwrap();
+        let rounds: Vec<u64> = got.iter().map(|o| o.summary.round).collect();
+        assert_eq!(rounds, vec![1, 2]);
+        assert_eq!(got[1].summary.model_id, "m2");
+        assert!(!pending.path(3).exists(), "the stale round-3 file is removed");
+        pending.remove(1);
+        let left = pending.completed(&state_at_crash).unwrap();
+        assert_eq!(left.len(), 1);
     }
 
     #[test]

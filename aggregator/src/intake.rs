@@ -693,7 +693,7 @@ mod tests {
         let b = blob(0.1, Codec::F32);
         let m = manifest(&f, &b, Codec::F32);
         let v = verify_update(&m, &b, &f.spec, &f.limits).unwrap();
-        f.state.record("arm-a", v.record(&m));
+        f.state.record("arm-a", v.record(&m, None));
         f.table.accepted("arm-a");
         assert_eq!(f.manifest(&message::encode(&m)), ManifestVerdict::Reack);
         // The hash compares as bytes: upper-case hex is the same update.

@@ -175,11 +175,11 @@ pub struct ClientRecord {
 }
 
 impl ClientRecord {
-    pub fn new(cid: &str, rec: &UpdateRecord, dataset: Option<String>) -> Self {
+    pub fn new(cid: &str, rec: &UpdateRecord) -> Self {
         let m = |k: &str| rec.metrics.get(k).copied();
         ClientRecord {
             client_id: cid.to_string(),
-            dataset,
+            dataset: rec.dataset.clone(),
             loss: m("loss"),
             fedprox_loss: m("fedprox_loss"),
             grad_norm: m("grad_norm"),
@@ -228,14 +228,10 @@ pub struct RoundRecord {
 }
 
 impl RoundRecord {
-    pub fn new(
-        summary: &RoundSummary,
-        accepted: &BTreeMap<String, UpdateRecord>,
-        datasets: &BTreeMap<String, String>,
-    ) -> Self {
+    pub fn new(summary: &RoundSummary, accepted: &BTreeMap<String, UpdateRecord>) -> Self {
         let clients: Vec<ClientRecord> = accepted
             .iter()
-            .map(|(cid, r)| ClientRecord::new(cid, r, datasets.get(cid).cloned()))
+            .map(|(cid, r)| ClientRecord::new(cid, r))
             .collect();
         RoundRecord {
             round: summary.round,

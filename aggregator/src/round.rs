@@ -57,6 +57,10 @@ pub struct UpdateRecord {
     pub norm: f64,
     /// Training metrics the client reported.
     pub metrics: BTreeMap<String, f64>,
+    /// The dataset the client trained on (the federation config's, else its status's), fixed
+    /// when the update is accepted: a close redone after a restart names it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 /// Why a round closed.
@@ -359,6 +363,7 @@ mod tests {
             bytes: 1,
             norm: 1.0,
             metrics: [("loss".to_string(), loss)].into(),
+            dataset: None,
         }
     }
 

@@ -23,7 +23,7 @@ use shared_proto::tensor::ModelSpec;
 use shared_proto::topic::{TopicKind, Topics};
 use tokio::sync::mpsc;
 use zk0_daemon::mqtt::{self, Incoming, Sequence, Shedding};
-use zk0_daemon::{now_ms, write_atomic, Durability::Durable, Lifecycle};
+use zk0_daemon::{now_ms, Lifecycle};
 
 use crate::close::{self, CloseJob, Closed};
 use crate::config::Config;
@@ -333,7 +333,9 @@ impl Server {
         v: &Verified,
     ) -> Result<()> {
         spool::accept(&self.store, round, cid, m.total_len)?;
-        self.state.record(cid, v.record(m));
+        let configured = self.cfg.datasets.for_client(cid).map(|d| d.repo_id.clone());
+        let dataset = configured.or_else(|| self.reported_datasets.get(cid).cloned());
+        self.state.record(cid, v.record(m, dataset));
         self.store.save_state(&self.state)?;
         self.uploads.accepted(cid);
         self.metrics.updates_accepted.inc();

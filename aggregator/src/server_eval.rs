@@ -26,17 +26,20 @@ pub fn worker_path(cfg: &ServerEvalConfig) -> PathBuf {
 }
 
 /// Evaluates `global` (trainable tensors, safetensors) applied to `base_dir` on the configured
-/// dataset. `scratch` receives the worker's report and log.
+/// dataset, for `round`. `scratch` receives the worker's report and log, named after this
+/// process too: a worker orphaned by a crashed aggregator may still be writing its own.
 pub async fn evaluate(
     cfg: &ServerEvalConfig,
     base_dir: &Path,
     global: &Path,
     model_id: &str,
+    round: u64,
     scratch: &Path,
 ) -> Result<ServerEval> {
     std::fs::create_dir_all(scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let out = scratch.join(format!("eval-{model_id}.json"));
-    let log = scratch.join(format!("eval-{model_id}.log"));
+    let stem = format!("eval-{model_id}-{}", std::process::id());
+    let out = scratch.join(format!("{stem}.json"));
+    let log = scratch.join(format!("{stem}.log"));
     let _ = std::fs::remove_file(&out);
     let worker = worker_path(cfg);
     let mut cmd = tokio::process::Command::new(&worker);
@@ -68,6 +71,7 @@ pub async fn evaluate(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", worker.display()))?;
+    zk0_daemon::crash_point::hold_async("server_eval", round).await;
     let status =
         match tokio::time::timeout(Duration::from_secs_f64(cfg.timeout_s), child.wait()).await {
             Ok(st) => st.context("waiting for the eval worker")?,
@@ -146,14 +150,21 @@ echo "{\"loss\": 1.$seed, \"frames\": 3}" > "$out""#,
         );
         let mut c = cfg(&ok);
         c.seed = 25;
-        let e = evaluate(&c, d.path(), &d.path().join("g"), "m1", &d.path().join("s"))
-            .await
-            .unwrap();
+        let e = evaluate(
+            &c,
+            d.path(),
+            &d.path().join("g"),
+            "m1",
+            1,
+            &d.path().join("s"),
+        )
+        .await
+        .unwrap();
         assert_eq!(e.policy_loss, 1.25);
         assert_eq!(e.report["frames"], 3);
 
         let bad = script(d.path(), "echo boom >&2; exit 3");
-        let err = evaluate(&cfg(&bad), d.path(), d.path(), "m2", &d.path().join("s"))
+        let err = evaluate(&cfg(&bad), d.path(), d.path(), "m2", 1, &d.path().join("s"))
             .await
             .unwrap_err();
         assert!(format!("{err:#}").contains("boom"), "{err:#}");
@@ -162,7 +173,7 @@ echo "{\"loss\": 1.$seed, \"frames\": 3}" > "$out""#,
         let mut c = cfg(&slow);
         c.timeout_s = 0.3;
         let t = Instant::now();
-        let err = evaluate(&c, d.path(), d.path(), "m3", &d.path().join("s"))
+        let err = evaluate(&c, d.path(), d.path(), "m3", 1, &d.path().join("s"))
             .await
             .unwrap_err();
         assert!(format!("{err:#}").contains("timed out"), "{err:#}");

@@ -69,7 +69,7 @@ pub struct Verified {
 
 impl Verified {
     /// What the round state keeps of the accepted update `m`.
-    pub fn record(&self, m: &UpdateManifest) -> UpdateRecord {
+    pub fn record(&self, m: &UpdateManifest, dataset: Option<String>) -> UpdateRecord {
         let c = &m.metrics;
         let metrics = [
             ("loss", c.loss),
@@ -89,6 +89,7 @@ impl Verified {
             bytes: m.total_len,
             norm: self.norm,
             metrics,
+            dataset,
         }
     }
 }

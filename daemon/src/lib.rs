@@ -10,10 +10,12 @@
 //! | [`lifecycle`] | [`Lifecycle`]: systemd READY, watchdog pings, SIGTERM / Ctrl-C |
 //! | [`fs`] | [`write_atomic`] with a stated [`Durability`], owner-only files |
 //! | [`keys`] | ed25519 key files (the I/O half of `shared_proto::sign`) |
+//! | [`crash_point`] | named steps where crash tests hold a daemon to `kill -9` it |
 //!
 //! Errors are one [`Error`] enum; binaries wrap it in `anyhow`. The crate links neither the
 //! embedded broker (rumqttd) nor libtorch.
 
+pub mod crash_point;
 pub mod error;
 pub mod fs;
 pub mod keys;

@@ -325,6 +325,8 @@ pub struct Federation {
     /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
     /// --mosquitto`) instead of `allow_anonymous true`.
     pub mosquitto_conf: Option<String>,
+    /// Environment variables of the next aggregator started (e.g. `ZK0_HOLD_AT`).
+    pub aggregator_env: BTreeMap<String, String>,
     /// The aggregator's `rounds.server_lr` (set it in [`Federation::aggregator_toml`] too), for
     /// [`Federation::verify_rounds`].
     pub server_lr: f64,
@@ -413,6 +415,7 @@ impl Federation {
             broker_login: None,
             broker_toml: String::new(),
             mosquitto_conf: None,
+            aggregator_env: BTreeMap::new(),
             server_lr: 1.0,
         })
     }
@@ -530,7 +533,7 @@ impl Federation {
                 cmd.args(["--broker", &format!("{scheme}://127.0.0.1:{}", self.port)]);
             }
         }
-        cmd.args(extra);
+        cmd.args(extra).envs(&self.aggregator_env);
         let agg = self.aggregator.insert(ChildGuard::spawn(
             "zk0-aggregator",
             cmd,

@@ -4,7 +4,9 @@
 //! `policy_loss_history.json`, plots, LeRobot-layout checkpoints with a model card, and
 //! `init --resume`: a run stopped at round 3 of 5 and resumed ends with the same final model as
 //! an uninterrupted run (the fake training worker's updates are a deterministic function of
-//! the global model).
+//! the global model); and a run whose aggregator is killed with `SIGKILL` at every step of a
+//! round's close (aggregation, server evaluation, completion, output writing, checkpoint),
+//! restarted each time, ends with every output exactly once and the uninterrupted run's models.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -289,16 +291,106 @@ fn outputs_checkpoints_and_resume_match_an_uninterrupted_run() -> Result<()> {
         sb["model_id"],
         sa["model_id"]
     );
-    let ids = |s: &Value| -> Vec<Value> {
-        s["history"]
-            .as_array()
-            .map(|h| h.iter().map(|r| r["model_id"].clone()).collect())
-            .unwrap_or_default()
-    };
-    anyhow::ensure!(ids(&sa) == ids(&sb), "per-round models differ");
+    anyhow::ensure!(model_ids(&sa) == model_ids(&sb), "per-round models differ");
     anyhow::ensure!(
         read_json(&a.state_dir.join("policy_loss_history.json"))?
             == read_json(&b.state_dir.join("policy_loss_history.json"))?
+    );
+    Ok(())
+}
+
+/// The per-round model ids of a state.
+fn model_ids(s: &Value) -> Vec<Value> {
+    s["history"]
+        .as_array()
+        .map(|h| h.iter().map(|r| r["model_id"].clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Where the interrupted run's aggregator is held and killed (`ZK0_HOLD_AT`): one step of
+/// the close of each round, in the order a close takes them.
+const CRASH_POINTS: [&str; 5] = [
+    "aggregate:1",   // the fold done, the model not saved
+    "server_eval:2", // the eval worker started, its result not recorded
+    "complete:3",    // the outputs recorded as pending, the completion not saved
+    "outputs:4",     // the round record written, plots and checkpoint not
+    "checkpoint:5",  // the checkpoint written to its temporary dir, not renamed
+];
+
+#[test]
+fn kill_9_at_every_step_of_a_round_close_is_repaired_on_restart() -> Result<()> {
+    zk0_e2e::ensure_built()?;
+    let tmp = tempfile::tempdir()?;
+    let base = base_checkpoint(tmp.path())?;
+    let heldout = tmp.path().join("heldout");
+    std::fs::create_dir_all(&heldout)?;
+
+    let mut a = federation(&tmp.path().join("a"), &base, &heldout)?;
+    let result = run_rounds(&mut a, 5, 5).and_then(|()| check_outputs(&a, &base, None));
+    if let Err(e) = result {
+        anyhow::bail!("{e:#}\n{}", a.logs());
+    }
+
+    let mut b = federation(&tmp.path().join("b"), &base, &heldout)?;
+    let result = (|| -> Result<()> {
+        let log = b.dir.join("aggregator.log");
+        let held = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("holding at crash point")
+                .count()
+        };
+        for (i, point) in CRASH_POINTS.iter().enumerate() {
+            b.aggregator_env.insert("ZK0_HOLD_AT".into(), point.to_string());
+            b.start_aggregator(5, 60.0, &[])?;
+            if i == 0 {
+                for (cid, _, _) in CLIENTS {
+                    b.start_agent(cid, 5)?;
+                }
+            }
+            zk0_e2e::wait_for(Duration::from_secs(90), &format!("the hold at {point}"), || {
+                (held() > i).then_some(())
+            })?;
+            b.aggregator.as_mut().context("aggregator")?.kill(); // SIGKILL
+        }
+        b.aggregator_env.clear();
+        b.start_aggregator(5, 60.0, &[])?;
+        b.wait_aggregator_ok(Duration::from_secs(120))?;
+        for (cid, _, _) in CLIENTS {
+            if let Some(ag) = b.agents.get_mut(cid) {
+                ag.wait_timeout(Duration::from_secs(20))?;
+            }
+        }
+        check_outputs(&b, &base, None)?;
+        let dir = &b.state_dir;
+        let pending = std::fs::read_dir(dir.join("pending"))?.count();
+        anyhow::ensure!(pending == 0, "{pending} rounds still pending");
+        for e in std::fs::read_dir(dir.join("checkpoints"))? {
+            let name = e?.file_name().to_string_lossy().to_string();
+            anyhow::ensure!(!name.starts_with('.'), "leftover {name}");
+        }
+        for sub in ["spool", "accepted", "scratch"] {
+            let left = std::fs::read_dir(dir.join(sub))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            anyhow::ensure!(left == 0, "{left} round dirs left in {sub}/");
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        anyhow::bail!("{e:#}\n{}", b.logs());
+    }
+    let (sa, sb) = (a.state()?, b.state()?);
+    anyhow::ensure!(
+        model_ids(&sa) == model_ids(&sb),
+        "per-round models after the kills {:?} differ from the uninterrupted run's {:?}",
+        model_ids(&sb),
+        model_ids(&sa)
+    );
+    anyhow::ensure!(
+        read_json(&a.state_dir.join("policy_loss_history.json"))?
+            == read_json(&b.state_dir.join("policy_loss_history.json"))?,
+        "the policy-loss histories differ"
     );
     Ok(())
 }

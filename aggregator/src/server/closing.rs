@@ -43,20 +43,16 @@ impl Server {
         let summary =
             self.state
                 .complete(closed.model_id.clone(), reason, closed.excluded, now_ms());
+        let outputs = close::RoundOutputs {
+            state: self.state.clone(),
+            summary: summary.clone(),
+            accepted,
+            server_eval: closed.server_eval,
+        };
+        // Outputs first, completion second: a crash between them redoes the close.
+        close::Pending::new(&self.store).save(&outputs)?;
+        zk0_daemon::crash_point::hold_async("complete", round).await;
         self.store.save_state(&self.state)?;
-        let summary_json = serde_json::to_vec_pretty(&summary)?;
-        write_atomic(
-            &self.store.round_summary_path(round),
-            &summary_json,
-            Durable,
-        )?;
-        // Every round so far in one file, for plots and dashboards.
-        let history = serde_json::to_vec_pretty(&self.state.history)?;
-        write_atomic(
-            &self.store.dir.join("federated_metrics.json"),
-            &history,
-            Durable,
-        )?;
         let _ = std::fs::remove_dir_all(self.store.spool_round_dir(round));
         let _ = std::fs::remove_dir_all(self.store.accepted_round_dir(round));
         self.metrics.rounds_completed.inc();
@@ -66,25 +62,11 @@ impl Server {
         tracing::info!(round, model = %closed.model_id, accepted = ?summary.accepted, dropped = ?summary.dropped, excluded = summary.excluded.len(), metrics = ?summary.metrics, "round aggregated");
         self.publish_model(Some(closed.model.clone())).await?;
         self.publish_status(true).await;
-        let datasets = accepted
-            .keys()
-            .filter_map(|c| {
-                let configured = self.cfg.datasets.for_client(c).map(|d| d.repo_id.clone());
-                Some((
-                    c.clone(),
-                    configured.or_else(|| self.reported_datasets.get(c).cloned())?,
-                ))
-            })
-            .collect();
         let job = close::Outputs {
             cfg: self.cfg.clone(),
             store: self.store.clone(),
             base_dir: self.base_dir.clone(),
-            state: self.state.clone(),
-            summary,
-            accepted,
-            datasets,
-            server_eval: closed.server_eval,
+            round: outputs,
             model: closed.model,
         };
         self.finish_outputs().await;

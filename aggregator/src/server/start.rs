@@ -79,6 +79,7 @@ impl Server {
                 None
             }
         };
+        let finished = matches!(state.phase, Phase::Finished);
         let mut srv = Server {
             limits: cfg.limits(),
             cfg: Arc::new(cfg),
@@ -105,15 +106,59 @@ impl Server {
             base_dir,
             closing: None,
             outputs: None,
-            done: false,
+            done: finished,
         };
         drop(global);
         srv.metrics.current_round.set(srv.state.round as i64);
         srv.refresh_keys()?;
+        srv.remove_closed_rounds();
+        srv.resume_outputs()?;
         srv.resume_uploads().await;
         srv.initial_eval().await;
         tracing::info!(round = srv.state.round, model = %srv.state.model_id, phase = ?srv.state.phase, "aggregator started");
         Ok((srv, inbox))
+    }
+
+    /// Writes again the outputs of completed rounds a crash left pending (in the background,
+    /// oldest first, like the outputs of a round closed now).
+    fn resume_outputs(&mut self) -> Result<()> {
+        let pending = close::Pending::new(&self.store).completed(&self.state)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let rounds: Vec<u64> = pending.iter().map(|o| o.summary.round).collect();
+        tracing::warn!(?rounds, "writing the outputs a crash interrupted");
+        let jobs = pending
+            .into_iter()
+            .map(|o| {
+                close::Outputs::resume(
+                    self.cfg.clone(),
+                    self.store.clone(),
+                    self.base_dir.clone(),
+                    o,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.outputs = Some(tokio::task::spawn_blocking(move || {
+            jobs.into_iter().for_each(close::Outputs::run)
+        }));
+        Ok(())
+    }
+
+    /// Spool, accepted and scratch files of rounds already completed (a crash came before
+    /// their removal).
+    fn remove_closed_rounds(&self) {
+        for r in 1..self.state.round {
+            for d in [
+                self.store.spool_round_dir(r),
+                self.store.accepted_round_dir(r),
+                self.store.scratch_round_dir(r),
+            ] {
+                if d.exists() {
+                    let _ = std::fs::remove_dir_all(&d);
+                }
+            }
+        }
     }
 
     /// Takes up the uploads spooled before a restart: their signed manifests are checked
