@@ -325,6 +325,9 @@ pub struct Federation {
     /// mosquitto: conf lines for the listener (e.g. the `zk0.conf` of `zk0-aggregator acl
     /// --mosquitto`) instead of `allow_anonymous true`.
     pub mosquitto_conf: Option<String>,
+    /// mosquitto: a second loopback listener open to anonymous clients, with no ACL, for the
+    /// test's own observer (`per_listener_settings`: the main listener keeps its files).
+    pub observer_port: Option<u16>,
     /// Environment variables of the next aggregator started (e.g. `ZK0_HOLD_AT`).
     pub aggregator_env: BTreeMap<String, String>,
     /// The aggregator's `rounds.server_lr` (set it in [`Federation::aggregator_toml`] too), for
@@ -415,6 +418,7 @@ impl Federation {
             broker_login: None,
             broker_toml: String::new(),
             mosquitto_conf: None,
+            observer_port: None,
             aggregator_env: BTreeMap::new(),
             server_lr: 1.0,
         })
@@ -430,10 +434,17 @@ impl Federation {
             return Ok(false);
         };
         let conf = self.dir.join("mosquitto.conf");
+        let (head, tail) = match self.observer_port {
+            Some(p) => (
+                "per_listener_settings true\n".to_string(),
+                format!("listener {p} 127.0.0.1\nallow_anonymous true\n"),
+            ),
+            None => (String::new(), String::new()),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\npersistence false\nmax_inflight_messages 100\n{}\n",
+                "{head}persistence false\nlistener {} 127.0.0.1\nmax_inflight_messages 100\n{}\n{tail}",
                 self.port,
                 self.mosquitto_conf
                     .as_deref()
@@ -454,6 +465,36 @@ impl Federation {
                 .map(|_| ())
         })?;
         Ok(true)
+    }
+
+    /// Makes mosquitto use the files `zk0-aggregator acl --mosquitto` writes for this
+    /// federation's [`Federation::users`], with `aggregator` as the aggregator's login (set as
+    /// [`Federation::broker_login`] too). Call before [`Federation::start_broker`].
+    pub fn use_generated_acl(&mut self, aggregator: (&str, &str)) -> Result<()> {
+        self.broker_login = Some((aggregator.0.into(), aggregator.1.into()));
+        let mut toml = format!(
+            "federation = {:?}\n[broker]\nusername = {:?}\npassword = {:?}\n[broker.users]\n",
+            self.federation, aggregator.0, aggregator.1
+        );
+        for (u, p) in &self.users {
+            toml.push_str(&format!("{u:?} = {p:?}\n"));
+        }
+        let cfg = self.dir.join("acl-config.toml");
+        std::fs::write(&cfg, toml)?;
+        let acl_dir = self.dir.join("mosquitto-acl");
+        run_ok(
+            Command::new(bin("zk0-aggregator"))
+                .arg("--config")
+                .arg(&cfg)
+                .args(["acl", "--mosquitto"])
+                .arg(&acl_dir),
+        )?;
+        // The snippet goes in the listener's section (use_username_as_clientid is per
+        // listener). Run as root (a CI container), mosquitto would drop to user `mosquitto`,
+        // which cannot read the owner-only files; as anyone else `user` has no effect.
+        let snippet = std::fs::read_to_string(acl_dir.join("zk0.conf"))?;
+        self.mosquitto_conf = Some(format!("user root\n{snippet}"));
+        Ok(())
     }
 
     /// Starts the aggregator for `rounds` rounds with the given deadline.

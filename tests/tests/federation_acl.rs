@@ -3,14 +3,13 @@
 //! aggregator, reaches nobody (a subscriber with the aggregator's login sees only A's own
 //! status); anonymous and wrong-password clients are refused; then a round runs with the files.
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rumqttc_ring::{Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use zk0_e2e::federation::{BrokerKind, Federation};
-use zk0_e2e::{bin, run_ok, wait_for};
+use zk0_e2e::wait_for;
 
 const AGG: (&str, &str) = ("zk0-aggregator", "pw-aggregator");
 
@@ -85,29 +84,7 @@ fn mosquitto_with_the_generated_acl_confines_each_login_to_its_own_topics() -> R
     for c in ["robot-a", "robot-b"] {
         fed.users.insert(c.into(), format!("pw-{c}"));
     }
-    fed.broker_login = Some((AGG.0.into(), AGG.1.into()));
-    let cfg = tmp.path().join("acl-config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "federation = {:?}\n[broker]\nusername = {:?}\npassword = {:?}\n[broker.users]\n\
-             robot-a = \"pw-robot-a\"\nrobot-b = \"pw-robot-b\"\n",
-            fed.federation, AGG.0, AGG.1
-        ),
-    )?;
-    let acl_dir = tmp.path().join("mosquitto-acl");
-    run_ok(
-        Command::new(bin("zk0-aggregator"))
-            .arg("--config")
-            .arg(&cfg)
-            .args(["acl", "--mosquitto"])
-            .arg(&acl_dir),
-    )?;
-    // The snippet goes in the listener's section (use_username_as_clientid is per listener).
-    // Run as root (a CI container), mosquitto would drop to user `mosquitto`, which cannot read
-    // the owner-only files; as anyone else `user` has no effect.
-    let snippet = std::fs::read_to_string(acl_dir.join("zk0.conf"))?;
-    fed.mosquitto_conf = Some(format!("user root\n{snippet}"));
+    fed.use_generated_acl(AGG)?;
     anyhow::ensure!(fed.start_broker()?, "mosquitto is not installed");
     let port = fed.port;
     let r = (|| -> Result<()> {

@@ -341,16 +341,19 @@ fn kill_9_at_every_step_of_a_round_close_is_repaired_on_restart() -> Result<()> 
                 .count()
         };
         for (i, point) in CRASH_POINTS.iter().enumerate() {
-            b.aggregator_env.insert("ZK0_HOLD_AT".into(), point.to_string());
+            b.aggregator_env
+                .insert("ZK0_HOLD_AT".into(), point.to_string());
             b.start_aggregator(5, 60.0, &[])?;
             if i == 0 {
                 for (cid, _, _) in CLIENTS {
                     b.start_agent(cid, 5)?;
                 }
             }
-            zk0_e2e::wait_for(Duration::from_secs(90), &format!("the hold at {point}"), || {
-                (held() > i).then_some(())
-            })?;
+            zk0_e2e::wait_for(
+                Duration::from_secs(90),
+                &format!("the hold at {point}"),
+                || (held() > i).then_some(()),
+            )?;
             b.aggregator.as_mut().context("aggregator")?.kill(); // SIGKILL
         }
         b.aggregator_env.clear();
