@@ -1,0 +1,9 @@
+//! SO-100 / SO-101 arms on the Feetech STS3215 bus, compatible with LeRobot 0.6.1.
+//!
+//! Map of the crate:
+//! - [`feetech::protocol`]: instruction and status packets, checksum, error bits, and a stream
+//!   decoder that returns typed errors and never panics (byte-exact against the vendor SDK's
+//!   golden packets and LeRobot's own bus trace, see `tests/`).
+//! - [`feetech::table`]: the STS3215 control table as LeRobot names it, sign-magnitude values.
+
+pub mod feetech;
