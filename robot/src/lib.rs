@@ -5,5 +5,11 @@
 //!   decoder that returns typed errors and never panics (byte-exact against the vendor SDK's
 //!   golden packets and LeRobot's own bus trace, see `tests/`).
 //! - [`feetech::table`]: the STS3215 control table as LeRobot names it, sign-magnitude values.
+//! - [`feetech::bus`]: [`Bus`] over any [`Transport`]: ping, read/write, sync read/write, input
+//!   dropped before each transaction, LeRobot's deadline, retries, [`BusStats`] counters, and a
+//!   [`BusError`] that names the motor and register.
+//! - [`feetech::serial`]: [`SerialTransport`], the `serialport` crate without libudev.
 
 pub mod feetech;
+
+pub use feetech::{Bus, BusConfig, BusError, BusStats, SerialTransport, Transport};

@@ -52,3 +52,54 @@ pub fn call_args(call: &str) -> Vec<i64> {
         })
         .collect()
 }
+
+/// A port that replays scripted replies: after the n-th write it makes `replies[n]` readable
+/// (or, when there are fewer writes than chunks, every chunk after the first write, as a sync
+/// read's six replies follow one instruction). Reads return at once; nothing left means `Ok(0)`.
+#[derive(Debug, Default)]
+pub struct Scripted {
+    pub replies: Vec<Vec<u8>>,
+    pub all_at_once: bool,
+    pub written: Vec<Vec<u8>>,
+    pub rx: std::collections::VecDeque<u8>,
+    pub clears: usize,
+}
+
+impl Scripted {
+    pub fn new(replies: Vec<Vec<u8>>, writes: usize) -> Self {
+        Self {
+            all_at_once: writes != replies.len(),
+            replies,
+            ..Self::default()
+        }
+    }
+}
+
+impl zk0_robot::feetech::Transport for Scripted {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let n = self.written.len();
+        self.written.push(bytes.to_vec());
+        if self.all_at_once {
+            if n == 0 {
+                self.rx.extend(self.replies.concat());
+            }
+        } else if let Some(r) = self.replies.get(n) {
+            self.rx.extend(r);
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, buf: &mut [u8], _timeout: std::time::Duration) -> std::io::Result<usize> {
+        let n = buf.len().min(self.rx.len());
+        for b in buf.iter_mut().take(n) {
+            *b = self.rx.pop_front().unwrap();
+        }
+        Ok(n)
+    }
+
+    fn clear_input(&mut self) -> std::io::Result<()> {
+        self.clears += 1;
+        self.rx.clear();
+        Ok(())
+    }
+}
