@@ -9,7 +9,10 @@
 //!   dropped before each transaction, LeRobot's deadline, retries, [`BusStats`] counters, and a
 //!   [`BusError`] that names the motor and register.
 //! - [`feetech::serial`]: [`SerialTransport`], the `serialport` crate without libudev.
+//! - [`sim`]: emulated servos (homing offset, first-order motion, fault injection) in memory
+//!   ([`sim::SimTransport`]) or on a pty ([`sim::PtyEmulator`]), for tests and the demo.
 
 pub mod feetech;
+pub mod sim;
 
 pub use feetech::{Bus, BusConfig, BusError, BusStats, SerialTransport, Transport};
