@@ -11,8 +11,22 @@
 //! - [`feetech::serial`]: [`SerialTransport`], the `serialport` crate without libudev.
 //! - [`sim`]: emulated servos (homing offset, first-order motion, fault injection) in memory
 //!   ([`sim::SimTransport`]) or on a pty ([`sim::PtyEmulator`]), for tests and the demo.
+//! - [`arm`]: SO-100/SO-101 follower and leader ([`arm::Arm`]): LeRobot's motors, handshake,
+//!   `configure()` writes in LeRobot's order, normalized positions, the safety clamp.
+//! - [`normalize`]: LeRobot's degrees / -100..100 / 0..100 formulas, bit for bit.
+//! - [`calibration`]: LeRobot's calibration JSON and where LeRobot keeps it.
+//! - [`calibrate`]: the calibration procedure as a pure state machine.
+//!
+//! Nothing here links libtorch. Cameras, the record loop and the `zk0-agent` commands are not
+//! here yet (see `docs/robot.md`).
 
+pub mod arm;
+pub mod calibrate;
+pub mod calibration;
 pub mod feetech;
+pub mod normalize;
 pub mod sim;
 
+pub use arm::{Arm, ArmConfig, ArmError, ArmModel, ArmSpec, MaxRelativeTarget, Role};
+pub use calibration::{Calibration, MotorCalibration};
 pub use feetech::{Bus, BusConfig, BusError, BusStats, SerialTransport, Transport};
