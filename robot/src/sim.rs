@@ -7,7 +7,8 @@
 //! PING (every servo) and SYNC_READ (listed ids that exist, in list order); SYNC_WRITE writes
 //! silently; instructions with a bad checksum are ignored; nothing is echoed. On top of those:
 //! `Present_Position = actual - Homing_Offset` as on the real servo, first-order motion of the
-//! actual position towards `Goal_Position + Homing_Offset` while torque is on, joints that can
+//! actual position towards `Goal_Position + Homing_Offset` while torque is on (turning torque on
+//! holds the joint where it is), joints that can
 //! be moved "by hand" ([`Servos::set_actual`]), and [`Faults`] per servo.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -88,9 +89,16 @@ impl Servo {
     }
 
     fn store(&mut self, addr: u8, data: &[u8]) {
+        let torque_was = self.get(&table::TORQUE_ENABLE);
         let at = usize::from(addr);
         let n = data.len().min(256 - at);
         self.mem[at..at + n].copy_from_slice(&data[..n]);
+        if torque_was == 0 && self.get(&table::TORQUE_ENABLE) != 0 {
+            // Torque on holds the joint where it is rather than jumping to a stale goal.
+            self.refresh();
+            let here = self.get(&table::PRESENT_POSITION);
+            self.set(&table::GOAL_POSITION, here);
+        }
     }
 
     /// Present_Position as the servo reports it.
