@@ -45,7 +45,8 @@ pub fn normalize(
 ) -> Result<f64, NormError> {
     let (min, max) = check(motor, c)?;
     let drive = c.drive_mode != 0;
-    let bounded = (raw as f64).clamp(min, max);
+    // Python's `min(max_, max(min_, val))`: no panic when a file has min > max.
+    let bounded = max.min(min.max(raw as f64));
     Ok(match mode {
         NormMode::RangeM100To100 => {
             let n = ((bounded - min) / (max - min)) * 200.0 - 100.0;
@@ -129,44 +130,43 @@ mod tests {
 
     #[test]
     fn ranges_clamp_and_drive_mode_flips() {
-        let c = cal(1000, 3000, 0);
-        assert_eq!(
-            normalize("m", NormMode::RangeM100To100, &c, 500).unwrap(),
-            -100.0
-        );
-        assert_eq!(
-            normalize("m", NormMode::RangeM100To100, &c, 2000).unwrap(),
-            0.0
-        );
-        assert_eq!(
-            unnormalize("m", NormMode::RangeM100To100, &c, 250.0).unwrap(),
-            3000
-        );
-        assert_eq!(
-            unnormalize("m", NormMode::Range0To100, &c, 50.0).unwrap(),
-            2000
-        );
-        let d = cal(1000, 3000, 1);
-        assert_eq!(
-            normalize("m", NormMode::Range0To100, &d, 1500).unwrap(),
-            75.0
-        );
-        assert_eq!(
-            unnormalize("m", NormMode::Range0To100, &d, 75.0).unwrap(),
-            1500
-        );
-        assert_eq!(
-            normalize("m", NormMode::RangeM100To100, &d, 1500).unwrap(),
-            50.0
-        );
+        use NormMode::{Range0To100 as R0, RangeM100To100 as R100};
+        // (mode, drive_mode, raw, normalized): normalize(raw) == normalized.
+        let forward = [
+            (R100, 0, 500, -100.0),
+            (R100, 0, 2000, 0.0),
+            (R0, 1, 1500, 75.0),
+            (R100, 1, 1500, 50.0),
+        ];
+        // (mode, drive_mode, normalized, raw): unnormalize(normalized) == raw, clamped.
+        let back = [
+            (R100, 0, 250.0, 3000),
+            (R0, 0, 50.0, 2000),
+            (R0, 1, 75.0, 1500),
+        ];
+        for (mode, drive, raw, n) in forward {
+            assert_eq!(
+                normalize("m", mode, &cal(1000, 3000, drive), raw).unwrap(),
+                n,
+                "{mode:?} {raw}"
+            );
+        }
+        for (mode, drive, n, raw) in back {
+            assert_eq!(
+                unnormalize("m", mode, &cal(1000, 3000, drive), n).unwrap(),
+                raw,
+                "{mode:?} {n}"
+            );
+        }
         // Degrees are not clamped, and int() truncates toward zero.
+        let c = cal(1000, 3000, 0);
         assert_eq!(
             normalize("m", NormMode::Degrees, &c, 0).unwrap(),
             -2000.0 * 360.0 / 4095.0
         );
         assert_eq!(
             unnormalize("m", NormMode::Degrees, &cal(0, 1, 0), -0.1).unwrap(),
-            -0
+            0
         );
         assert_eq!(
             unnormalize("m", NormMode::Degrees, &cal(0, 1, 0), -0.2).unwrap(),
@@ -182,5 +182,10 @@ mod tests {
             "invalid calibration for motor gripper: range_min and range_max are both 5"
         );
         assert!(unnormalize("g", NormMode::Range0To100, &cal(5, 5, 0), 1.0).is_err());
+        // min > max: LeRobot's expression gives max; so do we, without panicking.
+        assert_eq!(
+            normalize("g", NormMode::Range0To100, &cal(3000, 1000, 0), 2000).unwrap(),
+            100.0
+        );
     }
 }

@@ -354,3 +354,46 @@ fn values_that_do_not_fit_are_refused_before_sending() {
     ));
     assert!(bus.into_transport().written.is_empty());
 }
+
+#[test]
+fn random_replies_never_panic_the_driver() {
+    let mut x: u32 = 0x9E37_79B9;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    let (mut ok, mut failed) = (0, 0);
+    for n in 0..3000 {
+        let len = n % 64;
+        // Mostly noise with many FFs, sometimes a valid reply with a few bytes flipped.
+        let mut reply: Vec<u8> = (0..len)
+            .map(|_| if next() % 3 == 0 { 0xFF } else { next() as u8 })
+            .collect();
+        if n % 4 == 0 {
+            reply = bytes(&case("sync_read_present_position_ids_1_to_6")["rx_hex"]);
+            for _ in 0..(n % 5) {
+                let at = next() as usize % reply.len();
+                reply[at] ^= 1 << (next() % 8);
+            }
+        }
+        let mut bus = Bus::new(Scripted::new(vec![reply], 1), BusConfig::default());
+        let r = if n % 2 == 0 {
+            bus.sync_read(&table::PRESENT_POSITION, &[1, 2, 3, 4, 5, 6])
+                .map(|_| ())
+        } else {
+            bus.read(1, &table::PRESENT_POSITION).map(|_| ())
+        };
+        let s = bus.stats();
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                let counted = s.timeouts + s.checksum_errors + s.corrupt + s.status_errors;
+                assert!(counted > 0, "{e}: no counter moved");
+            }
+        }
+    }
+    assert!(ok > 0 && failed > 0, "{ok} ok, {failed} failed");
+}

@@ -225,14 +225,12 @@ impl<T: Transport> Bus<T> {
     pub fn ping(&mut self, id: u8) -> Result<u16, BusError> {
         let at = self.target(id, "PING", None);
         let packet = single_id(id, &at).and_then(|_| build(protocol::ping(id), &at))?;
-        let expect = [Expect { id, data_len: 0 }];
         // Error bits do not stop the SDK's ping before the model read; they fail it after.
-        let bits = self.exchange(&at, &packet, &expect)?[0].error_bits();
+        let bits = self.exchange_first(&at, &packet, 0)?.error_bits();
         let reg = table::MODEL_NUMBER;
         let at = self.target(id, "READ", Some(&reg));
         let packet = build(protocol::read(id, reg.addr, reg.size), &at)?;
-        let expect = [Expect { id, data_len: 2 }];
-        let reply = &self.exchange(&at, &packet, &expect)?[0];
+        let reply = self.exchange_first(&at, &packet, 2)?;
         let bits = ErrorBits(bits.0 | reply.error_bits().0);
         if !bits.is_empty() {
             return Err(BusError::Servo { at, bits });
@@ -355,8 +353,8 @@ impl<T: Transport> Bus<T> {
         self.send(&at, &packet)
     }
 
-    /// One instruction to one servo and its reply; error bits become [`BusError::Servo`].
-    fn exchange_one(
+    /// One instruction to one servo and its reply, error bits and all.
+    fn exchange_first(
         &mut self,
         at: &Target,
         packet: &[u8],
@@ -367,11 +365,21 @@ impl<T: Transport> Bus<T> {
             data_len,
         }];
         let mut replies = self.exchange(at, packet, &expect)?;
-        let reply = replies.pop().ok_or_else(|| BusError::Timeout {
+        replies.pop().ok_or_else(|| BusError::Timeout {
             at: at.clone(),
             timeout: self.config.timeout_for(packet.len()),
             stray_from: None,
-        })?;
+        })
+    }
+
+    /// One instruction to one servo and its reply; error bits become [`BusError::Servo`].
+    fn exchange_one(
+        &mut self,
+        at: &Target,
+        packet: &[u8],
+        data_len: usize,
+    ) -> Result<Packet, BusError> {
+        let reply = self.exchange_first(at, packet, data_len)?;
         if !reply.error_bits().is_empty() {
             return Err(BusError::Servo {
                 at: at.clone(),
