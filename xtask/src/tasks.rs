@@ -196,6 +196,7 @@ pub const NO_LIBTORCH_PACKAGES: &[&str] = &[
     "lerobot-dataset",
     "zk0-daemon",
     "smolvla-config",
+    "zk0-robot",
 ];
 
 /// `cargo xtask demo [zk0-demo args]`: builds the four binaries in the dev profile
