@@ -196,6 +196,8 @@ pub struct Counters {
     pub malformed: u64,
     /// Round announcements older than the newest one acted on (replays), ignored.
     pub stale_rounds: u64,
+    /// Aggregator statuses older than the newest one seen (replays), ignored.
+    pub stale_statuses: u64,
     /// Announcements, acks and server statuses not signed by the pinned aggregator key, or
     /// signed for another federation or client: dropped.
     pub forged: u64,
@@ -489,7 +491,11 @@ impl Core {
         }
         let fresh = Freshness::status(st.session, st.online);
         if self.newest_server.is_some_and(|n| !n.admits(fresh)) {
-            self.status.counters.stale_rounds += 1;
+            self.status.counters.stale_statuses += 1;
+            tracing::debug!(
+                session = st.session,
+                "aggregator status older than one seen; ignored"
+            );
             return;
         }
         self.newest_server = Some(fresh);

@@ -806,6 +806,8 @@ fn server_status_is_checked_against_the_pinned_key() {
     assert_eq!(f.core.status.server_online, Some(false));
     f.core.on(status(true, 10, &f.key), T0);
     assert_eq!(f.core.status.server_online, Some(false));
+    assert_eq!(f.core.counters().stale_statuses, 1);
+    assert_eq!(f.core.counters().stale_rounds, 0, "a status is not a round");
     f.core.on(status(true, 11, &f.key), T0);
     assert_eq!(f.core.status.server_online, Some(true));
 }
