@@ -223,6 +223,14 @@ impl RoundState {
         Some(Transition::Reannounce)
     }
 
+    /// `cid` was revoked: the collecting round no longer waits for it (an update it already got
+    /// in stays). Returns whether the round changed.
+    pub fn withdraw(&mut self, cid: &str) -> bool {
+        matches!(self.phase, Phase::Collecting { .. })
+            && !self.accepted.contains_key(cid)
+            && self.selected.remove(cid)
+    }
+
     /// Whether an update from `cid` for `round` may be considered at all.
     pub fn admit(&self, cid: &str, round: u64) -> Result<(), Admission> {
         if round < self.round {
@@ -415,6 +423,21 @@ mod tests {
                 dropped: vec!["b".into(), "c".into()]
             })
         );
+    }
+
+    #[test]
+    fn a_revoked_client_is_no_longer_waited_for() {
+        let mut s = RoundState::new("m0");
+        let c = cfg();
+        s.tick(&c, &set(&["a", "b", "c"]), 0);
+        assert!(s.withdraw("c"));
+        assert!(!s.withdraw("c"), "once");
+        s.record("a", rec(10, 1.0));
+        assert!(!s.withdraw("a"), "an accepted update stays");
+        assert!(s.tick(&c, &set(&["a", "b"]), 1).is_none());
+        s.record("b", rec(10, 1.0));
+        assert!(matches!(s.tick(&c, &set(&["a", "b"]), 2), Some(Transition::Close { .. })));
+        assert!(!s.withdraw("b"), "not while aggregating");
     }
 
     #[test]

@@ -103,3 +103,93 @@ fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()>
     })();
     r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
 }
+
+/// `keys revoke` and a key rotation on a running aggregator: the revoked client is dropped
+/// from the round at once (the round closes with the other, not at its deadline) and its update
+/// is refused (`unknown_key`); its new key, enrolled live, takes part in the next round.
+#[test]
+fn a_revoked_key_is_refused_live_and_a_rotated_one_takes_part() -> Result<()> {
+    zk0_e2e::ensure_built()?;
+    let tmp = tempfile::tempdir()?;
+    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
+    let mut fed = Federation::setup(
+        tmp.path(),
+        BrokerKind::Embedded,
+        worker.as_ref(),
+        &[("robot-a", 40, "f32"), ("robot-b", 60, "f32")],
+    )?;
+    fed.metrics_listen = format!("127.0.0.1:{}", zk0_e2e::free_port()?);
+    let state_dir = fed.state_dir.clone();
+    let keys = |args: &[&str], key: Option<&std::path::Path>| -> Result<String> {
+        let mut cmd = std::process::Command::new(zk0_e2e::bin("zk0-aggregator"));
+        cmd.arg("--state-dir")
+            .arg(&state_dir)
+            .arg("keys")
+            .args(args);
+        if let Some(k) = key {
+            cmd.arg(k);
+        }
+        zk0_e2e::run_ok(&mut cmd)
+    };
+    let r = (|| -> Result<()> {
+        // A 25 s deadline: round 2 must close long before it.
+        fed.start_aggregator(3, 25.0, &[])?;
+        let slow = [("ZK0_FAKE_WORKER_SLEEP_MS", "300")];
+        fed.start_agent_env("robot-a", 3, &slow)?;
+        fed.start_agent_env("robot-b", 3, &slow)?;
+        fed.wait_state(Duration::from_secs(60), "round 2 to collect", |s| {
+            s["round"] == 2 && s["phase"]["phase"] == "collecting"
+        })?;
+        let revoked_at = Instant::now();
+        // robot-b's worker is still training (3 s a round): its update comes after this.
+        keys(&["revoke", "robot-b"], None)?;
+        let st = fed.wait_state(Duration::from_secs(40), "round 2 to close", |s| {
+            s["round"] == 3
+        })?;
+        anyhow::ensure!(
+            st["history"][1]["accepted"] == serde_json::json!(["robot-a"]),
+            "round 2: {}",
+            st["history"][1]
+        );
+        anyhow::ensure!(
+            st["history"][1]["close_reason"] == "all_reported"
+                && revoked_at.elapsed() < Duration::from_secs(20),
+            "round 2 waited for robot-b until its deadline: {}",
+            st["history"][1]
+        );
+        let metrics = zk0_e2e::wait_for(Duration::from_secs(20), "robot-b's refusal", || {
+            let m = zk0_e2e::http_get(&fed.metrics_listen, "/metrics").ok()?;
+            m.contains("zk0_aggregator_updates_rejected_total{reason=\"unknown_key\"}")
+                .then_some(m)
+        })?;
+        anyhow::ensure!(
+            !metrics.contains("zk0_aggregator_connected_clients 2"),
+            "robot-b still counted online:\n{metrics}"
+        );
+        // Rotation: robot-b gets a new key, enrolled while the aggregator runs.
+        fed.kill_agent("robot-b")?;
+        let key = fed.dir.join("robot-b").join("agent.key");
+        std::fs::remove_file(&key)?;
+        std::fs::remove_file(key.with_extension("key.pub"))?;
+        zk0_e2e::run_ok(
+            std::process::Command::new(zk0_e2e::bin("zk0-agent"))
+                .args(["keys", "init", "--key"])
+                .arg(&key),
+        )?;
+        keys(
+            &["enroll", "--client-id", "robot-b"],
+            Some(&key.with_extension("key.pub")),
+        )?;
+        // It may still see round 2 (and count it): two rounds' worth.
+        fed.start_agent_env("robot-b", 2, &slow)?;
+        fed.wait_aggregator_ok(Duration::from_secs(90))?;
+        let st = fed.state()?;
+        anyhow::ensure!(
+            st["history"][2]["accepted"] == serde_json::json!(["robot-a", "robot-b"]),
+            "round 3: {}",
+            st["history"][2]
+        );
+        Ok(())
+    })();
+    r.map_err(|e| anyhow::anyhow!("{e:#}\n{}", fed.logs()))
+}

@@ -224,6 +224,30 @@ impl Server {
         if mtime != self.keys_mtime || mtime.is_none() {
             self.keys = Keys::from_registry(&self.store.load_keys()?);
             self.keys_mtime = mtime;
+            self.drop_revoked()?;
+        }
+        Ok(())
+    }
+
+    /// Clients whose key was revoked are offline from now on, and the collecting round stops
+    /// waiting for them; their messages fail the key check from here on.
+    fn drop_revoked(&mut self) -> Result<()> {
+        let revoked: Vec<String> = (self.online.iter())
+            .chain(self.state.selected.iter())
+            .filter(|c| !self.keys.is_enrolled(c))
+            .cloned()
+            .collect();
+        let mut changed = false;
+        for cid in revoked {
+            if self.online.remove(&cid) {
+                tracing::warn!(client = %cid, "key revoked: client dropped");
+            }
+            self.statuses.remove(&cid);
+            changed |= self.state.withdraw(&cid);
+        }
+        self.metrics.connected_clients.set(self.online.len() as i64);
+        if changed {
+            self.store.save_state(&self.state)?;
         }
         Ok(())
     }
