@@ -39,6 +39,19 @@ use crate::store::Store;
 use crate::verify::{check_weight, verify_update, Limits, Rejection, Verified};
 use crate::{aggregate, checkpoint};
 
+/// The intake's view of the loop's state ([`Gate`]), borrowed field by field so the upload
+/// table beside it stays mutable.
+macro_rules! gate {
+    ($srv:expr) => {
+        Gate {
+            state: &$srv.state,
+            keys: &$srv.keys,
+            limits: &$srv.limits,
+            federation: &$srv.cfg.federation,
+        }
+    };
+}
+
 mod closing;
 mod control;
 mod start;
@@ -195,12 +208,7 @@ impl Server {
 
     async fn on_chunk(&mut self, cid: &str, round: u64, index: u32, payload: Bytes) -> Result<()> {
         self.metrics.update_bytes.inc_by(payload.len() as u64);
-        let gate = Gate {
-            state: &self.state,
-            keys: &self.keys,
-            limits: &self.limits,
-            federation: &self.cfg.federation,
-        };
+        let gate = gate!(self);
         match self.uploads.on_chunk(gate, cid, round, index, &payload) {
             ChunkVerdict::Spool { offset } => {
                 spool::write_chunk(&self.store, round, cid, index, offset, &payload)?;
@@ -225,12 +233,7 @@ impl Server {
 
     async fn on_manifest(&mut self, cid: &str, round: u64, payload: &[u8]) -> Result<()> {
         self.refresh_keys()?;
-        let gate = Gate {
-            state: &self.state,
-            keys: &self.keys,
-            limits: &self.limits,
-            federation: &self.cfg.federation,
-        };
+        let gate = gate!(self);
         let answer = self.uploads.on_manifest(gate, cid, round, payload);
         if let ManifestVerdict::AskMissing(_) | ManifestVerdict::Replace(_) = answer.verdict {
             if matches!(answer.verdict, ManifestVerdict::Replace(_)) {

@@ -169,12 +169,7 @@ impl Server {
             if self.state.accepted.contains_key(&cid) {
                 continue;
             }
-            let gate = Gate {
-                state: &self.state,
-                keys: &self.keys,
-                limits: &self.limits,
-                federation: &self.cfg.federation,
-            };
+            let gate = gate!(self);
             let answer =
                 self.uploads
                     .resume(gate, &cid, round, &up.manifest, up.chunks.into_keys());
