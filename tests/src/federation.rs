@@ -347,6 +347,14 @@ impl Federation {
         Self::setup_with_model(dir, kind, worker, clients, &tiny_model())
     }
 
+    /// [`crate::ensure_built`], then [`Federation::setup`] with the test-only fake worker
+    /// (`zk0-fake-worker`, a binary of this crate: its updates are a deterministic function of
+    /// the global model).
+    pub fn fake(dir: &Path, kind: BrokerKind, clients: &[(&str, u64, &str)]) -> Result<Federation> {
+        crate::ensure_built()?;
+        Self::setup(dir, kind, &bin("zk0-fake-worker"), clients)
+    }
+
     /// Like [`Federation::setup`], with `model` (trainable tensors) as the initial global model.
     pub fn setup_with_model(
         dir: &Path,

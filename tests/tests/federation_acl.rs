@@ -72,13 +72,10 @@ impl Drop for Probe {
 
 #[test]
 fn mosquitto_with_the_generated_acl_confines_each_login_to_its_own_topics() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
+    let mut fed = Federation::fake(
         tmp.path(),
         BrokerKind::Mosquitto,
-        worker.as_ref(),
         &[("robot-a", 40, "int8"), ("robot-b", 60, "f32")],
     )?;
     for c in ["robot-a", "robot-b"] {

@@ -81,13 +81,10 @@ fn mosquitto_with_the_generated_acl_drops_every_attack_on_the_others() -> Result
 }
 
 fn attack(kind: BrokerKind) -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
+    let mut fed = Federation::fake(
         tmp.path(),
         kind,
-        worker.as_ref(),
         &[("robot-b", 30, "f32"), ("robot-c", 70, "f32")],
     )?;
     // robot-a: enrolled, with a login, and in the attacker's hands (no agent runs for it).

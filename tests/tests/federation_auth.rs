@@ -37,15 +37,8 @@ fn can_connect(port: u16, as_client: &str, login: Option<(&str, &str)>) -> bool 
 
 #[test]
 fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        worker.as_ref(),
-        &[("robot-a", 50, "int8")],
-    )?;
+    let mut fed = Federation::fake(tmp.path(), BrokerKind::Embedded, &[("robot-a", 50, "int8")])?;
     fed.metrics_listen = format!("127.0.0.1:{}", zk0_e2e::free_port()?);
     fed.users.insert("robot-a".into(), "pw-robot-a".into());
     fed.users.insert("robot-b".into(), "pw-robot-b".into());
@@ -109,13 +102,10 @@ fn broker_credentials_admit_the_enrolled_agent_and_refuse_others() -> Result<()>
 /// is refused (`unknown_key`); its new key, enrolled live, takes part in the next round.
 #[test]
 fn a_revoked_key_is_refused_live_and_a_rotated_one_takes_part() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
+    let mut fed = Federation::fake(
         tmp.path(),
         BrokerKind::Embedded,
-        worker.as_ref(),
         &[("robot-a", 40, "f32"), ("robot-b", 60, "f32")],
     )?;
     fed.metrics_listen = format!("127.0.0.1:{}", zk0_e2e::free_port()?);

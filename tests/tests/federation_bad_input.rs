@@ -73,15 +73,8 @@ fn send(
 
 #[test]
 fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        worker.as_ref(),
-        &[("robot-a", 50, "f32")],
-    )?;
+    let mut fed = Federation::fake(tmp.path(), BrokerKind::Embedded, &[("robot-a", 50, "f32")])?;
     let r = (|| -> Result<()> {
         // One key enrolled under every hostile id (except "eve", who is not enrolled).
         let mallory = KeyPair::generate();

@@ -20,9 +20,7 @@ use zk0_e2e::http_get;
 
 /// A federation of `clients` (id, examples, codec) on the embedded broker, fake worker.
 fn setup(dir: &std::path::Path, clients: &[(&str, u64, &str)]) -> Result<Federation> {
-    zk0_e2e::ensure_built()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    Federation::setup(dir, BrokerKind::Embedded, worker.as_ref(), clients)
+    Federation::fake(dir, BrokerKind::Embedded, clients)
 }
 
 /// Runs `clients` for `rounds` rounds (`env`: per-client worker environment), waits for the

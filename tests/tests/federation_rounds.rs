@@ -28,14 +28,8 @@ const CLIENTS: [(&str, u64, &str); 3] = [
 
 #[test]
 fn three_rounds_on_the_embedded_broker() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
-        &CLIENTS,
-    )?;
+    let mut fed = Federation::fake(tmp.path(), BrokerKind::Embedded, &CLIENTS)?;
     fed.agent_extra
         .insert("robot-c".into(), "worker_output = \"delta\"".into());
     let result = fed.run_rounds(&CLIENTS, 3, 60.0, Duration::from_secs(180));

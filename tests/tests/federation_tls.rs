@@ -105,13 +105,10 @@ fn server_cert_from(ca_dir: &Path, out: &Path, sans: &[&str], years: (i32, i32))
 
 #[test]
 fn documented_setup_runs_a_round_and_bad_certificates_and_plain_mqtt_are_refused() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
+    let mut fed = Federation::fake(
         tmp.path(),
         BrokerKind::Embedded,
-        worker.as_ref(),
         &[
             ("robot-a", 50, "int8"),
             ("robot-wrong-ca", 50, "int8"),
@@ -163,15 +160,8 @@ fn documented_setup_runs_a_round_and_bad_certificates_and_plain_mqtt_are_refused
 
 #[test]
 fn a_certificate_that_does_not_fit_is_refused_by_the_aggregator_and_the_agent() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
-        tmp.path(),
-        BrokerKind::Embedded,
-        worker.as_ref(),
-        &[("robot-a", 50, "int8")],
-    )?;
+    let mut fed = Federation::fake(tmp.path(), BrokerKind::Embedded, &[("robot-a", 50, "int8")])?;
     fed.users.insert("robot-a".into(), "pw-robot-a".into());
     let ca = tmp.path().join("ca");
     certs_init(&ca, &[])?;
@@ -374,13 +364,10 @@ fn the_embedded_broker_with_mutual_tls_admits_an_issued_certificate_and_refuses_
 /// CA): robot-a with a certificate from `certs issue` takes part; robot-no-cert (none) and
 /// robot-other-ca (issued by another CA) are refused by the broker's TLS.
 fn mutual_tls_round(kind: BrokerKind) -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let worker = env!("CARGO_BIN_EXE_zk0-fake-worker");
-    let mut fed = Federation::setup(
+    let mut fed = Federation::fake(
         tmp.path(),
         kind,
-        worker.as_ref(),
         &[
             ("robot-a", 50, "int8"),
             ("robot-no-cert", 50, "int8"),

@@ -59,12 +59,7 @@ fn read_json(p: &Path) -> Result<Value> {
 
 fn federation(dir: &Path, base: &Path, heldout: &Path) -> Result<Federation> {
     std::fs::create_dir_all(dir)?;
-    let mut fed = Federation::setup(
-        dir,
-        BrokerKind::Embedded,
-        env!("CARGO_BIN_EXE_zk0-fake-worker").as_ref(),
-        &CLIENTS,
-    )?;
+    let mut fed = Federation::fake(dir, BrokerKind::Embedded, &CLIENTS)?;
     fed.aggregator_toml = format!(
         "[rounds]\nbase_model = {base:?}\n[outputs.eval]\ndataset = {heldout:?}\nworker = {w:?}\n\
          [outputs.checkpoint]\nevery = 2\n",
