@@ -763,7 +763,10 @@ mod tests {
         let rounds: Vec<u64> = got.iter().map(|o| o.summary.round).collect();
         assert_eq!(rounds, vec![1, 2]);
         assert_eq!(got[1].summary.model_id, "m2");
-        assert!(!pending.path(3).exists(), "the stale round-3 file is removed");
+        assert!(
+            !pending.path(3).exists(),
+            "the stale round-3 file is removed"
+        );
         pending.remove(1);
         let left = pending.completed(&state_at_crash).unwrap();
         assert_eq!(left.len(), 1);

@@ -436,7 +436,10 @@ mod tests {
         assert!(!s.withdraw("a"), "an accepted update stays");
         assert!(s.tick(&c, &set(&["a", "b"]), 1).is_none());
         s.record("b", rec(10, 1.0));
-        assert!(matches!(s.tick(&c, &set(&["a", "b"]), 2), Some(Transition::Close { .. })));
+        assert!(matches!(
+            s.tick(&c, &set(&["a", "b"]), 2),
+            Some(Transition::Close { .. })
+        ));
         assert!(!s.withdraw("b"), "not while aggregating");
     }
 
