@@ -20,6 +20,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use shared_proto::message::Freshness;
 
 use zk0_daemon::{write_atomic, Durability};
 
@@ -83,6 +84,10 @@ impl Store {
     pub fn scratch_round_dir(&self, round: u64) -> PathBuf {
         self.dir.join("scratch").join(format!("r{round}"))
     }
+    /// The freshness of each client's newest status (so a restart refuses older replays).
+    pub fn statuses_path(&self) -> PathBuf {
+        self.dir.join("client_statuses.json")
+    }
     pub fn round_summary_path(&self, round: u64) -> PathBuf {
         self.dir
             .join("rounds")
@@ -109,6 +114,28 @@ impl Store {
         )?)
     }
 
+    /// The statuses' freshness as last saved (none: an empty map; unreadable: an error).
+    pub fn load_statuses(&self) -> Result<BTreeMap<String, Freshness>> {
+        let p = self.statuses_path();
+        match fs::read(&p) {
+            Ok(b) => {
+                Ok(serde_json::from_slice(&b)
+                    .with_context(|| format!("parsing {}", p.display()))?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    pub fn save_statuses(&self, s: &BTreeMap<String, Freshness>) -> Result<()> {
+        // Atomic is enough: after a power loss the worst is an older floor.
+        Ok(write_atomic(
+            &self.statuses_path(),
+            &serde_json::to_vec_pretty(s)?,
+            Durability::Atomic,
+        )?)
+    }
+
     pub fn load_keys(&self) -> Result<KeyRegistry> {
         let p = self.keys_path();
         match fs::read(&p) {
@@ -127,5 +154,29 @@ impl Store {
             &serde_json::to_vec_pretty(k)?,
             Durability::Durable,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_freshness_survives_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        assert!(store.load_statuses().unwrap().is_empty(), "none saved yet");
+        let saved: BTreeMap<String, Freshness> = [
+            ("arm-a".to_string(), Freshness::status(7, false)),
+            ("arm-b".to_string(), Freshness::status(9, true)),
+        ]
+        .into();
+        store.save_statuses(&saved).unwrap();
+        let loaded = store.load_statuses().unwrap();
+        assert_eq!(loaded, saved);
+        // arm-a's will of session 7 is in: its online status of session 7, replayed, is not.
+        assert!(!loaded["arm-a"].admits(Freshness::status(7, true)));
+        std::fs::write(store.statuses_path(), b"{not json").unwrap();
+        assert!(store.load_statuses().is_err(), "a damaged file is an error");
     }
 }

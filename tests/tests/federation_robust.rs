@@ -1,5 +1,6 @@
 //! End-to-end robust aggregation: real `zk0-aggregator` and `zk0-agent` daemons on the embedded
-//! broker, the test-only fake worker, and enrolled clients whose updates would poison the
+//! broker and on mosquitto with the files of `acl --mosquitto` (these attacks use each robot's
+//! own topics, which the ACL lets through), the test-only fake worker, and enrolled clients whose updates would poison the
 //! global model. Each is refused or left out with its own reason and counter, and the model
 //! published on the wire equals the weighted average of the honest updates alone (recomputed
 //! by `verify_rounds` from what the observer saw).
@@ -18,9 +19,24 @@ use anyhow::{Context, Result};
 use zk0_e2e::federation::{BrokerKind, Federation, Observer};
 use zk0_e2e::http_get;
 
-/// A federation of `clients` (id, examples, codec) on the embedded broker, fake worker.
-fn setup(dir: &std::path::Path, clients: &[(&str, u64, &str)]) -> Result<Federation> {
-    Federation::fake(dir, BrokerKind::Embedded, clients)
+/// A federation of `clients` (id, examples, codec) with the fake worker, on the embedded broker
+/// or on mosquitto with the generated ACL (a login per client; the observer on an open
+/// second listener).
+fn setup(
+    dir: &std::path::Path,
+    kind: BrokerKind,
+    clients: &[(&str, u64, &str)],
+) -> Result<Federation> {
+    let mut fed = Federation::fake(dir, kind, clients)?;
+    if kind == BrokerKind::Mosquitto {
+        for (cid, _, _) in clients {
+            fed.users.insert(cid.to_string(), format!("pw-{cid}"));
+        }
+        fed.use_generated_acl(("zk0-aggregator", "pw-aggregator"))?;
+        fed.observer_port = Some(zk0_e2e::free_port()?);
+        anyhow::ensure!(fed.start_broker()?, "mosquitto is not installed");
+    }
+    Ok(fed)
 }
 
 /// Runs `clients` for `rounds` rounds (`env`: per-client worker environment), waits for the
@@ -34,7 +50,7 @@ fn run(
 ) -> Result<(serde_json::Value, String, Observer)> {
     fed.metrics_listen = format!("127.0.0.1:{}", zk0_e2e::free_port()?);
     fed.start_aggregator(rounds, round_s, &[])?;
-    let observer = Observer::start(fed.port, &fed.federation)?;
+    let observer = Observer::start(fed.observer_port.unwrap_or(fed.port), &fed.federation)?;
     observer.wait_subscribed(Duration::from_secs(20))?;
     let clients: Vec<String> = fed.clients.iter().map(|c| c.0.clone()).collect();
     for cid in &clients {
@@ -98,6 +114,15 @@ fn excluded(
 
 #[test]
 fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
+    heavy_and_loud(BrokerKind::Embedded)
+}
+
+#[test]
+fn heavy_and_loud_updates_are_refused_and_left_out_through_mosquittos_acl() -> Result<()> {
+    heavy_and_loud(BrokerKind::Mosquitto)
+}
+
+fn heavy_and_loud(kind: BrokerKind) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let clients = [
         ("robot-a", 50, "f32"),
@@ -105,7 +130,7 @@ fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
         ("heavy", 1_000_000_000_000, "f32"),
         ("loud", 80, "f32"),
     ];
-    let mut fed = setup(tmp.path(), &clients)?;
+    let mut fed = setup(tmp.path(), kind, &clients)?;
     let r = (|| -> Result<()> {
         // heavy's refused update never counts, so the round closes at its deadline.
         let (state, metrics, observer) = run(
@@ -142,8 +167,21 @@ fn heavy_and_loud_updates_are_refused_and_left_out() -> Result<()> {
 
 #[test]
 fn an_update_overflowing_the_aggregate_is_left_out() -> Result<()> {
+    overflow(BrokerKind::Embedded)
+}
+
+#[test]
+fn an_update_overflowing_the_aggregate_is_left_out_through_mosquittos_acl() -> Result<()> {
+    overflow(BrokerKind::Mosquitto)
+}
+
+fn overflow(kind: BrokerKind) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let mut fed = setup(tmp.path(), &[("robot-a", 100, "f32"), ("huge", 300, "f32")])?;
+    let mut fed = setup(
+        tmp.path(),
+        kind,
+        &[("robot-a", 100, "f32"), ("huge", 300, "f32")],
+    )?;
     fed.aggregator_toml = "[rounds]\nserver_lr = 3.0\n".into();
     fed.server_lr = 3.0;
     let r = (|| -> Result<()> {

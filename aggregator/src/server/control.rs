@@ -58,7 +58,12 @@ impl Server {
         if self.statuses.get(cid).is_some_and(|f| !f.admits(fresh)) {
             return Err("stale");
         }
-        self.statuses.insert(cid.to_string(), fresh);
+        if self.statuses.insert(cid.to_string(), fresh) != Some(fresh) {
+            // Kept across restarts, so a replay is as stale after one as before.
+            if let Err(e) = self.store.save_statuses(&self.statuses) {
+                tracing::warn!(error = format!("{e:#}"), "saving client statuses");
+            }
+        }
         Ok(s)
     }
 

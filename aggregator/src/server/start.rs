@@ -80,6 +80,14 @@ impl Server {
             }
         };
         let finished = matches!(state.phase, Phase::Finished);
+        // A damaged file costs only the replay floor, not the start.
+        let statuses = store.load_statuses().unwrap_or_else(|e| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "client statuses not loaded; starting without"
+            );
+            BTreeMap::new()
+        });
         let mut srv = Server {
             limits: cfg.limits(),
             cfg: Arc::new(cfg),
@@ -92,7 +100,7 @@ impl Server {
             client,
             jobs,
             online: BTreeSet::new(),
-            statuses: BTreeMap::new(),
+            statuses,
             seq: Sequence::default(),
             session: 0,
             announced: None,
