@@ -60,13 +60,16 @@ pub fn model(
         model_id: id.to_string(),
         round,
         tensors: ModelManifest::tensor_infos(spec),
-        total_len: bytes.len() as u64,
-        chunk_count: count,
-        chunk_size: chunk_size as u32,
-        sha256: shared_proto::hash::sha256_hex(bytes),
+        total_len: 0,
+        chunk_count: 0,
+        chunk_size: 0,
+        sha256: String::new(),
+        chunk_sha256: Vec::new(),
         kind: ModelBlobKind::Full,
         signature: Vec::new(),
     };
+    // Length, count, whole-blob and per-chunk hashes (agents drop a chunk that is not ours).
+    manifest.describe_blob(bytes, chunk_size as u32);
     manifest.sign_with(signer);
     out.push(Outgoing::new(
         topics.model_manifest(id),

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rumqttc_ring::{AsyncClient, LastWill, QoS};
-use shared_proto::message::{self, Ack, ClientStatus, Freshness, UpdateManifest};
+use shared_proto::message::{self, Ack, ClientStatus, Freshness, ModelManifest, UpdateManifest};
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::ModelSpec;
 use shared_proto::topic::{TopicKind, Topics};
@@ -102,6 +102,9 @@ struct Server {
     keys_mtime: Option<SystemTime>,
     /// Model id and chunk count whose retained messages are currently published.
     published: Option<(String, u32)>,
+    /// That model's signed manifest (decoded, and as published), to put back what someone
+    /// else publishes on its topics.
+    model_manifest: Option<(ModelManifest, Bytes)>,
     /// Base LeRobot checkpoint the global tensors apply to (server eval, checkpoints).
     base_dir: Option<PathBuf>,
     /// A close job is running; with the reason the round closed for.
@@ -173,6 +176,12 @@ impl Server {
                 let ours = self.announced.clone();
                 self.restore(self.topics.round(), ours, &payload).await;
                 Ok(())
+            }
+            Some(TopicKind::ModelManifest { model_id }) => {
+                self.guard_model(&model_id, None, &payload).await
+            }
+            Some(TopicKind::ModelChunk { model_id, index }) => {
+                self.guard_model(&model_id, Some(index), &payload).await
             }
             Some(TopicKind::ServerStatus) => {
                 let ours = self.status_sent.clone();

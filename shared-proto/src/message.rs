@@ -176,6 +176,11 @@ pub struct ModelManifest {
     pub chunk_size: u32,
     /// Hex SHA-256 of the whole (compressed) blob.
     pub sha256: String,
+    /// SHA-256 of each chunk, 32 bytes per chunk in index order, so a receiver drops a chunk
+    /// someone else published on the model's topics and waits for the genuine one. Empty from
+    /// an aggregator before this field (then only the whole blob is checked).
+    #[serde(with = "cbor_bytes", default)]
+    pub chunk_sha256: Vec<u8>,
     pub kind: ModelBlobKind,
     #[serde(with = "cbor_bytes")]
     pub signature: Vec<u8>,
@@ -495,36 +500,36 @@ macro_rules! blob_manifest {
                     max_len,
                 )
             }
+
+            /// Describes `blob` cut into `chunk_size` chunks: length, count, hash and chunk
+            /// hashes.
+            pub fn describe_blob(&mut self, blob: &[u8], chunk_size: u32) {
+                self.total_len = blob.len() as u64;
+                self.chunk_size = chunk_size;
+                self.chunk_count =
+                    crate::chunk::chunk_count(blob.len(), chunk_size.max(1) as usize);
+                self.sha256 = crate::hash::sha256_hex(blob);
+                self.chunk_sha256 = crate::chunk::split(blob, chunk_size.max(1) as usize)
+                    .flat_map(crate::hash::sha256)
+                    .collect();
+            }
+
+            /// The signed SHA-256 of chunk `index`, if the manifest lists one.
+            pub fn chunk_hash(&self, index: u32) -> Option<&[u8]> {
+                let start = usize::try_from(index).ok()?.checked_mul(32)?;
+                self.chunk_sha256.get(start..start.checked_add(32)?)
+            }
+
+            /// Whether the chunk hash list has one entry per chunk.
+            pub fn chunk_hashes_complete(&self) -> bool {
+                self.chunk_sha256.len() as u64 == u64::from(self.chunk_count) * 32
+            }
         }
     };
 }
 
 blob_manifest!(ModelManifest);
 blob_manifest!(UpdateManifest);
-
-impl UpdateManifest {
-    /// Describes `blob` cut into `chunk_size` chunks: length, count, hash and chunk hashes.
-    pub fn describe_blob(&mut self, blob: &[u8], chunk_size: u32) {
-        self.total_len = blob.len() as u64;
-        self.chunk_size = chunk_size;
-        self.chunk_count = crate::chunk::chunk_count(blob.len(), chunk_size.max(1) as usize);
-        self.sha256 = crate::hash::sha256_hex(blob);
-        self.chunk_sha256 = crate::chunk::split(blob, chunk_size.max(1) as usize)
-            .flat_map(crate::hash::sha256)
-            .collect();
-    }
-
-    /// The signed SHA-256 of chunk `index`, if the manifest lists one.
-    pub fn chunk_hash(&self, index: u32) -> Option<&[u8]> {
-        let start = usize::try_from(index).ok()?.checked_mul(32)?;
-        self.chunk_sha256.get(start..start.checked_add(32)?)
-    }
-
-    /// Whether the chunk hash list has one entry per chunk.
-    pub fn chunk_hashes_complete(&self) -> bool {
-        self.chunk_sha256.len() as u64 == u64::from(self.chunk_count) * 32
-    }
-}
 
 /// The newest signed message a receiver has acted on, per publisher, so that an older one
 /// (a replay, or a rollback to an earlier round's announcement) is refused.
@@ -662,6 +667,7 @@ mod tests {
             chunk_count: 1,
             chunk_size: 1 << 20,
             sha256: "01".repeat(32),
+            chunk_sha256: vec![5; 32],
             kind: ModelBlobKind::DeltaFrom {
                 base_model_id: "23".repeat(32),
             },
@@ -687,6 +693,7 @@ mod tests {
         m.sign_with(&key);
         round_trip(&m);
         round_trip(&ModelManifest {
+            chunk_sha256: Vec::new(),
             kind: ModelBlobKind::Full,
             ..model_manifest()
         });
@@ -882,6 +889,7 @@ mod tests {
             |m| m.chunk_count += 1,
             |m| m.chunk_size += 1,
             |m| m.sha256 = "02".repeat(32),
+            |m| m.chunk_sha256[7] ^= 1,
             |m| m.kind = ModelBlobKind::Full,
         ];
         for (i, mutate) in model_mutations.iter().enumerate() {

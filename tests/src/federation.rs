@@ -41,7 +41,8 @@ pub struct Observed {
     pub announcements: Vec<Vec<u8>>,
     /// When set, acks not signed by this key (forgeries a test sends) are not recorded.
     pub aggregator_key: Option<shared_proto::sign::PublicKey>,
-    pub model_chunks: HashMap<String, BTreeMap<u32, Vec<u8>>>,
+    /// Every payload seen on each model chunk topic (an attacker may publish there too).
+    pub model_chunks: HashMap<String, BTreeMap<u32, Vec<Vec<u8>>>>,
     pub model_manifests: HashMap<String, ModelManifest>,
     /// (client, round) → (accepted, reason)
     pub acks: HashMap<(String, u64), (bool, Option<String>)>,
@@ -73,13 +74,21 @@ impl Observed {
         Some((blob, m))
     }
 
-    /// The published bytes of a global model, if every chunk was seen.
+    /// The published bytes of a global model, if every chunk was seen (the one matching the
+    /// manifest's hash for it).
     pub fn model_blob(&self, id: &str) -> Option<Vec<u8>> {
         let m = self.model_manifests.get(id)?;
         let chunks = self.model_chunks.get(id)?;
         let mut blob = Vec::new();
         for i in 0..m.chunk_count {
-            blob.extend_from_slice(chunks.get(&i)?);
+            let seen = chunks.get(&i)?;
+            let c = match m.chunk_hash(i) {
+                Some(want) => seen
+                    .iter()
+                    .find(|c| shared_proto::hash::sha256(c)[..] == *want)?,
+                None => seen.last()?,
+            };
+            blob.extend_from_slice(c);
         }
         Some(blob)
     }
@@ -190,10 +199,15 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
             o.model_chunks
                 .entry(model_id)
                 .or_default()
-                .insert(index, payload.to_vec());
+                .entry(index)
+                .or_default()
+                .push(payload.to_vec());
         }
         Some(TopicKind::ModelManifest { model_id }) => {
             if let Ok(m) = message::decode::<ModelManifest>(payload, max) {
+                if o.aggregator_key.is_some_and(|k| m.verify_with(&k).is_err()) {
+                    return;
+                }
                 o.model_manifests.insert(model_id, m);
             }
         }

@@ -3,7 +3,7 @@
 //! and spoil them: a forged round announcement, a replay of
 //! an earlier round's announcement (a rollback to the older model), forged acks to robot-b,
 //! a manifest and chunks under robot-b's topics, robot-b's status set offline, a status for an
-//! unenrolled id. Each is refused or neutralised with its own counter, robot-b's update is still
+//! unenrolled id, the global model's retained manifest and a chunk overwritten. Each is refused or neutralised with its own counter, robot-b's update is still
 //! accepted every round, and every published model is the weighted average of the honest
 //! updates (`verify_rounds` recomputes it from what was on the wire).
 //!
@@ -17,7 +17,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rumqttc_ring::{Client, MqttOptions, QoS};
+use std::collections::BTreeMap;
+
+use rumqttc_ring::{Client, Event, MqttOptions, Packet, QoS};
 use shared_proto::message::{
     self, Ack, ClientStatus, HardwareInfo, RoundAnnouncement, PROTOCOL_VERSION,
 };
@@ -53,6 +55,32 @@ fn status(cid: &str, online: bool, key: &KeyPair) -> Vec<u8> {
         signature: Vec::new(),
     };
     message::encode(&s.signed(key))
+}
+
+/// What a fresh subscriber to `filter` gets within 2 s (retained messages): topic → payload.
+fn retained(
+    port: u16,
+    login: Option<(&str, &str)>,
+    filter: &str,
+) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut opts = MqttOptions::new("zk0-agent-observer", "127.0.0.1", port);
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (c, mut conn) = Client::new(opts, 64);
+    c.subscribe(filter, QoS::AtLeastOnce)?;
+    let mut got = BTreeMap::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            conn.recv_timeout(Duration::from_millis(200))
+        {
+            got.insert(p.topic, p.payload.to_vec());
+        }
+    }
+    let _ = c.disconnect();
+    Ok(got)
 }
 
 /// A manifest claiming to be robot-b's, signed with the attacker's key.
@@ -167,6 +195,52 @@ fn attack(kind: BrokerKind) -> Result<()> {
             message::encode(&forged),
         )?;
 
+        // The global model's retained topics: a forged manifest and a junk chunk 0. The
+        // aggregator watches them and puts its own back (a fetching agent drops the junk by its
+        // signed hash and waits for that); a fresh subscriber gets the genuine ones.
+        let model_path = fed
+            .state_dir
+            .join("models")
+            .join(format!("{base1}.safetensors"));
+        let genuine_model = std::fs::read(&model_path)?;
+        let mut forged_model: shared_proto::message::ModelManifest = {
+            let seen = observer
+                .seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            seen.model_manifests
+                .get(&base1)
+                .context("no model manifest seen")?
+                .clone()
+        };
+        forged_model.round += 100;
+        let forged_model = forged_model.signed(&attacker_key);
+        c.publish(
+            topics.model_manifest(&base1),
+            QoS::AtLeastOnce,
+            true,
+            message::encode(&forged_model),
+        )?;
+        c.publish(
+            topics.model_chunk(&base1, 0),
+            QoS::AtLeastOnce,
+            true,
+            vec![0x5a; 4096],
+        )?;
+        if !acl {
+            let login = Some(("observer", "pw-o"));
+            let key = fed.aggregator_key()?;
+            let got = zk0_e2e::wait_for(Duration::from_secs(20), "the model restored", || {
+                let got = retained(fed.port, login, &topics.model_filter(&base1)).ok()?;
+                let chunk = got.get(&topics.model_chunk(&base1, 0))?;
+                let m = got.get(&topics.model_manifest(&base1))?;
+                let m: shared_proto::message::ModelManifest =
+                    message::decode(m, usize::MAX).ok()?;
+                (genuine_model.starts_with(chunk) && m.verify_with(&key).is_ok()).then_some(got)
+            })?;
+            eprintln!("model {base1}: {} retained topics genuine again", got.len());
+        }
+
         // Until robot-b's round-1 update is accepted: forged acks to robot-b (naming its real
         // blob once its manifest is out), a forged manifest and junk chunks on its topics, its
         // status set offline, a status for an unenrolled id.
@@ -265,15 +339,16 @@ fn attack(kind: BrokerKind) -> Result<()> {
             std::thread::sleep(Duration::from_secs(1));
             http_get(&fed.metrics_listen, "/metrics")?
         } else {
-            zk0_e2e::wait_for(Duration::from_secs(20), "both restores", || {
+            // The forged and the replayed announcement, the model's manifest and chunk.
+            zk0_e2e::wait_for(Duration::from_secs(20), "every restore", || {
                 let m = http_get(&fed.metrics_listen, "/metrics").ok()?;
-                (metric(&m, "zk0_aggregator_retained_restored_total") >= 2.0).then_some(m)
+                (metric(&m, "zk0_aggregator_retained_restored_total") >= 4.0).then_some(m)
             })?
         };
         for (series, what) in [
             (
                 "zk0_aggregator_retained_restored_total",
-                "the forged and the replayed announcement overwriting the aggregator's",
+                "the forged and the replayed announcement, the model's manifest and chunk 0",
             ),
             (
                 "zk0_aggregator_updates_rejected_total{reason=\"bad_signature\"}",

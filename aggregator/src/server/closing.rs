@@ -130,9 +130,24 @@ impl Server {
             &self.signer,
         );
         let count = msgs.len() as u32 - 1;
+        let manifest = msgs.last().map(|o| o.payload.clone()).unwrap_or_default();
         for o in msgs {
             self.send(o).await;
         }
+        // Watch the model's topics: what anyone else publishes there is put back (a broker
+        // without ACLs lets any login overwrite a retained chunk).
+        if let Some((old, _)) = self.model_manifest.take() {
+            let _ = self
+                .client
+                .unsubscribe(self.topics.model_filter(&old.model_id))
+                .await;
+        }
+        self.model_manifest = message::decode(&manifest, usize::MAX)
+            .ok()
+            .map(|m| (m, manifest));
+        self.client
+            .subscribe(self.topics.model_filter(&id), QoS::AtLeastOnce)
+            .await?;
         self.metrics
             .model_bytes_published
             .inc_by(bytes.len() as u64);

@@ -67,6 +67,45 @@ impl Server {
         Ok(s)
     }
 
+    /// A publish on the current model's retained topics that is not ours (another login's, on
+    /// a broker without ACLs): ours goes back, read from the state dir for a chunk. Our own
+    /// publishes come back here too and match.
+    pub(super) async fn guard_model(
+        &mut self,
+        id: &str,
+        index: Option<u32>,
+        arrived: &[u8],
+    ) -> Result<()> {
+        let Some((m, ours)) = self
+            .model_manifest
+            .as_ref()
+            .filter(|(m, _)| m.model_id == id)
+        else {
+            return Ok(());
+        };
+        let Some(i) = index else {
+            let (topic, ours) = (self.topics.model_manifest(id), ours.clone());
+            self.restore(topic, Some(ours), arrived).await;
+            return Ok(());
+        };
+        let Some(want) = m.chunk_hash(i) else {
+            return Ok(()); // past the count: no agent asks for it
+        };
+        if shared_proto::hash::sha256(arrived)[..] == *want {
+            return Ok(());
+        }
+        let (offset, len) = (
+            u64::from(i) * u64::from(m.chunk_size),
+            m.chunk_size as usize,
+        );
+        let path = self.store.model_path(id);
+        let chunk = read_range(&path, offset, len)
+            .with_context(|| format!("reading chunk {i} of {}", path.display()))?;
+        self.restore(self.topics.model_chunk(id, i), Some(chunk.into()), arrived)
+            .await;
+        Ok(())
+    }
+
     /// Publishes `ours` again on the retained `topic` if what arrived there is something else
     /// (agents drop a forgery, but one connecting later would see only that).
     pub(super) async fn restore(&mut self, topic: String, ours: Option<Bytes>, arrived: &[u8]) {
@@ -77,4 +116,14 @@ impl Server {
         self.metrics.retained_restored.inc();
         self.send(Outgoing::new(topic, ours, true)).await;
     }
+}
+
+/// Up to `len` bytes of `path` from `offset` (less at the end of the file).
+fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
 }

@@ -111,6 +111,7 @@ impl Server {
             keys: Keys::default(),
             keys_mtime: None,
             published: None,
+            model_manifest: None,
             base_dir,
             closing: None,
             outputs: None,

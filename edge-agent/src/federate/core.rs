@@ -199,7 +199,8 @@ pub struct Counters {
     /// Aggregator statuses older than the newest one seen (replays), ignored.
     pub stale_statuses: u64,
     /// Announcements, acks and server statuses not signed by the pinned aggregator key, or
-    /// signed for another federation or client: dropped.
+    /// signed for another federation or client, and model chunks not matching their signed
+    /// hash: dropped.
     pub forged: u64,
     /// Model downloads refused: a manifest not signed by the pinned key or not matching the
     /// model id, or a blob failing its hash.
@@ -652,9 +653,18 @@ impl Core {
             return;
         }
         let was_inflight = fetch.is_inflight(index);
-        if let Err(e) = fetch.insert(index, payload) {
-            self.status.counters.bad_chunks += 1;
-            tracing::warn!(model = model_id, index, error = %e, "bad model chunk");
+        match fetch.insert(index, payload) {
+            Ok(()) => {}
+            Err(e @ fetch::FetchError::ForgedChunk(_)) => {
+                // Still subscribed: the genuine chunk comes back on the same topic.
+                self.status.counters.forged += 1;
+                tracing::warn!(model = model_id, index, error = %e, "model chunk dropped");
+                return;
+            }
+            Err(e) => {
+                self.status.counters.bad_chunks += 1;
+                tracing::warn!(model = model_id, index, error = %e, "bad model chunk");
+            }
         }
         if was_inflight {
             self.out.push(Command::Unsubscribe(

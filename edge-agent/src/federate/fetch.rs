@@ -20,6 +20,10 @@ use shared_proto::tensor::ModelSpec;
 pub enum FetchError {
     #[error("model manifest: {0}")]
     Manifest(String),
+    /// A chunk that is not the one the signed manifest lists (another publisher's): dropped,
+    /// and the genuine one awaited on the same topic.
+    #[error("model chunk {0} does not match its signed hash")]
+    ForgedChunk(u32),
     #[error(transparent)]
     Proto(#[from] shared_proto::ProtoError),
     #[error("caching the model: {0}")]
@@ -145,6 +149,11 @@ impl ModelFetch {
                 "manifest hash differs from the model id".into(),
             ));
         }
+        if !m.chunk_sha256.is_empty() && !m.chunk_hashes_complete() {
+            return Err(FetchError::Manifest(
+                "chunk hash list does not match the chunk count".into(),
+            ));
+        }
         self.reassembly = Some(m.reassembly(self.max_len)?);
         self.manifest = Some(m);
         Ok(())
@@ -171,12 +180,20 @@ impl ModelFetch {
         self.inflight.clear();
     }
 
-    /// Stores a chunk. Empty payloads (a cleared retained message) are ignored.
+    /// Stores a chunk. Empty payloads (a cleared retained message) are ignored. A chunk not
+    /// matching the manifest's hash for it stays missing and in flight (the aggregator puts
+    /// its own back on the topic).
     pub fn insert(&mut self, index: u32, bytes: &[u8]) -> Result<(), FetchError> {
-        self.inflight.remove(&index);
         if bytes.is_empty() {
+            self.inflight.remove(&index);
             return Ok(());
         }
+        if let Some(want) = self.manifest.as_ref().and_then(|m| m.chunk_hash(index)) {
+            if shared_proto::hash::sha256(bytes)[..] != *want {
+                return Err(FetchError::ForgedChunk(index));
+            }
+        }
+        self.inflight.remove(&index);
         if let Some(r) = &mut self.reassembly {
             r.insert(index, bytes)?;
         }
@@ -242,11 +259,48 @@ mod tests {
             chunk_count: shared_proto::chunk::chunk_count(blob.len(), chunk as usize),
             chunk_size: chunk,
             sha256: id,
+            chunk_sha256: Vec::new(),
             kind: ModelBlobKind::Full,
             signature: Vec::new(),
         };
         m.sign_with(key);
         m
+    }
+
+    /// A manifest as today's aggregator signs it: with every chunk's hash.
+    fn manifest_with_chunk_hashes(blob: &[u8], chunk: u32, key: &KeyPair) -> ModelManifest {
+        let mut m = manifest(blob, chunk, key);
+        m.describe_blob(blob, chunk);
+        m.sign_with(key);
+        m
+    }
+
+    #[test]
+    fn a_chunk_not_matching_its_signed_hash_is_dropped_and_the_genuine_one_awaited() {
+        let key = KeyPair::generate();
+        let blob: Vec<u8> = (0..300u32).map(|i| (i % 199) as u8).collect();
+        let m = manifest_with_chunk_hashes(&blob, 128, &key);
+        let mut f = ModelFetch::new(m.model_id.clone(), 4, 1 << 20);
+        f.on_manifest(m.clone(), &key.public()).unwrap();
+        assert_eq!(f.wanted(), vec![0, 1, 2]);
+        let err = f.insert(1, &[0x5a; 128]).unwrap_err();
+        assert!(matches!(err, FetchError::ForgedChunk(1)), "{err}");
+        assert!(f.is_inflight(1), "still subscribed for the genuine chunk");
+        for i in [0usize, 2, 1] {
+            f.insert(i as u32, &blob[i * 128..((i + 1) * 128).min(300)])
+                .unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            std::fs::read(f.finish(d.path()).unwrap().path).unwrap(),
+            blob
+        );
+        // A signed list that does not cover every chunk is refused with the manifest.
+        let mut short = manifest_with_chunk_hashes(&blob, 128, &key);
+        short.chunk_sha256.truncate(64);
+        short.sign_with(&key);
+        let mut g = ModelFetch::new(short.model_id.clone(), 4, 1 << 20);
+        assert!(g.on_manifest(short, &key.public()).is_err());
     }
 
     #[test]

@@ -104,9 +104,11 @@ impl Fixture {
             chunk_count: shared_proto::chunk::chunk_count(self.blob.len(), 64),
             chunk_size: 64,
             sha256: self.id.clone(),
+            chunk_sha256: Vec::new(),
             kind: ModelBlobKind::Full,
             signature: Vec::new(),
         };
+        m.describe_blob(&self.blob, 64);
         m.sign_with(signer);
         Bytes::from(message::encode(&m))
     }
@@ -405,7 +407,7 @@ fn an_uncached_model_is_fetched_in_windows_then_trained_on() {
 }
 
 #[test]
-fn a_wrongly_signed_model_is_rejected_counted_and_not_trained_on() {
+fn a_wrongly_signed_manifest_or_a_foreign_chunk_is_never_trained_on() {
     let mut f = fixture();
     f.round(1, T0);
     let forged = f.manifest(&KeyPair::generate());
@@ -427,7 +429,8 @@ fn a_wrongly_signed_model_is_rejected_counted_and_not_trained_on() {
         "still waiting for the real manifest"
     );
 
-    // The genuine manifest, then a chunk corrupted in transit: the blob fails its hash.
+    // The genuine manifest, then a chunk that is not ours (corrupted, or published by someone
+    // else): dropped against its signed hash, still subscribed; the genuine one completes it.
     let cmds = f.core.on(
         Event::ModelManifest {
             model_id: f.id.clone(),
@@ -454,11 +457,21 @@ fn a_wrongly_signed_model_is_rejected_counted_and_not_trained_on() {
     }
     assert!(
         trainings(&all).is_empty(),
-        "a model failing its hash is never trained on"
+        "a model with a chunk not matching its hash is never trained on"
     );
-    assert_eq!(f.core.counters().models_rejected, 2);
-    assert_eq!(fetch::cached(f.cache_dir(), &f.id), None);
-    assert_eq!(f.core.phase().name(), "idle");
+    assert_eq!(f.core.counters().forged, 1);
+    assert_eq!(f.core.phase().name(), "fetching");
+    let cmds = f.core.on(
+        Event::ModelChunk {
+            model_id: f.id.clone(),
+            index: 0,
+            payload: f.chunk(0),
+        },
+        T0,
+    );
+    assert_eq!(trainings(&cmds).len(), 1, "the genuine chunk completes it");
+    assert_eq!(f.core.counters().models_rejected, 1);
+    assert!(fetch::cached(f.cache_dir(), &f.id).is_some());
 }
 
 #[test]
