@@ -5,8 +5,11 @@
 //! The handle follows LeRobot's `OpenCVCamera` (0.6.1): a background thread reads frame after
 //! frame and keeps the newest with its capture time; the control loop peeks at it
 //! ([`Camera::read_latest`], refused when older than a bound) or waits for one newer than the
-//! last it took ([`Camera::wait_newer`]). A source that fails (a camera unplugged) ends the
-//! thread, and every later read returns [`CameraError::Lost`] naming the camera.
+//! last it took ([`Camera::wait_newer`]). It also keeps the last [`RECENT`] frames, so a loop
+//! at the camera's rate can take them in order ([`Camera::next_frame`]): a tick that comes a
+//! little late then gets the frame it would have had instead of skipping one. A source that
+//! fails (a camera unplugged) ends the thread, and every later read returns
+//! [`CameraError::Lost`] naming the camera.
 //!
 //! V4L2 is not here yet: the `v4l` crate's bindings need libclang at build time.
 //!
@@ -76,11 +79,21 @@ pub enum CameraError {
     },
 }
 
+/// Frames kept for [`Camera::next_frame`]: how far a loop may fall behind without a drop.
+pub const RECENT: usize = 3;
+
 #[derive(Debug, Default)]
 struct State {
-    latest: Option<Frame>,
+    /// The newest frames, oldest first, at most [`RECENT`].
+    recent: std::collections::VecDeque<Frame>,
     lost: Option<String>,
     frames: u64,
+}
+
+impl State {
+    fn latest(&self) -> Option<&Frame> {
+        self.recent.back()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,7 +145,10 @@ impl Camera {
                         match got {
                             Ok(frame) => {
                                 s.frames += 1;
-                                s.latest = Some(frame);
+                                if s.recent.len() == RECENT {
+                                    s.recent.pop_front();
+                                }
+                                s.recent.push_back(frame);
                             }
                             Err(reason) => {
                                 s.lost = Some(reason);
@@ -191,7 +207,7 @@ impl Camera {
         if let Some(r) = &s.lost {
             return Err(self.lost(r));
         }
-        let f = s.latest.clone().ok_or_else(|| CameraError::Timeout {
+        let f = s.latest().cloned().ok_or_else(|| CameraError::Timeout {
             camera: self.name.clone(),
             waited_ms: 0,
         })?;
@@ -208,15 +224,33 @@ impl Camera {
     /// The newest frame with an index above `after` (any frame when `None`), waiting up to
     /// `timeout` for one to arrive.
     pub fn wait_newer(&self, after: Option<u64>, timeout: Duration) -> Result<Frame, CameraError> {
+        self.wait(timeout, |s| {
+            s.latest()
+                .filter(|f| after.is_none_or(|a| f.index > a))
+                .cloned()
+        })
+    }
+
+    /// The frame after `after`: the oldest kept frame with a higher index (the newest when
+    /// `after` is `None`), waiting up to `timeout` for one. Frames that fell out of the
+    /// [`RECENT`] kept show as a gap in the indices.
+    pub fn next_frame(&self, after: Option<u64>, timeout: Duration) -> Result<Frame, CameraError> {
+        self.wait(timeout, |s| match after {
+            None => s.latest().cloned(),
+            Some(a) => s.recent.iter().find(|f| f.index > a).cloned(),
+        })
+    }
+
+    fn wait(
+        &self,
+        timeout: Duration,
+        pick: impl Fn(&State) -> Option<Frame>,
+    ) -> Result<Frame, CameraError> {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
         loop {
-            if let Some(f) = s
-                .latest
-                .as_ref()
-                .filter(|f| after.is_none_or(|a| f.index > a))
-            {
-                return Ok(f.clone());
+            if let Some(f) = pick(&s) {
+                return Ok(f);
             }
             if let Some(r) = &s.lost {
                 return Err(self.lost(r));
@@ -489,6 +523,31 @@ mod tests {
         assert_eq!(cam.read_latest(Duration::from_secs(1)).unwrap().width, 64);
         std::thread::sleep(Duration::from_millis(100));
         assert!(cam.frames() >= 4, "{} frames", cam.frames());
+    }
+
+    #[test]
+    fn next_frame_takes_frames_in_order_and_a_long_lag_shows_as_a_gap() {
+        let cam = Camera::start("front", Box::new(pattern(32, 32, 100.0, None))).unwrap();
+        let t = Duration::from_secs(2);
+        let first = cam.next_frame(None, t).unwrap();
+        // Late by about one frame each time: nothing is skipped.
+        let mut last = first.index;
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(12));
+            let f = cam.next_frame(Some(last), t).unwrap();
+            assert_eq!(f.index, last + 1);
+            last = f.index;
+        }
+        // Far behind: the oldest kept frame, the gap says how many were lost.
+        std::thread::sleep(Duration::from_millis(100));
+        let f = cam.next_frame(Some(last), t).unwrap();
+        assert!(f.index > last + 1, "{} after {last}", f.index);
+        let newest = cam.wait_newer(None, t).unwrap().index;
+        assert!(
+            newest - f.index < RECENT as u64 + 1,
+            "{} vs {newest}",
+            f.index
+        );
     }
 
     #[test]

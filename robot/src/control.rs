@@ -32,7 +32,9 @@ pub struct ClockStats {
 }
 
 /// Ticks at `fps` on deadlines `start + n × period`. A tick that comes late (an overrun)
-/// restarts the schedule from now rather than firing a burst of catch-up ticks.
+/// fires at once and the schedule holds, so the average rate stays `fps` (a camera at the same
+/// rate stays in step); only a stall of more than [`Clock::RESYNC_PERIODS`] periods restarts
+/// the schedule from now instead of firing a burst of catch-up ticks.
 #[derive(Debug, Clone)]
 pub struct Clock {
     period: Duration,
@@ -43,6 +45,9 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// Lateness, in periods, past which the schedule restarts.
+    pub const RESYNC_PERIODS: u32 = 5;
+
     pub fn new(fps: f64) -> Result<Self, ControlError> {
         if !(fps.is_finite() && fps > 0.0 && fps <= 1000.0) {
             return Err(ControlError::Fps(fps));
@@ -76,7 +81,7 @@ impl Clock {
         };
         // Scheduled from the deadline (not the wake-up) so sleep overshoot does not add up.
         self.next = Some(match self.next {
-            Some(due) if at <= due + self.period / 2 => due + self.period,
+            Some(due) if at <= due + self.period * Self::RESYNC_PERIODS => due + self.period,
             _ => at + self.period,
         });
         if let Some(last) = self.last {
@@ -192,12 +197,20 @@ mod tests {
         assert!((s.mean_period_s - 0.01).abs() < 0.005, "{s:?}");
         assert!(s.min_period_s <= s.mean_period_s && s.mean_period_s <= s.max_period_s);
         let before = s.overruns;
-        std::thread::sleep(Duration::from_millis(35));
+        // Late by one and a half periods: the tick fires at once, and so does the next (the
+        // schedule holds), then the rate is back.
+        std::thread::sleep(Duration::from_millis(25));
+        let t = Instant::now();
+        c.tick();
+        c.tick();
+        assert!(t.elapsed() < Duration::from_millis(8), "{:?}", t.elapsed());
+        assert!(c.stats().overruns > before, "{:?}", c.stats());
+        // A stall of more than RESYNC_PERIODS restarts the schedule: the next tick is a
+        // period later, not a burst.
+        std::thread::sleep(Duration::from_millis(80));
         c.tick();
         let s = c.stats();
-        assert_eq!(s.overruns, before + 1);
-        assert!(s.max_period_s >= 0.035 && s.max_jitter_s >= 0.025, "{s:?}");
-        // After an overrun the schedule restarts: the next tick is a period later, not at once.
+        assert!(s.max_period_s >= 0.08 && s.max_jitter_s >= 0.07, "{s:?}");
         let t = Instant::now();
         c.tick();
         assert!(t.elapsed() >= Duration::from_millis(8), "{:?}", t.elapsed());

@@ -3,8 +3,9 @@
 //!
 //! Per tick at the dataset's fps ([`zk0_robot::control::Clock`]): the teleop step (follower
 //! positions → `observation.state`, leader positions → `action`, goals to the follower), then
-//! one frame per camera newer than the one it gave last (`observation.images.<camera>`), all
-//! added to the writer's episode buffer. An episode is `round(fps × episode_time_s)` frames,
+//! per camera the frame after the one it gave last (`observation.images.<camera>`,
+//! [`zk0_robot::camera::Camera::next_frame`]: in order, so a camera at the loop's rate loses
+//! no frame to a late tick), all added to the writer's episode buffer. An episode is `round(fps × episode_time_s)` frames,
 //! saved when complete; a reset phase (teleop only, nothing recorded) follows each episode but
 //! the last. A stop request (SIGINT/SIGTERM) or an error mid-episode discards that episode:
 //! the writer's commit point (`meta/info.json`) still names only the episodes saved before,
@@ -322,7 +323,7 @@ fn record_episode<L: Transport, F: Transport>(
             .insert("action".into(), FeatureValue::Float(step.action));
         for (cam, last) in rig.cameras.iter().zip(last.iter_mut()) {
             let f = cam
-                .wait_newer(*last, timeout)
+                .next_frame(*last, timeout)
                 .map_err(|source| RecordError::Camera { episode, source })?;
             let counts = summary.cameras.entry(cam.name().to_string()).or_default();
             counts.frames += 1;
