@@ -307,8 +307,20 @@ fn check_with_lerobot(py: &Path, root: &Path, episodes: usize) {
 }
 
 /// The Rust reader's view: `episodes` complete episodes, every video frame decoded and
-/// carrying consecutive camera indices.
+/// carrying consecutive camera indices; and `zk0-agent dataset verify` passes (the checks
+/// the agent makes before training on it).
 fn check_with_rust(root: &Path, episodes: usize) {
+    let verify = Command::new(bin("zk0-agent"))
+        .args(["dataset", "verify"])
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "dataset verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     let ds = lerobot_dataset::LeRobotDataset::open(root).expect("open the dataset");
     assert_eq!(ds.episodes().len(), episodes);
     assert_eq!(ds.len(), episodes * FRAMES);

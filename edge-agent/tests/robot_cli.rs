@@ -1,0 +1,136 @@
+//! `zk0-agent teleop | calibrate | record` run as the real binary with `--sim` (both arms on
+//! the in-process emulator): what a user without an arm can try, and the refusals a user
+//! with one meets first.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use zk0_robot::arm::ArmSpec;
+use zk0_robot::{ArmModel, Calibration, Role};
+
+fn agent() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_zk0-agent"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn config(dir: &std::path::Path, robot: &str) -> std::path::PathBuf {
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, format!("[robot]\n{robot}")).unwrap();
+    p
+}
+
+#[test]
+fn teleop_on_the_emulator_runs_at_the_rate_and_stops_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let t = Instant::now();
+    let out = agent()
+        .args(["teleop", "--sim", "--fps", "50", "--time-s", "1"])
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ticks = s["ticks"].as_u64().unwrap();
+    assert!((45..=52).contains(&ticks), "{s}");
+    assert!(
+        (s["mean_period_s"].as_f64().unwrap() - 0.02).abs() < 0.005,
+        "{s}"
+    );
+    assert!(stderr.contains("action"), "{stderr}");
+}
+
+#[test]
+fn calibrate_on_the_emulator_writes_a_lerobot_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = dir.path().join("cal");
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "calibration_dir = \"{}\"\nleader_id = \"arm7\"\n",
+            cal.display()
+        ),
+    );
+    let mut child = agent()
+        .args(["calibrate", "--sim", "--arm", "leader"])
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // ENTER at the middle pose, then ENTER once the (emulated) hand has swept the joints.
+    stdin.write_all(b"\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    stdin.write_all(b"\n").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "calibrate did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("middle of its range"), "{stderr}");
+    let path = ArmSpec::new(ArmModel::So101, Role::Leader).calibration_path(&cal, "arm7");
+    let motors = ArmSpec::new(ArmModel::So101, Role::Leader).motors(true);
+    let ids: Vec<(&str, u8)> = motors.iter().map(|m| (m.name, m.id)).collect();
+    let c = Calibration::load(&path, &ids).unwrap();
+    for (name, m) in &c.motors {
+        assert!(m.range_min < m.range_max, "{name}: {m:?}");
+        if name != "wrist_roll" {
+            // The joints swept over raw 1400..2700 around the middle pose's offset.
+            assert!(m.range_max - m.range_min > 200, "{name}: {m:?}");
+        }
+    }
+}
+
+#[test]
+fn record_refuses_what_it_cannot_do_before_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |robot: &str, extra: &[&str]| {
+        let cfg = config(dir.path(), robot);
+        let out = agent()
+            .args(["record", "--sim", "--repo-id", "me/x", "--task", "t"])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--dataset")
+            .arg(dir.path().join("ds"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(
+        "[[robot.cameras]]\nname = \"top\"\nkind = \"v4l2\"\ndevice = \"/dev/video0\"\n",
+        &[],
+    );
+    assert!(e.contains("camera top") && e.contains("V4L2"), "{e}");
+    let e = run(
+        "[[robot.cameras]]\nname = \"top\"\nwidth = 32\nheight = 32\n",
+        &[],
+    );
+    assert!(e.contains("camera top") && e.contains("64x64"), "{e}");
+    let e = run("", &["--episodes", "0"]);
+    assert!(e.contains("--episodes"), "{e}");
+    assert!(
+        !dir.path().join("ds").exists(),
+        "nothing written on a refusal"
+    );
+    std::fs::create_dir_all(dir.path().join("ds/meta")).unwrap();
+    std::fs::write(dir.path().join("ds/meta/info.json"), "{}").unwrap();
+    let e = run("", &[]);
+    assert!(e.contains("already holds a dataset"), "{e}");
+}
