@@ -131,7 +131,7 @@ fn print_progress(p: Progress) {
             eprintln!("recording episode {episode}: frame {frame}/{of}")
         }
         Progress::Saving { episode, frames } => {
-            eprintln!("saving episode {episode} ({frames} frames, encoding video)")
+            eprintln!("saving episode {episode} ({frames} frames)")
         }
         Progress::Saved { episode, seconds } => {
             eprintln!("saved episode {episode} in {seconds:.1} s")
@@ -173,27 +173,34 @@ pub fn record(args: RecordArgs) -> Result<()> {
     let mut writer = DatasetWriter::create(&root, rig.dataset_config(opts.fps))
         .with_context(|| format!("creating the dataset in {}", root.display()))?;
     tracing::info!(dataset = %root.display(), repo_id = %args.repo_id, "recording");
-    let result = record::record(&mut rig, &mut writer, &opts, &stop, &mut print_progress);
+    let (summary, result) =
+        record::record(&mut rig, &mut writer, &opts, &stop, &mut print_progress);
     let saved_before = writer.info().total_episodes;
     drop(rig.cameras);
     if let Err(e) = rig.teleop.disconnect() {
         tracing::warn!("disconnecting: {e}");
     }
-    let summary = result.with_context(|| {
+    // The summary (counters included) is printed whether or not the run failed.
+    let c = summary.clock;
+    let bus = |b: &zk0_robot::BusStats| {
+        serde_json::json!({"transactions": b.transactions, "retries": b.retries, "timeouts": b.timeouts,
+                           "checksum_errors": b.checksum_errors, "corrupt": b.corrupt, "status_errors": b.status_errors})
+    };
+    let line = serde_json::json!({
+        "dataset": root, "repo_id": args.repo_id, "saved": summary.saved,
+        "interrupted": summary.interrupted, "error": result.as_ref().err().map(|e| e.to_string()),
+        "clock": {"ticks": c.ticks, "overruns": c.overruns, "mean_period_s": c.mean_period_s,
+                  "max_jitter_s": c.max_jitter_s},
+        "cameras": summary.cameras.iter().map(|(k, v)| (k.clone(), serde_json::json!({"frames": v.frames, "dropped": v.dropped}))).collect::<serde_json::Map<_, _>>(),
+        "buses": {"leader": bus(&summary.leader_bus), "follower": bus(&summary.follower_bus)},
+    });
+    println!("{line}");
+    result.with_context(|| {
         format!(
             "recording into {} stopped; the {saved_before} episode(s) saved before are kept",
             root.display()
         )
     })?;
-    let c = summary.clock;
-    let line = serde_json::json!({
-        "dataset": root, "repo_id": args.repo_id, "saved": summary.saved,
-        "interrupted": summary.interrupted,
-        "clock": {"ticks": c.ticks, "overruns": c.overruns, "mean_period_s": c.mean_period_s,
-                  "max_jitter_s": c.max_jitter_s},
-        "cameras": summary.cameras.iter().map(|(k, v)| (k.clone(), serde_json::json!({"frames": v.frames, "dropped": v.dropped}))).collect::<serde_json::Map<_, _>>(),
-    });
-    println!("{line}");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! leader_id = "leader"
 //! calibration_dir = ""              # empty: LeRobot's ($HF_LEROBOT_CALIBRATION, …)
 //! max_relative_target = 20.0        # optional follower safety clamp, per tick
+//! bus_timeout_ms = 50               # fixed part of each bus transaction's deadline (LeRobot's)
 //!
 //! [[robot.cameras]]
 //! name = "front"                    # → observation.images.front
@@ -95,6 +96,8 @@ pub struct RobotConfig {
     pub leader_id: String,
     pub calibration_dir: PathBuf,
     pub max_relative_target: Option<f64>,
+    /// Fixed part of each transaction's deadline (LeRobot: 50 ms); more for a slow adapter.
+    pub bus_timeout_ms: u64,
     pub cameras: Vec<CameraConfig>,
 }
 
@@ -108,6 +111,7 @@ impl Default for RobotConfig {
             leader_id: "leader".into(),
             calibration_dir: PathBuf::new(),
             max_relative_target: None,
+            bus_timeout_ms: 50,
             cameras: Vec::new(),
         }
     }
@@ -162,6 +166,15 @@ impl RobotConfig {
                 ));
             }
         }
+        if !(1..=5000).contains(&self.bus_timeout_ms) {
+            return Err(setup(
+                "bus",
+                format!(
+                    "bus_timeout_ms must be in 1..=5000, got {}",
+                    self.bus_timeout_ms
+                ),
+            ));
+        }
         if let Some(c) = self.max_relative_target {
             if !(c.is_finite() && c > 0.0) {
                 return Err(setup(
@@ -204,6 +217,13 @@ impl RobotConfig {
         Ok(ArmSpec::new(self.model(), role).calibration_path(&root, self.id(role)))
     }
 
+    fn bus_config(&self) -> BusConfig {
+        BusConfig {
+            base_timeout: std::time::Duration::from_millis(self.bus_timeout_ms),
+            ..BusConfig::default()
+        }
+    }
+
     fn arm_config(&self, role: Role) -> ArmConfig {
         let mut c = ArmConfig::new(ArmSpec::new(self.model(), role));
         if role == Role::Follower {
@@ -241,7 +261,7 @@ impl RobotConfig {
                     .map_err(|e| setup(part, format!("cannot open the port: {e}")))?,
             )
         };
-        Ok(Arm::new(cfg, t, BusConfig::default()))
+        Ok(Arm::new(cfg, t, self.bus_config()))
     }
 
     /// The arm on its port, not connected yet, and the calibration it is to use: from its
@@ -389,6 +409,13 @@ device = "/dev/video0"
             .unwrap_err()
             .to_string()
             .contains("camera #2"));
+        let mut bad = c.clone();
+        bad.bus_timeout_ms = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bus_timeout_ms"));
         let mut bad = c;
         bad.follower_id = "../x".into();
         assert!(bad

@@ -11,7 +11,10 @@
 //! the writer's commit point (`meta/info.json`) still names only the episodes saved before,
 //! so the dataset stays valid and LeRobot loads them.
 //!
-//! The writer encodes each camera's video when the episode is saved, not while recording.
+//! Video is encoded while recording: one `ffmpeg` per camera per episode fed frame by frame
+//! ([`lerobot_dataset::video::StreamEncoder`]), with the writer's settings; at the end of the
+//! episode the finished mp4s go to the writer, which appends them to the dataset's video files
+//! without re-encoding. Only the frames LeRobot's camera stats sample are kept in memory.
 //!
 //! Map: [`config`] is the agent config's `[robot]` section and what it builds (arms on serial
 //! ports or the in-process emulator, cameras); this file is the loop.
@@ -19,14 +22,17 @@
 pub mod config;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
+use lerobot_dataset::stats::{self, FeatureStats, Stats};
+use lerobot_dataset::video::StreamEncoder;
 use lerobot_dataset::{DatasetConfig, DatasetError, DatasetWriter, FeatureValue, FrameData};
 use zk0_robot::camera::{Camera, CameraError, Frame};
 use zk0_robot::control::{Clock, ClockStats, ControlError, Teleop};
-use zk0_robot::feetech::Transport;
+use zk0_robot::feetech::{BusStats, Transport};
 
 /// One error enum for the record layer: each names the part at fault.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +148,9 @@ pub struct RecordSummary {
     pub interrupted: bool,
     pub clock: ClockStats,
     pub cameras: BTreeMap<String, CameraCounts>,
+    /// Bus counters at the end of the run (retries, timeouts, …).
+    pub leader_bus: BusStats,
+    pub follower_bus: BusStats,
 }
 
 /// What the loop reports as it goes (the command prints it).
@@ -197,16 +206,96 @@ fn to_image(f: &Frame) -> Option<RgbImage> {
     RgbImage::from_raw(f.width, f.height, f.rgb.as_ref().clone())
 }
 
+/// One episode's videos, encoded as its frames arrive: an encoder per camera, and the frames
+/// LeRobot's camera stats sample (`0, step, 2·step, …`). Dropped unfinished (a stop, an
+/// error), the encoders are killed and their files removed.
+struct EpisodeVideos {
+    /// `(feature key, mp4, encoder, sampled frames)` per camera.
+    cameras: Vec<(String, PathBuf, StreamEncoder, Vec<RgbImage>)>,
+    step: usize,
+}
+
+impl EpisodeVideos {
+    fn start(
+        writer: &DatasetWriter,
+        cameras: &[Camera],
+        episode: usize,
+        frames: usize,
+    ) -> Result<Self, RecordError> {
+        let dir = writer.root().join(RECORDING_DIR);
+        let mut out = Vec::with_capacity(cameras.len());
+        for c in cameras {
+            let key = format!("observation.images.{}", c.name());
+            let path = dir.join(format!("{key}-{episode:06}.mp4"));
+            let (w, h) = c.size();
+            let enc = StreamEncoder::start(&path, w, h, writer.info().fps, writer.encoder())?;
+            out.push((key, path, enc, Vec::new()));
+        }
+        Ok(Self {
+            cameras: out,
+            step: stats::sample_step(frames),
+        })
+    }
+
+    /// Frame `n` of the episode from camera `i`.
+    fn push(&mut self, i: usize, n: usize, f: &Frame) -> Result<(), RecordError> {
+        let (_, _, enc, samples) = &mut self.cameras[i];
+        if n.is_multiple_of(self.step) {
+            if let Some(img) = to_image(f) {
+                samples.push(img);
+            }
+        }
+        enc.push(f.rgb.as_ref().clone())?;
+        Ok(())
+    }
+
+    /// Waits for every mp4; returns them and the cameras' stats for the writer.
+    fn finish(self) -> Result<(BTreeMap<String, PathBuf>, Stats), RecordError> {
+        let mut videos = BTreeMap::new();
+        let mut camera_stats = Stats::new();
+        for (key, path, enc, samples) in self.cameras {
+            enc.finish()?;
+            let refs: Vec<&RgbImage> = samples.iter().collect();
+            if let Some(st) = FeatureStats::compute_rgb(&refs) {
+                camera_stats.insert(key.clone(), st);
+            }
+            videos.insert(key, path);
+        }
+        Ok((videos, camera_stats))
+    }
+}
+
 /// Records `opts.episodes` episodes into `writer`. Finished episodes are saved as they end;
 /// on a stop request or an error the episode under way is discarded and nothing saved is
-/// touched. The caller disconnects the arms.
+/// touched. The summary comes back in every case, with the error if one ended the run. The
+/// caller disconnects the arms.
 pub fn record<L: Transport, F: Transport>(
     rig: &mut Rig<L, F>,
     writer: &mut DatasetWriter,
     opts: &RecordOptions,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(Progress),
-) -> Result<RecordSummary, RecordError> {
+) -> (RecordSummary, Result<(), RecordError>) {
+    let mut summary = RecordSummary::default();
+    let result = record_episodes(rig, writer, opts, stop, progress, &mut summary);
+    summary.leader_bus = rig.teleop.leader.bus().stats().clone();
+    summary.follower_bus = rig.teleop.follower.bus().stats().clone();
+    // Where episodes' videos are encoded; empty by now whatever happened (only if empty).
+    let _ = std::fs::remove_dir(writer.root().join(RECORDING_DIR));
+    (summary, result)
+}
+
+/// Under the dataset root: the videos of the episode being recorded.
+pub const RECORDING_DIR: &str = ".recording";
+
+fn record_episodes<L: Transport, F: Transport>(
+    rig: &mut Rig<L, F>,
+    writer: &mut DatasetWriter,
+    opts: &RecordOptions,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(Progress),
+    summary: &mut RecordSummary,
+) -> Result<(), RecordError> {
     opts.validate()?;
     if writer.info().fps != opts.fps {
         return Err(RecordError::Usage(format!(
@@ -218,7 +307,6 @@ pub fn record<L: Transport, F: Transport>(
     let new_clock = |episode| {
         Clock::new(f64::from(opts.fps)).map_err(|source| RecordError::Control { episode, source })
     };
-    let mut summary = RecordSummary::default();
     let first = writer.info().total_episodes;
     let per_episode = opts.frames_per_episode();
     let mut last: Vec<Option<u64>> = vec![None; rig.cameras.len()];
@@ -235,28 +323,34 @@ pub fn record<L: Transport, F: Transport>(
             &mut clock,
             stop,
             &mut last,
-            &mut summary,
+            summary,
             progress,
         );
         summary.clock = merge(summary.clock, clock.stats());
-        match result {
-            Ok(true) => {}
-            Ok(false) => {
+        let videos = match result {
+            Ok(Some(v)) => v,
+            Ok(None) => {
                 writer.clear_episode();
                 summary.interrupted = true;
-                return Ok(summary);
+                return Ok(());
             }
             Err(e) => {
                 writer.clear_episode();
                 return Err(e);
             }
-        }
+        };
         progress(Progress::Saving {
             episode,
             frames: per_episode,
         });
         let t = Instant::now();
-        writer.save_episode()?;
+        let (videos, camera_stats) = videos.finish()?;
+        let saved = writer.save_episode_with_videos(videos.clone(), camera_stats);
+        // The writer copied them into the dataset.
+        for v in videos.values() {
+            let _ = std::fs::remove_file(v);
+        }
+        saved?;
         summary.saved.push(per_episode);
         progress(Progress::Saved {
             episode,
@@ -271,7 +365,7 @@ pub fn record<L: Transport, F: Transport>(
         for tick in 0..of {
             if stop.load(Ordering::Relaxed) {
                 summary.interrupted = true;
-                return Ok(summary);
+                return Ok(());
             }
             clock.tick();
             rig.teleop
@@ -285,10 +379,11 @@ pub fn record<L: Transport, F: Transport>(
         // newest frame, not at a gap from the last one recorded.
         last.iter_mut().for_each(|l| *l = None);
     }
-    Ok(summary)
+    Ok(())
 }
 
-/// One episode into the writer's buffer; `Ok(false)` when a stop request cut it short.
+/// One episode into the writer's buffer and its videos into their encoders; `Ok(None)` when
+/// a stop request cut it short.
 fn record_episode<L: Transport, F: Transport>(
     rig: &mut Rig<L, F>,
     writer: &mut DatasetWriter,
@@ -300,11 +395,12 @@ fn record_episode<L: Transport, F: Transport>(
     last: &mut [Option<u64>],
     summary: &mut RecordSummary,
     progress: &mut dyn FnMut(Progress),
-) -> Result<bool, RecordError> {
+) -> Result<Option<EpisodeVideos>, RecordError> {
     let timeout = camera_timeout(opts.fps);
+    let mut videos = EpisodeVideos::start(writer, &rig.cameras, episode, frames)?;
     for frame in 0..frames {
         if stop.load(Ordering::Relaxed) {
-            return Ok(false);
+            return Ok(None);
         }
         clock.tick();
         let step = rig
@@ -321,7 +417,7 @@ fn record_episode<L: Transport, F: Transport>(
         );
         data.values
             .insert("action".into(), FeatureValue::Float(step.action));
-        for (cam, last) in rig.cameras.iter().zip(last.iter_mut()) {
+        for (i, (cam, last)) in rig.cameras.iter().zip(last.iter_mut()).enumerate() {
             let f = cam
                 .next_frame(*last, timeout)
                 .map_err(|source| RecordError::Camera { episode, source })?;
@@ -331,21 +427,24 @@ fn record_episode<L: Transport, F: Transport>(
                 counts.dropped += f.index - l - 1;
             }
             *last = Some(f.index);
-            let img = to_image(&f).ok_or_else(|| RecordError::Camera {
-                episode,
-                source: CameraError::Config {
-                    camera: cam.name().to_string(),
-                    reason: format!(
-                        "frame {} has {} bytes for {}x{}",
-                        f.index,
-                        f.rgb.len(),
-                        f.width,
-                        f.height
-                    ),
-                },
-            })?;
-            data.images
-                .insert(format!("observation.images.{}", cam.name()), img);
+            if f.rgb.len() != (f.width * f.height * 3) as usize || cam.size() != (f.width, f.height)
+            {
+                return Err(RecordError::Camera {
+                    episode,
+                    source: CameraError::Config {
+                        camera: cam.name().to_string(),
+                        reason: format!(
+                            "frame {} is {}x{} with {} bytes, the camera is {:?}",
+                            f.index,
+                            f.width,
+                            f.height,
+                            f.rgb.len(),
+                            cam.size()
+                        ),
+                    },
+                });
+            }
+            videos.push(i, frame, &f)?;
         }
         writer.add_frame(data)?;
         if frame % opts.fps as usize == 0 || frame + 1 == frames {
@@ -356,7 +455,7 @@ fn record_episode<L: Transport, F: Transport>(
             });
         }
     }
-    Ok(true)
+    Ok(Some(videos))
 }
 
 #[cfg(test)]
@@ -392,13 +491,19 @@ mod tests {
         let mut w = DatasetWriter::create(dir.path(), rig.dataset_config(20)).unwrap();
         let stop = AtomicBool::new(false);
         let mut seen = vec![];
-        let s = record(&mut rig, &mut w, &opts(3), &stop, &mut |p| {
+        let (s, r) = record(&mut rig, &mut w, &opts(3), &stop, &mut |p| {
             if let Progress::Saved { episode: 0, .. } = p {
                 stop.store(true, Ordering::Relaxed);
             }
             seen.push(p);
-        })
-        .unwrap();
+        });
+        r.unwrap();
+        assert!(
+            s.leader_bus.transactions > 6 && s.follower_bus.transactions > 6,
+            "{s:?}"
+        );
+        assert_eq!(s.leader_bus.retries, 0);
+        assert!(!dir.path().join(RECORDING_DIR).exists());
         assert_eq!(s.saved, [6]);
         assert!(s.interrupted);
         assert_eq!(s.clock.ticks, 6);
@@ -420,7 +525,8 @@ mod tests {
             &RecordOptions { fps: 30, ..opts(1) },
             &stop,
             &mut |_| {},
-        );
+        )
+        .1;
         assert!(matches!(e, Err(RecordError::Usage(_))));
         for bad in [
             RecordOptions {
