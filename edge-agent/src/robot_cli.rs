@@ -1,11 +1,12 @@
 //! `zk0-agent record | teleop | calibrate`: the robot commands over [`crate::record`], with the
 //! arms, cameras and calibration directory from the agent config's `[robot]` section (`--sim`
 //! puts both arms on the in-process servo emulator). SIGINT and SIGTERM stop at the next tick:
-//! the episode under way is discarded, every saved one is kept.
+//! the episode under way is discarded, every saved one is kept. LeRobot's recording keys are
+//! lines on stdin: `n` (→), `r` (←), `q` (Esc).
 
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use zk0_robot::Role;
 
 use crate::federate::config::AgentConfig;
 use crate::record::config::{role_name, RobotConfig};
-use crate::record::{self, Progress, RecordOptions};
+use crate::record::{self, Controls, Progress, RecordOptions};
 
 /// The robot section to use.
 #[derive(clap::Args, Debug)]
@@ -97,10 +98,10 @@ pub struct CalibrateArgs {
     pub id: Option<String>,
 }
 
-/// A flag raised by the first SIGINT or SIGTERM (handlers installed before this returns).
-pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+/// Raises `controls.stop` on the first SIGINT or SIGTERM (handlers installed before this
+/// returns).
+pub fn stop_on_signals(controls: Arc<Controls>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -110,7 +111,6 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
             signal(SignalKind::interrupt())?,
         ))
     })?;
-    let flag = Arc::clone(&stop);
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -120,14 +120,41 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
                     _ = int.recv() => tracing::warn!("SIGINT: stopping at the next tick"),
                 }
             });
-            flag.store(true, Ordering::Relaxed);
+            controls.stop.store(true, Ordering::Relaxed);
         })?;
-    Ok(stop)
+    Ok(())
 }
 
-fn print_progress(p: Progress) {
-    match p {
-        Progress::Recording { episode, frame, of } => {
+/// LeRobot's recording keys as lines on stdin: `n` (→, end the episode or reset now),
+/// `r` (←, re-record the episode), `q` (Esc, save the episode under way and stop).
+fn keys_from_stdin(controls: Arc<Controls>) {
+    let spawned = std::thread::Builder::new()
+        .name("keys".into())
+        .spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                let flag = match line.trim() {
+                    "n" => &controls.exit_early,
+                    "r" => &controls.rerecord,
+                    "q" => &controls.stop_recording,
+                    _ => {
+                        eprintln!("keys: n + ENTER ends the episode or reset, r re-records it, q saves it and stops");
+                        continue;
+                    }
+                };
+                flag.store(true, Ordering::Relaxed);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no keyboard controls: {e}");
+    }
+}
+
+/// Progress on stderr: about once a second, and every save.
+fn print_progress(fps: u32) -> impl FnMut(Progress) {
+    let every = fps.max(1) as usize;
+    move |p| match p {
+        Progress::Recording { episode, frame, of } if frame % every == 1 || frame == of => {
             eprintln!("recording episode {episode}: frame {frame}/{of}")
         }
         Progress::Saving { episode, frames } => {
@@ -136,9 +163,13 @@ fn print_progress(p: Progress) {
         Progress::Saved { episode, seconds } => {
             eprintln!("saved episode {episode} in {seconds:.1} s")
         }
-        Progress::Resetting { episode, tick, of } => {
+        Progress::Discarded { episode, frames } => {
+            eprintln!("dropped episode {episode} ({frames} frames): recording it again")
+        }
+        Progress::Resetting { episode, tick, of } if tick % every == 0 => {
             eprintln!("reset after episode {episode}: tick {tick}/{of}")
         }
+        _ => {}
     }
 }
 
@@ -168,13 +199,20 @@ pub fn record(args: RecordArgs) -> Result<()> {
         root.display()
     );
     let robot = args.robot.robot()?;
-    let stop = stop_on_signals()?;
+    let controls = Arc::new(Controls::default());
+    stop_on_signals(Arc::clone(&controls))?;
     let mut rig = robot.connect()?;
     let mut writer = DatasetWriter::create(&root, rig.dataset_config(opts.fps))
         .with_context(|| format!("creating the dataset in {}", root.display()))?;
     tracing::info!(dataset = %root.display(), repo_id = %args.repo_id, "recording");
-    let (summary, result) =
-        record::record(&mut rig, &mut writer, &opts, &stop, &mut print_progress);
+    keys_from_stdin(Arc::clone(&controls));
+    let (summary, result) = record::record(
+        &mut rig,
+        &mut writer,
+        &opts,
+        &controls,
+        &mut print_progress(opts.fps),
+    );
     let saved_before = writer.info().total_episodes;
     drop(rig.cameras);
     if let Err(e) = rig.teleop.disconnect() {
@@ -218,14 +256,15 @@ fn valid_repo_id(s: &str) -> bool {
 /// `zk0-agent teleop`.
 pub fn teleop(args: TeleopArgs) -> Result<()> {
     let robot = args.robot.robot()?;
-    let stop = stop_on_signals()?;
+    let controls = Arc::new(Controls::default());
+    stop_on_signals(Arc::clone(&controls))?;
     let mut clock = Clock::new(args.fps)?;
     let leader = robot.connect_arm(Role::Leader)?;
     let follower = robot.connect_arm(Role::Follower)?;
     let mut t = zk0_robot::control::Teleop::new(leader, follower);
     let start = Instant::now();
     let mut result = Ok(());
-    while !stop.load(Ordering::Relaxed)
+    while !controls.stop.load(Ordering::Relaxed)
         && args
             .time_s
             .is_none_or(|s| start.elapsed().as_secs_f64() < s)

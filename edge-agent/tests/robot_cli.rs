@@ -134,3 +134,53 @@ fn record_refuses_what_it_cannot_do_before_touching_anything() {
     let e = run("", &[]);
     assert!(e.contains("already holds a dataset"), "{e}");
 }
+
+#[test]
+fn q_on_stdin_saves_the_episode_under_way_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[[robot.cameras]]\nname = \"front\"\nwidth = 64\nheight = 64\nfps = 10\n",
+    );
+    let ds = dir.path().join("ds");
+    let mut child = agent()
+        .args(["record", "--sim", "--repo-id", "me/x", "--task", "t"])
+        .args(["--episodes", "3", "--episode-time-s", "60", "--fps", "10"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--dataset")
+        .arg(&ds)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    stdin.write_all(b"q\n").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "q did not stop it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let s: Value = serde_json::from_str(line.trim().lines().last().unwrap()).unwrap();
+    let saved = s["saved"].as_array().unwrap();
+    assert_eq!(saved.len(), 1, "{s}");
+    let n = saved[0].as_u64().unwrap();
+    assert!(
+        (3..=40).contains(&n),
+        "{n} frames after about a second at 10 fps: {s}"
+    );
+    assert_eq!(s["interrupted"], false);
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(ds.join("meta/info.json")).unwrap()).unwrap();
+    assert_eq!(info["total_episodes"], 1);
+    assert_eq!(info["total_frames"], n);
+}

@@ -5,11 +5,16 @@
 //! positions → `observation.state`, leader positions → `action`, goals to the follower), then
 //! per camera the frame after the one it gave last (`observation.images.<camera>`,
 //! [`zk0_robot::camera::Camera::next_frame`]: in order, so a camera at the loop's rate loses
-//! no frame to a late tick), all added to the writer's episode buffer. An episode is `round(fps × episode_time_s)` frames,
-//! saved when complete; a reset phase (teleop only, nothing recorded) follows each episode but
-//! the last. A stop request (SIGINT/SIGTERM) or an error mid-episode discards that episode:
-//! the writer's commit point (`meta/info.json`) still names only the episodes saved before,
-//! so the dataset stays valid and LeRobot loads them.
+//! no frame to a late tick), all added to the writer's episode buffer. An episode is
+//! `round(fps × episode_time_s)` frames, saved when complete; a reset phase (teleop only,
+//! nothing recorded) follows each episode but the last. LeRobot's keys are [`Controls`]: end
+//! the episode or the reset early, re-record the episode, end recording keeping the episode
+//! under way. An episode is saved before its reset (LeRobot saves after it), so a crash in
+//! the reset cannot lose it, and a re-record asked during the reset does not undo it.
+//!
+//! A stop request (SIGINT/SIGTERM) or an error mid-episode discards that episode: the
+//! writer's commit point (`meta/info.json`) still names only the episodes saved before, so
+//! the dataset stays valid and LeRobot loads them.
 //!
 //! Video is encoded while recording: one `ffmpeg` per camera per episode fed frame by frame
 //! ([`lerobot_dataset::video::StreamEncoder`]), with the writer's settings; at the end of the
@@ -153,7 +158,7 @@ pub struct RecordSummary {
     pub follower_bus: BusStats,
 }
 
-/// What the loop reports as it goes (the command prints it).
+/// What the loop reports as it goes, every tick (the command prints some).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Progress {
     Recording {
@@ -162,6 +167,11 @@ pub enum Progress {
         of: usize,
     },
     Saving {
+        episode: usize,
+        frames: usize,
+    },
+    /// Dropped (re-record, or ended before its first frame).
+    Discarded {
         episode: usize,
         frames: usize,
     },
@@ -265,6 +275,34 @@ impl EpisodeVideos {
     }
 }
 
+/// LeRobot's recording events, raised from other threads (keys, signals) and read at each
+/// tick.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// SIGINT/SIGTERM: stop now, discarding the episode under way.
+    pub stop: AtomicBool,
+    /// Right arrow: end this episode (kept) or this reset now.
+    pub exit_early: AtomicBool,
+    /// Left arrow: drop this episode and record it again after the reset.
+    pub rerecord: AtomicBool,
+    /// Esc: end this episode (kept) and stop recording.
+    pub stop_recording: AtomicBool,
+}
+
+impl Controls {
+    fn take(flag: &AtomicBool) -> bool {
+        flag.swap(false, Ordering::Relaxed)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn ending(&self) -> bool {
+        self.stop_recording.load(Ordering::Relaxed)
+    }
+}
+
 /// Records `opts.episodes` episodes into `writer`. Finished episodes are saved as they end;
 /// on a stop request or an error the episode under way is discarded and nothing saved is
 /// touched. The summary comes back in every case, with the error if one ended the run. The
@@ -273,11 +311,11 @@ pub fn record<L: Transport, F: Transport>(
     rig: &mut Rig<L, F>,
     writer: &mut DatasetWriter,
     opts: &RecordOptions,
-    stop: &AtomicBool,
+    controls: &Controls,
     progress: &mut dyn FnMut(Progress),
 ) -> (RecordSummary, Result<(), RecordError>) {
     let mut summary = RecordSummary::default();
-    let result = record_episodes(rig, writer, opts, stop, progress, &mut summary);
+    let result = record_episodes(rig, writer, opts, controls, progress, &mut summary);
     summary.leader_bus = rig.teleop.leader.bus().stats().clone();
     summary.follower_bus = rig.teleop.follower.bus().stats().clone();
     // Where episodes' videos are encoded; empty by now whatever happened (only if empty).
@@ -288,11 +326,13 @@ pub fn record<L: Transport, F: Transport>(
 /// Under the dataset root: the videos of the episode being recorded.
 pub const RECORDING_DIR: &str = ".recording";
 
+/// LeRobot's `record()`: episode, reset, episode…; a re-recorded episode is dropped and
+/// recorded again after its reset; Esc saves the episode under way and ends.
 fn record_episodes<L: Transport, F: Transport>(
     rig: &mut Rig<L, F>,
     writer: &mut DatasetWriter,
     opts: &RecordOptions,
-    stop: &AtomicBool,
+    controls: &Controls,
     progress: &mut dyn FnMut(Progress),
     summary: &mut RecordSummary,
 ) -> Result<(), RecordError> {
@@ -310,8 +350,8 @@ fn record_episodes<L: Transport, F: Transport>(
     let first = writer.info().total_episodes;
     let per_episode = opts.frames_per_episode();
     let mut last: Vec<Option<u64>> = vec![None; rig.cameras.len()];
-    for n in 0..opts.episodes {
-        let episode = first + n;
+    while summary.saved.len() < opts.episodes && !controls.ending() {
+        let episode = first + summary.saved.len();
         // A clock per phase: the pause to save must not count as an overrun.
         let mut clock = new_clock(episode)?;
         let result = record_episode(
@@ -321,7 +361,7 @@ fn record_episodes<L: Transport, F: Transport>(
             episode,
             per_episode,
             &mut clock,
-            stop,
+            controls,
             &mut last,
             summary,
             progress,
@@ -339,41 +379,49 @@ fn record_episodes<L: Transport, F: Transport>(
                 return Err(e);
             }
         };
-        progress(Progress::Saving {
-            episode,
-            frames: per_episode,
-        });
-        let t = Instant::now();
-        let (videos, camera_stats) = videos.finish()?;
-        let saved = writer.save_episode_with_videos(videos.clone(), camera_stats);
-        // The writer copied them into the dataset.
-        for v in videos.values() {
-            let _ = std::fs::remove_file(v);
+        let rerecord = Controls::take(&controls.rerecord);
+        let frames = writer.pending_frames();
+        if rerecord || frames == 0 {
+            // Dropped: its encoders are killed and their files removed.
+            drop(videos);
+            writer.clear_episode();
+            progress(Progress::Discarded { episode, frames });
+        } else {
+            progress(Progress::Saving { episode, frames });
+            let t = Instant::now();
+            let (videos, camera_stats) = videos.finish()?;
+            let saved = writer.save_episode_with_videos(videos.clone(), camera_stats);
+            // The writer copied them into the dataset.
+            for v in videos.values() {
+                let _ = std::fs::remove_file(v);
+            }
+            saved?;
+            summary.saved.push(frames);
+            progress(Progress::Saved {
+                episode,
+                seconds: t.elapsed().as_secs_f64(),
+            });
         }
-        saved?;
-        summary.saved.push(per_episode);
-        progress(Progress::Saved {
-            episode,
-            seconds: t.elapsed().as_secs_f64(),
-        });
-        if n + 1 == opts.episodes {
+        if controls.ending() || (summary.saved.len() == opts.episodes && !rerecord) {
             break;
         }
         // Reset phase: the leader still drives the follower, nothing is recorded.
         let of = opts.reset_ticks();
         let mut clock = new_clock(episode)?;
+        Controls::take(&controls.exit_early);
         for tick in 0..of {
-            if stop.load(Ordering::Relaxed) {
+            if controls.stopped() {
                 summary.interrupted = true;
                 return Ok(());
+            }
+            if Controls::take(&controls.exit_early) || controls.ending() {
+                break;
             }
             clock.tick();
             rig.teleop
                 .step()
                 .map_err(|source| RecordError::Control { episode, source })?;
-            if tick % opts.fps as usize == 0 {
-                progress(Progress::Resetting { episode, tick, of });
-            }
+            progress(Progress::Resetting { episode, tick, of });
         }
         // The cameras ran on through the save and the reset: the next episode starts at the
         // newest frame, not at a gap from the last one recorded.
@@ -382,8 +430,8 @@ fn record_episodes<L: Transport, F: Transport>(
     Ok(())
 }
 
-/// One episode into the writer's buffer and its videos into their encoders; `Ok(None)` when
-/// a stop request cut it short.
+/// One episode into the writer's buffer and its videos into their encoders, until its
+/// length or an early end (right arrow, left arrow, Esc); `Ok(None)` on a stop request.
 fn record_episode<L: Transport, F: Transport>(
     rig: &mut Rig<L, F>,
     writer: &mut DatasetWriter,
@@ -391,16 +439,27 @@ fn record_episode<L: Transport, F: Transport>(
     episode: usize,
     frames: usize,
     clock: &mut Clock,
-    stop: &AtomicBool,
+    controls: &Controls,
     last: &mut [Option<u64>],
     summary: &mut RecordSummary,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Option<EpisodeVideos>, RecordError> {
     let timeout = camera_timeout(opts.fps);
+    // Keys pressed before this phase are not for it.
+    Controls::take(&controls.exit_early);
+    Controls::take(&controls.rerecord);
+    // Stats sample by the planned length (LeRobot samples by the actual one: the same below
+    // 100 frames, close above).
     let mut videos = EpisodeVideos::start(writer, &rig.cameras, episode, frames)?;
     for frame in 0..frames {
-        if stop.load(Ordering::Relaxed) {
+        if controls.stopped() {
             return Ok(None);
+        }
+        if Controls::take(&controls.exit_early)
+            || controls.rerecord.load(Ordering::Relaxed)
+            || controls.ending()
+        {
+            break;
         }
         clock.tick();
         let step = rig
@@ -447,13 +506,11 @@ fn record_episode<L: Transport, F: Transport>(
             videos.push(i, frame, &f)?;
         }
         writer.add_frame(data)?;
-        if frame % opts.fps as usize == 0 || frame + 1 == frames {
-            progress(Progress::Recording {
-                episode,
-                frame: frame + 1,
-                of: frames,
-            });
-        }
+        progress(Progress::Recording {
+            episode,
+            frame: frame + 1,
+            of: frames,
+        });
     }
     Ok(Some(videos))
 }
@@ -473,6 +530,67 @@ mod tests {
         }
     }
 
+    fn sim_rig() -> Rig<config::AnyTransport, config::AnyTransport> {
+        let robot = RobotConfig {
+            cameras: vec![CameraConfig {
+                name: "front".into(),
+                width: 64,
+                height: 64,
+                fps: 20.0,
+                ..CameraConfig::default()
+            }],
+            ..RobotConfig::default()
+        }
+        .simulated();
+        robot.connect().unwrap()
+    }
+
+    #[test]
+    fn keys_end_early_rerecord_and_stop_as_lerobots() {
+        let mut rig = sim_rig();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DatasetWriter::create(dir.path(), rig.dataset_config(20)).unwrap();
+        let controls = Controls::default();
+        let mut discarded = vec![];
+        let o = RecordOptions {
+            episode_time_s: 0.5,
+            ..opts(3)
+        };
+        let (s, r) = record(&mut rig, &mut w, &o, &controls, &mut |p| match p {
+            // Left arrow 3 frames into the first try, right arrow 4 into the second.
+            Progress::Recording {
+                episode: 0,
+                frame: 3,
+                ..
+            } if discarded.is_empty() => controls.rerecord.store(true, Ordering::Relaxed),
+            Progress::Recording {
+                episode: 0,
+                frame: 4,
+                ..
+            } => controls.exit_early.store(true, Ordering::Relaxed),
+            // Esc 2 frames into the second episode: kept, and the end.
+            Progress::Recording {
+                episode: 1,
+                frame: 2,
+                ..
+            } => controls.stop_recording.store(true, Ordering::Relaxed),
+            Progress::Discarded { episode, frames } => discarded.push((episode, frames)),
+            _ => {}
+        });
+        r.unwrap();
+        assert_eq!(discarded, [(0, 3)]);
+        assert_eq!(s.saved, [4, 2]);
+        assert!(!s.interrupted);
+        let ds = lerobot_dataset::LeRobotDataset::open(dir.path()).unwrap();
+        assert_eq!(ds.episodes().len(), 2);
+        assert_eq!(ds.len(), 6);
+        for ep in 0..2 {
+            let frames = ds.decode_episode(ep, "observation.images.front").unwrap();
+            assert_eq!(frames.len(), [4, 2][ep]);
+        }
+        assert!(!dir.path().join(RECORDING_DIR).exists());
+    }
+
     #[test]
     fn records_on_the_emulator_and_a_stop_keeps_what_was_saved() {
         let robot = RobotConfig {
@@ -489,9 +607,10 @@ mod tests {
         let mut rig = robot.connect().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut w = DatasetWriter::create(dir.path(), rig.dataset_config(20)).unwrap();
-        let stop = AtomicBool::new(false);
+        let controls = Controls::default();
+        let stop = &controls.stop;
         let mut seen = vec![];
-        let (s, r) = record(&mut rig, &mut w, &opts(3), &stop, &mut |p| {
+        let (s, r) = record(&mut rig, &mut w, &opts(3), &controls, &mut |p| {
             if let Progress::Saved { episode: 0, .. } = p {
                 stop.store(true, Ordering::Relaxed);
             }
@@ -523,7 +642,7 @@ mod tests {
             &mut rig,
             &mut w,
             &RecordOptions { fps: 30, ..opts(1) },
-            &stop,
+            &controls,
             &mut |_| {},
         )
         .1;
