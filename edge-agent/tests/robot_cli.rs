@@ -16,6 +16,31 @@ fn agent() -> Command {
     c
 }
 
+/// Runs `cmd` with `lines` written to its stdin, each after its delay; its output once it
+/// exits (within 30 s).
+fn with_stdin(mut cmd: Command, lines: &[(u64, &str)]) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (ms, line) in lines {
+        std::thread::sleep(Duration::from_millis(*ms));
+        stdin.write_all(line.as_bytes()).unwrap();
+    }
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{cmd:?} did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn config(dir: &std::path::Path, robot: &str) -> std::path::PathBuf {
     let p = dir.join("agent.toml");
     std::fs::write(&p, format!("[robot]\n{robot}")).unwrap();
@@ -57,29 +82,12 @@ fn calibrate_on_the_emulator_writes_a_lerobot_file() {
             cal.display()
         ),
     );
-    let mut child = agent()
-        .args(["calibrate", "--sim", "--arm", "leader"])
+    let mut cmd = agent();
+    cmd.args(["calibrate", "--sim", "--arm", "leader"])
         .arg("--config")
-        .arg(&cfg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+        .arg(&cfg);
     // ENTER at the middle pose, then ENTER once the (emulated) hand has swept the joints.
-    stdin.write_all(b"\n").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    stdin.write_all(b"\n").unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "calibrate did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(cmd, &[(0, "\n"), (1500, "\n")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("middle of its range"), "{stderr}");
@@ -143,30 +151,14 @@ fn q_on_stdin_saves_the_episode_under_way_and_stops() {
         "[[robot.cameras]]\nname = \"front\"\nwidth = 64\nheight = 64\nfps = 10\n",
     );
     let ds = dir.path().join("ds");
-    let mut child = agent()
-        .args(["record", "--sim", "--repo-id", "me/x", "--task", "t"])
+    let mut cmd = agent();
+    cmd.args(["record", "--sim", "--repo-id", "me/x", "--task", "t"])
         .args(["--episodes", "3", "--episode-time-s", "60", "--fps", "10"])
         .arg("--config")
         .arg(&cfg)
         .arg("--dataset")
-        .arg(&ds)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    stdin.write_all(b"q\n").unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "q did not stop it"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+        .arg(&ds);
+    let out = with_stdin(cmd, &[(1500, "q\n")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let line = String::from_utf8_lossy(&out.stdout);

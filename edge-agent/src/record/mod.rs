@@ -593,18 +593,7 @@ mod tests {
 
     #[test]
     fn records_on_the_emulator_and_a_stop_keeps_what_was_saved() {
-        let robot = RobotConfig {
-            cameras: vec![CameraConfig {
-                name: "front".into(),
-                width: 64,
-                height: 64,
-                fps: 20.0,
-                ..CameraConfig::default()
-            }],
-            ..RobotConfig::default()
-        }
-        .simulated();
-        let mut rig = robot.connect().unwrap();
+        let mut rig = sim_rig();
         let dir = tempfile::tempdir().unwrap();
         let mut w = DatasetWriter::create(dir.path(), rig.dataset_config(20)).unwrap();
         let controls = Controls::default();
