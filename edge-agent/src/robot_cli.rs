@@ -193,11 +193,21 @@ pub fn record(args: RecordArgs) -> Result<()> {
         None => crate::record::config::default_dataset_root(&args.repo_id)
             .context("no --dataset and no HF_LEROBOT_HOME, HF_HOME or HOME for the default")?,
     };
-    anyhow::ensure!(
-        !root.join("meta/info.json").exists(),
-        "{} already holds a dataset: resuming one is not supported yet, record into a new directory",
-        root.display()
-    );
+    let info = root.join("meta/info.json");
+    if info.exists() {
+        match lerobot_dataset::Info::load(&root) {
+            // A run that failed before its first episode: nothing to keep, start afresh.
+            Ok(i) if i.total_episodes == 0 => {
+                tracing::warn!(dataset = %root.display(), "the dataset has no episode yet: starting it afresh");
+                std::fs::remove_file(&info)
+                    .with_context(|| format!("removing {}", info.display()))?;
+            }
+            _ => anyhow::bail!(
+                "{} already holds a dataset: resuming one is not supported yet, record into a new directory",
+                root.display()
+            ),
+        }
+    }
     let robot = args.robot.robot()?;
     let controls = Arc::new(Controls::default());
     stop_on_signals(Arc::clone(&controls))?;

@@ -144,6 +144,41 @@ fn record_refuses_what_it_cannot_do_before_touching_anything() {
 }
 
 #[test]
+fn a_dataset_left_without_episodes_is_started_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    // What a run that failed before its first save leaves: info.json, no episode.
+    let cfg = lerobot_dataset::DatasetConfig::so100(&[("old", 64, 64)]);
+    drop(lerobot_dataset::DatasetWriter::create(&ds, cfg).unwrap());
+    let out = agent()
+        .args([
+            "record",
+            "--sim",
+            "--repo-id",
+            "me/x",
+            "--task",
+            "t",
+            "--episodes",
+            "1",
+        ])
+        .args(["--episode-time-s", "0.5", "--fps", "10"])
+        .arg("--config")
+        .arg(config(dir.path(), ""))
+        .arg("--dataset")
+        .arg(&ds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = lerobot_dataset::Info::load(&ds).unwrap();
+    assert_eq!((info.total_episodes, info.total_frames), (1, 5));
+    assert!(info.features.get("observation.images.old").is_none());
+}
+
+#[test]
 fn q_on_stdin_saves_the_episode_under_way_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
