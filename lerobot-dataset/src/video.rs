@@ -231,7 +231,7 @@ pub struct Probe {
 
 /// `ffprobe` on the first video stream of `path` with `args`; its stdout.
 fn ffprobe(path: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("ffprobe")
+    let out = saving_tool("ffprobe")
         .args(["-v", "error", "-select_streams", "v:0"])
         .args(args)
         .arg(path)
@@ -333,6 +333,19 @@ impl Default for EncoderConfig {
     }
 }
 
+/// `ffmpeg`/`ffprobe` for saving, in a process group of its own: a Ctrl-C at the terminal
+/// (SIGINT to the foreground group) must not kill an encode, a concat or the probe that checks
+/// it half way; the caller decides when to stop, and an episode being saved is finished first.
+fn saving_tool(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    // SVT-AV1 logs its banner at info level whatever ffmpeg's -v: errors only, so an error
+    // message carries the error.
+    cmd.env("SVT_LOG", "1");
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd
+}
+
 fn run_ffmpeg(args: &[String], path: &Path) -> Result<()> {
     let fail = |message: String| DatasetError::Video {
         path: path.to_path_buf(),
@@ -340,7 +353,7 @@ fn run_ffmpeg(args: &[String], path: &Path) -> Result<()> {
         timestamp: 0.0,
         message,
     };
-    let out = Command::new("ffmpeg")
+    let out = saving_tool("ffmpeg")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -461,7 +474,7 @@ impl StreamEncoder {
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
         }
-        let mut child = Command::new("ffmpeg")
+        let mut child = saving_tool("ffmpeg")
             .args(encoder_args(width, height, fps, cfg, out))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -503,11 +516,9 @@ impl StreamEncoder {
     }
 
     fn fail(&self, message: String) -> DatasetError {
-        DatasetError::Video {
+        DatasetError::Encode {
             path: self.out.clone(),
-            episode: 0,
-            timestamp: 0.0,
-            message: format!("encoding, after {} frame(s): {message}", self.frames),
+            message: format!("after {} frame(s): {message}", self.frames),
         }
     }
 

@@ -6,6 +6,7 @@
 //!   one leader read per frame (the emulated hand moves the leader a known step per read);
 //!   each camera's decoded frames carry consecutive indices (no drop, no duplicate);
 //! - SIGTERM mid-episode: a clean exit, the episodes saved before intact and loadable;
+//! - Ctrl-C (SIGINT to the process group, ffmpeg included) during a save: the save finishes;
 //! - a leader servo that stops answering, a camera that disappears: an error naming the part,
 //!   no panic, the episodes saved before intact.
 //!
@@ -436,6 +437,44 @@ fn sigterm_mid_episode_keeps_the_saved_ones() {
     let s = summary_in(&text);
     assert_eq!(s["interrupted"], true);
     assert_eq!(s["saved"], serde_json::json!([FRAMES, FRAMES]));
+    assert_eq!(rig.saved_episodes(), 2);
+    check_with_rust(&rig.dataset(), 2);
+    if let Some(py) = py {
+        check_with_lerobot(&py, &rig.dataset(), 2, leader_retries(&s));
+    }
+}
+
+#[test]
+fn ctrl_c_during_a_save_finishes_the_save() {
+    use std::os::unix::process::CommandExt;
+    let py = lerobot_python();
+    let rig = Rig::start(TWO_CAMERAS);
+    let log = rig.dir.path().join("agent.log");
+    let mut cmd = rig.record(5);
+    // Its own group, as a shell job: Ctrl-C signals the whole group, ffmpeg children too.
+    cmd.process_group(0);
+    let child = ChildGuard::spawn("zk0-agent record", cmd, &log).unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let start = Instant::now();
+    while !read().contains("saving episode 1") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no second save:\n{}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let group = format!("-{}", child.child.id());
+    assert!(Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap()
+        .success());
+    let (st, text) = rig.finish(child, &log);
+    assert!(st.success(), "exit {st} after Ctrl-C:\n{text}");
+    assert!(text.contains("SIGINT"), "{text}");
+    let s = summary_in(&text);
+    assert_eq!(s["saved"], serde_json::json!([FRAMES, FRAMES]), "{s}");
     assert_eq!(rig.saved_episodes(), 2);
     check_with_rust(&rig.dataset(), 2);
     if let Some(py) = py {
