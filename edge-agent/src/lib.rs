@@ -12,10 +12,15 @@
 //!   [`federate::core`] (`Core::on(Event, now) -> Vec<Command>`); `federate/mod.rs` is the event
 //!   loop that executes those commands (MQTT, child processes, files);
 //! - [`fleet`]: `start` / `stop` / `status` (pidfile, status file);
-//! - [`doctor`], [`dataset_cli`]: host checks and dataset inspection.
+//! - [`doctor`], [`dataset_cli`]: host checks and dataset inspection;
+//! - [`record`]: the record loop (arms and cameras from `zk0-robot` into the LeRobot v3
+//!   writer) and the config's `[robot]` section; [`robot_cli`]: `record`, `teleop`,
+//!   `calibrate`.
 
 pub mod cli;
 pub mod dataset_cli;
 pub mod doctor;
 pub mod federate;
 pub mod fleet;
+pub mod record;
+pub mod robot_cli;

@@ -1,7 +1,7 @@
 //! `zk0-agent`: the daemon on each robot host (see the library's crate doc for the map).
 
 use clap::{Parser, Subcommand};
-use edge_agent::{cli, dataset_cli, doctor, fleet};
+use edge_agent::{cli, dataset_cli, doctor, fleet, robot_cli};
 
 #[derive(Parser)]
 #[command(name = "zk0-agent", version, about = "zk0 robot-host agent")]
@@ -16,6 +16,12 @@ enum Command {
     Doctor(doctor::Args),
     /// Inspect LeRobot datasets: info, show, verify, convert.
     Dataset(dataset_cli::Args),
+    /// Record LeRobot v3.0 episodes: leader drives follower, cameras and positions recorded.
+    Record(robot_cli::RecordArgs),
+    /// Drive the follower from the leader (nothing recorded).
+    Teleop(robot_cli::TeleopArgs),
+    /// Calibrate an arm (LeRobot's procedure and file).
+    Calibrate(robot_cli::CalibrateArgs),
     /// Run the federated-learning daemon: join rounds, fetch models, train, send updates.
     #[command(alias = "federate")]
     Run(cli::RunArgs),
@@ -56,6 +62,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Dataset(args) => dataset_cli::run(args),
+        Command::Record(args) => robot_cli::record(args),
+        Command::Teleop(args) => robot_cli::teleop(args),
+        Command::Calibrate(args) => robot_cli::calibrate(args),
         Command::Run(args) => {
             let max_rounds = args.max_rounds;
             edge_agent::federate::run(args.config()?, max_rounds)

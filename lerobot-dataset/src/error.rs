@@ -45,6 +45,8 @@ pub enum DatasetError {
         timestamp: f64,
         message: String,
     },
+    #[error("{}: video encode failed: {message}", path.display())]
+    Encode { path: PathBuf, message: String },
     /// ffmpeg/ffprobe could not be started (not installed, not on PATH).
     #[error("cannot run {program}: {source}")]
     Tool {

@@ -9,8 +9,9 @@
 //!   long-lived decoder per (camera, episode) and kept in a byte-bounded LRU frame cache.
 //! - [`loader`]: [`Prefetcher`], batches of delta-timestamp samples read on a background thread.
 //! - [`stats`]: per-episode and aggregated feature statistics (`stats.json`).
-//! - [`video`]: frame decoding ([`video::FrameStream`], a long-lived decoder) and probing through
-//!   the `ffmpeg`/`ffprobe` CLIs.
+//! - [`video`]: frame decoding ([`video::FrameStream`], a long-lived decoder), encoding
+//!   ([`video::StreamEncoder`], frame by frame, also while recording) and probing through the
+//!   `ffmpeg`/`ffprobe` CLIs.
 //! - [`verify`]: whole-dataset checks behind `zk0-agent dataset verify`.
 //! - [`writer`]: [`DatasetWriter`], v3.0 recording with LeRobot's file rollover, atomic saves.
 //! - [`synth`]: seeded SO-100-like synthetic datasets for demos, benches and trainer tests.

@@ -226,3 +226,13 @@ pub fn from_json(v: &Value) -> Stats {
         })
         .unwrap_or_default()
 }
+
+/// LeRobot's `sample_indices` as a stride: every frame below 100, else about `len^0.75`
+/// (100..10000) evenly spaced. Camera stats are computed on frames `0, step, 2·step, …`.
+pub fn sample_step(len: usize) -> usize {
+    if len < 100 {
+        return 1;
+    }
+    let n = ((len as f64).powf(0.75) as usize).clamp(100, 10_000);
+    (len / n).max(1)
+}

@@ -1,4 +1,5 @@
-//! Video frames through the `ffmpeg` CLI: decode to raw `rgb24` on a pipe.
+//! Video frames through the `ffmpeg` CLI: decode to raw `rgb24` on a pipe, encode from one
+//! ([`encode_frames`] for a whole episode, [`StreamEncoder`] frame by frame while recording).
 //!
 //! Why a subprocess and not library bindings: the CLI is on every robot host already, keeps this
 //! crate free of a C build (cross-compiling stays trivial), and its yuv420p→RGB conversion is the
@@ -230,7 +231,7 @@ pub struct Probe {
 
 /// `ffprobe` on the first video stream of `path` with `args`; its stdout.
 fn ffprobe(path: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("ffprobe")
+    let out = saving_tool("ffprobe")
         .args(["-v", "error", "-select_streams", "v:0"])
         .args(args)
         .arg(path)
@@ -332,37 +333,36 @@ impl Default for EncoderConfig {
     }
 }
 
-fn run_ffmpeg(args: &[String], stdin_data: Option<Vec<u8>>, path: &Path) -> Result<()> {
-    use std::io::Write;
+/// `ffmpeg`/`ffprobe` for saving, in a process group of its own: a Ctrl-C at the terminal
+/// (SIGINT to the foreground group) must not kill an encode, a concat or the probe that checks
+/// it half way; the caller decides when to stop, and an episode being saved is finished first.
+fn saving_tool(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    // SVT-AV1 logs its banner at info level whatever ffmpeg's -v: errors only, so an error
+    // message carries the error.
+    cmd.env("SVT_LOG", "1");
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd
+}
+
+fn run_ffmpeg(args: &[String], path: &Path) -> Result<()> {
     let fail = |message: String| DatasetError::Video {
         path: path.to_path_buf(),
         episode: 0,
         timestamp: 0.0,
         message,
     };
-    let mut child = Command::new("ffmpeg")
+    let out = saving_tool("ffmpeg")
         .args(args)
-        .stdin(if stdin_data.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .map_err(|source| DatasetError::Tool {
             program: "ffmpeg",
             source,
         })?;
-    // Feed stdin from a thread so a full stderr pipe can never deadlock us.
-    let feeder = match (stdin_data, child.stdin.take()) {
-        (Some(data), Some(mut stdin)) => Some(std::thread::spawn(move || stdin.write_all(&data))),
-        _ => None,
-    };
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
     if !out.status.success() {
         return Err(fail(format!(
             "ffmpeg exited with {}: {}",
@@ -373,23 +373,9 @@ fn run_ffmpeg(args: &[String], stdin_data: Option<Vec<u8>>, path: &Path) -> Resu
     Ok(())
 }
 
-/// Encodes RGB frames into an mp4 at `fps` (constant frame rate; pts of frame i = i/fps).
-pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &Path) -> Result<()> {
-    let first = frames
-        .first()
-        .ok_or_else(|| DatasetError::Usage("no frames to encode".into()))?;
-    let (w, h) = first.dimensions();
-    let mut raw = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
-    for f in frames {
-        if f.dimensions() != (w, h) {
-            return Err(DatasetError::Usage(format!(
-                "frame size {:?} differs from the first frame's {:?}",
-                f.dimensions(),
-                (w, h)
-            )));
-        }
-        raw.extend_from_slice(f.as_raw());
-    }
+/// `ffmpeg` arguments: raw rgb24 `w`×`h` frames at `fps` on stdin → an mp4 at `out` with the
+/// encoder settings (constant frame rate; pts of frame i = i/fps).
+fn encoder_args(w: u32, h: u32, fps: u32, cfg: &EncoderConfig, out: &Path) -> Vec<String> {
     let mut args: Vec<String> = [
         "-nostdin",
         "-hide_banner",
@@ -437,7 +423,161 @@ pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &P
         "mp4".into(),
     ]);
     args.push(out.to_string_lossy().into_owned());
-    run_ffmpeg(&args, Some(raw), out)
+    args
+}
+
+/// Encodes RGB frames into an mp4 at `fps` (constant frame rate; pts of frame i = i/fps).
+pub fn encode_frames(frames: &[RgbImage], fps: u32, cfg: &EncoderConfig, out: &Path) -> Result<()> {
+    let first = frames
+        .first()
+        .ok_or_else(|| DatasetError::Usage("no frames to encode".into()))?;
+    let (w, h) = first.dimensions();
+    let mut enc = StreamEncoder::start(out, w, h, fps, cfg)?;
+    for f in frames {
+        if f.dimensions() != (w, h) {
+            return Err(DatasetError::Usage(format!(
+                "frame size {:?} differs from the first frame's {:?}",
+                f.dimensions(),
+                (w, h)
+            )));
+        }
+        enc.push(f.as_raw().clone())?;
+    }
+    enc.finish()
+}
+
+/// An mp4 encoded while its frames arrive (recording): one `ffmpeg` reading raw rgb24 on a
+/// pipe, fed by a thread from an unbounded queue so a slow encoder never blocks the caller
+/// (at worst the queue holds what a buffered episode would). Dropped unfinished, it kills
+/// the encoder and removes the partial file.
+#[derive(Debug)]
+pub struct StreamEncoder {
+    out: std::path::PathBuf,
+    width: u32,
+    height: u32,
+    frames: usize,
+    tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    feeder: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    child: Option<std::process::Child>,
+}
+
+impl StreamEncoder {
+    pub fn start(
+        out: &Path,
+        width: u32,
+        height: u32,
+        fps: u32,
+        cfg: &EncoderConfig,
+    ) -> Result<Self> {
+        use std::io::Write;
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
+        }
+        let mut child = saving_tool("ffmpeg")
+            .args(encoder_args(width, height, fps, cfg, out))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| DatasetError::Tool {
+                program: "ffmpeg",
+                source,
+            })?;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let mut stdin = child.stdin.take();
+        let feeder = std::thread::spawn(move || {
+            if let Some(stdin) = stdin.as_mut() {
+                for frame in rx {
+                    stdin.write_all(&frame)?;
+                }
+            }
+            Ok(())
+        });
+        // Drained as it comes so a chatty encoder can never fill the pipe and stall.
+        let mut err = child.stderr.take();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(e) = err.as_mut() {
+                let _ = e.read_to_string(&mut text);
+            }
+            text
+        });
+        Ok(Self {
+            out: out.to_path_buf(),
+            width,
+            height,
+            frames: 0,
+            tx: Some(tx),
+            feeder: Some(feeder),
+            stderr: Some(stderr),
+            child: Some(child),
+        })
+    }
+
+    fn fail(&self, message: String) -> DatasetError {
+        DatasetError::Encode {
+            path: self.out.clone(),
+            message: format!("after {} frame(s): {message}", self.frames),
+        }
+    }
+
+    /// Queues one frame (`width × height × 3` RGB bytes).
+    pub fn push(&mut self, rgb: Vec<u8>) -> Result<()> {
+        if rgb.len() != (self.width * self.height * 3) as usize {
+            return Err(DatasetError::Usage(format!(
+                "frame of {} bytes for a {}x{} encoder",
+                rgb.len(),
+                self.width,
+                self.height
+            )));
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send(rgb).is_ok());
+        if sent != Some(true) {
+            return Err(self.fail("the encoder stopped taking frames".into()));
+        }
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Frames queued so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Ends the stream and waits for the file.
+    pub fn finish(mut self) -> Result<()> {
+        drop(self.tx.take());
+        let fed = self.feeder.take().map(|f| f.join());
+        let Some(mut child) = self.child.take() else {
+            return Err(self.fail("encoder already gone".into()));
+        };
+        let status = child.wait().map_err(|e| self.fail(e.to_string()))?;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        if !status.success() {
+            return Err(self.fail(format!("ffmpeg exited with {status}: {}", stderr.trim())));
+        }
+        match fed {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(self.fail(format!("writing frames to ffmpeg: {e}"))),
+            _ => Err(self.fail("the frame feeder thread died".into())),
+        }
+    }
+}
+
+impl Drop for StreamEncoder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(self.tx.take());
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&self.out);
+        }
+    }
 }
 
 /// One input of [`concat_files`]: a file and, for every input but the last, how long it lasts.
@@ -499,7 +639,7 @@ pub fn concat_files(parts: &[ConcatPart<'_>], out: &Path) -> Result<()> {
         out.to_string_lossy().into_owned(),
     ])
     .collect();
-    let r = run_ffmpeg(&args, None, out);
+    let r = run_ffmpeg(&args, out);
     let _ = std::fs::remove_file(&list_path);
     r
 }

@@ -362,6 +362,16 @@ impl DatasetWriter {
         &self.info
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The settings videos are encoded with (for videos encoded while recording, handed to
+    /// [`save_episode_with_videos`](Self::save_episode_with_videos)).
+    pub fn encoder(&self) -> &EncoderConfig {
+        &self.encoder
+    }
+
     /// Frames buffered for the episode being recorded.
     pub fn pending_frames(&self) -> usize {
         self.buffer.len()
@@ -569,7 +579,7 @@ impl DatasetWriter {
             } else if f.is_video() && videos.contains_key(name) {
                 None
             } else if f.is_camera() {
-                let step = sample_step(len);
+                let step = stats::sample_step(len);
                 let sampled = frames
                     .iter()
                     .step_by(step)
@@ -1019,13 +1029,4 @@ impl DatasetWriter {
         )?);
         write_parquet(&path, schema, &[batch])
     }
-}
-
-/// `sample_indices`: every frame below 100, else about `len^0.75` (100..10000) evenly spaced.
-fn sample_step(len: usize) -> usize {
-    if len < 100 {
-        return 1;
-    }
-    let n = ((len as f64).powf(0.75) as usize).clamp(100, 10_000);
-    (len / n).max(1)
 }

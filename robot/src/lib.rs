@@ -16,13 +16,20 @@
 //! - [`normalize`]: LeRobot's degrees / -100..100 / 0..100 formulas, bit for bit.
 //! - [`calibration`]: LeRobot's calibration JSON and where LeRobot keeps it.
 //! - [`calibrate`]: the calibration procedure as a pure state machine.
+//! - [`camera`]: [`camera::Camera`], a capture thread holding the latest frame over a
+//!   [`camera::FrameSource`]; [`camera::TestPattern`], frames that carry their own index and
+//!   time (and the decoder tests use). No V4L2 yet.
+//! - [`control`]: the loop clock ([`control::Clock`], jitter and overrun counts), an arm's
+//!   LeRobot-style `connect` ([`control::prepare`]) and the teleop step ([`control::Teleop`]).
 //!
-//! Nothing here links libtorch. Cameras, the record loop and the `zk0-agent` commands are not
-//! here yet (see `docs/robot.md`).
+//! Nothing here links libtorch or writes datasets: the record loop joining this crate to
+//! `lerobot-dataset` is `edge-agent`'s `record` module.
 
 pub mod arm;
 pub mod calibrate;
 pub mod calibration;
+pub mod camera;
+pub mod control;
 pub mod feetech;
 pub mod normalize;
 pub mod sim;

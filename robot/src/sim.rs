@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::arm::{Motor, FULL_TURN_MOTOR};
+use crate::calibration::{Calibration, MotorCalibration};
 use crate::feetech::protocol::{self, decode, Decoded, Direction, ErrorBits, Instruction, Packet};
 use crate::feetech::table::{self, Register};
 use crate::feetech::Transport;
@@ -44,6 +46,28 @@ struct Servo {
     actual: f64,
     pending: Option<(u8, Vec<u8>)>,
     faults: Faults,
+    sweep: Option<Sweep>,
+}
+
+/// A hand moving a joint back and forth: each sync read of Present_Position that includes
+/// the servo first moves it `step` raw steps, turning round at `lo` and `hi`. Tied to reads,
+/// not time, so a test knows the position every read returns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sweep {
+    pub lo: f64,
+    pub hi: f64,
+    pub step: f64,
+}
+
+impl Sweep {
+    fn advance(&mut self, actual: f64) -> f64 {
+        let next = actual + self.step;
+        if next > self.hi || next < self.lo {
+            self.step = -self.step;
+            return actual + self.step;
+        }
+        next
+    }
 }
 
 impl Servo {
@@ -71,6 +95,7 @@ impl Servo {
             actual: 2048.0,
             pending: None,
             faults: Faults::default(),
+            sweep: None,
         };
         s.refresh();
         s
@@ -198,6 +223,13 @@ impl Servos {
         }
     }
 
+    /// Moves joint `id` by `sweep` on every sync read of its position (see [`Sweep`]).
+    pub fn set_sweep(&mut self, id: u8, sweep: Option<Sweep>) {
+        if let Some(s) = self.servos.get_mut(&id) {
+            s.sweep = sweep;
+        }
+    }
+
     pub fn actual(&self, id: u8) -> Option<f64> {
         self.servos.get(&id).map(|s| s.actual)
     }
@@ -277,7 +309,15 @@ impl Servos {
                 [addr, len, ids @ ..] => ids
                     .iter()
                     .flat_map(|id| match self.servos.get_mut(id) {
-                        Some(s) => s.read(*id, *addr, *len),
+                        Some(s) => {
+                            if *addr == table::PRESENT_POSITION.addr && !s.faults.silent {
+                                if let Some(mut sw) = s.sweep {
+                                    s.actual = sw.advance(s.actual);
+                                    s.sweep = Some(sw);
+                                }
+                            }
+                            s.read(*id, *addr, *len)
+                        }
                         None => vec![],
                     })
                     .collect(),
@@ -324,6 +364,31 @@ impl Servos {
             }
             _ => vec![],
         }
+    }
+}
+
+/// A calibration for emulated arms (a real arm's comes from `calibrate`): no homing offset,
+/// joints over raw 1024..3072, `wrist_roll` over the full turn, as LeRobot records it.
+pub fn calibration(motors: &[Motor]) -> Calibration {
+    Calibration {
+        motors: motors
+            .iter()
+            .map(|m| {
+                let (range_min, range_max) = if m.name == FULL_TURN_MOTOR {
+                    (0, 4095)
+                } else {
+                    (1024, 3072)
+                };
+                let c = MotorCalibration {
+                    id: m.id,
+                    drive_mode: 0,
+                    homing_offset: 0,
+                    range_min,
+                    range_max,
+                };
+                (m.name.to_string(), c)
+            })
+            .collect(),
     }
 }
 
@@ -515,6 +580,30 @@ mod tests {
         );
         s.advance(Duration::from_secs(1));
         assert_eq!(s.actual(1), Some(3048.0));
+    }
+
+    #[test]
+    fn sweep_moves_a_joint_per_sync_read_and_turns_round() {
+        let mut s = Servos::new([1, 2]);
+        s.set_sweep(
+            1,
+            Some(Sweep {
+                lo: 2040.0,
+                hi: 2056.0,
+                step: 5.0,
+            }),
+        );
+        let read = protocol::sync_read(table::PRESENT_POSITION.addr, 2, &[1, 2]).unwrap();
+        let mut seen = vec![];
+        for _ in 0..6 {
+            s.feed(&read);
+            seen.push(s.actual(1).unwrap());
+        }
+        assert_eq!(seen, [2053.0, 2048.0, 2043.0, 2048.0, 2053.0, 2048.0]);
+        assert_eq!(s.actual(2), Some(2048.0), "servo 2 has no sweep");
+        // Other registers do not move it.
+        s.feed(&protocol::sync_read(table::PRESENT_VELOCITY.addr, 2, &[1]).unwrap());
+        assert_eq!(s.actual(1), Some(2048.0));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Helpers for the workspace end-to-end tests: locating the built binaries and the vendored
-//! fixtures, free loopback ports, and child processes that are killed when dropped.
+//! fixtures, LeRobot's venv python, free loopback ports, and child processes that are killed when
+//! dropped.
 //!
 //! The daemons are found in the workspace target dir (`$CARGO_TARGET_DIR` or `<workspace>/target`,
 //! `debug` profile). [`ensure_built`] runs `cargo build -p aggregator -p edge-agent` once per
@@ -73,6 +74,22 @@ pub fn ensure_built() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// LeRobot's venv python (`ZK0_LEROBOT_PYTHON`, from `eval "$(cargo xtask env)"`), or `None`
+/// with a note on stderr; under `CI` its absence is a failure, never a skip.
+pub fn lerobot_python() -> Option<PathBuf> {
+    match std::env::var_os("ZK0_LEROBOT_PYTHON") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set but ZK0_LEROBOT_PYTHON is not: run `eval \"$(cargo xtask env)\"` after `cargo xtask setup --lerobot`"
+            );
+            eprintln!("SKIPPED (LeRobot half): ZK0_LEROBOT_PYTHON is unset");
+            None
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released; the small race is acceptable in tests).

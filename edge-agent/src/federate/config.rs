@@ -27,6 +27,7 @@
 //! upload_max_bytes_per_sec = 0           # pace update uploads (thin uplinks); 0 = no limit
 //! worker_timeout_secs = 0                # kill a training run after this long; 0 = at the
 //!                                        # round's deadline (always the upper bound)
+//! [robot]                                # record / teleop / calibrate: see `record::config`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,8 @@ pub struct AgentConfig {
     /// A training run still going after this long is killed and reported as failed (0: only
     /// the round's deadline bounds it, since an update after the deadline is refused anyway).
     pub worker_timeout_secs: u64,
+    /// Arms and cameras for `record`, `teleop`, `calibrate`.
+    pub robot: crate::record::config::RobotConfig,
 }
 
 impl Default for AgentConfig {
@@ -108,6 +111,7 @@ impl Default for AgentConfig {
             fetch_window: 8,
             upload_max_bytes_per_sec: 0,
             worker_timeout_secs: 0,
+            robot: Default::default(),
         }
     }
 }
