@@ -243,20 +243,25 @@ fn check_outputs(fed: &Federation, base: &Path, stopped_at: Option<u64>) -> Resu
     Ok(())
 }
 
-#[test]
-fn outputs_checkpoints_and_resume_match_an_uninterrupted_run() -> Result<()> {
+/// The base checkpoint, the held-out dataset and an uninterrupted 5-round run (its outputs
+/// checked), in `dir`: what the interrupted runs are compared with.
+fn uninterrupted(dir: &Path) -> Result<(PathBuf, PathBuf, Federation)> {
     zk0_e2e::ensure_built()?;
-    let tmp = tempfile::tempdir()?;
-    let base = base_checkpoint(tmp.path())?;
-    let heldout = tmp.path().join("heldout");
+    let base = base_checkpoint(dir)?;
+    let heldout = dir.join("heldout");
     std::fs::create_dir_all(&heldout)?;
-
-    // Uninterrupted: 5 rounds.
-    let mut a = federation(&tmp.path().join("a"), &base, &heldout)?;
+    let mut a = federation(&dir.join("a"), &base, &heldout)?;
     let result = run_rounds(&mut a, 5, 5).and_then(|()| check_outputs(&a, &base, None));
     if let Err(e) = result {
         anyhow::bail!("{e:#}\n{}", a.logs());
     }
+    Ok((base, heldout, a))
+}
+
+#[test]
+fn outputs_checkpoints_and_resume_match_an_uninterrupted_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (base, heldout, a) = uninterrupted(tmp.path())?;
 
     // Stopped after round 3, resumed from the round-3 checkpoint into the same state dir.
     let mut b = federation(&tmp.path().join("b"), &base, &heldout)?;
@@ -314,17 +319,8 @@ const CRASH_POINTS: [&str; 5] = [
 
 #[test]
 fn kill_9_at_every_step_of_a_round_close_is_repaired_on_restart() -> Result<()> {
-    zk0_e2e::ensure_built()?;
     let tmp = tempfile::tempdir()?;
-    let base = base_checkpoint(tmp.path())?;
-    let heldout = tmp.path().join("heldout");
-    std::fs::create_dir_all(&heldout)?;
-
-    let mut a = federation(&tmp.path().join("a"), &base, &heldout)?;
-    let result = run_rounds(&mut a, 5, 5).and_then(|()| check_outputs(&a, &base, None));
-    if let Err(e) = result {
-        anyhow::bail!("{e:#}\n{}", a.logs());
-    }
+    let (base, heldout, a) = uninterrupted(tmp.path())?;
 
     let mut b = federation(&tmp.path().join("b"), &base, &heldout)?;
     let result = (|| -> Result<()> {
