@@ -137,19 +137,20 @@ impl Server {
         }
         let rounds: Vec<u64> = pending.iter().map(|o| o.summary.round).collect();
         tracing::warn!(?rounds, "writing the outputs a crash interrupted");
-        let jobs = pending
-            .into_iter()
-            .map(|o| {
-                close::Outputs::resume(
-                    self.cfg.clone(),
-                    self.store.clone(),
-                    self.base_dir.clone(),
-                    o,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Each model is read on the blocking thread, one at a time, not here at start-up.
+        let (cfg, store, base_dir) = (self.cfg.clone(), self.store.clone(), self.base_dir.clone());
         self.outputs = Some(tokio::task::spawn_blocking(move || {
-            jobs.into_iter().for_each(close::Outputs::run)
+            for o in pending {
+                let round = o.summary.round;
+                match close::Outputs::resume(cfg.clone(), store.clone(), base_dir.clone(), o) {
+                    Ok(job) => job.run(),
+                    Err(e) => tracing::error!(
+                        round,
+                        error = format!("{e:#}"),
+                        "run outputs not written (tried again at the next start)"
+                    ),
+                }
+            }
         }));
         Ok(())
     }
