@@ -1,0 +1,1 @@
+//! The exported policy on ONNX Runtime.
