@@ -1,1 +1,15 @@
-//! The exported policy on ONNX Runtime.
+//! zk0-infer: the SmolVLA policy exported by `zk0-train export-onnx`, on ONNX Runtime (`ort`,
+//! loaded at run time), without libtorch: what `zk0-agent infer` and `zk0-agent run` use on
+//! the robot.
+//!
+//! Modules:
+//! - [`runtime`]: the prefix and denoise sessions and the float32 Euler loop between them
+//!   ([`OnnxPolicy`]); execution providers (CPU, CUDA, TensorRT).
+//!
+//! The export's layout is described by `smolvla_config::export` (`export.json`).
+
+mod error;
+pub mod runtime;
+
+pub use error::{Error, Result};
+pub use runtime::{init, Chunk, ModelInputs, OnnxPolicy, PrefixCache, Provider, RuntimeOptions};

@@ -5,6 +5,8 @@
 //! Modules:
 //! - [`config`]: `SmolVLAConfig` (a checkpoint's `config.json`, LeRobot's defaults, unknown
 //!   fields kept), the SmolVLM2 backbone config and the derived [`ModelDims`].
+//! - [`export`]: `export.json`, the manifest of an ONNX export (written by `smolvla`, read
+//!   by the libtorch-free runtime `zk0-infer`).
 //! - [`params`]: the freeze rules ([`is_trainable`]) and PyTorch's module order of the
 //!   parameter names ([`module_order_key`]).
 //!
@@ -23,6 +25,7 @@
 
 pub mod config;
 mod error;
+pub mod export;
 pub mod params;
 
 pub use config::{ModelDims, SmolVlaConfig, VlmConfig};

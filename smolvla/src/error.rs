@@ -30,6 +30,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("hub: {0}")]
     Hub(String),
+    #[error("onnx export: {0}")]
+    Export(String),
 }
 
 impl Error {

@@ -13,6 +13,7 @@
 //! - [`vision`]: SigLIP vision tower and connector.
 //! - [`text`]: Llama decoder layers, text model and action expert.
 //! - [`model`]: `SmolVLMWithExpertModel` and `VLAFlowMatching` (loss, sampler).
+//! - [`onnx`]: ONNX export of the inference path (prefix and denoise graphs, `export.json`).
 //! - [`policy`]: `SmolVLAPolicy` (weights, freeze rules, batch preparation, action queue).
 //! - [`processor`]: resize-with-pad, normalization.
 //! - [`optim`]: AdamW, gradient clipping, cosine-with-warmup schedule.
@@ -27,6 +28,7 @@ mod error;
 pub mod hub;
 pub mod layers;
 pub mod model;
+pub mod onnx;
 pub mod optim;
 pub mod policy;
 pub mod processor;
