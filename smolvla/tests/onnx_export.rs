@@ -260,3 +260,142 @@ fn fp32_export_matches_tch_and_lerobot_on_every_fixture() {
         );
     }
 }
+
+/// The LeRobot venv's Python (`cargo xtask setup --lerobot` installs `onnx` and `onnxruntime`
+/// in it); the test fails naming it when absent.
+fn checker_python() -> PathBuf {
+    let p = std::env::var_os("ZK0_LEROBOT_PYTHON").filter(|v| !v.is_empty()).expect(
+        "ZK0_LEROBOT_PYTHON is not set: run `cargo xtask setup --lerobot` and the tests through \
+         `cargo xtask test` (the ONNX checkers live in that venv)",
+    );
+    PathBuf::from(p)
+}
+
+/// `onnx.checker.check_model(full_check=True)` passes on both graphs, and the stock Python
+/// onnxruntime, driving the graphs by `export.json` alone, samples the chunk zk0's `ort` path
+/// samples (both fixtures: one and two cameras).
+#[test]
+fn onnx_checker_and_python_onnxruntime_agree() {
+    ort_ready();
+    let py = checker_python();
+    for name in ["smolvla-tiny", "smolvla-two-cameras"] {
+        let dir = fixture(name);
+        let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        export(
+            &policy,
+            Some(&dir),
+            name,
+            out.path(),
+            &ExportOptions::default(),
+        )
+        .unwrap();
+        let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
+        let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();
+        let bb = one(&batch, 0);
+        let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
+        let noise = draws["sample_noise"].narrow(0, 0, 1);
+        let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
+        let m = &onnx.manifest;
+        let (h, w) = (m.image.height, m.image.width);
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (cam, img) in m.cameras.iter().zip(&inputs.images) {
+            named.push((cam.key.clone(), Tensor::from_slice(img).view([1, 3, h, w])));
+            named.push((cam.mask.clone(), Tensor::from_slice(&[1u8])));
+        }
+        named.push((OBS_TOKENS.into(), tokens));
+        named.push((OBS_TOKEN_MASK.into(), tmask.to_kind(Kind::Uint8)));
+        named.push((
+            OBS_STATE.into(),
+            Tensor::from_slice(&inputs.state).view([1, -1]),
+        ));
+        named.push(("noise".into(), noise));
+        named.push(("chunk".into(), Tensor::from_slice(&chunk.padded)));
+        let file = out.path().join("check_inputs.safetensors");
+        Tensor::write_safetensors(&named, &file).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_check.py");
+        let o = std::process::Command::new(&py)
+            .arg(&script)
+            .arg(out.path())
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: onnx_check.py failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        eprintln!("{name}: {r}");
+        assert_eq!(r["prefix_checked"], true);
+        assert_eq!(r["denoise_checked"], true);
+        let n_kv = m.kv.len() * 2;
+        assert_eq!(
+            r["denoise_inputs"].as_array().unwrap().len(),
+            3 + n_kv,
+            "{r}"
+        );
+        let (max, cos) = (
+            r["max_abs"].as_f64().unwrap(),
+            r["cosine"].as_f64().unwrap(),
+        );
+        assert!(
+            max <= 1e-5 && cos >= 0.999999,
+            "{name}: python onnxruntime vs zk0: {r}"
+        );
+    }
+}
+
+/// The fp16 variant (matrix products in float16, accumulation and everything else float32)
+/// against the fp32 tch model: chunk cosine ≥ 0.999 on every fixture.
+#[test]
+fn fp16_export_stays_close_to_fp32() {
+    ort_ready();
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let m = export(
+            &policy,
+            Some(&dir),
+            name,
+            out.path(),
+            &ExportOptions { fp16: true },
+        )
+        .unwrap();
+        assert_eq!(m.precision, "fp16");
+        let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
+        let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();
+        let n = batch[OBS_STATE].size()[0];
+        let mut worst = (0f64, 1f64);
+        for b in 0..n {
+            let bb = one(&batch, b);
+            let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
+            let noise = draws["sample_noise"].narrow(0, b, 1);
+            let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
+            let (images, img_masks) = policy.prepare_images(&bb).unwrap();
+            let state = policy.prepare_state(&bb).unwrap();
+            let x0 = tch::no_grad(|| {
+                policy.model.sample_actions(
+                    &images,
+                    &img_masks,
+                    &tokens,
+                    &tmask,
+                    &state,
+                    &noise,
+                    &mut Trace::off(),
+                )
+            });
+            let (max, cos) = compare(&chunk.padded, &floats(&x0));
+            assert!(
+                cos >= 0.999 && max < 0.05,
+                "{name}[{b}]: fp16 chunk max |error| {max}, cosine {cos}"
+            );
+            worst = (worst.0.max(max), worst.1.min(cos));
+        }
+        eprintln!(
+            "{name}: fp16 chunk max |error| {:.2e}, min cosine {:.6}",
+            worst.0, worst.1
+        );
+    }
+}

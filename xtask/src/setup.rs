@@ -396,6 +396,10 @@ fn python312() -> Option<PathBuf> {
 fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
     let py = venv.join("bin/python");
     if venv.join(".complete").exists() && py.is_file() {
+        // Venvs built before the export checks need the ONNX checkers added.
+        if !python_imports(&py, "onnx, onnxruntime") {
+            pip_install(&py, &onnx_checkers())?;
+        }
         return Ok((py, "cached"));
     }
     let base = python312().context("lerobot needs Python >= 3.12 (python3.12 on PATH or pyenv)")?;
@@ -430,6 +434,46 @@ fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
     if !ok {
         bail!("pip install lerobot=={LEROBOT_VERSION} failed");
     }
+    pip_install(&py, &onnx_checkers())?;
     std::fs::write(venv.join(".complete"), LEROBOT_VERSION)?;
     Ok((py, "built"))
+}
+
+/// The independent checkers of exported graphs, installed in the LeRobot venv: `onnx`
+/// (`checker.check_model(full_check=True)`) and the stock Python onnxruntime.
+fn onnx_checkers() -> Vec<String> {
+    vec![
+        format!("onnx=={ONNX_VERSION}"),
+        format!("onnxruntime=={ORT_VERSION}"),
+    ]
+}
+
+/// The PyPI `onnx` the export is checked with.
+const ONNX_VERSION: &str = "1.23.2";
+
+fn python_imports(py: &Path, modules: &str) -> bool {
+    Command::new(py)
+        .args(["-c", &format!("import {modules}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn pip_install(py: &Path, pkgs: &[String]) -> Result<()> {
+    eprintln!("installing {} into {} ...", pkgs.join(" "), py.display());
+    let ok = Command::new(py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+        ])
+        .args(pkgs)
+        .status()?
+        .success();
+    if !ok {
+        bail!("pip install {} failed", pkgs.join(" "));
+    }
+    Ok(())
 }
