@@ -360,7 +360,10 @@ fn fp16_export_stays_close_to_fp32() {
             Some(&dir),
             name,
             out.path(),
-            &ExportOptions { fp16: true },
+            &ExportOptions {
+                fp16: true,
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(m.precision, "fp16");

@@ -80,6 +80,27 @@ enum Cmd {
     },
     /// Run a small tensor op on every available device and print JSON.
     Doctor,
+    /// Export the inference path to ONNX for the robot (`zk0-agent infer | run`): prefix and
+    /// denoise graphs with external weights, `export.json`, the processor and tokenizer files.
+    ExportOnnx {
+        /// LeRobot SmolVLA checkpoint: a directory or a Hub id such as lerobot/smolvla_base.
+        #[arg(long)]
+        model: String,
+        /// Weights (safetensors, LeRobot names; all or a subset, e.g. a federated global
+        /// model) applied on top of the checkpoint's before export.
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// tokenizer.json to ship with the export (default: the checkpoint's, if it has one).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Matrix products in float16 (half the weights' size; for GPUs); norms, softmax,
+        /// RoPE, the time embedding and the Euler accumulation stay float32.
+        #[arg(long)]
+        fp16: bool,
+    },
     /// Policy loss over a LeRobot dataset (every frame of all or the first N episodes, LeRobot's
     /// preprocessing, seeded noise/time); the JSON report goes to --out and stdout.
     Eval {
@@ -290,6 +311,43 @@ fn run(cli: Cli) -> Result<bool> {
                 autocast: run.autocast(),
             })?;
             println!("{report}");
+            Ok(true)
+        }
+        Cmd::ExportOnnx {
+            model,
+            global,
+            tokenizer,
+            out,
+            fp16,
+        } => {
+            let dir = checkpoint(&model)?;
+            let started = std::time::Instant::now();
+            let mut policy = smolvla::SmolVlaPolicy::from_dir(&dir, Device::Cpu)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            if let Some(g) = &global {
+                let tensors = tch::Tensor::read_safetensors(g)
+                    .with_context(|| format!("--global {}", g.display()))?;
+                policy.load_subset(&tensors)?;
+            }
+            let opts = smolvla::onnx::ExportOptions { fp16, tokenizer };
+            let m = smolvla::onnx::export(&policy, Some(&dir), &model, &out, &opts)?;
+            let size = |f: &str| std::fs::metadata(out.join(f)).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "exported",
+                    "out": out,
+                    "precision": m.precision,
+                    "prefix_len": m.prefix_len,
+                    "cameras": m.cameras.iter().map(|c| &c.key).collect::<Vec<_>>(),
+                    "bytes": {
+                        "prefix": size(&m.prefix.file) + size(&m.prefix.data),
+                        "denoise": size(&m.denoise.file) + size(&m.denoise.data),
+                    },
+                    "nodes": {"prefix": m.prefix.nodes, "denoise": m.denoise.nodes},
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
             Ok(true)
         }
         Cmd::Doctor => {

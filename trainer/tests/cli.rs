@@ -457,3 +457,93 @@ fn loss_matches_the_fixture() {
     );
     assert_eq!(v["per_sample_loss"].as_array().unwrap().len(), 2);
 }
+
+/// `export-onnx` on a LeRobot checkpoint with processors (the pipeline fixture's model):
+/// both graphs, their data files with the SHA-256 the manifest names, the processor files
+/// beside them, and a `--global` applied before export (it changes the prefix weights' file).
+#[test]
+fn export_onnx_writes_graphs_manifest_and_processors() {
+    // A LeRobot checkpoint as `save_pretrained` leaves it: the model and its processors.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("checkpoint");
+    std::fs::create_dir(&model).unwrap();
+    let pipeline = PathBuf::from(FIXTURE).join("pipeline");
+    for dir in [pipeline.join("model"), pipeline.clone()] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_str().unwrap().to_string();
+            let wanted = if dir == pipeline {
+                n.starts_with("policy_")
+            } else {
+                p.is_file()
+            };
+            if wanted {
+                std::fs::copy(&p, model.join(&n)).unwrap();
+            }
+        }
+    }
+    let run = |out: &Path, extra: &[&str]| -> Value {
+        let o = zk0_train()
+            .args(["--threads", "1", "export-onnx", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let a = tmp.path().join("a");
+    let tok = PathBuf::from(FIXTURE).join("pipeline/tokenizer.json");
+    let r = run(&a, &["--tokenizer", tok.to_str().unwrap()]);
+    assert_eq!(r["event"], "exported");
+    assert_eq!(r["precision"], "fp32");
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("export.json")).unwrap()).unwrap();
+    for g in ["prefix", "denoise"] {
+        for (file, sha) in [("file", "sha256"), ("data", "data_sha256")] {
+            let bytes = std::fs::read(a.join(m[g][file].as_str().unwrap())).unwrap();
+            use sha2::Digest;
+            assert_eq!(
+                hex::encode(sha2::Sha256::digest(&bytes)),
+                m[g][sha],
+                "{g} {file}"
+            );
+        }
+    }
+    assert_eq!(m["language"]["tokenizer"], "tokenizer.json");
+    let files: Vec<&str> = m["processor_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for f in [
+        "policy_preprocessor.json",
+        "policy_preprocessor_step_5_normalizer_processor.safetensors",
+        "policy_postprocessor.json",
+        "tokenizer.json",
+    ] {
+        assert!(
+            files.contains(&f) && a.join(f).is_file(),
+            "{f} not shipped: {files:?}"
+        );
+    }
+    // A global model with one changed VLM tensor changes the prefix weights only.
+    let key = "model.state_proj.weight";
+    let w = Tensor::read_safetensors(model.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == key)
+        .unwrap()
+        .1;
+    let global = tmp.path().join("global.safetensors");
+    Tensor::write_safetensors(&[(key, &(w + 1.0))], &global).unwrap();
+    let b = tmp.path().join("b");
+    run(&b, &["--global", global.to_str().unwrap()]);
+    let mb: Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("export.json")).unwrap()).unwrap();
+    assert_ne!(mb["prefix"]["data_sha256"], m["prefix"]["data_sha256"]);
+    assert_eq!(mb["denoise"]["data_sha256"], m["denoise"]["data_sha256"]);
+}

@@ -43,6 +43,8 @@ pub struct ExportOptions {
     /// Matrix products in float16 (weights stored as float16); norms, softmax, RoPE, the time
     /// embedding, the residual stream and the host's Euler accumulation stay float32.
     pub fp16: bool,
+    /// A tokenizer file to ship as `tokenizer.json` (else the checkpoint's own, if any).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Static sizes of the export, from the checkpoint's config.
@@ -540,6 +542,13 @@ pub fn export(
                 std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
                 copied.push(name);
             }
+        }
+    }
+    if let Some(tok) = &opts.tokenizer {
+        let to = out.join("tokenizer.json");
+        std::fs::copy(tok, &to).map_err(|e| Error::io(tok, e))?;
+        if !copied.iter().any(|f| f == "tokenizer.json") {
+            copied.push("tokenizer.json".into());
         }
     }
     copied.sort();
