@@ -83,6 +83,9 @@ fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
 /// one its x86 builds run for outputs with h + w > 128, i.e. every real camera): along the
 /// width first, then the height, each step `fma(x0, w0, x1·w1)` (torch's compiled code fuses
 /// it). Torch's kernel for small outputs rounds differently, by up to a few 1e-7.
+///
+/// # Panics
+/// If `img.len() != c·h·w` (a caller's bug; [`prepare_image`] checks shapes and never panics).
 pub fn resize_bilinear(
     img: &[f32],
     c: usize,
@@ -91,7 +94,7 @@ pub fn resize_bilinear(
     oh: usize,
     ow: usize,
 ) -> Vec<f32> {
-    debug_assert_eq!(img.len(), c * h * w);
+    assert_eq!(img.len(), c * h * w, "image of {c}x{h}x{w}");
     if (h, w) == (oh, ow) {
         return img.to_vec();
     }
@@ -118,6 +121,9 @@ pub fn resize_bilinear(
 /// [`resize_bilinear`] to [`resized_size`], then pad with `pad_value` on the LEFT and TOP to
 /// (out_h, out_w). Same sizes are returned as is. A degenerate resized size of 0 (an extreme
 /// aspect ratio, where torch would raise) gives an image of `pad_value` only.
+///
+/// # Panics
+/// If `img.len() != c·h·w`, as [`resize_bilinear`].
 pub fn resize_with_pad(
     img: &[f32],
     c: usize,
@@ -127,6 +133,7 @@ pub fn resize_with_pad(
     out_w: usize,
     pad_value: f32,
 ) -> Vec<f32> {
+    assert_eq!(img.len(), c * h * w, "image of {c}x{h}x{w}");
     if (h, w) == (out_h, out_w) {
         return img.to_vec();
     }
@@ -207,10 +214,20 @@ pub const DEFAULT_EPS: f32 = 1e-8;
 /// MEAN_STD statistics per feature, as LeRobot's normalizer / unnormalizer processors use
 /// them (`policy_preprocessor_step_5_normalizer_processor.safetensors`,
 /// `policy_postprocessor_step_0_unnormalizer_processor.safetensors`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Normalizer {
     stats: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
     eps: f32,
+}
+
+impl Default for Normalizer {
+    /// No features yet, LeRobot's epsilon.
+    fn default() -> Self {
+        Self {
+            stats: BTreeMap::new(),
+            eps: DEFAULT_EPS,
+        }
+    }
 }
 
 impl Normalizer {
@@ -218,10 +235,7 @@ impl Normalizer {
     pub fn from_stats(
         stats: impl IntoIterator<Item = (String, (Vec<f32>, Vec<f32>))>,
     ) -> Result<Self> {
-        let mut n = Self {
-            stats: BTreeMap::new(),
-            eps: DEFAULT_EPS,
-        };
+        let mut n = Self::default();
         for (feature, (mean, std)) in stats {
             n.insert(feature, mean, std)?;
         }
@@ -260,7 +274,7 @@ impl Normalizer {
     /// [`Normalizer::from_file`] on the bytes of a safetensors file.
     pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-            path: PathBuf::new(),
+            path: PathBuf::from("<memory>"),
             msg: e.to_string(),
         })?;
         let mut stats = Vec::new();
@@ -273,7 +287,7 @@ impl Normalizer {
                 continue;
             };
             let mean = st.tensor(name).map_err(|e| Error::Safetensors {
-                path: PathBuf::new(),
+                path: PathBuf::from("<memory>"),
                 msg: e.to_string(),
             })?;
             stats.push((
@@ -578,6 +592,18 @@ mod tests {
             prepare_image(&[0.5; 7], &[1, 1, 7], 5, 5),
             Err(Error::Image(_))
         ));
+    }
+
+    #[test]
+    fn default_normalizer_uses_lerobots_epsilon() {
+        let mut n = Normalizer::default();
+        n.insert("s".into(), vec![1.0], vec![0.0]).unwrap();
+        let mut x = [1.0 + 1e-8];
+        n.normalize("s", &mut x).unwrap();
+        assert!(x[0].is_finite());
+        let mut x = [3.0f32];
+        n.with_eps(1.0).normalize("s", &mut x).unwrap();
+        assert_eq!(x, [2.0]);
     }
 
     #[test]
