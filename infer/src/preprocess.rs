@@ -64,7 +64,8 @@ pub fn resized_size(h: usize, w: usize, out_h: usize, out_w: usize) -> (usize, u
 /// Source indices and weights of torch's `upsample_bilinear2d` (align_corners=False, no
 /// scale factor given) along one axis: `scale = (float)in / out`, the source coordinate
 /// `(dst + 0.5)·scale − 0.5` clamped at 0, the low index clamped to `in − 1`, the high one
-/// equal to it on the last row/column. All in f32, as torch's float opmath does.
+/// equal to it on the last row/column. All in f32, as torch's float opmath does; the
+/// coordinate is rounded after the product (not fused), which is what matches torch's bits.
 fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
     let scale = input as f32 / output as f32;
     (0..output)
