@@ -3,13 +3,17 @@
 //! the robot.
 //!
 //! Modules:
+//! - [`preprocess`]: LeRobot's host-side SmolVLA preprocessing in plain Rust (resize-with-pad,
+//!   MEAN_STD (un)normalization, fixed-length task tokenization).
 //! - [`runtime`]: the prefix and denoise sessions and the float32 Euler loop between them
 //!   ([`OnnxPolicy`]); execution providers (CPU, CUDA, TensorRT).
 //!
 //! The export's layout is described by `smolvla_config::export` (`export.json`).
 
 mod error;
+pub mod preprocess;
 pub mod runtime;
 
 pub use error::{Error, Result};
+pub use preprocess::{Normalizer, TaskTokenizer};
 pub use runtime::{init, Chunk, ModelInputs, OnnxPolicy, PrefixCache, Provider, RuntimeOptions};
