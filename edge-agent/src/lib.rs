@@ -22,5 +22,6 @@ pub mod dataset_cli;
 pub mod doctor;
 pub mod federate;
 pub mod fleet;
+pub mod infer_cli;
 pub mod record;
 pub mod robot_cli;

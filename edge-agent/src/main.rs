@@ -1,7 +1,7 @@
 //! `zk0-agent`: the daemon on each robot host (see the library's crate doc for the map).
 
 use clap::{Parser, Subcommand};
-use edge_agent::{cli, dataset_cli, doctor, fleet, robot_cli};
+use edge_agent::{cli, dataset_cli, doctor, fleet, infer_cli, robot_cli};
 
 #[derive(Parser)]
 #[command(name = "zk0-agent", version, about = "zk0 robot-host agent")]
@@ -22,6 +22,9 @@ enum Command {
     Teleop(robot_cli::TeleopArgs),
     /// Calibrate an arm (LeRobot's procedure and file).
     Calibrate(robot_cli::CalibrateArgs),
+    /// Open-loop evaluation of an ONNX export on a recorded episode (ONNX Runtime): predicted
+    /// chunks, their error against the recorded actions, optionally written to a file.
+    Infer(infer_cli::InferArgs),
     /// Run the federated-learning daemon: join rounds, fetch models, train, send updates.
     #[command(alias = "federate")]
     Run(cli::RunArgs),
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Record(args) => robot_cli::record(args),
         Command::Teleop(args) => robot_cli::teleop(args),
         Command::Calibrate(args) => robot_cli::calibrate(args),
+        Command::Infer(args) => infer_cli::run(args),
         Command::Run(args) => {
             let max_rounds = args.max_rounds;
             edge_agent::federate::run(args.config()?, max_rounds)

@@ -5,6 +5,8 @@
 //! Modules:
 //! - [`preprocess`]: LeRobot's host-side SmolVLA preprocessing in plain Rust (resize-with-pad,
 //!   MEAN_STD (un)normalization, fixed-length task tokenization).
+//! - [`processor`]: the export's pre- and postprocessor: observation → graph inputs, chunk →
+//!   unnormalized actions (LeRobot's processor files, or a dataset's statistics).
 //! - [`runtime`]: the prefix and denoise sessions and the float32 Euler loop between them
 //!   ([`OnnxPolicy`]); execution providers (CPU, CUDA, TensorRT).
 //!
@@ -12,8 +14,10 @@
 
 mod error;
 pub mod preprocess;
+pub mod processor;
 pub mod runtime;
 
 pub use error::{Error, Result};
 pub use preprocess::{Normalizer, TaskTokenizer};
+pub use processor::{Observation, Processor, RgbFrame};
 pub use runtime::{init, Chunk, ModelInputs, OnnxPolicy, PrefixCache, Provider, RuntimeOptions};
