@@ -17,8 +17,12 @@ pub struct InferArgs {
     #[arg(long)]
     model: PathBuf,
     /// LeRobot dataset directory (v3.0 or v2.1) with the export's cameras.
-    #[arg(long)]
-    dataset: PathBuf,
+    #[arg(long, required_unless_present = "bench")]
+    dataset: Option<PathBuf>,
+    /// Instead of a dataset: time N chunks on a fixed synthetic observation at the model
+    /// boundary (after one untimed warm-up) and report latency and peak memory.
+    #[arg(long, conflicts_with = "dataset")]
+    bench: Option<usize>,
     /// Episode index.
     #[arg(long, default_value_t = 0)]
     episode: usize,
@@ -146,8 +150,11 @@ pub fn run(a: InferArgs) -> Result<()> {
     let mut policy = OnnxPolicy::load(&a.model, &opts)
         .with_context(|| format!("--model {}", a.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
-    let ds = LeRobotDataset::open(&a.dataset)
-        .with_context(|| format!("--dataset {}", a.dataset.display()))?;
+    let Some(dataset) = &a.dataset else {
+        return bench(&mut policy, a.bench.unwrap_or(1), load_s, &a);
+    };
+    let ds = LeRobotDataset::open(dataset)
+        .with_context(|| format!("--dataset {}", dataset.display()))?;
     let m = policy.manifest.clone();
     let proc = Processor::new(&a.model, &m, ds.stats(), a.tokenizer.as_deref())?;
     let have = ds.camera_keys();
@@ -248,6 +255,76 @@ pub fn run(a: InferArgs) -> Result<()> {
         "load_s": load_s,
         "provider": format!("{:?}", a.provider).to_lowercase(),
         "out": a.out,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// This process's peak resident set (VmHWM), KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `--bench N`: a fixed synthetic observation (uniform images, ramp state, every token real),
+/// the same noise for each chunk; prefix and denoising loop timed apart.
+fn bench(policy: &mut OnnxPolicy, n: usize, load_s: f64, a: &InferArgs) -> Result<()> {
+    let m = policy.manifest.clone();
+    let px = (3 * m.image.height * m.image.width) as usize;
+    let l = m.language.max_length as usize;
+    let inputs = zk0_infer::ModelInputs {
+        images: (0..m.cameras.len())
+            .map(|c| {
+                (0..px)
+                    .map(|i| ((i * 7 + c * 13) % 255) as f32 / 255.0)
+                    .collect()
+            })
+            .collect(),
+        image_masks: vec![true; m.cameras.len()],
+        tokens: (0..l).map(|i| (i % 50) as i64 + 1).collect(),
+        token_mask: vec![true; l],
+        state: (0..m.state_dim).map(|i| i as f32 * 0.1).collect(),
+    };
+    let mut noise = match &a.noise {
+        Some(p) => Noise::Fixed(read_noise(
+            p,
+            &[m.chunk_size as usize, m.max_action_dim as usize],
+        )?),
+        None => Noise::Seeded(rand_chacha::ChaCha8Rng::seed_from_u64(a.seed)),
+    };
+    let x = noise.next((m.chunk_size * m.max_action_dim) as usize);
+    let (mut prefix_ms, mut loop_ms, mut chunk_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=n {
+        let t0 = Instant::now();
+        let cache = policy.prefix(&inputs)?;
+        let t1 = Instant::now();
+        policy.sample_from(&cache, &x, false)?;
+        let t2 = Instant::now();
+        if i > 0 {
+            prefix_ms.push((t1 - t0).as_secs_f64() * 1e3);
+            loop_ms.push((t2 - t1).as_secs_f64() * 1e3);
+            chunk_ms.push((t2 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (p_mean, l_mean) = (mean(&prefix_ms), mean(&loop_ms));
+    chunk_ms.sort_by(f64::total_cmp);
+    let report = serde_json::json!({
+        "bench": n,
+        "chunk_ms": {"p50": percentile(&chunk_ms, 0.5), "p99": percentile(&chunk_ms, 0.99), "mean": mean(&chunk_ms)},
+        "prefix_ms": p_mean,
+        "denoise_step_ms": l_mean / m.num_steps.max(1) as f64,
+        "peak_rss_kib": peak_rss_kib(),
+        "load_s": load_s,
+        "threads": a.threads,
+        "provider": format!("{:?}", a.provider).to_lowercase(),
+        "precision": m.precision,
+        "prefix_len": m.prefix_len,
     });
     println!("{report}");
     Ok(())

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("onnxruntime: {0}")]
     Ort(String),
+    /// The onnxruntime library itself: not found, not loadable.
+    #[error("onnxruntime library: {0}")]
+    Runtime(String),
     #[error("loading {0}: {1}")]
     Load(PathBuf, String),
     #[error("execution provider: {0}")]

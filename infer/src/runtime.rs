@@ -50,12 +50,41 @@ pub struct RuntimeOptions {
 /// Loads the onnxruntime shared library from `path` (or, with `None`, from `ORT_DYLIB_PATH`, else
 /// the system's `libonnxruntime.so`). Call before the first session; later calls do nothing.
 pub fn init(path: Option<&Path>) -> Result<()> {
-    let b = match path {
-        Some(p) => ort::init_from(p.display().to_string()),
-        None => ort::init(),
+    // ort's load-dynamic panics on a library it cannot open: find and check it first.
+    let path = match path {
+        Some(p) if p.is_file() => p.to_path_buf(),
+        Some(p) => return Err(Error::Runtime(format!("{}: no such file", p.display()))),
+        None => {
+            let found = zk0_host::find_onnxruntime().ok_or_else(|| {
+                Error::Runtime(
+                    "libonnxruntime.so not found: set ORT_DYLIB_PATH (`cargo xtask setup` \
+                     fetches the PyPI wheel's library)"
+                        .into(),
+                )
+            })?;
+            if let Some(e) = found.error {
+                return Err(Error::Runtime(format!("{}: {e}", found.path)));
+            }
+            PathBuf::from(found.path)
+        }
     };
-    b.with_name("zk0-infer").commit().map_err(Error::ort)?;
-    Ok(())
+    let shown = path.display().to_string();
+    // A file that is not an onnxruntime library still makes ort panic: catch it, quietly
+    // (the error below says what happened).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let committed = std::panic::catch_unwind(move || {
+        ort::init_from(path.display().to_string())
+            .with_name("zk0-infer")
+            .commit()
+    });
+    std::panic::set_hook(hook);
+    match committed {
+        Ok(r) => r.map(|_| ()).map_err(Error::ort),
+        Err(_) => Err(Error::Runtime(format!(
+            "{shown}: cannot be loaded as onnxruntime"
+        ))),
+    }
 }
 
 /// The observation at the model boundary, preprocessed on the host (see [`crate::preprocess`]).

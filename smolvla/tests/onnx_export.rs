@@ -11,6 +11,7 @@ use smolvla::onnx::{export, ExportOptions};
 use smolvla::policy::{read_fixture_inputs, Batch, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MASK};
 use smolvla::processor::resize_with_pad;
 use smolvla::{SmolVlaPolicy, Trace};
+use smolvla_config::export::ExportManifest;
 use tch::{Device, Kind, Tensor};
 use zk0_infer::{ModelInputs, OnnxPolicy, RuntimeOptions};
 
@@ -120,6 +121,18 @@ fn model_inputs(
     )
 }
 
+/// A fixture's policy and its export, in a temporary directory the returned guard keeps.
+fn exported(
+    name: &str,
+    opts: &ExportOptions,
+) -> (PathBuf, SmolVlaPolicy, tempfile::TempDir, ExportManifest) {
+    let dir = fixture(name);
+    let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let m = export(&policy, Some(&dir), name, out.path(), opts).unwrap();
+    (dir, policy, out, m)
+}
+
 /// Prefix cache, every step's velocity and the chunk, fp32, on every fixture: ORT against tch
 /// (atol 1e-4, cosine ≥ 0.99999) and the chunk against LeRobot's `predict_action_chunk`.
 #[test]
@@ -127,17 +140,7 @@ fn fp32_export_matches_tch_and_lerobot_on_every_fixture() {
     tch::set_num_threads(1);
     ort_ready();
     for name in FIXTURES {
-        let dir = fixture(name);
-        let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let m = export(
-            &policy,
-            Some(&dir),
-            name,
-            out.path(),
-            &ExportOptions::default(),
-        )
-        .unwrap();
+        let (dir, policy, out, m) = exported(name, &ExportOptions::default());
         assert_eq!(m.kv.len() as i64, policy.dims.vlm_layers);
         let opts = RuntimeOptions {
             threads: Some(1),
@@ -279,17 +282,7 @@ fn onnx_checker_and_python_onnxruntime_agree() {
     ort_ready();
     let py = checker_python();
     for name in ["smolvla-tiny", "smolvla-two-cameras"] {
-        let dir = fixture(name);
-        let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        export(
-            &policy,
-            Some(&dir),
-            name,
-            out.path(),
-            &ExportOptions::default(),
-        )
-        .unwrap();
+        let (dir, policy, out, _m) = exported(name, &ExportOptions::default());
         let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
         let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();
         let bb = one(&batch, 0);
@@ -352,20 +345,13 @@ fn onnx_checker_and_python_onnxruntime_agree() {
 fn fp16_export_stays_close_to_fp32() {
     ort_ready();
     for name in FIXTURES {
-        let dir = fixture(name);
-        let policy = SmolVlaPolicy::from_dir(&dir, Device::Cpu).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let m = export(
-            &policy,
-            Some(&dir),
+        let (dir, policy, out, m) = exported(
             name,
-            out.path(),
             &ExportOptions {
                 fp16: true,
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         assert_eq!(m.precision, "fp16");
         let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
         let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();

@@ -213,3 +213,69 @@ fn infer_reproduces_lerobot_predict_action_chunk_with_one_and_two_cameras() {
         "2 cameras: actions differ by {da} of their range"
     );
 }
+
+/// The committed export (tests/fixtures/smolvla-tiny-onnx, what `cargo xtask cross` runs
+/// under qemu-aarch64) is what the exporter writes today, byte for byte, and its first chunk on
+/// `lerobot-v3-tiny` episode 0 with the committed noise is LeRobot's own `sample.actions[0]`.
+#[test]
+fn committed_export_is_current_and_gives_lerobots_chunk() {
+    ensure_built().unwrap();
+    let fx = fixtures().join("smolvla-tiny-onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("smolvla-tiny-pipeline");
+    let pipeline = fixtures().join("smolvla-tiny/pipeline");
+    copy_dir_files(&pipeline.join("model"), &ckpt, |_| true);
+    copy_dir_files(&pipeline, &ckpt, |n| n.starts_with("policy_"));
+    let fresh = tmp.path().join("fresh");
+    run_ok(
+        Command::new(bin("zk0-train"))
+            .current_dir(tmp.path())
+            .args([
+                "export-onnx",
+                "--model",
+                "smolvla-tiny-pipeline",
+                "--tokenizer",
+            ])
+            .arg(pipeline.join("tokenizer.json"))
+            .arg("--out")
+            .arg(&fresh),
+    )
+    .unwrap();
+    for f in [
+        "export.json",
+        "prefix.onnx",
+        "prefix.onnx.data",
+        "denoise.onnx",
+        "denoise.onnx.data",
+    ] {
+        assert!(
+            std::fs::read(fresh.join(f)).unwrap() == std::fs::read(fx.join(f)).unwrap(),
+            "{f} differs from tests/fixtures/smolvla-tiny-onnx: regenerate it (see its README.md)"
+        );
+    }
+    let out = tmp.path().join("pred.safetensors");
+    run_ok(
+        Command::new(bin("zk0-agent"))
+            .args(["infer", "--threads", "1", "--episode", "0", "--model"])
+            .arg(&fx)
+            .arg("--dataset")
+            .arg(fixtures().join("lerobot-v3-tiny"))
+            .arg("--noise")
+            .arg(fx.join("noise.safetensors"))
+            .arg("--out")
+            .arg(&out),
+    )
+    .unwrap();
+    let (shape, ours) = tensor(&out, "actions");
+    let (lshape, theirs) = tensor(&pipeline.join("expected.safetensors"), "sample.actions");
+    let per = lshape[1] * lshape[2];
+    assert_eq!(&shape[1..], &lshape[1..]);
+    let max = ours[..per]
+        .iter()
+        .zip(&theirs[..per])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let spread = theirs[..per].iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    eprintln!("committed export vs LeRobot sample.actions[0]: max |Δ| {max:.3e} (|action| up to {spread:.1})");
+    assert!(max <= 1e-5 * spread.max(1.0), "max |Δ| {max}");
+}

@@ -17,6 +17,8 @@
 //! Options (after `--`): `--threads N` (default: all cores), `--only tiny|small`,
 //! `--tiny-steps N`, `--small-steps N`, `--warmup N`, `--bf16` (both sides autocast to bf16).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -221,7 +223,6 @@ fn small(root: &Path, steps: usize) -> Case {
     }
 }
 
-/// Runs one side and returns its JSON report (the last JSON line on stdout).
 /// The options both sides take alike: the case's model, batch and step count, the warmup and
 /// bf16 autocast.
 fn step_args(cmd: &mut Command, case: &Case, opts: &Opts) {
@@ -236,24 +237,6 @@ fn step_args(cmd: &mut Command, case: &Case, opts: &Opts) {
     if opts.bf16 {
         cmd.arg("--bf16");
     }
-}
-
-fn run_side(mut cmd: Command, what: &str) -> Result<Value, String> {
-    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| format!("{what}: no JSON report in {stdout}"))
 }
 
 fn lerobot_python() -> Result<PathBuf, String> {
@@ -339,7 +322,7 @@ fn main() {
             .arg("--device")
             .arg("cpu");
         step_args(&mut zk0, case, &opts);
-        let ours = match run_side(zk0, "zk0-train bench") {
+        let ours = match common::run_json(zk0, "zk0-train bench") {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("{e}");
@@ -355,7 +338,7 @@ fn main() {
             .arg(opts.threads.to_string())
             .env("HF_HUB_OFFLINE", "1");
         step_args(&mut lr, case, &opts);
-        let theirs = match run_side(lr, "LeRobot step") {
+        let theirs = match common::run_json(lr, "LeRobot step") {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("{e}");

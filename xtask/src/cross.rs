@@ -105,7 +105,85 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
             }
         }
     }
+    if !args.no_run {
+        infer_under_qemu(&dir.join("zk0-agent"))?;
+    }
     Ok(())
+}
+
+/// The robot's inference path on aarch64: the committed tiny export
+/// (tests/fixtures/smolvla-tiny-onnx) through the aarch64 `zk0-agent infer` and the aarch64
+/// onnxruntime from PyPI, under qemu; its first chunk on `lerobot-v3-tiny` episode 0 with the
+/// committed noise must be LeRobot's `sample.actions[0]`.
+fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
+    let ort = crate::setup::onnxruntime_aarch64()?;
+    let fx = root().join("tests/fixtures");
+    let export = fx.join("smolvla-tiny-onnx");
+    let out = root()
+        .join("target")
+        .join(TARGET)
+        .join("infer-under-qemu.safetensors");
+    let o = Command::new("qemu-aarch64-static")
+        .args(["-L", "/usr/aarch64-linux-gnu"])
+        .arg(agent)
+        .args(["infer", "--threads", "1", "--episode", "0", "--model"])
+        .arg(&export)
+        .arg("--dataset")
+        .arg(fx.join("lerobot-v3-tiny"))
+        .arg("--noise")
+        .arg(export.join("noise.safetensors"))
+        .arg("--onnxruntime")
+        .arg(&ort)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .context("running qemu-aarch64-static")?;
+    if !o.status.success() {
+        bail!(
+            "zk0-agent infer under qemu failed: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let ours = read_f32(&out, "actions")?;
+    let theirs = read_f32(
+        &fx.join("smolvla-tiny/pipeline/expected.safetensors"),
+        "sample.actions",
+    )?;
+    let per = theirs.len() / 3;
+    let max = ours[..per]
+        .iter()
+        .zip(&theirs[..per])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let spread = theirs[..per].iter().fold(0f32, |m, x| m.max(x.abs()));
+    if max > 1e-5 * spread.max(1.0) {
+        bail!("aarch64 chunk differs from LeRobot's by {max} (|action| up to {spread})");
+    }
+    eprintln!(
+        "zk0-agent infer under qemu (aarch64 onnxruntime {}): first chunk within {max:.2e} of \
+         LeRobot's (|action| up to {spread:.1})",
+        crate::setup::ORT_VERSION
+    );
+    Ok(())
+}
+
+/// A float32 tensor of a safetensors file (header: 8-byte length, JSON; then the data).
+fn read_f32(path: &std::path::Path, name: &str) -> Result<Vec<f32>> {
+    let b = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let n = u64::from_le_bytes(b.get(..8).context("short file")?.try_into()?) as usize;
+    let h: serde_json::Value = serde_json::from_slice(b.get(8..8 + n).context("short header")?)?;
+    let t = &h[name];
+    if t["dtype"] != "F32" {
+        bail!("{}: {name} is not F32", path.display());
+    }
+    let off = |i: usize| t["data_offsets"][i].as_u64().map(|v| v as usize + 8 + n);
+    let (s, e) = (off(0).context("offsets")?, off(1).context("offsets")?);
+    Ok(b.get(s..e)
+        .context("data out of range")?
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// The newest `GLIBC_x.y` version string the binary refers to (its .dynstr holds them).

@@ -235,7 +235,7 @@ fn find_or_fetch_libtorch(cache: &Path, cuda: bool) -> Result<(PathBuf, &'static
         pkgs.push("nvidia-cuda-runtime==13.0.*".into());
         pkgs.push("nvidia-cuda-cupti==13.0.*".into());
     }
-    pip_download(&dl, &pkgs, !cuda)?;
+    pip_download(&dl, &pkgs, !cuda, &[])?;
     let tmp = tmp_sibling(&dir);
     let _ = std::fs::remove_dir_all(&tmp);
     let mut unpack = vec![
@@ -293,20 +293,51 @@ fn find_or_fetch_ort(cache: &Path) -> Result<(PathBuf, &'static str)> {
         }
     }
     eprintln!("fetching onnxruntime=={ORT_VERSION} from PyPI with pip ...");
-    let dl = cache.join("downloads").join("onnxruntime");
-    pip_download(&dl, &[format!("onnxruntime=={ORT_VERSION}")], true)?;
-    let tmp = tmp_sibling(&dir);
+    fetch_ort_wheel(&dir, &cache.join("downloads").join("onnxruntime"), &[]).map(|p| (p, "fetched"))
+}
+
+/// Downloads the onnxruntime wheel (for `platform_args`' platform, default this one) into
+/// `dl`, unpacks its library into `dir` (atomically) and returns the library's path.
+fn fetch_ort_wheel(dir: &Path, dl: &Path, platform_args: &[&str]) -> Result<PathBuf> {
+    pip_download(
+        dl,
+        &[format!("onnxruntime=={ORT_VERSION}")],
+        true,
+        platform_args,
+    )?;
+    let tmp = tmp_sibling(dir);
     let _ = std::fs::remove_dir_all(&tmp);
     run_python_script(&[
         "onnxruntime".into(),
         dl.display().to_string(),
         tmp.display().to_string(),
     ])?;
-    std::fs::rename(&tmp, &dir)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    find_lib_in(&dir)
-        .map(|p| (p, "fetched"))
-        .context("onnxruntime wheel unpacked but no libonnxruntime.so found")
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(dl);
+    find_lib_in(dir).context("onnxruntime wheel unpacked but no libonnxruntime.so found")
+}
+
+/// The aarch64 `libonnxruntime.so` of the same PyPI release (manylinux_2_28 wheel), for
+/// running the robot binaries under qemu-aarch64 (`cargo xtask cross`); cached beside the
+/// host's.
+pub fn onnxruntime_aarch64() -> Result<PathBuf> {
+    let cache = cache_dir();
+    let dir = cache.join(format!("onnxruntime-{ORT_VERSION}-aarch64"));
+    if let Some(p) = find_lib_in(&dir) {
+        return Ok(p);
+    }
+    eprintln!("fetching the aarch64 onnxruntime=={ORT_VERSION} wheel from PyPI with pip ...");
+    fetch_ort_wheel(
+        &dir,
+        &cache.join("downloads").join("onnxruntime-aarch64"),
+        &[
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--platform",
+            "manylinux_2_28_aarch64",
+        ],
+    )
 }
 
 fn find_lib_in(dir: &Path) -> Option<PathBuf> {
@@ -325,7 +356,7 @@ fn find_lib_in(dir: &Path) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-fn pip_download(dest: &Path, pkgs: &[String], no_deps: bool) -> Result<()> {
+fn pip_download(dest: &Path, pkgs: &[String], no_deps: bool, extra: &[&str]) -> Result<()> {
     std::fs::create_dir_all(dest)?;
     let mut cmd = Command::new("python3");
     cmd.args([
@@ -344,7 +375,7 @@ fn pip_download(dest: &Path, pkgs: &[String], no_deps: bool) -> Result<()> {
     if no_deps {
         cmd.arg("--no-deps");
     }
-    cmd.args(pkgs);
+    cmd.args(extra).args(pkgs);
     let status = cmd
         .status()
         .context("running python3 -m pip (is Python with pip installed?)")?;

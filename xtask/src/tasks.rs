@@ -197,6 +197,7 @@ pub const NO_LIBTORCH_PACKAGES: &[&str] = &[
     "zk0-daemon",
     "smolvla-config",
     "zk0-robot",
+    "zk0-infer",
 ];
 
 /// `cargo xtask demo [zk0-demo args]`: builds the four binaries in the dev profile
@@ -264,6 +265,13 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "training steps/s and RSS, zk0-train vs LeRobot",
     ),
     (
+        "infer",
+        "trainer",
+        "infer",
+        "per-chunk latency and peak RSS: ONNX Runtime (the export) vs tch eager vs LeRobot, \
+         tiny and full size, 1 and all threads",
+    ),
+    (
         "aggregator",
         "zk0-e2e",
         "aggregator",
@@ -301,10 +309,17 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
             bench_file.display()
         );
     }
-    let env = setup::run(&SetupArgs::default())?;
+    let env = setup::run(&SetupArgs {
+        lerobot: name == "infer",
+        ..SetupArgs::default()
+    })?;
     let mut args = args.to_vec();
     if name == "federation" {
         args = real_federation_delta(&env, args)?;
+    }
+    if name == "infer" {
+        // The ORT side runs the agent binary.
+        run(cargo(&env).args(["build", "-p", "edge-agent"]))?;
     }
     run(cargo(&env)
         .args(["bench", "-p", pkg, "--bench", target, "--"])
