@@ -32,7 +32,7 @@ pub struct RobotArgs {
 }
 
 impl RobotArgs {
-    fn robot(&self) -> Result<RobotConfig> {
+    pub(crate) fn robot(&self) -> Result<RobotConfig> {
         let cfg = AgentConfig::load(self.config.as_deref())?;
         let robot = if self.sim {
             cfg.robot.simulated()

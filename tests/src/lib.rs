@@ -136,6 +136,16 @@ impl ChildGuard {
         }
     }
 
+    /// Sends `signal` (`TERM`, `INT`, …) with kill(1); panics if it cannot be delivered.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill")
+            .args([format!("-{signal}").as_str(), &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{signal} {pid}: {st}");
+    }
+
     /// SIGKILL now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
