@@ -198,8 +198,8 @@ fn torque_after<T: zk0_robot::Transport>(transport: T, robot: &RobotConfig) -> R
 /// `zk0-agent act`.
 pub fn run(args: ActArgs) -> Result<()> {
     let cfg = AgentConfig::load(args.robot.config.as_deref())?;
-    let inf = args.settings(cfg.infer.clone())?;
-    let mut robot = args.robot.robot()?;
+    let inf = args.settings(cfg.infer)?;
+    let mut robot = args.robot.section(cfg.robot)?;
     if let Some(c) = args.max_relative_target {
         anyhow::ensure!(
             c.is_finite() && c > 0.0,
@@ -259,14 +259,13 @@ pub fn run(args: ActArgs) -> Result<()> {
     let cameras: Vec<Camera> = robot.start_cameras()?;
     let worker = Worker::spawn(Box::new(source)).context("starting the inference thread")?;
     tracing::info!(model = %inf.model.display(), fps = inf.fps, task = %inf.task, "acting");
-    let (summary, exit, result) = act::act(
-        &mut follower,
-        &cameras,
-        &worker,
-        &mut queue,
-        &act_opts,
-        &controls.stop,
-    );
+    let parts = act::Parts {
+        follower: &mut follower,
+        cameras: &cameras,
+        worker: &worker,
+        queue: &mut queue,
+    };
+    let (summary, exit, result) = act::act(parts, &act_opts, &controls.stop);
     drop(worker);
     drop(cameras);
     let (torque, disconnect) = match follower.disconnect() {

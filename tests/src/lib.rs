@@ -187,6 +187,30 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `zk0-agent dataset synth DIR`: a seeded H.264 dataset of `episodes` × `frames` with
+/// `cameras` (`NAME:WIDTHxHEIGHT`).
+pub fn synth_dataset(
+    dir: &Path,
+    episodes: usize,
+    frames: usize,
+    cameras: &[&str],
+    seed: u64,
+) -> Result<()> {
+    let mut cmd = Command::new(bin("zk0-agent"));
+    cmd.args(["dataset", "synth"]).arg(dir);
+    cmd.args([
+        "--episodes",
+        &episodes.to_string(),
+        "--frames",
+        &frames.to_string(),
+    ]);
+    cmd.args(["--vcodec", "libx264", "--seed", &seed.to_string()]);
+    for c in cameras {
+        cmd.args(["--camera", c]);
+    }
+    run_ok(&mut cmd).map(drop)
+}
+
 /// A plain HTTP/1.1 GET on loopback (e.g. the aggregator's `/metrics`): the whole response,
 /// headers included.
 pub fn http_get(addr: &str, path: &str) -> Result<String> {

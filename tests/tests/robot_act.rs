@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use zk0_e2e::{bin, ensure_built, run_ok, wait_for, workspace_root, ChildGuard};
+use zk0_e2e::{bin, ensure_built, run_ok, synth_dataset, wait_for, workspace_root, ChildGuard};
 
 const FPS: f64 = 30.0;
 const RUN_S: u64 = 60;
@@ -49,21 +49,7 @@ fn export(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     )
     .unwrap();
     let dataset = dir.join("dataset");
-    run_ok(
-        Command::new(bin("zk0-agent"))
-            .args(["dataset", "synth"])
-            .arg(&dataset)
-            .args([
-                "--episodes",
-                "1",
-                "--frames",
-                "20",
-                "--camera",
-                "front:64x48",
-            ])
-            .args(["--vcodec", "libx264", "--seed", "1"]),
-    )
-    .unwrap();
+    synth_dataset(&dataset, 1, 20, &["front:64x48"], 1).unwrap();
     Some((out, dataset))
 }
 

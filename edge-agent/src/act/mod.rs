@@ -280,13 +280,19 @@ pub fn goal_bounds<T: Transport>(arm: &Arm<T>) -> Result<Vec<(f64, f64)>, ArmErr
         .collect()
 }
 
-/// Runs the loop until `stop`, `opts.seconds` or an error. `cameras` are in the export's
-/// order. The summary comes back in every case, with the exit reason and the error if any.
+/// What one run drives: the follower, the cameras in the export's order, the inference
+/// worker and the queue between them.
+pub struct Parts<'a, T> {
+    pub follower: &'a mut Arm<T>,
+    pub cameras: &'a [Camera],
+    pub worker: &'a Worker,
+    pub queue: &'a mut ActionQueue,
+}
+
+/// Runs the loop until `stop`, `opts.seconds` or an error. The summary comes back in every
+/// case, with the exit reason and the error if any.
 pub fn act<T: Transport>(
-    follower: &mut Arm<T>,
-    cameras: &[Camera],
-    worker: &Worker,
-    queue: &mut ActionQueue,
+    mut p: Parts<'_, T>,
     opts: &ActOptions,
     stop: &AtomicBool,
 ) -> (ActSummary, ExitReason, Result<(), ActError>) {
@@ -295,29 +301,29 @@ pub fn act<T: Transport>(
         Ok(c) => c,
         Err(e) => return (s, ExitReason::Error, Err(e.into())),
     };
-    let result = run_loop(
-        follower, cameras, worker, queue, opts, stop, &mut clock, &mut s,
-    );
+    let result = run_loop(&mut p, opts, stop, &mut clock, &mut s);
     s.clock = clock.stats();
-    s.queue = queue.stats();
-    s.follower_bus = follower.bus().stats().clone();
+    s.queue = p.queue.stats();
+    s.follower_bus = p.follower.bus().stats().clone();
     match result {
         Ok(exit) => (s, exit, Ok(())),
         Err(e) => (s, ExitReason::Error, Err(e)),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_loop<T: Transport>(
-    follower: &mut Arm<T>,
-    cameras: &[Camera],
-    worker: &Worker,
-    queue: &mut ActionQueue,
+    p: &mut Parts<'_, T>,
     opts: &ActOptions,
     stop: &AtomicBool,
     clock: &mut Clock,
     s: &mut ActSummary,
 ) -> Result<ExitReason, ActError> {
+    let Parts {
+        follower,
+        cameras,
+        worker,
+        queue,
+    } = p;
     let bounds = goal_bounds(follower).map_err(|source| ActError::Follower { tick: 0, source })?;
     let joints = bounds.len();
     let nominal = clock.period().as_secs_f64();
@@ -537,7 +543,13 @@ mod tests {
         let worker = Worker::spawn(Box::new(source)).unwrap();
         let mut queue = ActionQueue::new(n, 0.5, Aggregate::WeightedAverage).unwrap();
         let stop = AtomicBool::new(false);
-        act(&mut arm, &cameras, &worker, &mut queue, &opts, &stop)
+        let parts = Parts {
+            follower: &mut arm,
+            cameras: &cameras,
+            worker: &worker,
+            queue: &mut queue,
+        };
+        act(parts, &opts, &stop)
     }
 
     #[test]
@@ -600,6 +612,45 @@ mod tests {
             matches!(e, ActError::Camera { .. }) && e.to_string().contains("front"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_servo_that_stops_answering_ends_the_run_with_the_bus_counters() {
+        use zk0_robot::sim::{self, Servos, SimTransport};
+        use zk0_robot::{ArmConfig, ArmModel, ArmSpec, BusConfig};
+        let t = SimTransport::new(Servos::new(1..=6));
+        let servos = t.servos();
+        let cfg = ArmConfig::new(ArmSpec::new(ArmModel::So101, Role::Follower));
+        let mut arm = Arm::new(cfg, t, BusConfig::default());
+        let cal = sim::calibration(arm.motors());
+        zk0_robot::control::prepare(&mut arm, cal).unwrap();
+        let cameras = robot(None).start_cameras().unwrap();
+        let worker = Worker::spawn(Box::new(ramp(0.1, 5, None))).unwrap();
+        let mut queue = ActionQueue::new(8, 0.5, Aggregate::default()).unwrap();
+        let stop = AtomicBool::new(false);
+        let opts = ActOptions {
+            fps: 50.0,
+            seconds: Some(5.0),
+            ..ActOptions::default()
+        };
+        let unplug = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            servos.lock().unwrap().faults_mut(3).unwrap().silent = true;
+        });
+        let parts = Parts {
+            follower: &mut arm,
+            cameras: &cameras,
+            worker: &worker,
+            queue: &mut queue,
+        };
+        let (s, exit, r) = act(parts, &opts, &stop);
+        unplug.join().unwrap();
+        assert_eq!(exit, ExitReason::Error);
+        let e = r.unwrap_err();
+        assert!(matches!(e, ActError::Follower { .. }), "{e}");
+        assert!(e.to_string().starts_with("follower arm, tick "), "{e}");
+        assert!(s.follower_bus.timeouts > 0, "{:?}", s.follower_bus);
+        assert!(s.clock.ticks > 5 && s.goals_sent > 0, "{s:?}");
     }
 
     #[test]
