@@ -255,9 +255,11 @@ pub fn run(args: ActArgs) -> Result<()> {
 
     let controls = Arc::new(Controls::default());
     stop_on_signals(Arc::clone(&controls))?;
-    let mut follower = robot.connect_arm(Role::Follower)?;
-    let cameras: Vec<Camera> = robot.start_cameras()?;
+    // The follower last: nothing that can fail stands between its torque going on and the
+    // loop whose end turns it off.
     let worker = Worker::spawn(Box::new(source)).context("starting the inference thread")?;
+    let cameras: Vec<Camera> = robot.start_cameras()?;
+    let mut follower = robot.connect_arm(Role::Follower)?;
     tracing::info!(model = %inf.model.display(), fps = inf.fps, task = %inf.task, "acting");
     let parts = act::Parts {
         follower: &mut follower,
@@ -266,14 +268,16 @@ pub fn run(args: ActArgs) -> Result<()> {
         queue: &mut queue,
     };
     let (summary, exit, result) = act::act(parts, &act_opts, &controls.stop);
-    drop(worker);
-    drop(cameras);
+    // Torque off first; then wait for the chunk under way, if any.
     let (torque, disconnect) = match follower.disconnect() {
         Ok(t) => (torque_after(t, &robot).ok(), None),
         Err(e) => (None, Some(format!("disconnecting the follower: {e}"))),
     };
+    drop(worker);
+    drop(cameras);
     let error = result.as_ref().err().map(ActError::to_string);
-    let mut report = summary.report(inf.fps, exit, error.or(disconnect.clone()));
+    let mut report = summary.report(inf.fps, exit, error);
+    report["disconnect_error"] = serde_json::json!(disconnect);
     report["torque_after_disconnect"] = serde_json::json!(torque);
     report["model"] = serde_json::json!(inf.model);
     report["n_action_steps"] = serde_json::json!(queue.n_action_steps());
