@@ -52,13 +52,13 @@ pub struct InferArgs {
 }
 
 /// Noise for one prediction: the file's, or N(0, 1) from a seeded ChaCha (Box–Muller).
-enum Noise {
+pub(crate) enum Noise {
     Fixed(Vec<f32>),
-    Seeded(rand_chacha::ChaCha8Rng),
+    Seeded(Box<rand_chacha::ChaCha8Rng>),
 }
 
 impl Noise {
-    fn next(&mut self, n: usize) -> Vec<f32> {
+    pub(crate) fn next(&mut self, n: usize) -> Vec<f32> {
         match self {
             Noise::Fixed(v) => v.clone(),
             Noise::Seeded(rng) => {
@@ -75,7 +75,7 @@ impl Noise {
     }
 }
 
-fn read_noise(path: &Path, want: &[usize]) -> Result<Vec<f32>> {
+pub(crate) fn read_noise(path: &Path, want: &[usize]) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("--noise {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("--noise {}: not safetensors", path.display()))?;
@@ -132,7 +132,7 @@ fn write_out(
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -172,7 +172,7 @@ pub fn run(a: InferArgs) -> Result<()> {
     let step = m.n_action_steps.max(1) as usize;
     let mut noise = match &a.noise {
         Some(p) => Noise::Fixed(read_noise(p, &[chunk, max_dim])?),
-        None => Noise::Seeded(rand_chacha::ChaCha8Rng::seed_from_u64(a.seed)),
+        None => Noise::Seeded(Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(a.seed))),
     };
     // Recorded actions of the whole episode (parquet only, no decoding).
     let mut recorded = Vec::with_capacity(ep.length);

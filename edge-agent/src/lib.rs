@@ -15,8 +15,13 @@
 //! - [`doctor`], [`dataset_cli`]: host checks and dataset inspection;
 //! - [`record`]: the record loop (arms and cameras from `zk0-robot` into the LeRobot v3
 //!   writer) and the config's `[robot]` section; [`robot_cli`]: `record`, `teleop`,
-//!   `calibrate`.
+//!   `calibrate`;
+//! - [`act`]: the policy driving the follower (control loop, inference worker thread,
+//!   [`zk0_infer::ActionQueue`]); [`act_cli`]: `act` and the config's `[infer]` section;
+//!   [`infer_cli`]: `infer`, open-loop evaluation on a recorded episode.
 
+pub mod act;
+pub mod act_cli;
 pub mod cli;
 pub mod dataset_cli;
 pub mod doctor;

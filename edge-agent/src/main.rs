@@ -1,7 +1,7 @@
 //! `zk0-agent`: the daemon on each robot host (see the library's crate doc for the map).
 
 use clap::{Parser, Subcommand};
-use edge_agent::{cli, dataset_cli, doctor, fleet, infer_cli, robot_cli};
+use edge_agent::{act_cli, cli, dataset_cli, doctor, fleet, infer_cli, robot_cli};
 
 #[derive(Parser)]
 #[command(name = "zk0-agent", version, about = "zk0 robot-host agent")]
@@ -25,6 +25,9 @@ enum Command {
     /// Open-loop evaluation of an ONNX export on a recorded episode (ONNX Runtime): predicted
     /// chunks, their error against the recorded actions, optionally written to a file.
     Infer(infer_cli::InferArgs),
+    /// Drive the follower with an ONNX export (asynchronous inference: the control loop
+    /// never waits for the policy); a JSON report at the end.
+    Act(act_cli::ActArgs),
     /// Run the federated-learning daemon: join rounds, fetch models, train, send updates.
     #[command(alias = "federate")]
     Run(cli::RunArgs),
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Teleop(args) => robot_cli::teleop(args),
         Command::Calibrate(args) => robot_cli::calibrate(args),
         Command::Infer(args) => infer_cli::run(args),
+        Command::Act(args) => act_cli::run(args),
         Command::Run(args) => {
             let max_rounds = args.max_rounds;
             edge_agent::federate::run(args.config()?, max_rounds)

@@ -33,12 +33,12 @@ pub struct RobotArgs {
 
 impl RobotArgs {
     fn robot(&self) -> Result<RobotConfig> {
-        let cfg = AgentConfig::load(self.config.as_deref())?;
-        let robot = if self.sim {
-            cfg.robot.simulated()
-        } else {
-            cfg.robot
-        };
+        self.section(AgentConfig::load(self.config.as_deref())?.robot)
+    }
+
+    /// The config's `[robot]` section, on the emulator with `--sim`, validated.
+    pub(crate) fn section(&self, robot: RobotConfig) -> Result<RobotConfig> {
+        let robot = if self.sim { robot.simulated() } else { robot };
         robot.validate()?;
         Ok(robot)
     }

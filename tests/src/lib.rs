@@ -136,6 +136,16 @@ impl ChildGuard {
         }
     }
 
+    /// Sends `signal` (`TERM`, `INT`, …) with kill(1); panics if it cannot be delivered.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill")
+            .args([format!("-{signal}").as_str(), &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{signal} {pid}: {st}");
+    }
+
     /// SIGKILL now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -175,6 +185,30 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `zk0-agent dataset synth DIR`: a seeded H.264 dataset of `episodes` × `frames` with
+/// `cameras` (`NAME:WIDTHxHEIGHT`).
+pub fn synth_dataset(
+    dir: &Path,
+    episodes: usize,
+    frames: usize,
+    cameras: &[&str],
+    seed: u64,
+) -> Result<()> {
+    let mut cmd = Command::new(bin("zk0-agent"));
+    cmd.args(["dataset", "synth"]).arg(dir);
+    cmd.args([
+        "--episodes",
+        &episodes.to_string(),
+        "--frames",
+        &frames.to_string(),
+    ]);
+    cmd.args(["--vcodec", "libx264", "--seed", &seed.to_string()]);
+    for c in cameras {
+        cmd.args(["--camera", c]);
+    }
+    run_ok(&mut cmd).map(drop)
 }
 
 /// A plain HTTP/1.1 GET on loopback (e.g. the aggregator's `/metrics`): the whole response,

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use zk0_e2e::{bin, ensure_built, lerobot_python, run_ok, workspace_root};
+use zk0_e2e::{bin, ensure_built, lerobot_python, run_ok, synth_dataset, workspace_root};
 
 fn fixtures() -> PathBuf {
     workspace_root().join("tests/fixtures")
@@ -182,23 +182,7 @@ fn infer_reproduces_lerobot_predict_action_chunk_with_one_and_two_cameras() {
         matches!(n, "config.json" | "model.safetensors" | "vlm_config.json")
     });
     let dataset = tmp.path().join("two/dataset");
-    run_ok(
-        Command::new(bin("zk0-agent"))
-            .args(["dataset", "synth"])
-            .arg(&dataset)
-            .args([
-                "--episodes",
-                "2",
-                "--frames",
-                "20",
-                "--vcodec",
-                "libx264",
-                "--seed",
-                "3",
-            ])
-            .args(["--camera", "front:64x48", "--camera", "wrist:40x64"]),
-    )
-    .unwrap();
+    synth_dataset(&dataset, 2, 20, &["front:64x48", "wrist:40x64"], 3).unwrap();
     let (da, dp) = compare(
         "2 cameras",
         &py,

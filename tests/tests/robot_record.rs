@@ -425,12 +425,7 @@ fn sigterm_mid_episode_keeps_the_saved_ones() {
     let rig = Rig::start(TWO_CAMERAS);
     // 0.3 s of reset, then 0.6 s into the third episode's 2 s.
     let (child, log) = rig.spawn_until(2, Duration::from_millis(900));
-    let pid = child.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    child.signal("TERM");
     let (st, text) = rig.finish(child, &log);
     assert!(st.success(), "exit {st} after SIGTERM:\n{text}");
     assert!(text.contains("SIGTERM"), "{text}");

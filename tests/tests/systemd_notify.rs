@@ -36,12 +36,7 @@ fn watchdog_env(sock_path: &std::path::Path) -> [(&'static str, String); 2] {
 }
 
 fn sigterm(child: &ChildGuard) {
-    let pid = child.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    child.signal("TERM");
 }
 
 fn ready_and_pinging(msgs: &[String]) -> bool {

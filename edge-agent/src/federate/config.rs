@@ -27,7 +27,8 @@
 //! upload_max_bytes_per_sec = 0           # pace update uploads (thin uplinks); 0 = no limit
 //! worker_timeout_secs = 0                # kill a training run after this long; 0 = at the
 //!                                        # round's deadline (always the upper bound)
-//! [robot]                                # record / teleop / calibrate: see `record::config`
+//! [robot]                                # record / teleop / calibrate / act: see `record::config`
+//! [infer]                                # act's policy: see `act_cli::InferConfig`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,8 @@ pub struct AgentConfig {
     pub worker_timeout_secs: u64,
     /// Arms and cameras for `record`, `teleop`, `calibrate`.
     pub robot: crate::record::config::RobotConfig,
+    /// The policy for `act`.
+    pub infer: crate::act_cli::InferConfig,
 }
 
 impl Default for AgentConfig {
@@ -112,6 +115,7 @@ impl Default for AgentConfig {
             upload_max_bytes_per_sec: 0,
             worker_timeout_secs: 0,
             robot: Default::default(),
+            infer: Default::default(),
         }
     }
 }
