@@ -58,6 +58,14 @@ pub(crate) enum Noise {
 }
 
 impl Noise {
+    /// The file's noise if given, else a seeded draw per call.
+    pub(crate) fn new(fixed: Option<Vec<f32>>, seed: u64) -> Self {
+        match fixed {
+            Some(v) => Noise::Fixed(v),
+            None => Noise::Seeded(Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed))),
+        }
+    }
+
     pub(crate) fn next(&mut self, n: usize) -> Vec<f32> {
         match self {
             Noise::Fixed(v) => v.clone(),
@@ -170,10 +178,12 @@ pub fn run(a: InferArgs) -> Result<()> {
         m.max_action_dim as usize,
     );
     let step = m.n_action_steps.max(1) as usize;
-    let mut noise = match &a.noise {
-        Some(p) => Noise::Fixed(read_noise(p, &[chunk, max_dim])?),
-        None => Noise::Seeded(Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(a.seed))),
-    };
+    let fixed = a
+        .noise
+        .as_deref()
+        .map(|p| read_noise(p, &[chunk, max_dim]))
+        .transpose()?;
+    let mut noise = Noise::new(fixed, a.seed);
     // Recorded actions of the whole episode (parquet only, no decoding).
     let mut recorded = Vec::with_capacity(ep.length);
     for i in 0..ep.length {
@@ -290,13 +300,13 @@ fn bench(policy: &mut OnnxPolicy, n: usize, load_s: f64, a: &InferArgs) -> Resul
         token_mask: vec![true; l],
         state: (0..m.state_dim).map(|i| i as f32 * 0.1).collect(),
     };
-    let mut noise = match &a.noise {
-        Some(p) => Noise::Fixed(read_noise(
-            p,
-            &[m.chunk_size as usize, m.max_action_dim as usize],
-        )?),
-        None => Noise::Seeded(rand_chacha::ChaCha8Rng::seed_from_u64(a.seed)),
-    };
+    let shape = [m.chunk_size as usize, m.max_action_dim as usize];
+    let fixed = a
+        .noise
+        .as_deref()
+        .map(|p| read_noise(p, &shape))
+        .transpose()?;
+    let mut noise = Noise::new(fixed, a.seed);
     let x = noise.next((m.chunk_size * m.max_action_dim) as usize);
     let (mut prefix_ms, mut loop_ms, mut chunk_ms) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=n {

@@ -119,11 +119,32 @@ fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
     let ort = crate::setup::onnxruntime_aarch64()?;
     let fx = root().join("tests/fixtures");
     let export = fx.join("smolvla-tiny-onnx");
-    let out = root()
-        .join("target")
-        .join(TARGET)
-        .join("infer-under-qemu.safetensors");
-    let o = Command::new("qemu-aarch64-static")
+    let work = root().join("target").join(TARGET);
+    let out = work.join("infer-under-qemu.safetensors");
+    // qemu-user 7.2 (Debian 12) passes the host's x86 /proc/cpuinfo through, and
+    // onnxruntime's cpuinfo crashes parsing it as an ARM one while the library loads. A
+    // private mount namespace shows it an aarch64 one (two Cortex-A78AE cores, as on a Jetson
+    // Orin) instead.
+    let cpuinfo = work.join("cpuinfo-aarch64");
+    std::fs::write(&cpuinfo, AARCH64_CPUINFO)?;
+    let bind = |then: &str| {
+        let mut c = Command::new("unshare");
+        c.args(["-m", "sh", "-c"])
+            .arg(format!("mount --bind \"$1\" /proc/cpuinfo{then}"))
+            .arg("sh")
+            .arg(&cpuinfo);
+        c
+    };
+    if !bind("").status().is_ok_and(|s| s.success()) {
+        eprintln!(
+            "NOT RUN: zk0-agent infer under qemu needs `unshare -m` and a bind mount (root or \
+             CAP_SYS_ADMIN) to give qemu-user an aarch64 /proc/cpuinfo; the aarch64 build \
+             itself passed"
+        );
+        return Ok(());
+    }
+    let o = bind(" && shift && exec \"$@\"")
+        .arg("qemu-aarch64-static")
         .args(["-L", "/usr/aarch64-linux-gnu"])
         .arg(agent)
         .args(["infer", "--threads", "1", "--episode", "0", "--model"])
@@ -167,6 +188,27 @@ fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// An aarch64 `/proc/cpuinfo` (Cortex-A78AE, the Jetson Orin core) for qemu-user.
+const AARCH64_CPUINFO: &str = "processor\t: 0
+BogoMIPS\t: 62.50
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd42
+CPU revision\t: 1
+
+processor\t: 1
+BogoMIPS\t: 62.50
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd42
+CPU revision\t: 1
+
+";
 
 /// A float32 tensor of a safetensors file (header: 8-byte length, JSON; then the data).
 fn read_f32(path: &std::path::Path, name: &str) -> Result<Vec<f32>> {

@@ -61,10 +61,7 @@ impl OnnxSource {
         seed: u64,
     ) -> Self {
         let keep = policy.manifest.n_action_steps.max(1) as usize;
-        let noise = match noise {
-            Some(v) => Noise::Fixed(v),
-            None => Noise::Seeded(Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed))),
-        };
+        let noise = Noise::new(noise, seed);
         Self {
             policy,
             processor,
