@@ -8,7 +8,6 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use zk0_infer::{Observation, OnnxPolicy, Processor, RgbFrame};
 use zk0_robot::camera::Frame;
 
