@@ -163,7 +163,9 @@ struct Case {
     n: usize,
 }
 
-/// smolvla_base's architecture with two SO-100 cameras, random weights.
+/// smolvla_base's architecture with two SO-100 cameras, random weights. `load_vlm_weights:
+/// false` makes LeRobot build the backbone from `vlm_config.json` instead of downloading
+/// SmolVLM2's weights (the checkpoint's own weights are loaded over it either way).
 fn full_checkpoint(dir: &Path) {
     if dir.join("model.safetensors").is_file() {
         return;
@@ -175,7 +177,8 @@ fn full_checkpoint(dir: &Path) {
             "observation.images.front": {"type": "VISUAL", "shape": [3, 480, 640]},
             "observation.images.wrist": {"type": "VISUAL", "shape": [3, 480, 640]}
         },
-        "output_features": {"action": {"type": "ACTION", "shape": [6]}}
+        "output_features": {"action": {"type": "ACTION", "shape": [6]}},
+        "load_vlm_weights": false
     }))
     .unwrap();
     tch::manual_seed(0);
