@@ -199,8 +199,9 @@ fn infer_reproduces_lerobot_predict_action_chunk_with_one_and_two_cameras() {
 }
 
 /// The committed export (tests/fixtures/smolvla-tiny-onnx, what `cargo xtask cross` runs
-/// under qemu-aarch64) is what the exporter writes today, byte for byte, and its first chunk on
-/// `lerobot-v3-tiny` episode 0 with the committed noise is LeRobot's own `sample.actions[0]`.
+/// under qemu-aarch64) is what the exporter writes today (same graphs, same actions), and its
+/// first chunk on `lerobot-v3-tiny` episode 0 with the committed noise is LeRobot's own
+/// `sample.actions[0]`.
 #[test]
 fn committed_export_is_current_and_gives_lerobots_chunk() {
     ensure_built().unwrap();
@@ -225,32 +226,50 @@ fn committed_export_is_current_and_gives_lerobots_chunk() {
             .arg(&fresh),
     )
     .unwrap();
-    for f in [
-        "export.json",
-        "prefix.onnx",
-        "prefix.onnx.data",
-        "denoise.onnx",
-        "denoise.onnx.data",
-    ] {
-        assert!(
-            std::fs::read(fresh.join(f)).unwrap() == std::fs::read(fx.join(f)).unwrap(),
-            "{f} differs from tests/fixtures/smolvla-tiny-onnx: regenerate it (see its README.md)"
-        );
-    }
-    let out = tmp.path().join("pred.safetensors");
-    run_ok(
-        Command::new(bin("zk0-agent"))
-            .args(["infer", "--threads", "1", "--episode", "0", "--model"])
-            .arg(&fx)
-            .arg("--dataset")
-            .arg(fixtures().join("lerobot-v3-tiny"))
-            .arg("--noise")
-            .arg(fx.join("noise.safetensors"))
-            .arg("--out")
-            .arg(&out),
-    )
-    .unwrap();
-    let (shape, ours) = tensor(&out, "actions");
+    // The same graphs (names, shapes, node counts, processing), up to the file hashes: the
+    // constants libtorch computes at export (RoPE and time-embedding tables) may differ in the
+    // last bit on another CPU's vector code.
+    let manifest = |d: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("export.json")).unwrap()).unwrap();
+        for g in ["prefix", "denoise"] {
+            let o = v[g].as_object_mut().unwrap();
+            o.remove("sha256");
+            o.remove("data_sha256");
+        }
+        v
+    };
+    assert_eq!(
+        manifest(&fresh),
+        manifest(&fx),
+        "tests/fixtures/smolvla-tiny-onnx is stale: regenerate it (see its README.md)"
+    );
+    let infer = |model: &Path, out: &Path| {
+        run_ok(
+            Command::new(bin("zk0-agent"))
+                .args(["infer", "--threads", "1", "--episode", "0", "--model"])
+                .arg(model)
+                .arg("--dataset")
+                .arg(fixtures().join("lerobot-v3-tiny"))
+                .arg("--noise")
+                .arg(fx.join("noise.safetensors"))
+                .arg("--out")
+                .arg(out),
+        )
+        .unwrap();
+        tensor(out, "actions")
+    };
+    let (shape, ours) = infer(&fx, &tmp.path().join("pred.safetensors"));
+    let (_, fresh_actions) = infer(&fresh, &tmp.path().join("fresh.safetensors"));
+    let drift = ours
+        .iter()
+        .zip(&fresh_actions)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        drift <= 1e-4,
+        "the committed export's actions differ from a fresh export's by {drift}"
+    );
     let (lshape, theirs) = tensor(&pipeline.join("expected.safetensors"), "sample.actions");
     let per = lshape[1] * lshape[2];
     assert_eq!(&shape[1..], &lshape[1..]);
