@@ -9,6 +9,7 @@
 //! every global model on the held-out dataset (`zk0-train eval`), writes the per-round records,
 //! the policy-loss history, plots and LeRobot checkpoints with a model card; the demo then
 //! checks that `zk0-train eval` loads the final checkpoint and gives the server's final loss,
+//! exports it to ONNX and runs it with `zk0-agent infer` on a held-out episode,
 //! and prints where everything is with a per-round table.
 
 use std::collections::BTreeMap;
@@ -517,7 +518,39 @@ fn main() -> Result<()> {
         "the checkpoint does not reproduce the server's final loss"
     );
 
-    // 7. Where everything is, and the per-round table.
+    // 7. The robot's side: the final model exported to ONNX and run by zk0-agent on ONNX
+    // Runtime (no libtorch) over a held-out episode, its chunks against the recorded actions.
+    let export = dir.join("export");
+    let mut cmd = Command::new(demo.bin("zk0-train"));
+    cmd.args(["export-onnx", "--model"])
+        .arg(&checkpoint)
+        .arg("--out")
+        .arg(&export);
+    if let Some(t) = &tokenizer {
+        cmd.arg("--tokenizer").arg(t);
+    }
+    zk0_e2e::run_ok(&mut cmd)?;
+    let predictions = dir.join("heldout_predictions.safetensors");
+    let report = zk0_e2e::run_ok(
+        Command::new(demo.bin("zk0-agent"))
+            .args(["infer", "--threads", "2", "--episode", "0", "--model"])
+            .arg(&export)
+            .arg("--dataset")
+            .arg(&heldout)
+            .arg("--out")
+            .arg(&predictions),
+    )?;
+    let r: Value = serde_json::from_str(report.trim()).context("zk0-agent infer report")?;
+    demo.log(format!(
+        "final model exported to ONNX and run by zk0-agent infer on held-out episode 0: {} \
+         chunks, action MAE {:.3} (RMSE {:.3}), {:.1} ms per chunk",
+        r["predictions"],
+        r["mae"].as_f64().unwrap_or(f64::NAN),
+        r["rmse"].as_f64().unwrap_or(f64::NAN),
+        r["chunk_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+    ));
+
+    // 8. Where everything is, and the per-round table.
     let elapsed = demo.t0.elapsed().as_secs_f64();
     println!();
     println!("zk0 demo finished in {elapsed:.0} s");
@@ -552,6 +585,8 @@ fn main() -> Result<()> {
         "  model card             {}",
         checkpoint.join("README.md").display()
     );
+    println!("  ONNX export            {}", export.display());
+    println!("  robot predictions      {}", predictions.display());
     println!(
         "  global models          {}",
         state.join("models/<model id>.safetensors").display()
