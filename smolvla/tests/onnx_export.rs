@@ -388,3 +388,51 @@ fn fp16_export_stays_close_to_fp32() {
         );
     }
 }
+
+/// The int8 variant (the prefix's linear layers dynamically quantized, everything else
+/// float32) against the fp32 tch model, on every fixture.
+#[test]
+fn int8_prefix_export_stays_close_to_fp32() {
+    ort_ready();
+    for name in FIXTURES {
+        let (dir, policy, out, m) = exported(
+            name,
+            &ExportOptions {
+                int8: true,
+                ..Default::default()
+            },
+        );
+        let _ = &dir;
+        assert_eq!(m.precision, "int8-prefix");
+        let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
+        let (batch, draws) = read_fixture_inputs(fixture(name).join("inputs.safetensors")).unwrap();
+        let n = batch[OBS_STATE].size()[0];
+        let mut worst = (0f64, 1f64);
+        for b in 0..n {
+            let bb = one(&batch, b);
+            let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
+            let noise = draws["sample_noise"].narrow(0, b, 1);
+            let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
+            let (images, img_masks) = policy.prepare_images(&bb).unwrap();
+            let state = policy.prepare_state(&bb).unwrap();
+            let x0 = tch::no_grad(|| {
+                policy.model.sample_actions(
+                    &images,
+                    &img_masks,
+                    &tokens,
+                    &tmask,
+                    &state,
+                    &noise,
+                    &mut Trace::off(),
+                )
+            });
+            let (max, cos) = compare(&chunk.padded, &floats(&x0));
+            worst = (worst.0.max(max), worst.1.min(cos));
+        }
+        eprintln!(
+            "{name}: int8-prefix chunk max |error| {:.2e}, min cosine {:.6}",
+            worst.0, worst.1
+        );
+        assert!(worst.1 >= 0.99, "{name}: int8 chunk cosine {}", worst.1);
+    }
+}

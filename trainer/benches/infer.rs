@@ -3,6 +3,7 @@
 //! - `ort`: the ONNX export (`zk0-train export-onnx`) on ONNX Runtime through `zk0-agent infer
 //!   --bench` (libtorch-free; what the robot runs);
 //! - `tch`: zk0's libtorch model, `SmolVlaPolicy::predict_action_chunk` (eager);
+//! - `ort-int8`: the same with `--int8` (the prefix's linear layers dynamically quantized);
 //! - `lerobot`: LeRobot's `predict_action_chunk` (trainer/benches/lerobot_infer_chunk.py
 //!   through the LeRobot venv in `ZK0_LEROBOT_PYTHON`), the baseline of the ratios.
 //!
@@ -186,7 +187,7 @@ fn full_checkpoint(dir: &Path) {
     p.save_pretrained(dir).unwrap();
 }
 
-fn export(case_ckpt: &Path, out: &Path) {
+fn export(case_ckpt: &Path, out: &Path, extra: &[&str]) {
     if out.join("export.json").is_file() {
         return;
     }
@@ -194,7 +195,8 @@ fn export(case_ckpt: &Path, out: &Path) {
     cmd.args(["export-onnx", "--model"])
         .arg(case_ckpt)
         .arg("--out")
-        .arg(out);
+        .arg(out)
+        .args(extra);
     common::run_json(cmd, "zk0-train export-onnx").unwrap();
 }
 
@@ -273,15 +275,20 @@ fn main() {
     );
     let mut failed = false;
     for case in &cases {
-        export(&case.checkpoint, &case.export);
+        let int8 = case.export.with_file_name("export-int8");
+        export(&case.checkpoint, &case.export, &[]);
+        export(&case.checkpoint, &int8, &["--int8"]);
         for &thr in &opts.threads {
-            let mut ort = Command::new(agent());
-            ort.args(["infer", "--model"]).arg(&case.export).args([
-                "--bench",
-                &case.n.to_string(),
-                "--threads",
-                &thr.to_string(),
-            ]);
+            let ort = |dir: &Path| {
+                let mut c = Command::new(agent());
+                c.args(["infer", "--model"]).arg(dir).args([
+                    "--bench",
+                    &case.n.to_string(),
+                    "--threads",
+                    &thr.to_string(),
+                ]);
+                c
+            };
             let mut tch_cmd = Command::new(std::env::current_exe().unwrap());
             tch_cmd
                 .args(["--side", "tch", "--model"])
@@ -299,7 +306,14 @@ fn main() {
                     common::run_json(lr, "LeRobot predict_action_chunk"),
                 ),
                 ("tch", common::run_json(tch_cmd, "tch predict_action_chunk")),
-                ("ort", common::run_json(ort, "zk0-agent infer --bench")),
+                (
+                    "ort",
+                    common::run_json(ort(&case.export), "zk0-agent infer --bench"),
+                ),
+                (
+                    "ort-int8",
+                    common::run_json(ort(&int8), "zk0-agent infer --bench (int8)"),
+                ),
             ];
             let base = results[0].1.as_ref().ok().cloned();
             for (side, r) in &results {
@@ -326,7 +340,7 @@ fn main() {
                             mib(v),
                             lm
                         );
-                        if *side == "ort" {
+                        if side.starts_with("ort") {
                             println!(
                                 "{:5} {:8} {:>4}   prefix {:.1} ms, denoise step {:.2} ms",
                                 "",

@@ -100,6 +100,10 @@ enum Cmd {
         /// RoPE, the time embedding and the Euler accumulation stay float32.
         #[arg(long)]
         fp16: bool,
+        /// The prefix graph's linear layers (vision tower, connector, VLM) as dynamically
+        /// quantized int8 products, for CPUs; the denoising expert stays float32.
+        #[arg(long, conflicts_with = "fp16")]
+        int8: bool,
     },
     /// Policy loss over a LeRobot dataset (every frame of all or the first N episodes, LeRobot's
     /// preprocessing, seeded noise/time); the JSON report goes to --out and stdout.
@@ -319,6 +323,7 @@ fn run(cli: Cli) -> Result<bool> {
             tokenizer,
             out,
             fp16,
+            int8,
         } => {
             let dir = checkpoint(&model)?;
             let started = std::time::Instant::now();
@@ -329,7 +334,11 @@ fn run(cli: Cli) -> Result<bool> {
                     .with_context(|| format!("--global {}", g.display()))?;
                 policy.load_subset(&tensors)?;
             }
-            let opts = smolvla::onnx::ExportOptions { fp16, tokenizer };
+            let opts = smolvla::onnx::ExportOptions {
+                fp16,
+                int8,
+                tokenizer,
+            };
             let m = smolvla::onnx::export(&policy, Some(&dir), &model, &out, &opts)?;
             let size = |f: &str| std::fs::metadata(out.join(f)).map(|m| m.len()).unwrap_or(0);
             println!(

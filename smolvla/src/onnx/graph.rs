@@ -28,6 +28,8 @@ pub enum Elem {
     F64,
     I64,
     Bool,
+    I8,
+    U8,
 }
 
 impl Elem {
@@ -38,6 +40,8 @@ impl Elem {
             Elem::F64 => data_type::DOUBLE,
             Elem::I64 => data_type::INT64,
             Elem::Bool => data_type::BOOL,
+            Elem::I8 => data_type::INT8,
+            Elem::U8 => data_type::UINT8,
         }
     }
     /// The name used in `export.json` (numpy's).
@@ -48,6 +52,8 @@ impl Elem {
             Elem::F64 => "float64",
             Elem::I64 => "int64",
             Elem::Bool => "bool",
+            Elem::I8 => "int8",
+            Elem::U8 => "uint8",
         }
     }
 }
@@ -168,6 +174,10 @@ fn tensor_bytes(t: &Tensor, elem: Elem) -> Result<Vec<u8>> {
             let v: Vec<i64> = Vec::try_from(flat.to_kind(Kind::Int64))?;
             v.iter().map(|&x| u8::from(x != 0)).collect()
         }
+        Elem::I8 | Elem::U8 => {
+            let v: Vec<i64> = Vec::try_from(flat.to_kind(Kind::Int64))?;
+            v.iter().map(|&x| x as u8).collect()
+        }
     })
 }
 
@@ -258,6 +268,20 @@ impl Graph {
             ..Default::default()
         });
         out
+    }
+
+    /// A node with `n` outputs.
+    pub fn op_n(&mut self, op: &str, inputs: &[&str], n: usize) -> Vec<String> {
+        let base = self.fresh(op);
+        let outs: Vec<String> = (0..n).map(|i| format!("{base}_{i}")).collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outs.clone(),
+            name: base,
+            op_type: op.into(),
+            ..Default::default()
+        });
+        outs
     }
 
     /// An initializer named `name` holding `t` as `elem`; written once however often asked.

@@ -18,11 +18,17 @@ use crate::{Error, Result};
 pub struct Params {
     vars: HashMap<String, Tensor>,
     pub fp16: bool,
+    /// Linear layers as dynamically quantized int8 products (set per graph: the prefix's).
+    pub int8: bool,
 }
 
 impl Params {
     pub fn new(vars: HashMap<String, Tensor>, fp16: bool) -> Self {
-        Self { vars, fp16 }
+        Self {
+            vars,
+            fp16,
+            int8: false,
+        }
     }
 
     pub fn get(&self, key: &str) -> Result<&Tensor> {
@@ -47,6 +53,11 @@ pub fn weight(g: &mut Graph, p: &Params, key: &str) -> Result<String> {
 
 /// `x·Wᵀ + b` for the `nn.Linear` at `prefix` (`<prefix>.weight`, optional `<prefix>.bias`).
 pub fn linear(g: &mut Graph, p: &Params, prefix: &str, x: &str, bias: bool) -> Result<String> {
+    // The expert's projections in the prefix graph (cross-attention K/V) stay float32, as
+    // the whole expert does.
+    if p.int8 && !prefix.contains(".lm_expert.") {
+        return linear_int8(g, p, prefix, x, bias);
+    }
     let key = format!("{prefix}.weight");
     let e = p.matmul_elem();
     let w = g.tensor(&key, &p.get(&key)?.transpose(0, 1), e)?;
@@ -62,6 +73,40 @@ pub fn linear(g: &mut Graph, p: &Params, prefix: &str, x: &str, bias: bool) -> R
         y = g.add(&y, &b);
     }
     Ok(if p.fp16 { g.cast(&y, Elem::F32) } else { y })
+}
+
+/// [`linear`] as ONNX Runtime's dynamic quantization writes it: the activations quantized per
+/// call to uint8 (`DynamicQuantizeLinear`), the weights stored as int8 with one symmetric
+/// scale per output column, the product in integers (`MatMulInteger`), rescaled to float32
+/// and the float32 bias added. ORT fuses the pattern into one kernel (VNNI/AMX where the CPU
+/// has them).
+fn linear_int8(g: &mut Graph, p: &Params, prefix: &str, x: &str, bias: bool) -> Result<String> {
+    let key = format!("{prefix}.weight");
+    let wt = p.get(&key)?.transpose(0, 1).to_kind(Kind::Float);
+    let (absmax, _) = wt.abs().max_dim(0, false);
+    let scale = absmax.clamp_min(1e-12) / 127.0;
+    let q = (&wt / &scale)
+        .round()
+        .clamp(-127.0, 127.0)
+        .to_kind(Kind::Int8);
+    let out = q.size()[1];
+    let w = g.tensor(&format!("{key}.int8"), &q, Elem::I8)?;
+    let wzp = g.constant(
+        &Tensor::zeros([out], (Kind::Int8, tch::Device::Cpu)),
+        Elem::I8,
+    )?;
+    let ws = g.tensor(&format!("{key}.scale"), &scale, Elem::F32)?;
+    let dq = g.op_n("DynamicQuantizeLinear", &[x], 3);
+    let yi = g.op("MatMulInteger", &[&dq[0], &w, &dq[2], &wzp], vec![]);
+    let yf = g.cast(&yi, Elem::F32);
+    let s = g.mul(&dq[1], &ws);
+    let mut y = g.mul(&yf, &s);
+    if bias {
+        let key = format!("{prefix}.bias");
+        let b = g.tensor(&key, p.get(&key)?, Elem::F32)?;
+        y = g.add(&y, &b);
+    }
+    Ok(y)
 }
 
 /// Llama's RMSNorm at `prefix`: `weight · x / sqrt(mean(x²) + eps)` in float32.

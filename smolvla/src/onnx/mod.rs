@@ -43,6 +43,10 @@ pub struct ExportOptions {
     /// Matrix products in float16 (weights stored as float16); norms, softmax, RoPE, the time
     /// embedding, the residual stream and the host's Euler accumulation stay float32.
     pub fp16: bool,
+    /// The prefix graph's linear layers (vision tower, connector, VLM; 78 % of a full-size
+    /// chunk on CPU) as dynamically quantized int8 products; the denoise graph, the patch
+    /// convolution, norms, attention and the Euler loop stay float32.
+    pub int8: bool,
     /// A tokenizer file to ship as `tokenizer.json` (else the checkpoint's own, if any).
     pub tokenizer: Option<std::path::PathBuf>,
 }
@@ -504,8 +508,13 @@ pub fn export(
         .into_iter()
         .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
         .collect();
-    let p = Params::new(vars, opts.fp16);
-    let precision = if opts.fp16 { "fp16" } else { "fp32" };
+    let mut p = Params::new(vars, opts.fp16);
+    let precision = match (opts.fp16, opts.int8) {
+        (true, true) => return Err(Error::Export("--fp16 and --int8 exclude each other".into())),
+        (true, false) => "fp16",
+        (false, true) => "int8-prefix",
+        (false, false) => "fp32",
+    };
     let mut graphs = Vec::new();
     for (name, build) in [
         (
@@ -515,6 +524,7 @@ pub fn export(
         ("denoise", denoise_graph),
     ] {
         let mut g = Graph::new(out, name)?;
+        p.int8 = opts.int8 && name == "prefix";
         tch::no_grad(|| build(&mut g, &p, policy, &s))?;
         let (inputs, outputs) = (g.input_specs.clone(), g.output_specs.clone());
         let w = g.finish(
