@@ -339,100 +339,71 @@ fn onnx_checker_and_python_onnxruntime_agree() {
     }
 }
 
+/// A reduced-precision export of fixture `name` against the fp32 tch model: the worst max
+/// |error| and cosine of the sampled chunk over the fixture's batch rows.
+fn chunk_vs_fp32(name: &str, opts: &ExportOptions, precision: &str) -> (f64, f64) {
+    let (dir, policy, out, m) = exported(name, opts);
+    assert_eq!(m.precision, precision);
+    let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
+    let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();
+    let mut worst = (0f64, 1f64);
+    for b in 0..batch[OBS_STATE].size()[0] {
+        let bb = one(&batch, b);
+        let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
+        let noise = draws["sample_noise"].narrow(0, b, 1);
+        let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
+        let (images, img_masks) = policy.prepare_images(&bb).unwrap();
+        let state = policy.prepare_state(&bb).unwrap();
+        let x0 = tch::no_grad(|| {
+            policy.model.sample_actions(
+                &images,
+                &img_masks,
+                &tokens,
+                &tmask,
+                &state,
+                &noise,
+                &mut Trace::off(),
+            )
+        });
+        let (max, cos) = compare(&chunk.padded, &floats(&x0));
+        worst = (worst.0.max(max), worst.1.min(cos));
+    }
+    eprintln!(
+        "{name}: {precision} chunk max |error| {:.2e}, min cosine {:.6}",
+        worst.0, worst.1
+    );
+    worst
+}
+
 /// The fp16 variant (matrix products in float16, accumulation and everything else float32)
 /// against the fp32 tch model: chunk cosine ≥ 0.999 on every fixture.
 #[test]
 fn fp16_export_stays_close_to_fp32() {
     ort_ready();
+    let opts = ExportOptions {
+        fp16: true,
+        ..Default::default()
+    };
     for name in FIXTURES {
-        let (dir, policy, out, m) = exported(
-            name,
-            &ExportOptions {
-                fp16: true,
-                ..Default::default()
-            },
-        );
-        assert_eq!(m.precision, "fp16");
-        let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
-        let (batch, draws) = read_fixture_inputs(dir.join("inputs.safetensors")).unwrap();
-        let n = batch[OBS_STATE].size()[0];
-        let mut worst = (0f64, 1f64);
-        for b in 0..n {
-            let bb = one(&batch, b);
-            let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
-            let noise = draws["sample_noise"].narrow(0, b, 1);
-            let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
-            let (images, img_masks) = policy.prepare_images(&bb).unwrap();
-            let state = policy.prepare_state(&bb).unwrap();
-            let x0 = tch::no_grad(|| {
-                policy.model.sample_actions(
-                    &images,
-                    &img_masks,
-                    &tokens,
-                    &tmask,
-                    &state,
-                    &noise,
-                    &mut Trace::off(),
-                )
-            });
-            let (max, cos) = compare(&chunk.padded, &floats(&x0));
-            assert!(
-                cos >= 0.999 && max < 0.05,
-                "{name}[{b}]: fp16 chunk max |error| {max}, cosine {cos}"
-            );
-            worst = (worst.0.max(max), worst.1.min(cos));
-        }
-        eprintln!(
-            "{name}: fp16 chunk max |error| {:.2e}, min cosine {:.6}",
-            worst.0, worst.1
+        let (max, cos) = chunk_vs_fp32(name, &opts, "fp16");
+        assert!(
+            cos >= 0.999 && max < 0.05,
+            "{name}: fp16 chunk max |error| {max}, cosine {cos}"
         );
     }
 }
 
 /// The int8 variant (the prefix's linear layers dynamically quantized, everything else
-/// float32) against the fp32 tch model, on every fixture.
+/// float32) against the fp32 tch model: chunk cosine ≥ 0.99 on every fixture.
 #[test]
 fn int8_prefix_export_stays_close_to_fp32() {
     ort_ready();
+    let opts = ExportOptions {
+        int8: true,
+        ..Default::default()
+    };
     for name in FIXTURES {
-        let (dir, policy, out, m) = exported(
-            name,
-            &ExportOptions {
-                int8: true,
-                ..Default::default()
-            },
-        );
-        let _ = &dir;
-        assert_eq!(m.precision, "int8-prefix");
-        let mut onnx = OnnxPolicy::load(out.path(), &RuntimeOptions::default()).unwrap();
-        let (batch, draws) = read_fixture_inputs(fixture(name).join("inputs.safetensors")).unwrap();
-        let n = batch[OBS_STATE].size()[0];
-        let mut worst = (0f64, 1f64);
-        for b in 0..n {
-            let bb = one(&batch, b);
-            let (inputs, tokens, tmask) = model_inputs(&policy, &bb, &onnx);
-            let noise = draws["sample_noise"].narrow(0, b, 1);
-            let chunk = onnx.sample(&inputs, &floats(&noise), false).unwrap();
-            let (images, img_masks) = policy.prepare_images(&bb).unwrap();
-            let state = policy.prepare_state(&bb).unwrap();
-            let x0 = tch::no_grad(|| {
-                policy.model.sample_actions(
-                    &images,
-                    &img_masks,
-                    &tokens,
-                    &tmask,
-                    &state,
-                    &noise,
-                    &mut Trace::off(),
-                )
-            });
-            let (max, cos) = compare(&chunk.padded, &floats(&x0));
-            worst = (worst.0.max(max), worst.1.min(cos));
-        }
-        eprintln!(
-            "{name}: int8-prefix chunk max |error| {:.2e}, min cosine {:.6}",
-            worst.0, worst.1
-        );
-        assert!(worst.1 >= 0.99, "{name}: int8 chunk cosine {}", worst.1);
+        let (_, cos) = chunk_vs_fp32(name, &opts, "int8-prefix");
+        assert!(cos >= 0.99, "{name}: int8 chunk cosine {cos}");
     }
 }

@@ -126,7 +126,7 @@ fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
     // private mount namespace shows it an aarch64 one (two Cortex-A78AE cores, as on a Jetson
     // Orin) instead.
     let cpuinfo = work.join("cpuinfo-aarch64");
-    std::fs::write(&cpuinfo, AARCH64_CPUINFO)?;
+    std::fs::write(&cpuinfo, aarch64_cpuinfo())?;
     let bind = |then: &str| {
         let mut c = Command::new("unshare");
         c.args(["-m", "sh", "-c"])
@@ -189,26 +189,19 @@ fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// An aarch64 `/proc/cpuinfo` (Cortex-A78AE, the Jetson Orin core) for qemu-user.
-const AARCH64_CPUINFO: &str = "processor\t: 0
-BogoMIPS\t: 62.50
-Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd42
-CPU revision\t: 1
-
-processor\t: 1
-BogoMIPS\t: 62.50
-Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd42
-CPU revision\t: 1
-
-";
+/// An aarch64 `/proc/cpuinfo` (two Cortex-A78AE cores, the Jetson Orin's) for qemu-user.
+fn aarch64_cpuinfo() -> String {
+    (0..2)
+        .map(|n| {
+            format!(
+                "processor\t: {n}\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd evtstrm aes pmull \
+                 sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n\
+                 CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\n\
+                 CPU part\t: 0xd42\nCPU revision\t: 1\n\n"
+            )
+        })
+        .collect()
+}
 
 /// A float32 tensor of a safetensors file (header: 8-byte length, JSON; then the data).
 fn read_f32(path: &std::path::Path, name: &str) -> Result<Vec<f32>> {

@@ -447,25 +447,11 @@ fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
     if !ok {
         bail!("creating the venv at {} failed", venv.display());
     }
-    let ok = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-cache-dir",
-            "--progress-bar",
-            "on",
-        ])
-        .arg(format!(
-            "lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"
-        ))
-        .status()?
-        .success();
-    if !ok {
-        bail!("pip install lerobot=={LEROBOT_VERSION} failed");
-    }
-    pip_install(&py, &onnx_checkers())?;
+    let mut pkgs = vec![format!(
+        "lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"
+    )];
+    pkgs.extend(onnx_checkers());
+    pip_install(&py, &pkgs)?;
     std::fs::write(venv.join(".complete"), LEROBOT_VERSION)?;
     Ok((py, "built"))
 }
@@ -499,6 +485,8 @@ fn pip_install(py: &Path, pkgs: &[String]) -> Result<()> {
             "install",
             "--disable-pip-version-check",
             "--no-cache-dir",
+            "--progress-bar",
+            "on",
         ])
         .args(pkgs)
         .status()?
