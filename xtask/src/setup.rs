@@ -447,11 +447,14 @@ fn find_or_build_lerobot(venv: &Path) -> Result<(PathBuf, &'static str)> {
     if !ok {
         bail!("creating the venv at {} failed", venv.display());
     }
-    let mut pkgs = vec![format!(
-        "lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"
-    )];
-    pkgs.extend(onnx_checkers());
-    pip_install(&py, &pkgs)?;
+    pip_install(
+        &py,
+        &[format!(
+            "lerobot[smolvla,dataset,feetech]=={LEROBOT_VERSION}"
+        )],
+    )?;
+    // Separately, as on a venv built before the checkers were added.
+    pip_install(&py, &onnx_checkers())?;
     std::fs::write(venv.join(".complete"), LEROBOT_VERSION)?;
     Ok((py, "built"))
 }
