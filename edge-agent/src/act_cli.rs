@@ -2,6 +2,10 @@
 //! for the loop). The arm and cameras come from the agent config's `[robot]` section (`--sim`:
 //! the in-process servo emulator, and a test-pattern camera for each of the export's cameras
 //! the config lacks); the policy settings from its `[infer]` section, overridden by flags.
+//! With `--follow-global` (`[infer] follow_global`) the policy is the newest export
+//! `zk0-agent run` made of the federation's global model (`<work_dir>/exports/current.json`,
+//! which then wins over `--model`), replaced between chunks by each newer one
+//! ([`crate::act::follow`]).
 //! SIGINT and SIGTERM end the tick under way, then the follower is disconnected as LeRobot's
 //! `SOFollower.disconnect` does (torque off unless `disable_torque_on_disconnect` is false),
 //! and the report (JSON) goes to stdout and `--report`.
@@ -17,9 +21,11 @@ use zk0_robot::camera::Camera;
 use zk0_robot::feetech::table;
 use zk0_robot::{Bus, Role};
 
-use crate::act::worker::{OnnxSource, Worker};
+use crate::act::follow::{Follow, FollowStats, LoadFn};
+use crate::act::worker::{ChunkSource, OnnxSource, SourceSettings, Worker};
 use crate::act::{self, ActError, ActOptions};
 use crate::federate::config::AgentConfig;
+use crate::federate::export;
 use crate::infer_cli::read_noise;
 use crate::record::config::{CameraConfig, RobotConfig};
 use crate::record::Controls;
@@ -38,6 +44,12 @@ use crate::robot_cli::{stop_on_signals, RobotArgs};
 /// aggregate = "weighted_average"     # latest_only | weighted_average | average | conservative
 /// dataset = ""                       # normalization stats (meta/stats.json) for an export
 ///                                    # without processor files
+/// follow_global = false              # `zk0-agent run` exports each new verified global model
+///                                    # to <work_dir>/exports/<model_id> (current.json names
+///                                    # the newest); `act` then swaps it in between chunks
+/// export_command = []                # the exporter (default: the worker's program with
+///                                    # `export-onnx`, i.e. `zk0-train export-onnx`)
+/// export_timeout_secs = 1800         # an export still running after this long is killed
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,6 +64,11 @@ pub struct InferConfig {
     pub chunk_size_threshold: f64,
     pub aggregate: Aggregate,
     pub seed: u64,
+    /// Export each new global model (`zk0-agent run`) and follow the newest (`act`).
+    pub follow_global: bool,
+    /// The exporter command (empty: the worker's program with `export-onnx`).
+    pub export_command: Vec<String>,
+    pub export_timeout_secs: u64,
 }
 
 impl Default for InferConfig {
@@ -67,6 +84,9 @@ impl Default for InferConfig {
             chunk_size_threshold: 0.5,
             aggregate: Aggregate::WeightedAverage,
             seed: 0,
+            follow_global: false,
+            export_command: Vec::new(),
+            export_timeout_secs: 1800,
         }
     }
 }
@@ -78,6 +98,11 @@ pub struct ActArgs {
     /// Export directory (`zk0-train export-onnx`); default: `[infer] model`.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Run the newest export of the federation's global model (`<work_dir>/exports/
+    /// current.json`, made by `zk0-agent run` with `[infer] follow_global`) and swap in each
+    /// newer one between chunks.
+    #[arg(long)]
+    pub follow_global: bool,
     /// The task given to the policy.
     #[arg(long)]
     pub task: Option<String>,
@@ -142,8 +167,9 @@ impl ActArgs {
         if self.threads.is_some() {
             c.threads = self.threads;
         }
-        if c.model.as_os_str().is_empty() {
-            bail!("no model: pass --model DIR or set [infer] model");
+        c.follow_global |= self.follow_global;
+        if c.model.as_os_str().is_empty() && !c.follow_global {
+            bail!("no model: pass --model DIR, set [infer] model, or --follow-global");
         }
         if c.task.trim().is_empty() {
             bail!("no task: pass --task or set [infer] task");
@@ -195,10 +221,47 @@ fn torque_after<T: zk0_robot::Transport>(transport: T, robot: &RobotConfig) -> R
     Ok(bus.sync_read(&table::TORQUE_ENABLE, &[1, 2, 3, 4, 5, 6])?)
 }
 
+/// What a loop built from `p`'s export needs of every export swapped in after it.
+fn loop_shape(p: &OnnxPolicy) -> String {
+    let m = &p.manifest;
+    let cameras: Vec<&str> = m.cameras.iter().map(|c| c.key.as_str()).collect();
+    format!(
+        "cameras {cameras:?} at {}x{}, state {}, action {}, chunk {}x{}, n_action_steps {}",
+        m.image.width,
+        m.image.height,
+        m.state_dim,
+        m.action_dim,
+        m.chunk_size,
+        m.max_action_dim,
+        m.n_action_steps
+    )
+}
+
+/// With `follow_global`: the export `current.json` names, if any (its dir replaces the
+/// model), and the model id.
+fn start_export(inf: &mut InferConfig, exports: &Path) -> Result<Option<String>> {
+    if !inf.follow_global {
+        return Ok(None);
+    }
+    match export::read_current(exports)? {
+        Some(c) => {
+            inf.model = c.dir;
+            Ok(Some(c.model_id))
+        }
+        None if inf.model.as_os_str().is_empty() => bail!(
+            "--follow-global: no export yet in {} (`zk0-agent run` with [infer] follow_global makes one per round); or pass --model",
+            exports.display()
+        ),
+        None => Ok(None),
+    }
+}
+
 /// `zk0-agent act`.
 pub fn run(args: ActArgs) -> Result<()> {
     let cfg = AgentConfig::load(args.robot.config.as_deref())?;
-    let inf = args.settings(cfg.infer)?;
+    let mut inf = args.settings(cfg.infer)?;
+    let exports = export::exports_dir(&cfg.work_dir);
+    let model_id = start_export(&mut inf, &exports)?;
     let mut robot = args.robot.section(cfg.robot)?;
     if let Some(c) = args.max_relative_target {
         anyhow::ensure!(
@@ -244,7 +307,28 @@ pub fn run(args: ActArgs) -> Result<()> {
     let keys: Vec<String> = m.cameras.iter().map(|c| c.key.clone()).collect();
     let size = (m.image.width as u32, m.image.height as u32);
     robot.cameras = export_cameras(&robot, &keys, args.robot.sim, inf.fps, size)?;
+    let shape = loop_shape(&policy);
+    let settings = SourceSettings {
+        runtime: opts.clone(),
+        stats,
+        tokenizer: tokenizer.map(Path::to_path_buf),
+        task: inf.task.clone(),
+        noise: noise.clone(),
+        seed: inf.seed,
+    };
     let source = OnnxSource::new(policy, processor, inf.task.clone(), noise, inf.seed);
+    let follow = inf.follow_global.then(|| {
+        let load: Arc<LoadFn> = Arc::new(move |dir: &Path| {
+            let s = OnnxSource::open(dir, &settings).map_err(|e| e.to_string())?;
+            let new = loop_shape(&s.policy);
+            if new != shape {
+                return Err(format!("it has {new}; the running loop has {shape}"));
+            }
+            Ok(Box::new(s) as Box<dyn ChunkSource>)
+        });
+        Follow::new(&exports, model_id, load)
+    });
+    let follow_stats = follow.as_ref().map(Follow::stats);
     let mut queue = ActionQueue::new(source.keep, inf.chunk_size_threshold, inf.aggregate)?;
     let act_opts = ActOptions {
         fps: inf.fps,
@@ -257,7 +341,8 @@ pub fn run(args: ActArgs) -> Result<()> {
     stop_on_signals(Arc::clone(&controls))?;
     // The follower last: nothing that can fail stands between its torque going on and the
     // loop whose end turns it off.
-    let worker = Worker::spawn(Box::new(source)).context("starting the inference thread")?;
+    let worker = Worker::spawn_following(Box::new(source), follow)
+        .context("starting the inference thread")?;
     let cameras: Vec<Camera> = robot.start_cameras()?;
     let mut follower = robot.connect_arm(Role::Follower)?;
     tracing::info!(model = %inf.model.display(), fps = inf.fps, task = %inf.task, "acting");
@@ -280,6 +365,13 @@ pub fn run(args: ActArgs) -> Result<()> {
     report["disconnect_error"] = serde_json::json!(disconnect);
     report["torque_after_disconnect"] = serde_json::json!(torque);
     report["model"] = serde_json::json!(inf.model);
+    let followed = follow_stats.map_or(FollowStats::default(), |s| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    });
+    report["follow_global"] = serde_json::json!(inf.follow_global);
+    report["model_id"] = serde_json::json!(followed.model_id);
+    report["model_swaps"] = serde_json::json!(followed.model_swaps);
+    report["swap_failures"] = serde_json::json!(followed.swap_failures);
     report["n_action_steps"] = serde_json::json!(queue.n_action_steps());
     report["chunk_size_threshold"] = serde_json::json!(inf.chunk_size_threshold);
     report["aggregate"] = serde_json::json!(inf.aggregate);
@@ -337,6 +429,27 @@ mod tests {
             .to_string();
         assert!(e.contains("--model"), "{e}");
         assert!(toml::from_str::<AgentConfig>("[infer]\nmodle = 1\n").is_err());
+    }
+
+    #[test]
+    fn follow_global_starts_from_current_json_and_needs_an_export_or_a_model() {
+        assert!(!InferConfig::default().follow_global, "off by default");
+        let t = tempfile::tempdir().unwrap();
+        let ex = export::exports_dir(t.path());
+        let args = <Cli as clap::Parser>::parse_from(["x", "--follow-global", "--task", "t"]).a;
+        let mut s = args.settings(InferConfig::default()).unwrap();
+        assert!(s.follow_global, "no --model needed");
+        let e = start_export(&mut s, &ex).unwrap_err().to_string();
+        assert!(e.contains("no export yet"), "{e}");
+        std::fs::create_dir_all(ex.join("m1.tmp")).unwrap();
+        export::install(&ex, "m1", 4).unwrap();
+        assert_eq!(start_export(&mut s, &ex).unwrap().as_deref(), Some("m1"));
+        assert_eq!(s.model, std::path::absolute(ex.join("m1")).unwrap());
+        // Not following: the pointer is not looked at.
+        s.follow_global = false;
+        s.model = "/m".into();
+        assert_eq!(start_export(&mut s, &ex).unwrap(), None);
+        assert_eq!(s.model, PathBuf::from("/m"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! no action holds the last goal (nothing is sent) and counts as starved once the first chunk
 //! has arrived. Errors end the loop with the summary of what ran; the caller disconnects.
 
+pub mod follow;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,13 +4,15 @@
 //! The request channel holds one observation (the control thread `try_send`s and the queue
 //! allows one request in flight), so an observation is never queued behind a stale one.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use zk0_infer::{Observation, OnnxPolicy, Processor, RgbFrame};
+use zk0_infer::{Observation, OnnxPolicy, Processor, RgbFrame, RuntimeOptions};
 use zk0_robot::camera::Frame;
 
+use super::follow::Follow;
 use crate::infer_cli::Noise;
 
 /// One observation, owned, sent to the worker.
@@ -49,7 +51,38 @@ pub struct OnnxSource {
     noise: Noise,
 }
 
+/// How [`OnnxSource::open`] opens an export (the same for each export followed).
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    pub runtime: RuntimeOptions,
+    /// A dataset's `meta/stats.json`, for an export without processor files.
+    pub stats: Option<serde_json::Value>,
+    /// Overrides the export's tokenizer.
+    pub tokenizer: Option<PathBuf>,
+    pub task: String,
+    pub noise: Option<Vec<f32>>,
+    pub seed: u64,
+}
+
 impl OnnxSource {
+    /// The export in `dir` with its processor.
+    pub fn open(dir: &Path, s: &SourceSettings) -> Result<Self, zk0_infer::Error> {
+        let policy = OnnxPolicy::load(dir, &s.runtime)?;
+        let processor = Processor::new(
+            dir,
+            &policy.manifest,
+            s.stats.as_ref(),
+            s.tokenizer.as_deref(),
+        )?;
+        Ok(Self::new(
+            policy,
+            processor,
+            s.task.clone(),
+            s.noise.clone(),
+            s.seed,
+        ))
+    }
+
     /// `noise`: a fixed `[chunk_size, max_action_dim]` draw for every chunk, else a seeded
     /// N(0, 1) draw per chunk.
     pub fn new(
@@ -107,13 +140,24 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(mut source: Box<dyn ChunkSource>) -> std::io::Result<Self> {
+    pub fn spawn(source: Box<dyn ChunkSource>) -> std::io::Result<Self> {
+        Self::spawn_following(source, None)
+    }
+
+    /// With `follow`, the policy is replaced between chunks by each new export it loads.
+    pub fn spawn_following(
+        mut source: Box<dyn ChunkSource>,
+        mut follow: Option<Follow>,
+    ) -> std::io::Result<Self> {
         let (tx, requests) = mpsc::sync_channel::<ObsRequest>(1);
         let (replies, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
                 for obs in requests {
+                    if let Some(next) = follow.as_mut().and_then(Follow::poll) {
+                        source = next;
+                    }
                     let t0 = Instant::now();
                     let actions = source.chunk(&obs);
                     let reply = ChunkReply {

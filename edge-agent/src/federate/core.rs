@@ -10,9 +10,16 @@
 //! worker finishes first and its update is then dropped. The only I/O here is the model
 //! cache ([`fetch::cached`], [`ModelFetch::finish`]): a stat and a small sidecar read per
 //! round, and the write of a finished download.
+//!
+//! With `[infer] follow_global`, each verified global model (a round's, once cached; the
+//! aggregator's current one from its status, fetched when idle, which after the last round is
+//! the final model) is exported for `zk0-agent act` ([`Command::SpawnExport`]): one export at
+//! a time, the newest model queued, started only while no training or encoding runs (in a
+//! round: once the update is encoded, during its upload and ack). A round announced during an
+//! export trains at once (its deadline comes first). A model is exported (or tried) once.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -25,6 +32,7 @@ use shared_proto::topic::{TopicKind, Topics};
 use shared_proto::ProtoError;
 
 use super::config::AgentConfig;
+use super::export::Current;
 use super::fetch::{self, CachedModel, ModelFetch};
 use super::outbound::Outbound;
 use super::upload::Upload;
@@ -86,6 +94,11 @@ pub enum Event {
         round: u64,
         upload_id: u64,
     },
+    /// The export of `model_id` finished (installed as `current.json`) or failed.
+    Exported {
+        model_id: String,
+        result: Result<Current, String>,
+    },
     /// Once a second.
     Tick,
 }
@@ -145,6 +158,14 @@ pub enum Command {
     StopUpload,
     /// Rewrite `<work_dir>/status.json`.
     SaveStatus(AgentStatus),
+    /// Export the verified global model `model_id` (weights file `weights`) on top of the base
+    /// checkpoint `model` ([`super::export::run`]); report [`Event::Exported`].
+    SpawnExport {
+        model_id: String,
+        round: u64,
+        model: PathBuf,
+        weights: PathBuf,
+    },
 }
 
 /// Where the agent is in the current round.
@@ -213,6 +234,30 @@ pub struct Counters {
     pub resends: u64,
     /// Training runs killed at the round's deadline or the worker timeout.
     pub worker_timeouts: u64,
+    /// Exports of a global model for `act --follow-global` that failed or timed out.
+    pub export_failures: u64,
+}
+
+/// Exports of global models for `act --follow-global` (see the module doc).
+#[derive(Debug, Default)]
+struct Exports {
+    /// The newest verified model waiting for its export: id, round, weights file.
+    queued: Option<(String, u64, PathBuf)>,
+    /// The export running.
+    running: Option<String>,
+    /// The model last exported or tried (a failed one is not retried).
+    last: Option<String>,
+}
+
+impl Exports {
+    fn knows(&self, model_id: &str) -> bool {
+        [
+            self.last.as_deref(),
+            self.running.as_deref(),
+            self.queued.as_ref().map(|q| q.0.as_str()),
+        ]
+        .contains(&Some(model_id))
+    }
 }
 
 /// The agent's state (see the module doc).
@@ -239,6 +284,7 @@ pub struct Core {
     rounds_done: u64,
     /// Uploads started (ids of [`Upload`]).
     uploads: u64,
+    exports: Exports,
     status: AgentStatus,
     /// The time of the event being handled.
     now: u64,
@@ -280,10 +326,17 @@ impl Core {
             finished: BTreeSet::new(),
             rounds_done: 0,
             uploads: 0,
+            exports: Exports::default(),
             status,
             now: 0,
             out: Vec::new(),
         })
+    }
+
+    /// The model the last run exported (`current.json`): not exported again.
+    pub fn with_exported(mut self, model_id: Option<String>) -> Self {
+        self.exports.last = model_id;
+        self
     }
 
     pub fn topics(&self) -> &Topics {
@@ -306,9 +359,14 @@ impl Core {
         self.rounds_done
     }
 
-    /// Whether `--max-rounds` is reached and no update is still waiting for its ack.
+    /// Whether `--max-rounds` is reached, no update is still waiting for its ack and no
+    /// export is queued or running.
     pub fn is_done(&self, max_rounds: u64) -> bool {
-        max_rounds > 0 && self.rounds_done >= max_rounds && self.phase.outbound().is_none()
+        max_rounds > 0
+            && self.rounds_done >= max_rounds
+            && self.phase.outbound().is_none()
+            && self.exports.running.is_none()
+            && self.exports.queued.is_none()
     }
 
     /// The retained offline status (last will, goodbye): topic and payload.
@@ -379,8 +437,10 @@ impl Core {
                 }
                 other => self.phase = other,
             },
+            Event::Exported { model_id, result } => self.on_exported(model_id, result),
             Event::Tick => self.on_tick(),
         }
+        self.maybe_export();
         std::mem::take(&mut self.out)
     }
 
@@ -505,6 +565,82 @@ impl Core {
             self.status.server_online = Some(st.online);
             self.save_status();
         }
+        if let Some(id) = &st.model_id {
+            self.follow_model(id, st.round);
+        }
+    }
+
+    /// With `follow_global`: the aggregator's current model (after the last round the final
+    /// one), exported if cached, else fetched first when the agent is idle.
+    fn follow_model(&mut self, model_id: &str, round: u64) {
+        if !self.cfg.infer.follow_global || self.exports.knows(model_id) {
+            return;
+        }
+        match fetch::cached(&self.cfg.cache_dir, model_id) {
+            Some(m) => self.note_global(model_id, round, &m.path),
+            None if matches!(self.phase, Phase::Idle) => {
+                tracing::info!(
+                    model = model_id,
+                    "fetching the aggregator's model to export it"
+                );
+                self.start_fetch(round, model_id);
+            }
+            None => {}
+        }
+    }
+
+    /// Queues the export of a verified global model, when following and not done already.
+    fn note_global(&mut self, model_id: &str, round: u64, weights: &Path) {
+        if self.cfg.infer.follow_global && !self.exports.knows(model_id) {
+            self.exports.queued = Some((model_id.to_string(), round, weights.to_path_buf()));
+        }
+    }
+
+    /// Starts the queued export when none runs and neither training nor encoding does.
+    fn maybe_export(&mut self) {
+        if self.exports.running.is_some()
+            || matches!(self.phase, Phase::Training { .. } | Phase::Encoding { .. })
+        {
+            return;
+        }
+        let Some((model_id, round, weights)) = self.exports.queued.take() else {
+            return;
+        };
+        // The base checkpoint training loads, else the federation's named base.
+        let base = self.round.as_ref().map_or("", |a| a.base_model.as_str());
+        let model = if !self.cfg.model_dir.as_os_str().is_empty() {
+            self.cfg.model_dir.clone()
+        } else if !base.is_empty() {
+            PathBuf::from(base)
+        } else {
+            PathBuf::from("lerobot/smolvla_base")
+        };
+        tracing::info!(model = %model_id, round, "exporting the global model for act");
+        self.exports.running = Some(model_id.clone());
+        self.exports.last = Some(model_id.clone());
+        self.out.push(Command::SpawnExport {
+            model_id,
+            round,
+            model,
+            weights,
+        });
+    }
+
+    fn on_exported(&mut self, model_id: String, result: Result<Current, String>) {
+        if self.exports.running.as_deref() != Some(model_id.as_str()) {
+            return;
+        }
+        self.exports.running = None;
+        match result {
+            Ok(c) => {
+                tracing::info!(model = %model_id, dir = %c.dir.display(), "export ready for act")
+            }
+            Err(error) => {
+                tracing::error!(model = %model_id, %error, "export failed; act keeps the previous one");
+                self.status.counters.export_failures += 1;
+                self.save_status();
+            }
+        }
     }
 
     fn on_round(&mut self, payload: &[u8]) {
@@ -604,12 +740,18 @@ impl Core {
             self.start_training(&ann, model);
             return;
         }
+        self.start_fetch(r, &ann.model_id);
+    }
+
+    /// Starts downloading `model_id` (for `round`).
+    fn start_fetch(&mut self, round: u64, model_id: &str) {
         // A global model is never larger than the update cap times a generous factor.
-        let max_len = ann.max_update_bytes.saturating_mul(4).max(1 << 30);
-        let fetch = ModelFetch::new(ann.model_id.clone(), self.cfg.fetch_window, max_len);
-        self.subscribe(self.topics.model_manifest(&ann.model_id));
+        let cap = self.round.as_ref().map_or(0, |a| a.max_update_bytes);
+        let max_len = cap.saturating_mul(4).max(1 << 30);
+        let fetch = ModelFetch::new(model_id.to_string(), self.cfg.fetch_window, max_len);
+        self.subscribe(self.topics.model_manifest(model_id));
         self.phase = Phase::Fetching {
-            round: r,
+            round,
             fetch: Box::new(fetch),
         };
     }
@@ -675,7 +817,7 @@ impl Core {
             self.request_chunks();
             return;
         }
-        let Phase::Fetching { fetch, .. } = self.take_phase() else {
+        let Phase::Fetching { fetch, round } = self.take_phase() else {
             return; // checked above
         };
         self.out
@@ -683,6 +825,7 @@ impl Core {
         match fetch.finish(&self.cfg.cache_dir) {
             Ok(model) => {
                 tracing::info!(model = model_id, path = %model.path.display(), "global model cached");
+                self.note_global(model_id, round, &model.path);
                 self.consider_round();
             }
             Err(e) => {
@@ -694,6 +837,7 @@ impl Core {
 
     fn start_training(&mut self, ann: &RoundAnnouncement, global: CachedModel) {
         let round = ann.round;
+        self.note_global(&ann.model_id, round, &global.path);
         let cfg = &self.cfg;
         let nonempty = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
         let job = TrainJob {

@@ -10,13 +10,15 @@
 //!   model cache;
 //! - this file: the event loop, which turns MQTT traffic and finished jobs into events and
 //!   executes the core's commands (subscribe, publish, spawn the worker, upload, status file);
-//! - [`fetch`] (model download state), [`worker`] (the trainer child process), [`outbound`]
+//! - [`fetch`] (model download state), [`worker`] (the trainer child process), [`export`]
+//!   (the ONNX export of each new global model, with `[infer] follow_global`), [`outbound`]
 //!   (encoding and signing an update), [`upload`] (publishing it, paced to
 //!   `upload_max_bytes_per_sec`), [`config`] (TOML); the MQTT connection (bounded inbox),
 //!   signals and systemd READY/watchdog come from `zk0_daemon`, shared with the aggregator.
 
 pub mod config;
 pub mod core;
+pub mod export;
 pub mod fetch;
 pub mod outbound;
 pub mod upload;
@@ -160,6 +162,20 @@ impl Executor {
                     h.abort();
                 }
             }
+            Command::SpawnExport {
+                model_id,
+                round,
+                model,
+                weights,
+            } => {
+                let job = export_job(&self.cfg, model_id.clone(), round, model, weights);
+                let tx = self.jobs.clone();
+                // Its own task: a slow export never holds up the loop; the timeout kills it.
+                tokio::spawn(async move {
+                    let result = export::run(&job).await.map_err(|e| e.to_string());
+                    let _ = tx.send(Event::Exported { model_id, result });
+                });
+            }
             Command::SaveStatus(st) => {
                 // A failure only costs `zk0-agent status` its freshness.
                 if let Err(e) = st.write(&self.cfg.work_dir) {
@@ -197,6 +213,33 @@ impl Executor {
     }
 }
 
+/// The export of `model_id`: `[infer] export_command`, else the worker's program with
+/// `export-onnx`; the tokenizer training uses.
+fn export_job(
+    cfg: &AgentConfig,
+    model_id: String,
+    round: u64,
+    model: std::path::PathBuf,
+    global: std::path::PathBuf,
+) -> export::ExportJob {
+    let command = if cfg.infer.export_command.is_empty() {
+        let program = cfg.worker.first().cloned().unwrap_or_default();
+        vec![program, "export-onnx".into()]
+    } else {
+        cfg.infer.export_command.clone()
+    };
+    export::ExportJob {
+        command,
+        model,
+        tokenizer: (!cfg.tokenizer.as_os_str().is_empty()).then(|| cfg.tokenizer.clone()),
+        global,
+        model_id,
+        round,
+        exports: export::exports_dir(&cfg.work_dir),
+        timeout: Duration::from_secs(cfg.infer.export_timeout_secs.max(1)),
+    }
+}
+
 async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     let key = zk0_daemon::keys::load_keypair(&cfg.key_file).with_context(|| {
         format!(
@@ -215,7 +258,13 @@ async fn daemon(cfg: AgentConfig, max_rounds: u64) -> Result<()> {
     let previous = crate::fleet::AgentStatus::read(&cfg.work_dir)
         .ok()
         .flatten();
-    let mut core = Core::new(cfg.clone(), pinned, key.clone(), hello, previous.as_ref())?;
+    // The export the last run left current is not made again.
+    let exported = export::read_current(&export::exports_dir(&cfg.work_dir))
+        .ok()
+        .flatten()
+        .map(|c| c.model_id);
+    let mut core = Core::new(cfg.clone(), pinned, key.clone(), hello, previous.as_ref())?
+        .with_exported(exported);
     let mut settings = Settings::new(
         zk0_daemon::mqtt::agent_client_id(&cfg.client_id),
         BrokerUrl::parse(&cfg.broker)?,

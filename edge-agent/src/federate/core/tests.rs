@@ -888,3 +888,163 @@ fn unselected_clients_and_unaccepted_codecs_sit_the_round_out() {
         "a codec mismatch forfeits the round"
     );
 }
+
+/// A fixture with `[infer] follow_global = true`.
+fn following() -> Fixture {
+    let mut f = fixture();
+    f.core.cfg.infer.follow_global = true;
+    f
+}
+
+/// The exports asked for: (model id, round, weights file).
+fn exports(cmds: &[Command]) -> Vec<(&str, u64, &Path)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::SpawnExport {
+                model_id,
+                round,
+                weights,
+                ..
+            } => Some((model_id.as_str(), *round, weights.as_path())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn exported(id: &str, ok: bool) -> Event {
+    Event::Exported {
+        model_id: id.into(),
+        result: if ok {
+            Ok(Current {
+                model_id: id.into(),
+                dir: "/e".into(),
+                round: 1,
+            })
+        } else {
+            Err("boom".into())
+        },
+    }
+}
+
+/// A signed aggregator status naming `model_id`.
+fn server_status(f: &Fixture, session: u64, model_id: &str) -> Event {
+    let s = ServerStatus {
+        v: PROTOCOL_VERSION,
+        federation: "default".into(),
+        session,
+        online: true,
+        round: 3,
+        model_id: Some(model_id.into()),
+        aggregator_key: String::new(),
+        ts_ms: 0,
+        signature: Vec::new(),
+    }
+    .signed(&f.key);
+    Event::ServerStatus(message::encode(&s).into())
+}
+
+#[test]
+fn follow_global_exports_a_new_verified_model_once_after_the_update_is_encoded() {
+    let mut f = following();
+    f.seed_cache();
+    let weights = fetch::cache_path(f.cache_dir(), &f.id);
+    let cmds = f.round(1, T0);
+    assert_eq!(trainings(&cmds).len(), 1);
+    assert!(exports(&cmds).is_empty(), "not while training");
+    assert!(
+        exports(&f.core.on(trained(1), T0)).is_empty(),
+        "nor encoding"
+    );
+    let cmds = f.core.on(encoded(1), T0);
+    assert_eq!(exports(&cmds), [(f.id.as_str(), 1, weights.as_path())]);
+    let model = cmds.iter().find_map(|c| match c {
+        Command::SpawnExport { model, .. } => Some(model.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        model,
+        Some(PathBuf::from("base")),
+        "no model_dir: the announced base"
+    );
+    assert_eq!(f.core.phase().name(), "awaiting_ack");
+    // The round's ack: done with the rounds, but not while the export runs.
+    f.core
+        .on(f.ack(Ack::incomplete("r1", 1, (0..5).collect())), T0);
+    f.core.on(
+        Event::Uploaded {
+            round: 1,
+            upload_id: 1,
+        },
+        T0,
+    );
+    f.core.on(f.ack(Ack::accepted("r1", 1)), T0);
+    assert_eq!(f.core.rounds_done(), 1);
+    assert!(!f.core.is_done(1), "the export is still running");
+    assert!(exports(&f.core.on(exported(&f.id, true), T0)).is_empty());
+    assert!(f.core.is_done(1));
+    // The same model again (next round, the aggregator's status): no second export.
+    let cmds = f.round(2, T0);
+    assert_eq!(trainings(&cmds).len(), 1);
+    f.core.on(trained(2), T0);
+    assert!(exports(&f.core.on(encoded(2), T0)).is_empty());
+    assert!(exports(&f.core.on(server_status(&f, 1, &f.id), T0)).is_empty());
+    assert_eq!(f.core.counters().export_failures, 0);
+}
+
+#[test]
+fn without_follow_global_nothing_is_exported() {
+    let mut f = fixture();
+    f.seed_cache();
+    let mut all = f.round(1, T0);
+    all.extend(f.core.on(trained(1), T0));
+    all.extend(f.core.on(encoded(1), T0));
+    all.extend(f.core.on(server_status(&f, 1, &f.id), T0));
+    assert!(exports(&all).is_empty());
+    assert_eq!(f.core.phase().name(), "awaiting_ack");
+}
+
+#[test]
+fn the_aggregators_final_model_is_fetched_when_idle_and_exported() {
+    let mut f = following();
+    // Rounds over: no announcement to take part in, the status names the final model.
+    let cmds = f.core.on(server_status(&f, 1, &f.id), T0);
+    assert_eq!(subscribed(&cmds), [f.core.topics().model_manifest(&f.id)]);
+    assert_eq!(f.core.phase().name(), "fetching");
+    f.core.on(
+        Event::ModelManifest {
+            model_id: f.id.clone(),
+            payload: f.manifest(&f.key),
+        },
+        T0,
+    );
+    let mut all = Vec::new();
+    for i in 0..shared_proto::chunk::chunk_count(f.blob.len(), 64) {
+        all.extend(f.core.on(
+            Event::ModelChunk {
+                model_id: f.id.clone(),
+                index: i,
+                payload: f.chunk(i),
+            },
+            T0,
+        ));
+    }
+    let weights = fetch::cache_path(f.cache_dir(), &f.id);
+    assert_eq!(exports(&all), [(f.id.as_str(), 3, weights.as_path())]);
+    assert!(trainings(&all).is_empty());
+    assert_eq!(f.core.phase().name(), "idle");
+    // A failed export is counted and not retried for the same model.
+    f.core.on(exported(&f.id, false), T0);
+    assert_eq!(f.core.counters().export_failures, 1);
+    assert!(exports(&f.core.on(server_status(&f, 2, &f.id), T0)).is_empty());
+}
+
+#[test]
+fn the_export_a_previous_run_made_is_not_made_again() {
+    let mut f = following();
+    f.core = std::mem::replace(&mut f.core, fixture().core).with_exported(Some(f.id.clone()));
+    f.seed_cache();
+    let mut all = f.round(1, T0);
+    all.extend(f.core.on(trained(1), T0));
+    all.extend(f.core.on(encoded(1), T0));
+    assert!(exports(&all).is_empty());
+}
