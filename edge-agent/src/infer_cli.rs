@@ -270,17 +270,6 @@ pub fn run(a: InferArgs) -> Result<()> {
     Ok(())
 }
 
-/// This process's peak resident set (VmHWM), KiB.
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// `--bench N`: a fixed synthetic observation (uniform images, ramp state, every token real),
 /// the same noise for each chunk; prefix and denoising loop timed apart.
 fn bench(policy: &mut OnnxPolicy, n: usize, load_s: f64, a: &InferArgs) -> Result<()> {
@@ -329,7 +318,7 @@ fn bench(policy: &mut OnnxPolicy, n: usize, load_s: f64, a: &InferArgs) -> Resul
         "chunk_ms": {"p50": percentile(&chunk_ms, 0.5), "p99": percentile(&chunk_ms, 0.99), "mean": mean(&chunk_ms)},
         "prefix_ms": p_mean,
         "denoise_step_ms": l_mean / m.num_steps.max(1) as f64,
-        "peak_rss_kib": peak_rss_kib(),
+        "peak_rss_kib": zk0_host::peak_rss_kib(),
         "load_s": load_s,
         "threads": a.threads,
         "provider": format!("{:?}", a.provider).to_lowercase(),

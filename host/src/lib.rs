@@ -16,6 +16,20 @@ pub use checklist::{emit, gib, Check, Checklist, Status};
 pub use devices::{serial_ports, video_devices, SerialPort, VideoDevice};
 pub use onnxruntime::{find_onnxruntime, OnnxRuntime};
 
+/// This process's peak resident set size in KiB (`VmHWM` of /proc/self/status), when known:
+/// what the benchmarks and `zk0-agent infer --bench` report as peak memory.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 use serde::Serialize;
 use std::path::Path;
 

@@ -101,16 +101,6 @@ fn parse_opts() -> Result<Opts, String> {
     Ok(o)
 }
 
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The tch side, in this (child) process: `predict_action_chunk` on a fixed random batch.
 fn tch_side(model: &Path, n: usize, threads: usize) -> Value {
     tch::set_num_threads(threads as i32);
@@ -151,7 +141,7 @@ fn tch_side(model: &Path, n: usize, threads: usize) -> Value {
     json!({
         "chunk_ms": {"p50": times[times.len() / 2], "p99": times[((times.len() - 1) as f64 * 0.99).round() as usize],
                      "mean": times.iter().sum::<f64>() / times.len() as f64},
-        "peak_rss_kib": peak_rss_kib(),
+        "peak_rss_kib": zk0_host::peak_rss_kib(),
         "load_s": load_s,
         "threads": threads,
     })

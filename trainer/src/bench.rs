@@ -30,19 +30,6 @@ pub struct BenchArgs {
     pub autocast: Option<Kind>,
 }
 
-/// This process's peak resident set size in KiB (`VmHWM` of /proc/self/status), when known.
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Runs the steps and returns the JSON report.
 pub fn run(args: &BenchArgs) -> Result<Value> {
     if args.steps == 0 {
@@ -107,6 +94,6 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
             "backward": phases.backward,
             "optimizer": phases.optimizer,
         },
-        "peak_rss_kib": peak_rss_kib(),
+        "peak_rss_kib": zk0_host::peak_rss_kib(),
     }))
 }
