@@ -45,6 +45,7 @@ use shared_proto::message::{
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
 use shared_proto::topic::Topics;
+use zk0_e2e::procmem::Footprint;
 use zk0_e2e::{free_port, run_ok, target_dir, wait_for, workspace_root, ChildGuard};
 
 const CHUNK: usize = 1 << 20;
@@ -192,18 +193,6 @@ fn synth(params: usize, scale: f32, seed: u64) -> TensorSet {
         i += 1;
     }
     m
-}
-
-/// `VmHWM` (peak resident set) of a live process, in bytes, from `/proc/<pid>/status`.
-fn vm_hwm(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .context("reading /proc/<pid>/status (Linux only)")?;
-    let kib: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/<pid>/status")?;
-    Ok(kib * 1024)
 }
 
 /// Waits (bounded) for the first round's new model id in the aggregator's `state.json`.
@@ -528,7 +517,7 @@ fn rss_run(
     let id = wait_first_round(&state, Duration::from_secs(1800))?;
     wait_model_published(port, &id, Duration::from_secs(600))?;
     let total_s = t0.elapsed().as_secs_f64();
-    let peak = vm_hwm(a.child.id())?;
+    let peak = Footprint::read(a.child.id())?.hwm * 1024;
     drop(a);
     // The round really aggregated every client.
     let st: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("state.json"))?)?;

@@ -1,6 +1,6 @@
 //! Helpers for the workspace end-to-end tests: locating the built binaries and the vendored
-//! fixtures, LeRobot's venv python, free loopback ports, and child processes that are killed when
-//! dropped.
+//! fixtures, LeRobot's venv python, free loopback ports, child processes that are killed when
+//! dropped, and a live process's memory ([`procmem`], for the benchmarks).
 //!
 //! The daemons are found in the workspace target dir (`$CARGO_TARGET_DIR` or `<workspace>/target`,
 //! `debug` profile). [`ensure_built`] runs `cargo build -p aggregator -p edge-agent` once per
@@ -10,6 +10,7 @@
 
 pub mod fake_hub;
 pub mod federation;
+pub mod procmem;
 pub mod smolvla;
 
 use std::net::TcpListener;

@@ -1,7 +1,7 @@
 //! `cargo xtask cross`: build the daemons for aarch64 robot hosts (Jetson, JetPack 6 =
 //! Ubuntu 22.04, glibc 2.35) and smoke-test them under qemu-user.
 
-use crate::tasks::{ensure_rustup, ensure_system, root, run, NO_LIBTORCH_PACKAGES};
+use crate::tasks::{ensure_rustup, ensure_system, root, run, target_dir, NO_LIBTORCH_PACKAGES};
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
@@ -47,7 +47,7 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
     run(&mut build)?;
 
     let profile = if args.release { "release" } else { "debug" };
-    let dir = root().join("target").join(TARGET).join(profile);
+    let dir = target_dir().join(TARGET).join(profile);
     for bin in BINARIES {
         let path = dir.join(bin);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -119,7 +119,7 @@ fn infer_under_qemu(agent: &std::path::Path) -> Result<()> {
     let ort = crate::setup::onnxruntime_aarch64()?;
     let fx = root().join("tests/fixtures");
     let export = fx.join("smolvla-tiny-onnx");
-    let work = root().join("target").join(TARGET);
+    let work = target_dir().join(TARGET);
     let out = work.join("infer-under-qemu.safetensors");
     // qemu-user 7.2 (Debian 12) passes the host's x86 /proc/cpuinfo through, and
     // onnxruntime's cpuinfo crashes parsing it as an ARM one while the library loads. A

@@ -13,6 +13,14 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target dir: `$CARGO_TARGET_DIR` (relative to the repository root) or `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root().join(t) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Run a command to completion, failing with its command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = format!("{cmd:?}");
@@ -219,10 +227,7 @@ pub fn demo(args: &[String]) -> Result<()> {
         "zk0-e2e",
         "--bins",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root().join(t) })
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let demo = target
         .join("debug")
         .join(format!("zk0-demo{}", std::env::consts::EXE_SUFFIX));
@@ -277,6 +282,13 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "aggregator",
         "aggregator peak RSS vs clients; 100 MB via the broker vs raw TCP",
     ),
+    (
+        "agent",
+        "zk0-e2e",
+        "agent",
+        "idle zk0-agent run (systemd-started, on a broker): RSS, start-up to READY=1, binary \
+         size; x86_64 and (qemu) aarch64 (--aarch64 builds it first)",
+    ),
 ];
 
 /// Directory of a workspace package whose name differs from its folder.
@@ -316,6 +328,13 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
     let mut args = args.to_vec();
     if name == "federation" {
         args = real_federation_delta(&env, args)?;
+    }
+    if name == "agent" && args.iter().any(|a| a == "--aarch64") {
+        // The aarch64 release binaries the bench then measures under qemu.
+        crate::cross::cross(&crate::cross::CrossArgs {
+            release: true,
+            no_run: true,
+        })?;
     }
     if name == "infer" {
         // The ORT side runs the agent binary.
@@ -369,10 +388,7 @@ fn real_federation_delta(env: &Env, args: Vec<String>) -> Result<Vec<String>> {
         "--bin",
         "zk0-agent",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root().join(t) })
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let bin = |n: &str| {
         target
             .join("release")
