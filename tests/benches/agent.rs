@@ -48,7 +48,9 @@ use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
 use shared_proto::topic::Topics;
 use zk0_e2e::federation::find_mosquitto;
 use zk0_e2e::procmem::{Breakdown, Footprint};
-use zk0_e2e::{free_port, run_ok, target_dir, wait_for, workspace_root, ChildGuard};
+use zk0_e2e::{
+    bench_args, bench_build, bench_main, free_port, run_ok, target_dir, wait_for, ChildGuard,
+};
 
 const FEDERATION: &str = "bench";
 const CLIENT: &str = "robot-1";
@@ -71,11 +73,10 @@ fn parse_args() -> Result<Opts> {
         reps: if debug { 1 } else { 5 },
         require_aarch64: false,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = bench_args();
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--bench" => {} // cargo bench passes it to harness-less targets
             "--idle-s" => o.idle = Duration::from_secs_f64(val()?.parse().context("--idle-s")?),
             "--reps" => o.reps = val()?.parse::<usize>().context("--reps")?.clamp(1, 100),
             "--aarch64" => o.require_aarch64 = true,
@@ -96,25 +97,10 @@ struct Bins {
 }
 
 fn binaries() -> Result<Bins> {
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    if std::env::var_os("ZK0_BENCH_NO_BUILD").is_none() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "-p", "edge-agent", "-p", "aggregator"]);
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().context("running cargo build")?;
-        anyhow::ensure!(st.success(), "{cmd:?} failed: {st}");
-    }
-    let dir = target_dir().join(profile);
+    let release = !cfg!(debug_assertions);
+    let dir = bench_build(&["edge-agent", "aggregator"], release)?;
     let bins = Bins {
-        profile,
+        profile: if release { "release" } else { "debug" },
         agent: dir.join("zk0-agent"),
         aggregator: dir.join("zk0-aggregator"),
     };
@@ -166,25 +152,24 @@ impl Setup {
         let model = d.join("model.safetensors");
         std::fs::write(&model, write_safetensors(&m, &BTreeMap::new()))?;
         let state = d.join("aggregator");
-        run_ok(
-            Command::new(&bins.aggregator)
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("init")
-                .arg("--model")
-                .arg(&model),
-        )?;
+        let aggregator = |args: &[&str], file: &Path| {
+            run_ok(
+                Command::new(&bins.aggregator)
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .args(args)
+                    .arg(file),
+            )
+        };
+        aggregator(&["init", "--model"], &model)?;
         run_ok(
             Command::new(&bins.agent)
                 .args(["keys", "init", "--key"])
                 .arg(d.join("agent.key")),
         )?;
-        run_ok(
-            Command::new(&bins.aggregator)
-                .arg("--state-dir")
-                .arg(&state)
-                .args(["keys", "enroll", "--client-id", CLIENT])
-                .arg(d.join("agent.key.pub")),
+        aggregator(
+            &["keys", "enroll", "--client-id", CLIENT],
+            &d.join("agent.key.pub"),
         )?;
         std::fs::create_dir_all(d.join("dataset"))?;
         Ok(Setup { dir, state })
@@ -556,7 +541,7 @@ struct Row {
 }
 
 fn main() -> ExitCode {
-    let r = (|| -> Result<()> {
+    bench_main(|| {
         let o = parse_args()?;
         let bins = binaries()?;
         let arm = target_dir().join(AARCH64).join("release").join("zk0-agent");
@@ -772,12 +757,5 @@ fn main() -> ExitCode {
             }
         );
         Ok(())
-    })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

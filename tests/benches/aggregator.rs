@@ -46,7 +46,7 @@ use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{write_safetensors, Tensor, TensorSet};
 use shared_proto::topic::Topics;
 use zk0_e2e::procmem::Footprint;
-use zk0_e2e::{free_port, run_ok, target_dir, wait_for, workspace_root, ChildGuard};
+use zk0_e2e::{bench_args, bench_build, bench_main, free_port, run_ok, wait_for, ChildGuard};
 
 const CHUNK: usize = 1 << 20;
 const FEDERATION: &str = "bench";
@@ -70,11 +70,10 @@ fn parse_args() -> Result<Opts> {
         reps: if debug { 1 } else { 3 },
         uplinks: 1,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = bench_args();
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--bench" => {} // cargo bench passes it to harness-less targets
             "--only" => {
                 let v = val()?;
                 anyhow::ensure!(v == "rss" || v == "broker", "--only rss|broker, not {v:?}");
@@ -112,19 +111,7 @@ fn parse_args() -> Result<Opts> {
 
 /// The release `zk0-aggregator`, built first unless `ZK0_BENCH_NO_BUILD` is set.
 fn aggregator_bin() -> Result<PathBuf> {
-    if std::env::var_os("ZK0_BENCH_NO_BUILD").is_none() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .current_dir(workspace_root())
-            .args(["build", "--release", "-p", "aggregator"])
-            .status()
-            .context("running cargo build")?;
-        anyhow::ensure!(
-            st.success(),
-            "cargo build --release -p aggregator failed: {st}"
-        );
-    }
-    let p = target_dir().join("release").join("zk0-aggregator");
+    let p = bench_build(&["aggregator"], true)?.join("zk0-aggregator");
     anyhow::ensure!(p.is_file(), "{} is not built", p.display());
     Ok(p)
 }
@@ -773,7 +760,7 @@ fn bench_broker(o: &Opts, agg: &Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let r = (|| -> Result<()> {
+    bench_main(|| {
         let o = parse_args()?;
         let agg = aggregator_bin()?;
         if o.only.as_deref() != Some("rss") {
@@ -783,12 +770,5 @@ fn main() -> ExitCode {
             bench_rss(&o, &agg)?;
         }
         Ok(())
-    })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

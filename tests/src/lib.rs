@@ -160,6 +160,43 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A harness-less benchmark's `main`: runs `body`, printing its error (with causes) and
+/// failing the exit status when it fails.
+pub fn bench_main(body: impl FnOnce() -> Result<()>) -> std::process::ExitCode {
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A benchmark's own arguments: those after the program name, less the `--bench` cargo
+/// passes to harness-less targets.
+pub fn bench_args() -> impl Iterator<Item = String> {
+    std::env::args().skip(1).filter(|a| a != "--bench")
+}
+
+/// Builds `packages` (release or dev profile) for a benchmark, unless `ZK0_BENCH_NO_BUILD`
+/// is set, and returns the profile's dir, `<target>/release` or `<target>/debug`.
+pub fn bench_build(packages: &[&str], release: bool) -> Result<PathBuf> {
+    if std::env::var_os("ZK0_BENCH_NO_BUILD").is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).arg("build");
+        if release {
+            cmd.arg("--release");
+        }
+        for p in packages {
+            cmd.args(["-p", p]);
+        }
+        let st = cmd.status().context("running cargo build")?;
+        anyhow::ensure!(st.success(), "{cmd:?} failed: {st}");
+    }
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
 /// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let start = Instant::now();
