@@ -36,6 +36,25 @@ pub fn autocast_kind() -> Option<Kind> {
     AUTOCAST.with(Cell::get)
 }
 
+/// `a @ b`, in [`autocast`]'s precision when one is set (torch's autocast lists `matmul`
+/// among its lower-precision ops), the result back in `a`'s dtype.
+pub fn autocast_matmul(a: &Tensor, b: &Tensor) -> Tensor {
+    match autocast_kind() {
+        None => a.matmul(b),
+        Some(k) => a.to_kind(k).matmul(&b.to_kind(k)).to_kind(a.kind()),
+    }
+}
+
+/// The precision a layer with `weight` computes in for input `x`: [`autocast`]'s, else the
+/// weight's own when it is stored reduced ([`crate::SmolVlaPolicy::store_frozen_as`]), else
+/// `None` (the input's, float32).
+pub fn compute_kind(weight: &Tensor, x: &Tensor) -> Option<Kind> {
+    autocast_kind().or_else(|| {
+        let k = weight.kind();
+        (k != x.kind()).then_some(k)
+    })
+}
+
 /// `nn.Linear` with the checkpoint's `weight` [out, in] / optional `bias` [out].
 #[derive(Debug)]
 pub struct Linear {
@@ -69,7 +88,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match autocast_kind() {
+        match compute_kind(&self.weight, x) {
             None => x.linear(&self.weight, self.bias.as_ref()),
             Some(k) => {
                 let bias = self.bias.as_ref().map(|b| b.to_kind(k));
@@ -224,11 +243,11 @@ pub fn eager_attention(
     let v = expand(v);
     let q = q.to_kind(Kind::Float).transpose(1, 2);
     let k = k.to_kind(Kind::Float).transpose(1, 2);
-    let logits = q.matmul(&k.transpose(2, 3)) * (d as f64).powf(-0.5);
+    let logits = autocast_matmul(&q, &k.transpose(2, 3)) * (d as f64).powf(-0.5);
     let neg = Tensor::from(f32::MIN).to_device(logits.device());
     let masked = logits.where_self(&mask.unsqueeze(1), &neg);
     let probs = masked.softmax(-1, Kind::Float).to_kind(v.kind());
-    let out = probs.matmul(&v.permute([0, 2, 1, 3]));
+    let out = autocast_matmul(&probs, &v.permute([0, 2, 1, 3]));
     let lq = out.size()[2];
     out.permute([0, 2, 1, 3]).reshape([b, lq, heads * d])
 }

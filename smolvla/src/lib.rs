@@ -19,6 +19,7 @@
 //! - [`optim`]: AdamW, gradient clipping, cosine-with-warmup schedule.
 //! - [`hub`]: checkpoints by Hub id through hf-hub's cache (offline mode honoured).
 //! - [`device`]: the `auto|cpu|cuda[:N]` device option.
+//! - [`weights`]: a safetensors file read one tensor at a time.
 //!
 //! [`layers::autocast`] runs the matrix products in bfloat16 (`--bf16` in zk0-train).
 
@@ -34,6 +35,7 @@ pub mod policy;
 pub mod processor;
 pub mod text;
 pub mod vision;
+pub mod weights;
 
 pub use config::{ModelDims, SmolVlaConfig, VlmConfig};
 pub use error::{Error, Result};

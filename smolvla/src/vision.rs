@@ -60,7 +60,7 @@ impl VisionEmbeddings {
     /// `patch_attention_mask=None`), so position ids are 0..N-1 in row-major order.
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
         let p = self.patch_size;
-        let x = match crate::layers::autocast_kind() {
+        let x = match crate::layers::compute_kind(&self.patch_weight, pixels) {
             None => pixels.conv2d(
                 &self.patch_weight,
                 Some(&self.patch_bias),
@@ -118,16 +118,19 @@ impl VisionAttention {
         let v = split(self.v_proj.forward(x));
         // transformers runs this tower with its SDPA attention; the same kernel gives the
         // same float summation order as LeRobot.
+        // Under autocast in its precision, as torch's autocast runs SDPA.
+        let kind = crate::layers::autocast_kind().unwrap_or(q.kind());
         let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
+            &q.to_kind(kind),
+            &k.to_kind(kind),
+            &v.to_kind(kind),
             None::<Tensor>,
             0.0,
             false,
             None,
             false,
-        );
+        )
+        .to_kind(x.kind());
         let out = out.transpose(1, 2).reshape([b, l, c]);
         self.out_proj.forward(&out)
     }

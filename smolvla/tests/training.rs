@@ -86,3 +86,72 @@ fn save_pretrained_round_trips() {
     assert!(err.contains(&dropped), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Loss and trainable gradients of one forward/backward on the fixture batch.
+fn loss_and_grads(policy: &SmolVlaPolicy, autocast: Option<Kind>) -> (f64, Vec<Tensor>) {
+    let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
+    let params: Vec<Tensor> = policy
+        .trainable_parameters()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let lo = smolvla::layers::autocast(autocast, || {
+        policy
+            .forward(
+                &batch,
+                Some(&draws["noise"]),
+                Some(&draws["time"]),
+                &mut Trace::off(),
+            )
+            .unwrap()
+    });
+    lo.loss.backward();
+    let grads = params.iter().map(|p| p.grad().copy()).collect();
+    (lo.loss.double_value(&[]), grads)
+}
+
+/// Under bf16 autocast every frozen matrix product already ran on the weight cast to bf16:
+/// storing those weights in bf16 gives bit-identical losses and gradients, with the frozen
+/// norms, embeddings and every trainable tensor left float32; saving writes float32 again.
+#[test]
+fn frozen_weights_in_bf16_change_nothing_under_bf16_autocast() {
+    tch::set_num_threads(1);
+    let plain = SmolVlaPolicy::from_dir(FIXTURE, Device::Cpu).unwrap();
+    let mut reduced = SmolVlaPolicy::from_dir(FIXTURE, Device::Cpu).unwrap();
+    let changed = reduced.store_frozen_as(Kind::BFloat16);
+    let bf16: Vec<String> = reduced
+        .named_parameters()
+        .into_iter()
+        .filter(|(_, t)| t.kind() == Kind::BFloat16)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(bf16.len(), changed);
+    assert!(
+        bf16.iter().any(|n| n.ends_with("q_proj.weight")),
+        "{bf16:?}"
+    );
+    assert!(bf16.iter().any(|n| n.ends_with("patch_embedding.weight")));
+    assert!(bf16.iter().any(|n| n.ends_with("fc1.bias")));
+    for n in &bf16 {
+        assert!(!smolvla::policy::is_trainable(n, &reduced.config), "{n}");
+        assert!(!n.contains("norm") && !n.contains("embed_tokens"), "{n}");
+    }
+    let (l0, g0) = loss_and_grads(&plain, Some(Kind::BFloat16));
+    let (l1, g1) = loss_and_grads(&reduced, Some(Kind::BFloat16));
+    assert_eq!(l0, l1);
+    assert_eq!(g0.len(), g1.len());
+    for (a, b) in g0.iter().zip(&g1) {
+        assert!(a.equal(b));
+    }
+    // Without autocast the bf16-stored layers compute in bf16 (an approximation of float32).
+    let (l32, _) = loss_and_grads(&plain, None);
+    let (lr, _) = loss_and_grads(&reduced, None);
+    assert!((l32 - lr).abs() < 2e-2 * l32.abs(), "{l32} vs {lr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    reduced
+        .save_weights(dir.path().join("m.safetensors"))
+        .unwrap();
+    let saved = Tensor::read_safetensors(dir.path().join("m.safetensors")).unwrap();
+    assert!(saved.iter().all(|(_, t)| t.kind() == Kind::Float));
+}

@@ -1,12 +1,15 @@
 //! `cargo xtask bench train`: training steps/s and peak RSS of `zk0-train` against LeRobot's own
 //! SmolVLA training step, on the same machine in the same run.
 //!
-//! Two configs, both sides built from the same `config.json`, `vlm_config.json` and
+//! Three configs, both sides built from the same `config.json`, `vlm_config.json` and
 //! `model.safetensors` (so they are the same model and the same weights):
 //! - `tiny`: the vendored parity fixture (tests/fixtures/smolvla-tiny);
 //! - `small`: SmolVLA's full-size architecture at a quarter of its widths (SmolVLM2-500M's text
 //!   960→240, vision 768→192, same head counts, full vocabulary) with 4 VLM layers, 4 vision
-//!   layers, 256×256 images and 50-step action chunks, randomly initialised here.
+//!   layers, 256×256 images and 50-step action chunks, randomly initialised here;
+//! - `full`: `lerobot/smolvla_base`'s architecture (SmolVLM2-500M cut to 16 layers, 512² images,
+//!   450 M parameters, 99.9 M trainable with the default freeze), random weights, 1 and 2
+//!   cameras at 480×640, batch 1 and 4 (the matrix `--cameras`/`--batch` set).
 //!
 //! Each side runs as its own process (`zk0-train bench`, trainer/benches/lerobot_train_step.py
 //! through the LeRobot venv in `ZK0_LEROBOT_PYTHON`) on the same batch file with the same
@@ -14,8 +17,13 @@
 //! excluded from the timing; each process reports its own peak RSS (VmHWM). Without the venv
 //! the LeRobot side is skipped with a message and only zk0's figures are printed.
 //!
-//! Options (after `--`): `--threads N` (default: all cores), `--only tiny|small`,
-//! `--tiny-steps N`, `--small-steps N`, `--warmup N`, `--bf16` (both sides autocast to bf16).
+//! Options (after `--`): `--threads N` (default: all cores), `--only tiny|small|full`,
+//! `--tiny-steps N`, `--small-steps N`, `--full-steps N`, `--warmup N`, `--precision
+//! f32,bf16` (both sides autocast to bf16 for `bf16`; default `f32`, and both for `--only
+//! full`), `--bf16` (= `--precision bf16`), `--cameras 1,2` and `--batch 1,4` (the full-size
+//! matrix), `--keep DIR` (reuse/keep the work dir: the full-size checkpoint is 1.8 GB).
+//! `full` runs only when asked for (`--only full`): at 2–20 s a step on 2 cores its matrix
+//! takes about 10 minutes.
 
 mod common;
 
@@ -38,8 +46,40 @@ struct Opts {
     only: Option<String>,
     tiny_steps: usize,
     small_steps: usize,
+    full_steps: usize,
     warmup: usize,
-    bf16: bool,
+    precisions: Vec<Precision>,
+    cameras: Vec<usize>,
+    batches: Vec<i64>,
+    keep: Option<PathBuf>,
+}
+
+/// The matrix products' precision of one run (both sides alike).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// `1,2` → `[1, 2]` (positive numbers only).
+fn list<T: std::str::FromStr + PartialOrd + Default>(
+    v: &str,
+    name: &str,
+) -> Result<Vec<T>, String> {
+    v.split(',')
+        .map(|x| x.trim().parse::<T>().ok().filter(|n| *n > T::default()))
+        .collect::<Option<Vec<T>>>()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("{name} needs a list of positive numbers, not {v:?}"))
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -48,8 +88,12 @@ fn parse_opts() -> Result<Opts, String> {
         only: None,
         tiny_steps: 40,
         small_steps: 8,
+        full_steps: 3,
         warmup: 2,
-        bf16: false,
+        precisions: Vec::new(),
+        cameras: vec![1, 2],
+        batches: vec![1, 4],
+        keep: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -63,12 +107,31 @@ fn parse_opts() -> Result<Opts, String> {
             "--threads" => o.threads = num("--threads")?,
             "--tiny-steps" => o.tiny_steps = num("--tiny-steps")?,
             "--small-steps" => o.small_steps = num("--small-steps")?,
+            "--full-steps" => o.full_steps = num("--full-steps")?,
             "--warmup" => o.warmup = num("--warmup")?,
-            "--bf16" => o.bf16 = true,
+            "--bf16" => o.precisions = vec![Precision::Bf16],
+            "--precision" => {
+                let v = args.next().unwrap_or_default();
+                o.precisions = v
+                    .split(',')
+                    .map(|p| match p.trim() {
+                        "f32" => Ok(Precision::F32),
+                        "bf16" => Ok(Precision::Bf16),
+                        other => Err(format!("--precision f32|bf16[,...], not {other:?}")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--cameras" => o.cameras = list(&args.next().unwrap_or_default(), "--cameras")?,
+            "--batch" => o.batches = list(&args.next().unwrap_or_default(), "--batch")?,
+            "--keep" => {
+                o.keep = Some(PathBuf::from(
+                    args.next().ok_or("--keep needs a directory")?,
+                ))
+            }
             "--only" => {
                 let v = args.next().unwrap_or_default();
-                if v != "tiny" && v != "small" {
-                    return Err(format!("--only tiny|small, not {v:?}"));
+                if !["tiny", "small", "full"].contains(&v.as_str()) {
+                    return Err(format!("--only tiny|small|full, not {v:?}"));
                 }
                 o.only = Some(v);
             }
@@ -77,12 +140,19 @@ fn parse_opts() -> Result<Opts, String> {
             other => return Err(format!("unknown option {other:?}")),
         }
     }
+    if o.precisions.is_empty() {
+        o.precisions = if o.only.as_deref() == Some("full") {
+            vec![Precision::F32, Precision::Bf16]
+        } else {
+            vec![Precision::F32]
+        };
+    }
     Ok(o)
 }
 
 /// One benchmark configuration: a checkpoint directory and a batch file for it.
 struct Case {
-    name: &'static str,
+    name: String,
     dir: PathBuf,
     inputs: PathBuf,
     steps: usize,
@@ -99,7 +169,8 @@ fn write_json(p: &Path, v: &Value) {
 
 /// A random batch at the model boundary for `dir`'s config (what LeRobot's preprocessor
 /// outputs), plus the flow-matching `noise` and `time`, in the fixture inputs format.
-fn write_inputs(dir: &Path, batch: i64, tokens: i64, out: &Path) {
+/// `valid` of the `tokens` language positions are real tokens, the rest padding.
+fn write_inputs(dir: &Path, batch: i64, tokens: i64, valid: i64, out: &Path) {
     let cfg = SmolVlaConfig::from_file(dir.join("config.json")).unwrap();
     let vlm = VlmConfig::from_file(dir.join("vlm_config.json")).unwrap();
     let opts = (Kind::Float, Device::Cpu);
@@ -136,9 +207,14 @@ fn write_inputs(dir: &Path, batch: i64, tokens: i64, out: &Path) {
             (Kind::Int64, Device::Cpu),
         ),
     ));
+    let positions = Tensor::arange(tokens, (Kind::Int64, Device::Cpu));
     t.push((
         "observation.language.attention_mask".into(),
-        Tensor::ones([batch, tokens], (Kind::Uint8, Device::Cpu)),
+        positions
+            .lt(valid)
+            .to_kind(Kind::Uint8)
+            .unsqueeze(0)
+            .repeat([batch, 1]),
     ));
     t.push((
         "noise".into(),
@@ -157,9 +233,9 @@ fn tiny(root: &Path, steps: usize) -> Case {
     }
     let inputs = root.join("tiny-inputs.safetensors");
     let batch = 8;
-    write_inputs(&dir, batch, 12, &inputs);
+    write_inputs(&dir, batch, 12, 12, &inputs);
     Case {
-        name: "tiny",
+        name: "tiny".into(),
         dir,
         inputs,
         steps,
@@ -213,9 +289,73 @@ fn small(root: &Path, steps: usize) -> Case {
     policy.save_weights(dir.join("model.safetensors")).unwrap();
     let inputs = root.join("small-inputs.safetensors");
     let batch = 4;
-    write_inputs(&dir, batch, 24, &inputs);
+    write_inputs(&dir, batch, 24, 24, &inputs);
     Case {
-        name: "small",
+        name: "small".into(),
+        dir,
+        inputs,
+        steps,
+        batch,
+    }
+}
+
+/// smolvla_base's architecture with `cameras` SO-100 cameras at 480×640 (the same weights for
+/// every camera count: cameras add no parameters), random init written once under `root`.
+/// `load_vlm_weights: false` makes LeRobot build the backbone from `vlm_config.json`.
+fn full(root: &Path, cameras: usize, batch: i64, steps: usize) -> Case {
+    let weights = root.join("full-weights/model.safetensors");
+    let names = ["front", "wrist", "top", "side"];
+    assert!(cameras <= names.len(), "at most {} cameras", names.len());
+    let mut inputs = serde_json::Map::new();
+    inputs.insert(
+        "observation.state".into(),
+        json!({"type": "STATE", "shape": [6]}),
+    );
+    for n in &names[..cameras] {
+        inputs.insert(
+            format!("observation.images.{n}"),
+            json!({"type": "VISUAL", "shape": [3, 480, 640]}),
+        );
+    }
+    let cfg: SmolVlaConfig = serde_json::from_value(json!({
+        "type": "smolvla",
+        "input_features": inputs,
+        "output_features": {"action": {"type": "ACTION", "shape": [6]}},
+        "load_vlm_weights": false
+    }))
+    .unwrap();
+    if !weights.is_file() {
+        println!(
+            "full-size weights (random, seed 0) in {} ...",
+            weights.display()
+        );
+        tch::manual_seed(0);
+        let p = SmolVlaPolicy::new(cfg.clone(), VlmConfig::smolvlm2_500m(), Device::Cpu).unwrap();
+        let (all, trainable) = p.num_parameters();
+        println!("  {all} parameters, {trainable} trainable");
+        p.save_pretrained(weights.parent().unwrap()).unwrap();
+    }
+    let dir = root.join(format!("full-{cameras}cam"));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_json(
+        &dir.join("config.json"),
+        &serde_json::to_value(&cfg).unwrap(),
+    );
+    write_json(
+        &dir.join("vlm_config.json"),
+        &serde_json::to_value(VlmConfig::smolvlm2_500m()).unwrap(),
+    );
+    let link = dir.join("model.safetensors");
+    if !link.is_file() {
+        std::fs::hard_link(&weights, &link)
+            .or_else(|_| std::fs::copy(&weights, &link).map(|_| ()))
+            .unwrap();
+    }
+    let inputs = root.join(format!("full-{cameras}cam-b{batch}-inputs.safetensors"));
+    // A 16-token prompt padded to the tokenizer's 48, as LeRobot's preprocessor pads it.
+    write_inputs(&dir, batch, cfg.tokenizer_max_length, 16, &inputs);
+    Case {
+        name: format!("full {cameras}cam"),
         dir,
         inputs,
         steps,
@@ -225,7 +365,7 @@ fn small(root: &Path, steps: usize) -> Case {
 
 /// The options both sides take alike: the case's model, batch and step count, the warmup and
 /// bf16 autocast.
-fn step_args(cmd: &mut Command, case: &Case, opts: &Opts) {
+fn step_args(cmd: &mut Command, case: &Case, opts: &Opts, precision: Precision) {
     cmd.arg("--model")
         .arg(&case.dir)
         .arg("--inputs")
@@ -234,7 +374,7 @@ fn step_args(cmd: &mut Command, case: &Case, opts: &Opts) {
         .arg(case.steps.to_string())
         .arg("--warmup")
         .arg(opts.warmup.to_string());
-    if opts.bf16 {
+    if precision == Precision::Bf16 {
         cmd.arg("--bf16");
     }
 }
@@ -254,14 +394,16 @@ fn mib(v: &Value) -> f64 {
     v["peak_rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
 }
 
-fn row(case: &Case, side: &str, v: &Value) {
+fn row(case: &Case, precision: Precision, side: &str, v: &Value) {
     let sps = v["steps_per_s"].as_f64().unwrap_or(f64::NAN);
     // Per-step milliseconds of each part, from the side's own timers.
     let ms =
         |k: &str| v["phase_seconds"][k].as_f64().unwrap_or(f64::NAN) * 1000.0 / case.steps as f64;
     println!(
-        "{:6} {:8} {:>10.2} {:>10.1} {:>12.0} {:>12.4} {:>6}   fwd {:.1} / bwd {:.1} / optim {:.1} ms",
+        "{:10} {:>3} {:4} {:8} {:>8.3} {:>9.1} {:>12.0} {:>10.4} {:>4}   fwd {:.1} / bwd {:.1} / optim {:.1} ms",
         case.name,
+        case.batch,
+        precision.name(),
         side,
         sps,
         1000.0 / sps,
@@ -274,6 +416,38 @@ fn row(case: &Case, side: &str, v: &Value) {
     );
 }
 
+/// One side's run of `case` at `precision`: its JSON report, printed as a row.
+fn side(
+    case: &Case,
+    precision: Precision,
+    opts: &Opts,
+    lerobot: Option<&Path>,
+) -> Result<Value, String> {
+    let (mut cmd, name) = match lerobot {
+        None => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_zk0-train"));
+            c.arg("--threads")
+                .arg(opts.threads.to_string())
+                .arg("bench")
+                .arg("--device")
+                .arg("cpu");
+            (c, "zk0")
+        }
+        Some(py) => {
+            let mut c = Command::new(py);
+            c.arg(LEROBOT_SCRIPT)
+                .arg("--threads")
+                .arg(opts.threads.to_string())
+                .env("HF_HUB_OFFLINE", "1");
+            (c, "lerobot")
+        }
+    };
+    step_args(&mut cmd, case, opts, precision);
+    let v = common::run_json(cmd, &format!("{name} step ({})", case.name))?;
+    row(case, precision, name, &v);
+    Ok(v)
+}
+
 fn main() {
     let opts = match parse_opts() {
         Ok(o) => o,
@@ -282,7 +456,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let root = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = opts
+        .keep
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&root).unwrap();
     let python = lerobot_python();
     if let Err(why) = &python {
         println!(
@@ -291,74 +470,73 @@ fn main() {
         );
     }
     let mut cases = Vec::new();
-    if opts.only.as_deref() != Some("small") {
-        cases.push(tiny(root.path(), opts.tiny_steps));
-    }
-    if opts.only.as_deref() != Some("tiny") {
-        cases.push(small(root.path(), opts.small_steps));
+    match opts.only.as_deref() {
+        Some("tiny") => cases.push(tiny(&root, opts.tiny_steps)),
+        Some("small") => cases.push(small(&root, opts.small_steps)),
+        Some("full") => {
+            for &cams in &opts.cameras {
+                for &b in &opts.batches {
+                    cases.push(full(&root, cams, b, opts.full_steps));
+                }
+            }
+        }
+        _ => {
+            cases.push(tiny(&root, opts.tiny_steps));
+            cases.push(small(&root, opts.small_steps));
+        }
     }
     println!(
         "training step (forward+loss, backward, grad clip, AdamW), {} thread(s), {} warmup \
-         step(s) excluded, {}",
-        opts.threads,
-        opts.warmup,
-        if opts.bf16 {
-            "bf16 autocast"
-        } else {
-            "float32"
-        }
+         step(s) excluded; bf16 = both sides autocast to bfloat16",
+        opts.threads, opts.warmup,
     );
     println!(
-        "{:6} {:8} {:>10} {:>10} {:>12} {:>12} {:>6}",
-        "config", "impl", "steps/s", "ms/step", "peak RSS MiB", "last loss", "thr"
+        "{:10} {:>3} {:4} {:8} {:>8} {:>9} {:>12} {:>10} {:>4}",
+        "config", "b", "prec", "impl", "steps/s", "ms/step", "peak RSS MiB", "last loss", "thr"
     );
     let mut failed = false;
     let mut summary = Vec::new();
+    let mut run = 0;
     for case in &cases {
-        let mut zk0 = Command::new(env!("CARGO_BIN_EXE_zk0-train"));
-        zk0.arg("--threads")
-            .arg(opts.threads.to_string())
-            .arg("bench")
-            .arg("--device")
-            .arg("cpu");
-        step_args(&mut zk0, case, &opts);
-        let ours = match common::run_json(zk0, "zk0-train bench") {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("{e}");
-                failed = true;
-                continue;
+        for &precision in &opts.precisions {
+            // Alternate which side goes first, so a load change on the machine does not always
+            // hit the same side.
+            let mut sides: Vec<Option<&Path>> = vec![None];
+            sides.extend(python.as_ref().ok().map(|p| Some(p.as_path())));
+            if run % 2 == 1 {
+                sides.reverse();
             }
-        };
-        row(case, "zk0", &ours);
-        let Ok(py) = &python else { continue };
-        let mut lr = Command::new(py);
-        lr.arg(LEROBOT_SCRIPT)
-            .arg("--threads")
-            .arg(opts.threads.to_string())
-            .env("HF_HUB_OFFLINE", "1");
-        step_args(&mut lr, case, &opts);
-        let theirs = match common::run_json(lr, "LeRobot step") {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("{e}");
-                failed = true;
-                continue;
+            run += 1;
+            let (mut ours, mut theirs) = (None, None);
+            for who in sides {
+                match side(case, precision, &opts, who) {
+                    Ok(v) if who.is_none() => ours = Some(v),
+                    Ok(v) => theirs = Some(v),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
             }
-        };
-        row(case, "lerobot", &theirs);
-        let speed = ours["steps_per_s"].as_f64().unwrap_or(f64::NAN)
-            / theirs["steps_per_s"].as_f64().unwrap_or(f64::NAN);
-        let rss = mib(&ours) / mib(&theirs);
-        // Same model, same batch, same noise/time: the first losses must agree.
-        let dl = (ours["first_loss"].as_f64().unwrap_or(f64::NAN)
-            - theirs["first_loss"].as_f64().unwrap_or(f64::NAN))
-        .abs();
-        summary.push(format!(
-            "{:6} batch {}: zk0/LeRobot steps/s {:.2}x, peak RSS zk0/LeRobot {:.2}x \
-             (first-step loss difference {:.1e})",
-            case.name, case.batch, speed, rss, dl
-        ));
+            let (Some(ours), Some(theirs)) = (ours, theirs) else {
+                continue;
+            };
+            let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let speed = f(&ours, "steps_per_s") / f(&theirs, "steps_per_s");
+            let rss = mib(&ours) / mib(&theirs);
+            // Same model, same batch, same noise/time: the first losses must agree.
+            let dl = (f(&ours, "first_loss") - f(&theirs, "first_loss")).abs();
+            summary.push(format!(
+                "{:10} batch {} {:4}: zk0/LeRobot steps/s {:.2}x, peak RSS zk0/LeRobot {:.2}x \
+                 (first-step loss difference {:.1e})",
+                case.name,
+                case.batch,
+                precision.name(),
+                speed,
+                rss,
+                dl
+            ));
+        }
     }
     for s in &summary {
         println!("{s}");

@@ -10,14 +10,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use smolvla::optim::{AdamW, AdamWConfig};
-use smolvla::SmolVlaPolicy;
 use tch::{Device, Kind, Tensor};
 
 use crate::compare::{batch_of, input, read_tensors};
-use crate::train::{batch_to, train_step, Phases};
+use crate::train::{batch_to, load_policy, train_step, Phases};
 
 /// Options of one benchmark run.
 #[derive(Debug, Clone)]
@@ -36,8 +35,7 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         bail!("--steps must be at least 1");
     }
     let t_load = Instant::now();
-    let policy = SmolVlaPolicy::from_dir(&args.model, args.device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let policy = load_policy(&args.model, None, args.device, args.autocast)?;
     let inputs = read_tensors(&args.inputs)?;
     let batch = batch_to(batch_of(&inputs), args.device);
     let noise = input(&inputs, "noise")?.to_device(args.device);

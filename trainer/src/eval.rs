@@ -13,7 +13,7 @@ use lerobot_dataset::LeRobotDataset;
 use serde_json::{json, Value};
 use smolvla::policy::ACTION_IS_PAD;
 use smolvla::processor::TaskTokenizer;
-use smolvla::{SmolVlaPolicy, Trace};
+use smolvla::Trace;
 use tch::{Device, Kind};
 
 use crate::train::{batch_to, load_stats, make_batch};
@@ -45,15 +45,12 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         bail!("--batch-size must be at least 1");
     }
     tch::manual_seed(args.seed);
-    let mut policy = SmolVlaPolicy::from_dir(&args.model, args.device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(g) = &args.global {
-        let tensors =
-            tch::Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
-        policy
-            .load_subset(&tensors)
-            .with_context(|| format!("applying {}", g.display()))?;
-    }
+    let policy = crate::train::load_policy(
+        &args.model,
+        args.global.as_deref(),
+        args.device,
+        args.autocast,
+    )?;
     let ds = LeRobotDataset::open(&args.dataset)
         .with_context(|| format!("opening {}", args.dataset.display()))?;
     let tok_path = args

@@ -46,7 +46,8 @@ struct RunOpts {
     /// auto (CUDA when libtorch sees a GPU, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// bfloat16 autocast of the matrix products (linear layers, patch convolution); weights,
+    /// bfloat16 autocast of the matrix products (linear layers, patch convolution); the frozen
+    /// ones' weights are stored in bfloat16 (what they compute with), the trainable weights,
     /// optimizer state, norms, softmax and the loss stay float32.
     #[arg(long)]
     bf16: bool,

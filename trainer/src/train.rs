@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use lerobot_dataset::{FeatureValue, LeRobotDataset};
 use serde_json::json;
-use smolvla::optim::{clip_grad_norm, sq_distance, AdamW, AdamWConfig};
+use smolvla::optim::{sq_distance, AdamW, AdamWConfig};
 use smolvla::policy::{ACTION, ACTION_IS_PAD, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MASK};
 use smolvla::processor::{Stats, TaskTokenizer};
 use smolvla::{Batch, SmolVlaPolicy, Trace};
@@ -52,6 +52,30 @@ pub(crate) fn batch_to(batch: Batch, device: Device) -> Batch {
         .into_iter()
         .map(|(k, v)| (k, v.to_device(device)))
         .collect()
+}
+
+/// The checkpoint at `model` on `device`, with the `global` weights (any subset) on top; under
+/// `autocast` its frozen matrix weights are stored in that precision
+/// ([`SmolVlaPolicy::store_frozen_as`]: the same results, half their memory).
+pub(crate) fn load_policy(
+    model: &Path,
+    global: Option<&Path>,
+    device: Device,
+    autocast: Option<Kind>,
+) -> Result<SmolVlaPolicy> {
+    let mut policy = SmolVlaPolicy::from_dir(model, device)
+        .with_context(|| format!("loading {}", model.display()))?;
+    if let Some(g) = global {
+        let tensors =
+            Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
+        policy
+            .load_subset(&tensors)
+            .with_context(|| format!("applying {}", g.display()))?;
+    }
+    if let Some(k) = autocast {
+        policy.store_frozen_as(k);
+    }
+    Ok(policy)
 }
 
 /// What one optimisation step reports.
@@ -117,9 +141,7 @@ pub(crate) fn train_step(
     lap(0, &mut phases);
     total.backward();
     lap(1, &mut phases);
-    let grad_norm =
-        clip_grad_norm(params, policy.config.optimizer_grad_clip_norm).double_value(&[]);
-    opt.step(lr);
+    let grad_norm = opt.clip_and_step(lr, policy.config.optimizer_grad_clip_norm);
     lap(2, &mut phases);
     Ok(StepOut {
         loss: lo.loss.double_value(&[]),
@@ -233,15 +255,12 @@ pub(crate) fn make_batch(
 pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let t0 = Instant::now();
     tch::manual_seed(args.seed);
-    let mut policy = SmolVlaPolicy::from_dir(&args.model, args.device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some(g) = &args.global {
-        let tensors =
-            Tensor::read_safetensors(g).with_context(|| format!("reading {}", g.display()))?;
-        policy
-            .load_subset(&tensors)
-            .with_context(|| format!("applying {}", g.display()))?;
-    }
+    let policy = load_policy(
+        &args.model,
+        args.global.as_deref(),
+        args.device,
+        args.autocast,
+    )?;
     let ds = LeRobotDataset::open(&args.dataset)
         .with_context(|| format!("opening {}", args.dataset.display()))?;
     if ds.is_empty() {
