@@ -13,7 +13,9 @@
 //!
 //! Process start-up (~80 ms for AV1) dominates a one-frame decode, so the reader does not decode
 //! per frame: [`FrameStream`] keeps one `ffmpeg` per (camera, episode) open and reads frames from
-//! it block by block, and decoded blocks are cached (see `reader`).
+//! it block by block, and decoded blocks are cached (see `reader`). With the `libav` feature the
+//! reader decodes in process instead (`crate::libav`, same frames and pixels as this path);
+//! probing and encoding stay here either way.
 
 use std::io::Read;
 use std::path::Path;
