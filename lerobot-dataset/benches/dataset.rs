@@ -6,14 +6,15 @@
 //! epoch).
 //!
 //! `cargo bench -p lerobot-dataset --features libav --bench dataset -- [--episodes 4]
-//! [--frames 150] [--size 640x480] [--codecs av1,h264] [--cache-ratio 10] [--dir DIR]
-//! [--uncached N]`
+//! [--frames 150] [--size 640x480] [--codecs av1,h264] [--cache-ratio 10] [--threads N]
+//! [--dir DIR] [--uncached N]`
 //!
 //! Rather than gigabytes of video, the frame cache is bounded to 1/`--cache-ratio` of the
 //! decoded dataset (`set_frame_cache_bytes`), so most reads miss it as on a real dataset of tens
 //! of thousands of frames. Each dataset is generated once into DIR (default
 //! `$TMPDIR/zk0-bench-dataset-<E>x<F>-<WxH>-<codec>`) and reused. `--uncached N` also times the
-//! first N frames of the random order with the cache off (0 skips). Without the `libav` feature
+//! first N frames of the random order with the cache off (0 skips); `--threads` sets the
+//! decoder threads per file (default 1, the reader's; 0: one per core). Without the `libav` feature
 //! the reader decodes through the `ffmpeg` CLI, and the output says so.
 
 use std::path::{Path, PathBuf};
@@ -37,16 +38,29 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 }
 
 /// Reads `order` through a freshly opened dataset with the frame cache bounded to
-/// `cache_bytes`; frames/s.
-fn ours(dir: &Path, order: &[usize], cache_bytes: usize) -> Res<f64> {
+/// `cache_bytes` (and `threads` decoder threads, 0: one per core); frames/s and this process's
+/// peak RSS while reading (kB; Linux only).
+fn ours(dir: &Path, order: &[usize], cache_bytes: usize, threads: usize) -> Res<(f64, u64)> {
+    reset_peak_rss();
     let ds = LeRobotDataset::open(dir)?;
     ds.set_frame_cache_bytes(cache_bytes);
+    #[cfg(feature = "libav")]
+    ds.set_decode_threads(threads);
+    #[cfg(not(feature = "libav"))]
+    let _ = threads;
     let t = Instant::now();
     for &i in order {
         let f = ds.get(i)?;
         assert_eq!(f.images.len(), 1);
     }
-    Ok(order.len() as f64 / t.elapsed().as_secs_f64())
+    let fps = order.len() as f64 / t.elapsed().as_secs_f64();
+    Ok((fps, zk0_host::peak_rss_kib().unwrap_or(0)))
+}
+
+/// Restarts the kernel's peak-RSS count (`VmHWM`) from the current RSS, so that a phase's peak
+/// excludes the dataset generation before it.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// LeRobot's frames/s over both orders (`None` when `ZK0_LEROBOT_PYTHON` is unset) and its
@@ -126,6 +140,7 @@ fn main() -> Res<()> {
     let codecs: String = arg(&args, "--codecs", "av1,h264".to_string());
     let ratio: usize = arg(&args, "--cache-ratio", 10).max(1);
     let uncached: usize = arg(&args, "--uncached", 0);
+    let threads: usize = arg(&args, "--threads", 1);
     let (w, h) = size
         .split_once('x')
         .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
@@ -189,12 +204,16 @@ fn main() -> Res<()> {
             cache >> 20,
             decoded >> 20
         );
-        let seq = ours(&dir, &sequential, cache)?;
-        let rnd = ours(&dir, &random, cache)?;
-        println!("ours    sequential {seq:8.1} frames/s   random {rnd:8.1} frames/s");
+        let (seq, seq_kib) = ours(&dir, &sequential, cache, threads)?;
+        let (rnd, rnd_kib) = ours(&dir, &random, cache, threads)?;
+        println!(
+            "ours    sequential {seq:8.1} frames/s   random {rnd:8.1} frames/s   (peak RSS while reading: {} / {} MB)",
+            seq_kib >> 10,
+            rnd_kib >> 10
+        );
         if uncached > 0 {
             let k = uncached.min(n);
-            let unc = ours(&dir, &random[..k], 0)?;
+            let (unc, _) = ours(&dir, &random[..k], 0, threads)?;
             println!("ours    random, frame cache off, {k} frames: {unc:8.1} frames/s");
         }
         match lerobot(&dir, &sequential, &random)? {
@@ -212,11 +231,6 @@ fn main() -> Res<()> {
                 );
             }
         }
-    }
-    // Everything ours read ran in this process: its peak bounds the reader's memory (cache +
-    // open decoders + the process itself).
-    if let Some(kib) = zk0_host::peak_rss_kib() {
-        println!("\nours    peak RSS of the bench process: {} MB", kib >> 10);
     }
     Ok(())
 }

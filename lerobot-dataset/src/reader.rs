@@ -35,6 +35,13 @@ const VIDEO_BLOCK_FRAMES: usize = 1;
 /// cache they bound the reader's memory.
 const MAX_LIVE_STREAMS: usize = 4;
 
+/// Default decoder threads per open video file (libav; `ZK0_DATASET_DECODE_THREADS`). One: a
+/// random read seeks, and every extra frame thread adds a frame of latency after each seek that
+/// is decoded for nothing; on the 2-core bench machine one thread was faster on both patterns
+/// (docs/benchmarks.md, "Dataset reader").
+#[cfg(feature = "libav")]
+const DEFAULT_DECODE_THREADS: usize = 1;
+
 /// Default bound of the decoded-frame cache; `ZK0_DATASET_FRAME_CACHE_MB` overrides it.
 const DEFAULT_FRAME_CACHE_BYTES: usize = 1 << 30;
 
@@ -242,7 +249,7 @@ impl LeRobotDataset {
                 std::env::var("ZK0_DATASET_DECODE_THREADS")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+                    .unwrap_or(DEFAULT_DECODE_THREADS),
             ),
             frame_times: Mutex::new(HashMap::new()),
         };
@@ -250,18 +257,18 @@ impl LeRobotDataset {
         Ok(ds)
     }
 
-    /// Bounds the decoded-video-frame cache (bytes; 0 disables it). Random access decodes a
-    /// block of [`VIDEO_BLOCK_FRAMES`] frames around each request and keeps it here, so nearby and
-    /// repeated requests (a shuffled epoch, delta-timestamp windows) need no new decoder run.
+    /// Bounds the decoded-video-frame cache (bytes; 0 disables it). A miss decodes the block of
+    /// [`VIDEO_BLOCK_FRAMES`] frames holding the request (the frame alone in process) and keeps
+    /// it here, so repeated requests (delta-timestamp windows, several epochs) decode nothing.
     pub fn set_frame_cache_bytes(&self, max_bytes: usize) {
         if let Ok(mut c) = self.frames.lock() {
             *c = FrameCache::new(max_bytes);
         }
     }
 
-    /// Decoder threads per open video file (0, the default: one per core;
-    /// `ZK0_DATASET_DECODE_THREADS` sets it at open). Only the in-process decoder (feature
-    /// `libav`) has the setting; files already open keep theirs until reopened.
+    /// Decoder threads per open video file (default [`DEFAULT_DECODE_THREADS`]; 0: one per
+    /// core; `ZK0_DATASET_DECODE_THREADS` sets it at open). Only the in-process decoder (feature
+    /// `libav`) has the setting; the files open now are closed, to reopen with it.
     #[cfg(feature = "libav")]
     pub fn set_decode_threads(&self, threads: usize) {
         self.decode_threads
