@@ -174,7 +174,7 @@ impl Decoder {
                     "frame is {w}x{h}, the metadata says {width}x{height}"
                 ));
             }
-            out.push(self.to_rgb()?);
+            out.push(self.rgb_frame()?);
             self.last_s = Some(pts);
         }
         Ok(out)
@@ -228,7 +228,7 @@ impl Decoder {
         }
     }
 
-    fn to_rgb(&mut self) -> std::result::Result<RgbImage, String> {
+    fn rgb_frame(&mut self) -> std::result::Result<RgbImage, String> {
         let key = RgbKey::of(&self.frame);
         if self.rgb.as_ref().is_none_or(|r| r.key != key) {
             self.rgb = Some(Rgb::new(key)?);

@@ -638,7 +638,7 @@ impl LeRobotDataset {
             }
         };
         frames
-            .get(fi % VIDEO_BLOCK_FRAMES)
+            .get(fi - block * VIDEO_BLOCK_FRAMES)
             .cloned()
             .ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
     }
