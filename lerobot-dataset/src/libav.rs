@@ -25,6 +25,7 @@ use ffmpeg_next as ff;
 use image::RgbImage;
 
 use crate::error::{DatasetError, Result};
+use crate::video::FrameRun;
 
 /// How far past the last decoded frame a request may start and still be served by decoding
 /// forward instead of seeking (seconds; a few frames at LeRobot's frame rates).
@@ -118,23 +119,14 @@ impl Decoder {
         &self.path
     }
 
-    /// `count` consecutive frames from the one nearest to `time_s` (seconds from the start of
-    /// the file; same selection as the CLI path), each `width`×`height` (info.json's size).
-    pub fn frames(
-        &mut self,
-        time_s: f64,
-        fps: f64,
-        count: usize,
-        width: usize,
-        height: usize,
-        episode: usize,
-    ) -> Result<Vec<RgbImage>> {
-        let start = self.start_time_s + (time_s - 0.5 / fps).max(0.0);
-        let r = self.frames_from(start, count, width, height);
+    /// The frames of `run` (same selection as the CLI path).
+    pub fn frames(&mut self, run: &FrameRun) -> Result<Vec<RgbImage>> {
+        let start = self.start_time_s + (run.time_s - 0.5 / run.fps).max(0.0);
+        let r = self.frames_from(start, run.count, run.width, run.height);
         if r.is_err() {
             self.last_s = None;
         }
-        r.map_err(|m| video_err(&self.path, episode, time_s, m))
+        r.map_err(|m| video_err(&self.path, run.episode, run.time_s, m))
     }
 
     fn frames_from(

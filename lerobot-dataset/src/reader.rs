@@ -737,14 +737,7 @@ impl LeRobotDataset {
                     .load(std::sync::atomic::Ordering::Relaxed),
             )?,
         };
-        let frames = dec.frames(
-            src.time_s,
-            f64::from(self.info.fps),
-            count,
-            src.width,
-            src.height,
-            ep.episode_index,
-        )?;
+        let frames = dec.frames(&self.frame_run(&src, count, ep))?;
         if let Ok(mut d) = self.decoders.lock() {
             d.push(dec);
             if d.len() > MAX_LIVE_STREAMS {
@@ -759,15 +752,19 @@ impl LeRobotDataset {
     #[cfg(not(feature = "libav"))]
     fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
         let src = self.video_source(ep, key, t, count)?;
-        video::decode_frames(
-            &src.path,
-            src.time_s,
-            f64::from(self.info.fps),
+        video::decode_frames(&src.path, &self.frame_run(&src, count, ep))
+    }
+
+    /// `count` frames of `ep` from `src` on.
+    fn frame_run(&self, src: &VideoSource, count: usize, ep: &Episode) -> video::FrameRun {
+        video::FrameRun {
+            time_s: src.time_s,
+            fps: f64::from(self.info.fps),
             count,
-            src.width,
-            src.height,
-            ep.episode_index,
-        )
+            width: src.width,
+            height: src.height,
+            episode: ep.episode_index,
+        }
     }
 
     /// Where `count` consecutive frames of camera `key` from episode time `t` are, after

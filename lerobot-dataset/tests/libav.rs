@@ -7,7 +7,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use lerobot_dataset::libav::Decoder;
 use lerobot_dataset::synth::{self, SynthConfig};
-use lerobot_dataset::video::{self, EncoderConfig};
+use lerobot_dataset::video::{self, EncoderConfig, FrameRun};
 use lerobot_dataset::{DatasetError, LeRobotDataset};
 
 const FPS: u32 = 30;
@@ -44,7 +44,18 @@ fn encoder(vcodec: &str) -> EncoderConfig {
 }
 
 fn cli(path: &Path, t: f64, count: usize) -> Vec<RgbImage> {
-    video::decode_frames(path, t, f64::from(FPS), count, W, H, 0).unwrap()
+    video::decode_frames(path, &run(t, count, 0)).unwrap()
+}
+
+fn run(time_s: f64, count: usize, episode: usize) -> FrameRun {
+    FrameRun {
+        time_s,
+        fps: f64::from(FPS),
+        count,
+        width: W,
+        height: H,
+        episode,
+    }
 }
 
 fn assert_same(a: &[RgbImage], b: &[RgbImage], what: &str) {
@@ -85,7 +96,7 @@ fn same_frames_as_the_cli_on_av1_and_h264() {
             let mut dec = Decoder::open(&path, threads).unwrap();
             for &(t, count) in queries {
                 let what = format!("{vcodec} threads={threads} t={t:.4} count={count}");
-                let ours = dec.frames(t, fps, count, W, H, 0).unwrap();
+                let ours = dec.frames(&run(t, count, 0)).unwrap();
                 assert_same(&ours, &cli(&path, t, count), &what);
             }
         }
@@ -118,16 +129,8 @@ fn reader_matches_the_cli_across_episodes() {
             let ep = ds.episode(f.episode_index).unwrap();
             let span = &ep.videos[key];
             let t = span.from_timestamp + f64::from(f.timestamp);
-            let want = video::decode_frames(
-                &root.join(&span.path),
-                t,
-                f64::from(FPS),
-                1,
-                W,
-                H,
-                f.episode_index,
-            )
-            .unwrap();
+            let want =
+                video::decode_frames(&root.join(&span.path), &run(t, 1, f.episode_index)).unwrap();
             assert_same(
                 std::slice::from_ref(&f.images[key]),
                 &want,
@@ -147,7 +150,7 @@ fn truncated_or_garbage_files_are_errors() {
     let cut = tmp.path().join("cut.mp4");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let mut dec = Decoder::open(&cut, 0).unwrap();
-    let err = dec.frames(55.0 / 30.0, 30.0, 3, W, H, 4).unwrap_err();
+    let err = dec.frames(&run(55.0 / 30.0, 3, 4)).unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, DatasetError::Video { episode: 4, .. }) && msg.contains("cut.mp4"),
@@ -155,10 +158,11 @@ fn truncated_or_garbage_files_are_errors() {
     );
     // Asking for the wrong size is an error too, not a garbled image.
     let mut dec = Decoder::open(&path, 0).unwrap();
-    let msg = dec
-        .frames(0.0, 30.0, 1, W + 2, H, 0)
-        .unwrap_err()
-        .to_string();
+    let wide = FrameRun {
+        width: W + 2,
+        ..run(0.0, 1, 0)
+    };
+    let msg = dec.frames(&wide).unwrap_err().to_string();
     assert!(msg.contains("the metadata says 98x64"), "{msg}");
 
     let junk = tmp.path().join("junk.mp4");
