@@ -5,13 +5,16 @@
 //!   [`Episode`]s with resolved file paths.
 //! - [`table`]: parquet through arrow-rs, and per-cell value extraction.
 //! - [`reader`]: [`LeRobotDataset`], random access by global index or `(episode, frame)`,
-//!   delta-timestamp queries for training; video frames decoded in 32-frame blocks by a
-//!   long-lived decoder per (camera, episode) and kept in a byte-bounded LRU frame cache.
+//!   delta-timestamp queries for training; decoded video frames kept in a byte-bounded LRU
+//!   frame cache, in front of a small pool of long-lived decoders.
 //! - [`loader`]: [`Prefetcher`], batches of delta-timestamp samples read on a background thread.
 //! - [`stats`]: per-episode and aggregated feature statistics (`stats.json`).
 //! - [`video`]: frame decoding ([`video::FrameStream`], a long-lived decoder), encoding
 //!   ([`video::StreamEncoder`], frame by frame, also while recording) and probing through the
 //!   `ffmpeg`/`ffprobe` CLIs.
+//! - `libav` (feature `libav`): in-process decoding through the FFmpeg libraries, one open
+//!   decoder per video file that seeks to the keyframe before a request or continues; the
+//!   reader uses it instead of the CLI when the feature is on (same frames, same pixels).
 //! - [`verify`]: whole-dataset checks behind `zk0-agent dataset verify`.
 //! - [`writer`]: [`DatasetWriter`], v3.0 recording with LeRobot's file rollover, atomic saves.
 //! - [`synth`]: seeded SO-100-like synthetic datasets for demos, benches and trainer tests.
@@ -22,6 +25,8 @@
 pub mod convert;
 pub mod error;
 pub mod hub;
+#[cfg(feature = "libav")]
+pub mod libav;
 pub mod loader;
 pub mod meta;
 pub mod reader;

@@ -20,12 +20,27 @@ use crate::video;
 /// Data files kept decoded in memory (each up to `data_files_size_in_mb`, 100 MB by default).
 const MAX_CACHED_FILES: usize = 8;
 
-/// Video frames are decoded in blocks of this many consecutive episode frames (one ffmpeg run
-/// each) and kept in [`FrameCache`]; with LeRobot's g=2 the seek to a block start is cheap.
+/// Video frames are decoded in blocks of this many consecutive episode frames and kept in
+/// [`FrameCache`]. Through the CLI a block is one read from a long-lived `ffmpeg` (a new process
+/// per miss costs ~80 ms, so each should bring many frames); in process a seek costs a keyframe
+/// decode (LeRobot's g=2), so a miss decodes just the frame asked for: past the cache, random
+/// access would otherwise decode a whole block to use one frame of it.
+#[cfg(not(feature = "libav"))]
 const VIDEO_BLOCK_FRAMES: usize = 32;
+#[cfg(feature = "libav")]
+const VIDEO_BLOCK_FRAMES: usize = 1;
 
-/// Long-lived decoders kept open (each an idle `ffmpeg` blocked on its pipe).
+/// Long-lived decoders kept open: an idle `ffmpeg` blocked on its pipe per (camera, episode)
+/// through the CLI, an open file with its decoder per video file in process. With the frame
+/// cache they bound the reader's memory.
 const MAX_LIVE_STREAMS: usize = 4;
+
+/// Default decoder threads per open video file (libav; `ZK0_DATASET_DECODE_THREADS`). One: a
+/// random read seeks, and every extra frame thread adds a frame of latency after each seek that
+/// is decoded for nothing; on the 2-core bench machine one thread was faster on both patterns
+/// (docs/benchmarks.md, "Dataset reader").
+#[cfg(feature = "libav")]
+const DEFAULT_DECODE_THREADS: usize = 1;
 
 /// Default bound of the decoded-frame cache; `ZK0_DATASET_FRAME_CACHE_MB` overrides it.
 const DEFAULT_FRAME_CACHE_BYTES: usize = 1 << 30;
@@ -34,10 +49,18 @@ const DEFAULT_FRAME_CACHE_BYTES: usize = 1 << 30;
 /// once the total size passes `max_bytes`.
 #[derive(Debug, Default)]
 struct FrameCache {
-    blocks: HashMap<(String, usize, usize), (Arc<Vec<RgbImage>>, u64)>,
+    blocks: HashMap<BlockKey, (Arc<Vec<RgbImage>>, u64)>,
+    /// Last use → key: the eviction order.
+    order: BTreeMap<u64, BlockKey>,
     bytes: usize,
     max_bytes: usize,
     clock: u64,
+}
+
+type BlockKey = (String, usize, usize);
+
+fn block_bytes(block: &[RgbImage]) -> usize {
+    block.iter().map(|f| f.as_raw().len()).sum()
 }
 
 impl FrameCache {
@@ -48,37 +71,36 @@ impl FrameCache {
         }
     }
 
-    fn get(&mut self, key: &(String, usize, usize)) -> Option<Arc<Vec<RgbImage>>> {
+    fn get(&mut self, key: &BlockKey) -> Option<Arc<Vec<RgbImage>>> {
         self.clock += 1;
         let clock = self.clock;
-        self.blocks.get_mut(key).map(|(b, used)| {
-            *used = clock;
-            b.clone()
-        })
+        let (b, used) = self.blocks.get_mut(key)?;
+        self.order.remove(used);
+        *used = clock;
+        self.order.insert(clock, key.clone());
+        Some(b.clone())
     }
 
-    fn insert(&mut self, key: (String, usize, usize), block: Arc<Vec<RgbImage>>) {
-        let size: usize = block.iter().map(|f| f.as_raw().len()).sum();
+    fn insert(&mut self, key: BlockKey, block: Arc<Vec<RgbImage>>) {
+        let size = block_bytes(&block);
         if size > self.max_bytes {
             return;
         }
+        if let Some((old, used)) = self.blocks.remove(&key) {
+            self.order.remove(&used);
+            self.bytes -= block_bytes(&old);
+        }
         while self.bytes + size > self.max_bytes {
-            let Some(oldest) = self
-                .blocks
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
-            else {
+            let Some((_, oldest)) = self.order.pop_first() else {
                 break;
             };
             if let Some((b, _)) = self.blocks.remove(&oldest) {
-                self.bytes -= b.iter().map(|f| f.as_raw().len()).sum::<usize>();
+                self.bytes -= block_bytes(&b);
             }
         }
         self.clock += 1;
-        if let Some((old, _)) = self.blocks.insert(key, (block, self.clock)) {
-            self.bytes -= old.iter().map(|f| f.as_raw().len()).sum::<usize>();
-        }
+        self.order.insert(self.clock, key.clone());
+        self.blocks.insert(key, (block, self.clock));
         self.bytes += size;
     }
 }
@@ -166,7 +188,14 @@ pub struct LeRobotDataset {
     cache: Mutex<HashMap<PathBuf, Arc<RecordBatch>>>,
     frames: Mutex<FrameCache>,
     /// `(camera, episode)` → a decoder positioned at the start of block `.1`; `.2` last use.
+    #[cfg(not(feature = "libav"))]
     streams: Mutex<HashMap<(String, usize), (video::FrameStream, usize, u64)>>,
+    /// Open video files, least recently used first.
+    #[cfg(feature = "libav")]
+    decoders: Mutex<Vec<crate::libav::Decoder>>,
+    /// libav decoder threads per file (0: one per core).
+    #[cfg(feature = "libav")]
+    decode_threads: std::sync::atomic::AtomicUsize,
     /// Each video file's frame presentation times (one `ffprobe` per file), for the
     /// timestamp check of every decode.
     frame_times: Mutex<HashMap<PathBuf, Arc<Vec<f64>>>>,
@@ -211,19 +240,41 @@ impl LeRobotDataset {
                     .and_then(|v| v.parse::<usize>().ok())
                     .map_or(DEFAULT_FRAME_CACHE_BYTES, |mb| mb << 20),
             )),
+            #[cfg(not(feature = "libav"))]
             streams: Mutex::new(HashMap::new()),
+            #[cfg(feature = "libav")]
+            decoders: Mutex::new(Vec::new()),
+            #[cfg(feature = "libav")]
+            decode_threads: std::sync::atomic::AtomicUsize::new(
+                std::env::var("ZK0_DATASET_DECODE_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(DEFAULT_DECODE_THREADS),
+            ),
             frame_times: Mutex::new(HashMap::new()),
         };
         ds.check_metadata()?;
         Ok(ds)
     }
 
-    /// Bounds the decoded-video-frame cache (bytes; 0 disables it). Random access decodes a
-    /// block of [`VIDEO_BLOCK_FRAMES`] frames around each request and keeps it here, so nearby and
-    /// repeated requests (a shuffled epoch, delta-timestamp windows) need no new decoder run.
+    /// Bounds the decoded-video-frame cache (bytes; 0 disables it). A miss decodes the block of
+    /// [`VIDEO_BLOCK_FRAMES`] frames holding the request (the frame alone in process) and keeps
+    /// it here, so repeated requests (delta-timestamp windows, several epochs) decode nothing.
     pub fn set_frame_cache_bytes(&self, max_bytes: usize) {
         if let Ok(mut c) = self.frames.lock() {
             *c = FrameCache::new(max_bytes);
+        }
+    }
+
+    /// Decoder threads per open video file (default [`DEFAULT_DECODE_THREADS`]; 0: one per
+    /// core; `ZK0_DATASET_DECODE_THREADS` sets it at open). Only the in-process decoder (feature
+    /// `libav`) has the setting; the files open now are closed, to reopen with it.
+    #[cfg(feature = "libav")]
+    pub fn set_decode_threads(&self, threads: usize) {
+        self.decode_threads
+            .store(threads, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut d) = self.decoders.lock() {
+            d.clear();
         }
     }
 
@@ -435,7 +486,7 @@ impl LeRobotDataset {
         let mut frame = self.get_values(index)?;
         let ep = self.episode_of(index)?.clone();
         for key in self.camera_keys() {
-            let img = self.decode_camera(&ep, &key, index, frame.timestamp)?;
+            let img = self.decode_camera(&ep, &key, index, Some(frame.timestamp))?;
             frame.images.insert(key, img);
         }
         Ok(frame)
@@ -514,13 +565,14 @@ impl LeRobotDataset {
         })
     }
 
-    /// Decodes one camera of the frame at `index` (`timestamp` from its row).
+    /// Decodes one camera of the frame at `index` (`timestamp` from its row, when the caller
+    /// has read it).
     fn decode_camera(
         &self,
         ep: &Episode,
         key: &str,
         index: usize,
-        timestamp: f32,
+        timestamp: Option<f32>,
     ) -> Result<RgbImage> {
         let f = self
             .info
@@ -548,17 +600,22 @@ impl LeRobotDataset {
     /// Video camera `key` at global `index` through the block cache. The block holding the
     /// frame is decoded in one run from its first frame's timestamp, exactly like the sequential
     /// path ([`Self::decode_episode`]); frames of a block are consecutive stream frames.
-    /// `timestamp` (the frame's own) is only used when the cache is disabled.
+    /// `timestamp` is the frame's own (read from its row when `None`).
     fn video_frame(
         &self,
         ep: &Episode,
         key: &str,
         index: usize,
-        timestamp: f32,
+        timestamp: Option<f32>,
     ) -> Result<RgbImage> {
+        let time_of = |i: usize| match timestamp {
+            Some(t) if i == index => Ok(t),
+            _ => self.get_values(i).map(|f| f.timestamp),
+        };
         let cache_on = self.frames.lock().map(|c| c.max_bytes > 0).unwrap_or(false);
         if !cache_on {
-            let mut frames = self.decode_video(ep, key, f64::from(timestamp), 1)?;
+            let t = time_of(index)?;
+            let mut frames = self.decode_video(ep, key, f64::from(t), 1)?;
             return frames
                 .pop()
                 .ok_or_else(|| DatasetError::Usage("no frame decoded".into()));
@@ -572,35 +629,8 @@ impl LeRobotDataset {
             None => {
                 let start = block * VIDEO_BLOCK_FRAMES;
                 let count = VIDEO_BLOCK_FRAMES.min(ep.length - start);
-                let sk = (key.to_string(), ep.episode_index);
-                // A live decoder that stopped right before this block continues (sequential
-                // access: one ffmpeg run per episode); otherwise start one here that runs to the
-                // episode's end, kept for the blocks after this one.
-                let live = self
-                    .streams
-                    .lock()
-                    .ok()
-                    .and_then(|mut m| m.remove(&sk))
-                    .filter(|(_, next, _)| *next == block);
-                let mut stream = match live {
-                    Some((s, _, _)) => s,
-                    None => self.open_stream(ep, key, start)?,
-                };
-                let b = Arc::new(stream.read(count)?);
-                if stream.remaining() > 0 {
-                    if let Ok(mut m) = self.streams.lock() {
-                        let used = m.values().map(|v| v.2).max().unwrap_or(0) + 1;
-                        m.insert(sk, (stream, block + 1, used));
-                        while m.len() > MAX_LIVE_STREAMS {
-                            let Some(oldest) =
-                                m.iter().min_by_key(|(_, v)| v.2).map(|(k, _)| k.clone())
-                            else {
-                                break;
-                            };
-                            m.remove(&oldest);
-                        }
-                    }
-                }
+                let t0 = time_of(ep.dataset_from_index + start)?;
+                let b = Arc::new(self.decode_block(ep, key, block, t0, count)?);
                 if let Ok(mut c) = self.frames.lock() {
                     c.insert(ck, b.clone());
                 }
@@ -608,14 +638,75 @@ impl LeRobotDataset {
             }
         };
         frames
-            .get(fi % VIDEO_BLOCK_FRAMES)
+            .get(fi - block * VIDEO_BLOCK_FRAMES)
             .cloned()
             .ok_or_else(|| DatasetError::Usage("no frame decoded".into()))
     }
 
-    /// A decoder over camera `key` of `ep` from episode frame `start` to the episode's end.
-    fn open_stream(&self, ep: &Episode, key: &str, start: usize) -> Result<video::FrameStream> {
-        let t0 = self.get_values(ep.dataset_from_index + start)?.timestamp;
+    /// Block `block` (`count` frames from episode time `t0`) of camera `key`, from a live
+    /// `ffmpeg` that stopped right before it (sequential access: one run per episode) or from a
+    /// new one that runs to the episode's end, kept for the blocks after this one.
+    #[cfg(not(feature = "libav"))]
+    fn decode_block(
+        &self,
+        ep: &Episode,
+        key: &str,
+        block: usize,
+        t0: f32,
+        count: usize,
+    ) -> Result<Vec<RgbImage>> {
+        let sk = (key.to_string(), ep.episode_index);
+        let live = self
+            .streams
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&sk))
+            .filter(|(_, next, _)| *next == block);
+        let mut stream = match live {
+            Some((s, _, _)) => s,
+            None => self.open_stream(ep, key, block * VIDEO_BLOCK_FRAMES, t0)?,
+        };
+        let b = stream.read(count)?;
+        if stream.remaining() > 0 {
+            if let Ok(mut m) = self.streams.lock() {
+                let used = m.values().map(|v| v.2).max().unwrap_or(0) + 1;
+                m.insert(sk, (stream, block + 1, used));
+                while m.len() > MAX_LIVE_STREAMS {
+                    let Some(oldest) = m.iter().min_by_key(|(_, v)| v.2).map(|(k, _)| k.clone())
+                    else {
+                        break;
+                    };
+                    m.remove(&oldest);
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Block `block` (`count` frames from episode time `t0`) of camera `key`: the file's open
+    /// decoder continues or seeks (see [`crate::libav`]).
+    #[cfg(feature = "libav")]
+    fn decode_block(
+        &self,
+        ep: &Episode,
+        key: &str,
+        _block: usize,
+        t0: f32,
+        count: usize,
+    ) -> Result<Vec<RgbImage>> {
+        self.decode_video(ep, key, f64::from(t0), count)
+    }
+
+    /// A decoder over camera `key` of `ep` from episode frame `start` (at episode time `t0`) to
+    /// the episode's end.
+    #[cfg(not(feature = "libav"))]
+    fn open_stream(
+        &self,
+        ep: &Episode,
+        key: &str,
+        start: usize,
+        t0: f32,
+    ) -> Result<video::FrameStream> {
         let src = self.video_source(ep, key, f64::from(t0), ep.length - start)?;
         video::FrameStream::open(
             &src.path,
@@ -628,18 +719,52 @@ impl LeRobotDataset {
         )
     }
 
-    /// `count` consecutive frames of video camera `key` from episode time `t` on.
+    /// `count` consecutive frames of video camera `key` from episode time `t` on, from the
+    /// file's open decoder (opened if none is, the least recently used closed past
+    /// [`MAX_LIVE_STREAMS`]).
+    #[cfg(feature = "libav")]
     fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
         let src = self.video_source(ep, key, t, count)?;
-        video::decode_frames(
-            &src.path,
-            src.time_s,
-            f64::from(self.info.fps),
+        let open = self.decoders.lock().ok().and_then(|mut d| {
+            let i = d.iter().position(|x| x.path() == src.path)?;
+            Some(d.remove(i))
+        });
+        let mut dec = match open {
+            Some(d) => d,
+            None => crate::libav::Decoder::open(
+                &src.path,
+                self.decode_threads
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )?,
+        };
+        let frames = dec.frames(&self.frame_run(&src, count, ep))?;
+        if let Ok(mut d) = self.decoders.lock() {
+            d.push(dec);
+            if d.len() > MAX_LIVE_STREAMS {
+                d.remove(0);
+            }
+        }
+        Ok(frames)
+    }
+
+    /// `count` consecutive frames of video camera `key` from episode time `t` on (one `ffmpeg`
+    /// run).
+    #[cfg(not(feature = "libav"))]
+    fn decode_video(&self, ep: &Episode, key: &str, t: f64, count: usize) -> Result<Vec<RgbImage>> {
+        let src = self.video_source(ep, key, t, count)?;
+        video::decode_frames(&src.path, &self.frame_run(&src, count, ep))
+    }
+
+    /// `count` frames of `ep` from `src` on.
+    fn frame_run(&self, src: &VideoSource, count: usize, ep: &Episode) -> video::FrameRun {
+        video::FrameRun {
+            time_s: src.time_s,
+            fps: f64::from(self.info.fps),
             count,
-            src.width,
-            src.height,
-            ep.episode_index,
-        )
+            width: src.width,
+            height: src.height,
+            episode: ep.episode_index,
+        }
     }
 
     /// Where `count` consecutive frames of camera `key` from episode time `t` are, after
@@ -741,7 +866,7 @@ impl LeRobotDataset {
             .ok_or_else(|| DatasetError::Usage(format!("no feature {key:?}")))?;
         if f.is_image() {
             return (ep.dataset_from_index..ep.dataset_to_index)
-                .map(|i| self.decode_camera(&ep, key, i, 0.0))
+                .map(|i| self.decode_camera(&ep, key, i, None))
                 .collect();
         }
         let t0 = f64::from(self.get_values(ep.dataset_from_index)?.timestamp);
@@ -789,7 +914,7 @@ impl LeRobotDataset {
         let mut frame = self.get_values(index)?;
         for key in self.camera_keys() {
             if !deltas.contains_key(&key) {
-                let img = self.decode_camera(&ep, &key, index, frame.timestamp)?;
+                let img = self.decode_camera(&ep, &key, index, Some(frame.timestamp))?;
                 frame.images.insert(key, img);
             }
         }
@@ -813,7 +938,7 @@ impl LeRobotDataset {
         if f.is_image() || indices.is_empty() || cache_on {
             return indices
                 .iter()
-                .map(|&i| self.decode_camera(ep, key, i, 0.0))
+                .map(|&i| self.decode_camera(ep, key, i, None))
                 .collect();
         }
         let (lo, hi) = (

@@ -13,7 +13,9 @@
 //!
 //! Process start-up (~80 ms for AV1) dominates a one-frame decode, so the reader does not decode
 //! per frame: [`FrameStream`] keeps one `ffmpeg` per (camera, episode) open and reads frames from
-//! it block by block, and decoded blocks are cached (see `reader`).
+//! it block by block, and decoded blocks are cached (see `reader`). With the `libav` feature the
+//! reader decodes in process instead (`crate::libav`, same frames and pixels as this path);
+//! probing and encoding stay here either way.
 
 use std::io::Read;
 use std::path::Path;
@@ -49,17 +51,29 @@ fn rawvideo_decoder(path: &Path, time_s: f64, fps: f64, count: usize) -> Command
     cmd
 }
 
-/// Decodes `count` consecutive frames starting at the frame nearest to `time_s` (seconds from the
-/// start of the file). `width`/`height` are the stream's size (from info.json).
-pub fn decode_frames(
-    path: &Path,
-    time_s: f64,
-    fps: f64,
-    count: usize,
-    width: usize,
-    height: usize,
-    episode: usize,
-) -> Result<Vec<RgbImage>> {
+/// Which frames one decoder run returns: `count` consecutive frames from the one nearest to
+/// `time_s` (seconds from the start of the file), each `width`×`height` (the stream's size, from
+/// info.json); `episode` is named in errors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameRun {
+    pub time_s: f64,
+    pub fps: f64,
+    pub count: usize,
+    pub width: usize,
+    pub height: usize,
+    pub episode: usize,
+}
+
+/// Decodes the frames of `run` from `path` (one `ffmpeg` process).
+pub fn decode_frames(path: &Path, run: &FrameRun) -> Result<Vec<RgbImage>> {
+    let &FrameRun {
+        time_s,
+        fps,
+        count,
+        width,
+        height,
+        episode,
+    } = run;
     let fail = |message: String| DatasetError::Video {
         path: path.to_path_buf(),
         episode,

@@ -177,6 +177,8 @@ pub fn run(args: &SetupArgs) -> Result<Env> {
     let cache = cache_dir();
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let cuda = args.cuda || (!args.cpu && nvidia_gpu_present());
+    // Before any build: without them the trainer's build stops deep in ffmpeg-sys-next.
+    crate::tasks::ensure_packages(crate::tasks::LIBAV_BUILD)?;
 
     let (libtorch, lt_how) = find_or_fetch_libtorch(&cache, cuda)?;
     eprintln!(

@@ -41,19 +41,47 @@ pub fn cargo(env: &Env) -> Command {
 }
 
 fn have(tool: &str) -> bool {
+    holds(&format!("command -v {tool}"))
+}
+
+/// Whether a `sh` command line succeeds (its output discarded).
+fn holds(check: &str) -> bool {
     Command::new("sh")
-        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .args(["-c", &format!("{check} >/dev/null 2>&1")])
         .status()
         .is_ok_and(|s| s.success())
 }
 
 /// Install missing system tools (Debian packages) when we may, else say how.
 pub fn ensure_system(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools
+    let checks: Vec<(String, &str)> = tools
         .iter()
-        .filter(|(bin, _)| !have(bin))
+        .map(|(bin, pkg)| (format!("command -v {bin}"), *pkg))
+        .collect();
+    ensure_packages(&checks)
+}
+
+/// What building lerobot-dataset's `libav` feature needs (the trainer and the e2e tests turn it
+/// on; ffmpeg-sys-next finds FFmpeg through pkg-config and reads its headers with bindgen, which
+/// needs libclang and clang's own headers): `sh` checks and the Debian package each stands for.
+pub const LIBAV_BUILD: &[(&str, &str)] = &[
+    ("command -v pkg-config", "pkg-config"),
+    ("pkg-config --exists libavcodec", "libavcodec-dev"),
+    ("pkg-config --exists libavformat", "libavformat-dev"),
+    ("pkg-config --exists libavutil", "libavutil-dev"),
+    ("pkg-config --exists libswscale", "libswscale-dev"),
+    ("command -v clang", "clang"),
+    ("ls /usr/lib/llvm-*/lib/libclang.so", "libclang-dev"),
+];
+
+/// Install the Debian packages whose `sh` check fails, when we may, else say how.
+pub fn ensure_packages<S: AsRef<str>>(checks: &[(S, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = checks
+        .iter()
+        .filter(|(check, _)| !holds(check.as_ref()))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -340,9 +368,13 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
         // The ORT side runs the agent binary.
         run(cargo(&env).args(["build", "-p", "edge-agent"]))?;
     }
-    run(cargo(&env)
-        .args(["bench", "-p", pkg, "--bench", target, "--"])
-        .args(&args))
+    let mut cmd = cargo(&env);
+    cmd.args(["bench", "-p", pkg, "--bench", target]);
+    if pkg == "lerobot-dataset" {
+        // The reader as the trainer builds it: in-process decoding.
+        cmd.args(["--features", "libav"]);
+    }
+    run(cmd.arg("--").args(&args))
 }
 
 /// Local steps of the real delta: the aggregator's default round (`[rounds]` local_steps 10,
