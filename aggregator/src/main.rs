@@ -426,7 +426,7 @@ fn init(
         (None, None) => anyhow::bail!("give --model, --init or --resume"),
     };
     prepare_state_dir(store, force)?;
-    let (model_id, _) = aggregate::save_model(store, &tensors)?;
+    let model_id = aggregate::save_model(store, &tensors)?;
     let state = round::RoundState::new(model_id.clone());
     store.save_state(&state)?;
     println!(
@@ -443,7 +443,7 @@ fn init(
 fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()> {
     let (t, global) = checkpoint::load_resume(ckpt)?;
     prepare_state_dir(store, force)?;
-    let (model_id, _) = aggregate::save_model(store, &global)?;
+    let model_id = aggregate::save_model(store, &global)?;
     anyhow::ensure!(model_id == t.model_id, "checkpoint model id mismatch");
     let mut state = t.state.clone();
     state.round = t.round + 1;
