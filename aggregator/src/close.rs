@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use shared_proto::codec::decode_delta_each;
+use shared_proto::codec::decode_delta_each_from;
 use shared_proto::tensor::{ModelSpec, TensorSet};
 
 use std::fs::File;
@@ -128,10 +128,7 @@ pub fn aggregate_round(
             for e in &excluded {
                 tracing::warn!(round, client = %e.client_id, reason = e.reason.as_str(), detail = %e.detail, "update left out of the aggregate");
             }
-            return Ok(Aggregated {
-                model_id,
-                excluded,
-            });
+            return Ok(Aggregated { model_id, excluded });
         }
         let left: BTreeMap<String, f64> =
             included.keys().map(|c| ((*c).clone(), norms[*c])).collect();
@@ -245,9 +242,11 @@ fn each_delta(
     mut each: impl FnMut(&str, Vec<f32>) -> Result<()>,
 ) -> Result<()> {
     let path = store.accepted_path(round, cid);
-    let blob = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let blob = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let max_decoded = spec.f32_bytes().saturating_add(1 << 20);
-    decode_delta_each(&blob, spec, max_decoded, |name, _, delta| each(name, delta))
+    // Inflated straight from the file: never the compressed blob beside the decompressed one.
+    let blob = BufReader::with_capacity(1 << 20, blob);
+    decode_delta_each_from(blob, spec, max_decoded, |name, _, delta| each(name, delta))
         .with_context(|| format!("decoding {}", path.display()))?;
     Ok(())
 }

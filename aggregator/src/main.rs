@@ -199,7 +199,22 @@ enum KeysCmd {
     Show,
 }
 
+/// Allocations of 1 MiB and more (model tensors, update blobs) get mappings of their own that
+/// go back to the system when freed. glibc's default threshold rises after the first large
+/// free, and the freed tensors of an aggregation would then stay resident in its heaps while
+/// the next round's work (publishing, the next uploads) adds its own on top.
+fn return_large_frees() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc allocator parameter; called first thing in `main`,
+    // before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    return_large_frees();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -25,12 +25,12 @@ use tokio::sync::mpsc;
 use zk0_daemon::mqtt::{self, Incoming, Sequence, Shedding};
 use zk0_daemon::{now_ms, Lifecycle};
 
+use crate::broker::ModelLink;
 use crate::close::{self, CloseJob, Closed};
 use crate::config::Config;
 use crate::intake::{
     Answer, ChunkVerdict, Gate, Keys, ManifestVerdict, Stored, UploadTable, MAX_MESSAGE_BYTES,
 };
-use crate::broker::ModelLink;
 use crate::metrics::{self, Metrics};
 use crate::model_file::ModelFile;
 use crate::outputs::Outputs as OutputFiles;

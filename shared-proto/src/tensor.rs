@@ -470,7 +470,8 @@ pub fn read_safetensors_from(
 ) -> Result<(TensorSet, BTreeMap<String, String>), ProtoError> {
     let read_err = |e: std::io::Error| st_err(format!("reading: {e}"));
     let mut len_bytes = [0u8; 8];
-    r.read_exact(&mut len_bytes).map_err(|_| st_err("shorter than its 8-byte header length"))?;
+    r.read_exact(&mut len_bytes)
+        .map_err(|_| st_err("shorter than its 8-byte header length"))?;
     let header_len = u64::from_le_bytes(len_bytes);
     let data_len = len
         .checked_sub(8)
