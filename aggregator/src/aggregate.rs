@@ -16,9 +16,12 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use shared_proto::tensor::{read_safetensors, write_safetensors, TensorSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
 
-use zk0_daemon::{write_atomic, Durability};
+use shared_proto::hash::StreamHasher;
+use shared_proto::tensor::{read_safetensors_from, write_safetensors_to, TensorSet};
 
 use crate::store::Store;
 
@@ -216,26 +219,64 @@ fn median_sorted(v: &[f64]) -> f64 {
     }
 }
 
-/// Writes a global model into the state dir under its id; returns the id and the bytes
-/// written (to publish without reading the file back).
-pub fn save_model(store: &Store, tensors: &TensorSet) -> Result<(String, Vec<u8>)> {
-    // The id is the SHA-256 of exactly these bytes (canonical encoding, no metadata).
-    let bytes = write_safetensors(tensors, &Default::default());
-    let id = shared_proto::hash::sha256_hex(&bytes);
+/// Writes a global model into the state dir under its id and returns the id. The encoding is
+/// streamed into a temporary file and hashed on the way (the id is the SHA-256 of exactly these
+/// bytes: canonical encoding, no metadata), so no encoded copy of the model is ever in memory;
+/// the file is synced, then renamed onto `<id>.safetensors`.
+pub fn save_model(store: &Store, tensors: &TensorSet) -> Result<String> {
+    let dir = store.models_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".saving-{}.tmp", std::process::id()));
+    let written = (|| -> std::io::Result<String> {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut hasher = StreamHasher::new();
+        let mut failed = None;
+        write_safetensors_to(tensors, &Default::default(), &mut |b| {
+            hasher.update(b);
+            if failed.is_none() {
+                failed = out.write_all(b).err();
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(hasher.finalize_hex())
+    })();
+    let id = match written {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing {}", tmp.display()));
+        }
+    };
     let path = store.model_path(&id);
-    if !path.exists() {
-        write_atomic(&path, &bytes, Durability::Durable)?;
+    if path.exists() {
+        // Content-addressed: the same model is there already, and must not be replaced
+        // under a mapping that serves it.
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(id);
     }
-    Ok((id, bytes))
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming onto {}", path.display()))?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all(); // the rename itself survives a power loss
+    }
+    Ok(id)
 }
 
-/// Reads a global model by id.
-pub fn load_model(store: &Store, model_id: &str) -> Result<(Vec<u8>, TensorSet)> {
-    let path = store.model_path(model_id);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (tensors, _) =
-        read_safetensors(&bytes).with_context(|| format!("decoding {}", path.display()))?;
-    Ok((bytes, tensors))
+/// Reads a global model by id (see [`read_model_file`]).
+pub fn load_model(store: &Store, model_id: &str) -> Result<TensorSet> {
+    read_model_file(&store.model_path(model_id))
+}
+
+/// Reads a global model file, streamed one tensor at a time: never the file's bytes and the
+/// decoded model at once.
+pub fn read_model_file(path: &Path) -> Result<TensorSet> {
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let (tensors, _) = read_safetensors_from(&mut BufReader::with_capacity(1 << 20, file), len)
+        .with_context(|| format!("decoding {}", path.display()))?;
+    Ok(tensors)
 }
 
 #[cfg(test)]
@@ -252,6 +293,26 @@ mod tests {
             },
         )]
         .into()
+    }
+
+    #[test]
+    fn models_are_saved_streamed_under_their_content_id() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        let m = set(&[1.0, -2.5, 3.0]);
+        let id = save_model(&store, &m).unwrap();
+        let bytes = std::fs::read(store.model_path(&id)).unwrap();
+        let encoded = shared_proto::tensor::write_safetensors(&m, &Default::default());
+        assert_eq!(bytes, encoded);
+        assert_eq!(id, shared_proto::hash::sha256_hex(&bytes));
+        assert_eq!(load_model(&store, &id).unwrap(), m);
+        // Saved again: the same id, one file, no temporary left behind.
+        assert_eq!(save_model(&store, &m).unwrap(), id);
+        let files = std::fs::read_dir(store.models_dir()).unwrap().count();
+        assert_eq!(files, 1);
+        // A damaged file is an error, not a model.
+        std::fs::write(store.model_path(&id), &bytes[..bytes.len() - 1]).unwrap();
+        assert!(load_model(&store, &id).is_err());
     }
 
     #[test]

@@ -1,18 +1,33 @@
 //! The embedded MQTT broker (rumqttd), run on its own threads inside the aggregator process.
 //!
 //! The aggregator then talks to it as an ordinary MQTT client over loopback, exactly as it talks
-//! to an external broker, so both deployments share one code path.
+//! to an external broker, so both deployments share one code path. One exception: the global
+//! model's retained messages go through rumqttd's in-process link ([`ModelLink`]), so the broker
+//! holds the very `Bytes` the aggregator hands it (slices of the mapped model file) instead of
+//! copies read from a socket.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
+use rumqttd::local::LinkTx;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 use shared_proto::sign::KeyPair;
+use shared_proto::topic::Topics;
 use zk0_daemon::{mqtt, BrokerUrl};
 
 use crate::metrics::{Metrics, ReasonLabel};
+
+/// How the aggregator reaches its broker.
+pub struct BrokerAccess {
+    pub url: BrokerUrl,
+    /// The aggregator's login there (none when insecure or the external broker needs none).
+    pub login: Option<(String, String)>,
+    /// The in-process link for the model's retained messages: embedded broker only.
+    pub model_link: Option<ModelLink>,
+}
 
 /// The broker the aggregator connects to, and its credentials there: the embedded one
 /// (started here; the aggregator gets random credentials of its own unless insecure) unless
@@ -20,19 +35,26 @@ use crate::metrics::{Metrics, ReasonLabel};
 pub fn start_or_connect(
     cfg: &crate::config::Config,
     metrics: &Arc<Metrics>,
-) -> Result<(BrokerUrl, Option<(String, String)>)> {
+) -> Result<BrokerAccess> {
     let b = &cfg.broker;
     if !b.url.is_empty() {
         let me = (!b.username.is_empty()).then(|| (b.username.clone(), b.password.clone()));
-        return Ok((BrokerUrl::parse(&b.url)?, me));
+        return Ok(BrokerAccess {
+            url: BrokerUrl::parse(&b.url)?,
+            login: me,
+            model_link: None,
+        });
     }
+    let models = Topics::new(&cfg.federation)
+        .context("federation name")?
+        .all_models();
     let listen: SocketAddr = b.listen.parse().context("broker.listen")?;
     if b.require_client_cert {
-        return start_behind_mtls_front(cfg, listen, metrics);
+        return start_behind_mtls_front(cfg, listen, metrics, models);
     }
     let host = self_connect_host(listen, b)?;
     let (logins, me) = logins(cfg);
-    EmbeddedBroker {
+    let link = EmbeddedBroker {
         listen,
         max_packet_bytes: b.max_packet_bytes,
         backlog_bytes: b.backlog_bytes,
@@ -40,14 +62,18 @@ pub fn start_or_connect(
         metrics: metrics.clone(),
         tls: (!b.tls_cert.is_empty()).then(|| (b.tls_cert.clone(), b.tls_key.clone())),
     }
-    .spawn()?;
+    .spawn(&models)?;
     tracing::info!(%listen, "embedded MQTT broker started");
     let url = BrokerUrl {
         tls: !b.tls_cert.is_empty(),
         host,
         port: listen.port(),
     };
-    Ok((url, me))
+    Ok(BrokerAccess {
+        url,
+        login: me,
+        model_link: Some(link),
+    })
 }
 
 /// `broker.require_client_cert`: rumqttd on a loopback port of its own, plain, and the
@@ -57,7 +83,8 @@ fn start_behind_mtls_front(
     cfg: &crate::config::Config,
     listen: SocketAddr,
     metrics: &Arc<Metrics>,
-) -> Result<(BrokerUrl, Option<(String, String)>)> {
+    models: String,
+) -> Result<BrokerAccess> {
     let b = &cfg.broker;
     let public = std::net::TcpListener::bind(listen)
         .with_context(|| format!("embedded broker cannot listen on {listen}"))?;
@@ -65,7 +92,7 @@ fn start_behind_mtls_front(
     // `spawn` reports as a bind failure).
     let inner = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let (logins, me) = logins(cfg);
-    EmbeddedBroker {
+    let link = EmbeddedBroker {
         listen: inner,
         max_packet_bytes: b.max_packet_bytes,
         backlog_bytes: b.backlog_bytes,
@@ -73,7 +100,7 @@ fn start_behind_mtls_front(
         metrics: metrics.clone(),
         tls: None,
     }
-    .spawn()?;
+    .spawn(&models)?;
     crate::mtls::spawn_front(
         public,
         std::path::Path::new(&b.tls_cert),
@@ -88,7 +115,11 @@ fn start_behind_mtls_front(
         host: inner.ip().to_string(),
         port: inner.port(),
     };
-    Ok((url, me))
+    Ok(BrokerAccess {
+        url,
+        login: me,
+        model_link: Some(link),
+    })
 }
 
 /// The embedded broker's logins and the aggregator's own (none when insecure).
@@ -292,8 +323,9 @@ impl EmbeddedBroker {
         }
     }
 
-    /// Starts the broker on background threads; they live as long as the process.
-    pub fn spawn(&self) -> Result<()> {
+    /// Starts the broker on background threads (they live as long as the process) and opens
+    /// the in-process link that publishes under `models` (an MQTT filter).
+    pub fn spawn(&self, models: &str) -> Result<ModelLink> {
         if let Some((cert, key)) = &self.tls {
             // rumqttd only logs a bad path; fail loudly instead.
             for p in [cert, key] {
@@ -306,6 +338,8 @@ impl EmbeddedBroker {
                 .with_context(|| format!("embedded broker cannot listen on {}", self.listen))?,
         );
         let mut broker = Broker::new(self.config());
+        // The router runs from `new`, so the link connects before the listeners start.
+        let link = ModelLink::open(&broker, models)?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -314,6 +348,69 @@ impl EmbeddedBroker {
                 }
             })
             .context("spawning the broker thread")?;
+        Ok(link)
+    }
+}
+
+/// The aggregator's in-process link into the embedded broker, for the global model's retained
+/// messages. rumqttd keeps the very `Bytes` it is handed ([`crate::model_file`] slices), where a
+/// publish over the loopback MQTT connection would first wait in the client's queue and then
+/// land in the broker as a copy read from its socket: once a whole model, held beside the
+/// aggregator's own.
+///
+/// A local link publishes at QoS 0; the broker still delivers to each subscriber at the QoS it
+/// subscribed with (agents: 1). Its client id is random, so no MQTT client can take it over.
+pub struct ModelLink {
+    tx: LinkTx,
+}
+
+impl std::fmt::Debug for ModelLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelLink")
+    }
+}
+
+impl ModelLink {
+    /// Connects to `broker`'s router and subscribes to `models`, which every publish of the
+    /// link must match: rumqttd drops a local link whose publish matches no subscription. What
+    /// that subscription brings back (the link's own messages, and anyone else's on the model
+    /// topics) is drained and dropped on a thread of its own; the guard against overwrites
+    /// watches through the aggregator's MQTT connection as with any broker.
+    fn open(broker: &Broker, models: &str) -> Result<ModelLink> {
+        let id = format!(
+            "zk0-aggregator-link-{}",
+            shared_proto::hash::sha256_hex(&KeyPair::generate().sign(b"zk0-link"))
+        );
+        let (mut tx, mut rx) = broker
+            .link(&id)
+            .map_err(|e| anyhow::anyhow!("embedded broker link: {e}"))?;
+        tx.subscribe(models)
+            .map_err(|e| anyhow::anyhow!("embedded broker link: {e}"))?;
+        std::thread::Builder::new()
+            .name("rumqttd-link".into())
+            .spawn(move || loop {
+                match rx.recv() {
+                    // The router paused the link for want of room: it has room again.
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if rx.ready().is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return, // the broker is gone
+                }
+            })
+            .context("spawning the broker link thread")?;
+        Ok(ModelLink { tx })
+    }
+
+    /// Publishes `payload` on `topic` (retained or not) as is, without a copy.
+    pub async fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<()> {
+        let publish = rumqttd::protocol::Publish::new(Bytes::from(topic), payload, retain);
+        self.tx
+            .send(rumqttd::protocol::Packet::Publish(publish, None))
+            .await
+            .map_err(|e| anyhow::anyhow!("embedded broker link: {e}"))?;
         Ok(())
     }
 }

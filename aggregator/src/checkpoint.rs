@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use shared_proto::tensor::{
-    parse_raw, read_safetensors, write_raw, write_safetensors, ModelSpec, RawTensor, TensorSet,
+    parse_raw, read_safetensors, write_raw, ModelSpec, RawTensor, TensorSet,
 };
 use smolvla_config::{is_trainable, SmolVlaConfig};
 
@@ -137,7 +137,8 @@ fn is_companion_file(name: &str) -> bool {
 pub struct CheckpointInput<'a> {
     pub cfg: &'a Config,
     pub training: &'a TrainingState,
-    pub global: &'a TensorSet,
+    /// The global model's file (`models/<id>.safetensors`: the exact f32 trainable tensors).
+    pub global: &'a Path,
     /// The base LeRobot checkpoint; without it only `training_state/` and the card are written.
     pub base_dir: Option<&'a Path>,
 }
@@ -153,8 +154,9 @@ pub fn write(checkpoints: &Path, input: &CheckpointInput<'_>) -> Result<PathBuf>
     std::fs::create_dir_all(&pm).with_context(|| format!("creating {}", pm.display()))?;
     std::fs::create_dir_all(&ts)?;
 
-    let global_bytes = write_safetensors(input.global, &BTreeMap::new());
-    std::fs::write(ts.join("global_trainable.safetensors"), &global_bytes)?;
+    // The model file is that encoding already: copied, not decoded and encoded again.
+    std::fs::copy(input.global, ts.join("global_trainable.safetensors"))
+        .with_context(|| format!("copying {}", input.global.display()))?;
     std::fs::write(
         ts.join("zk0_state.json"),
         serde_json::to_vec_pretty(input.training)?,
@@ -163,7 +165,8 @@ pub fn write(checkpoints: &Path, input: &CheckpointInput<'_>) -> Result<PathBuf>
         let wpath = base.join("model.safetensors");
         let base_bytes =
             std::fs::read(&wpath).with_context(|| format!("reading {}", wpath.display()))?;
-        let merged = merge_weights(&base_bytes, input.global)
+        let global = crate::aggregate::read_model_file(input.global)?;
+        let merged = merge_weights(&base_bytes, &global)
             .with_context(|| format!("applying the global tensors to {}", wpath.display()))?;
         drop(base_bytes);
         std::fs::write(pm.join("model.safetensors"), merged)?;
@@ -366,7 +369,7 @@ pub fn load_resume(path: &Path) -> Result<(TrainingState, TensorSet)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_proto::tensor::Tensor;
+    use shared_proto::tensor::{write_safetensors, Tensor};
 
     /// A base file with one BF16 and one F32 tensor plus a frozen one, built by hand.
     fn base() -> Vec<u8> {

@@ -17,9 +17,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use shared_proto::codec::decode_delta_each;
-use shared_proto::tensor::{read_safetensors, ModelSpec, TensorSet};
+use shared_proto::codec::decode_delta_each_from;
+use shared_proto::tensor::{ModelSpec, TensorSet};
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -53,11 +52,10 @@ pub struct CloseJob {
     pub accepted: BTreeMap<String, UpdateRecord>,
 }
 
-/// The new global model, saved, with its bytes for publishing.
+/// The new global model, saved (published from its file).
 #[derive(Debug)]
 pub struct Closed {
     pub model_id: String,
-    pub model: Bytes,
     /// Accepted updates left out of the model, with why.
     pub excluded: Vec<Excluded>,
     pub server_eval: EvalOutcome,
@@ -84,18 +82,16 @@ impl CloseJob {
         let server_eval = server_eval(&self, self.round, &agg.model_id).await;
         Ok(Closed {
             model_id: agg.model_id,
-            model: Bytes::from(agg.model),
             excluded: agg.excluded,
             server_eval,
         })
     }
 }
 
-/// A round's new model: saved under its id, with its bytes and the updates left out of it.
+/// A round's new model: saved under its id, with the updates left out of it.
 #[derive(Debug)]
 pub struct Aggregated {
     pub model_id: String,
-    pub model: Vec<u8>,
     pub excluded: Vec<Excluded>,
 }
 
@@ -124,19 +120,15 @@ pub fn aggregate_round(
             .iter()
             .filter(|(c, _)| !excluded.iter().any(|e| &e.client_id == *c))
             .collect();
-        let (_, mut global) = aggregate::load_model(store, model_id)?;
+        let mut global = aggregate::load_model(store, model_id)?;
         fold(store, spec, round, &included, agg, &mut global)?;
         zk0_daemon::crash_point::hold("aggregate", round);
         if aggregate::all_finite(&global) {
-            let (model_id, model) = aggregate::save_model(store, &global)?;
+            let model_id = aggregate::save_model(store, &global)?;
             for e in &excluded {
                 tracing::warn!(round, client = %e.client_id, reason = e.reason.as_str(), detail = %e.detail, "update left out of the aggregate");
             }
-            return Ok(Aggregated {
-                model_id,
-                model,
-                excluded,
-            });
+            return Ok(Aggregated { model_id, excluded });
         }
         let left: BTreeMap<String, f64> =
             included.keys().map(|c| ((*c).clone(), norms[*c])).collect();
@@ -250,9 +242,11 @@ fn each_delta(
     mut each: impl FnMut(&str, Vec<f32>) -> Result<()>,
 ) -> Result<()> {
     let path = store.accepted_path(round, cid);
-    let blob = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let blob = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let max_decoded = spec.f32_bytes().saturating_add(1 << 20);
-    decode_delta_each(&blob, spec, max_decoded, |name, _, delta| each(name, delta))
+    // Inflated straight from the file: never the compressed blob beside the decompressed one.
+    let blob = BufReader::with_capacity(1 << 20, blob);
+    decode_delta_each_from(blob, spec, max_decoded, |name, _, delta| each(name, delta))
         .with_context(|| format!("decoding {}", path.display()))?;
     Ok(())
 }
@@ -417,12 +411,10 @@ pub struct Outputs {
     pub store: Store,
     pub base_dir: Option<PathBuf>,
     pub round: RoundOutputs,
-    /// The new global model's bytes (parsed again for a checkpoint).
-    pub model: Bytes,
 }
 
 impl Outputs {
-    /// The outputs of a pending round, the model read back from the state dir.
+    /// The outputs of a pending round (its model is in the state dir).
     pub fn resume(
         cfg: Arc<Config>,
         store: Store,
@@ -430,13 +422,12 @@ impl Outputs {
         round: RoundOutputs,
     ) -> Result<Outputs> {
         let path = store.model_path(&round.summary.model_id);
-        let model = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(path.is_file(), "model {} is missing", path.display());
         Ok(Outputs {
             cfg,
             store,
             base_dir,
             round,
-            model: Bytes::from(model),
         })
     }
 
@@ -492,7 +483,7 @@ impl Outputs {
         if !o.checkpoint_due(round, self.cfg.rounds.rounds) {
             return Ok(());
         }
-        let (global, _) = read_safetensors(&self.model).context("decoding the new model")?;
+        let global = self.store.model_path(&summary.model_id);
         let training = checkpoint::TrainingState {
             round,
             model_id: summary.model_id.clone(),
@@ -576,7 +567,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = Store::new(d.path());
         std::fs::create_dir_all(store.dir.join("models")).unwrap();
-        let (id, _) = aggregate::save_model(&store, base).unwrap();
+        let id = aggregate::save_model(&store, base).unwrap();
         let mut accepted = BTreeMap::new();
         for (cid, examples, delta) in updates {
             let opts = EncodeOptions {
@@ -622,10 +613,14 @@ mod tests {
         accepted: &BTreeMap<String, UpdateRecord>,
         a: &Aggregation,
     ) -> (TensorSet, Vec<(String, ExcludeReason)>) {
-        let spec = ModelSpec::from_tensors(&aggregate::load_model(store, id).unwrap().1);
+        let spec = ModelSpec::from_tensors(&aggregate::load_model(store, id).unwrap());
         let out = aggregate_round(store, &spec, id, 1, accepted, a).unwrap();
-        let (bytes, m) = aggregate::load_model(store, &out.model_id).unwrap();
-        assert_eq!(bytes, out.model, "the returned bytes are the saved model");
+        let m = aggregate::load_model(store, &out.model_id).unwrap();
+        assert_eq!(
+            shared_proto::tensor::model_id(&m),
+            out.model_id,
+            "the saved file holds the model of that id"
+        );
         let ex = out
             .excluded
             .iter()

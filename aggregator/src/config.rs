@@ -10,7 +10,7 @@
 //! url = ""                         # empty: run the embedded broker; else mqtt://host:port
 //! listen = "0.0.0.0:1883"          # embedded broker listen address
 //! max_packet_bytes = 4194304       # both broker and client limits; must exceed chunk_size
-//! backlog_bytes = 268435456        # embedded broker: unread messages kept per subscription
+//! backlog_bytes = 67108864         # embedded broker: messages kept per subscription
 //! username = ""                    # the aggregator's own login on an external broker
 //! password = ""
 //! tls_cert = ""                    # embedded broker: serve mqtts with this cert (PEM) …
@@ -77,9 +77,11 @@ pub struct BrokerConfig {
     pub url: String,
     pub listen: String,
     pub max_packet_bytes: usize,
-    /// Embedded broker: bytes of published-but-unread messages kept per subscription. Past
-    /// it the oldest are dropped (the aggregator then asks clients for lost chunks), so it
-    /// bounds the broker's memory when uploads arrive faster than they are spooled.
+    /// Embedded broker: bytes of messages kept per subscription. Past it the oldest are
+    /// dropped (the aggregator then asks clients for lost chunks), so it bounds the broker's
+    /// memory when uploads arrive faster than they are spooled. rumqttd keeps that much even
+    /// once everything is read, so the default is small: it is memory the aggregator holds
+    /// through the aggregation too.
     pub backlog_bytes: usize,
     pub username: String,
     pub password: String,
@@ -169,7 +171,7 @@ impl Default for BrokerConfig {
             url: String::new(),
             listen: "0.0.0.0:1883".into(),
             max_packet_bytes: 4 << 20,
-            backlog_bytes: 256 << 20,
+            backlog_bytes: 64 << 20,
             username: String::new(),
             password: String::new(),
             users: BTreeMap::new(),

@@ -7,7 +7,7 @@
 //! | event loop (I/O) | [`server`] | MQTT in/out, executes the cores' verdicts, runs long work as jobs |
 //! | pure cores | [`intake`], [`verify`], [`round`], [`schedule`], [`publish`] | upload table and manifest checks; blob verification; the round machine; LR/mu schedules; message building |
 //! | round close | [`close`], [`aggregate`], [`server_eval`], [`outputs`], [`plots`], [`checkpoint`], [`hub`] | strategies and exclusion rules, evaluation, run outputs (beside the loop) |
-//! | disk | [`store`], [`spool`] | state-dir layout, `state.json`, keys; uploads written in place |
+//! | disk | [`store`], [`spool`], [`model_file`] | state-dir layout, `state.json`, keys; uploads written in place; the published model mapped from its file |
 //! | plumbing | [`broker`], [`mtls`], [`acl`], [`metrics`], [`config`], [`tls`], [`doctor`], [`datasets`] | embedded rumqttd (logins bound to client ids) and its mutual-TLS front, mosquitto password/ACL files, Prometheus, `[config]`, certificates, `doctor` |
 //!
 //! The wire format is `shared_proto`; MQTT connect, TLS, signals and atomic files are
@@ -24,6 +24,7 @@ pub mod doctor;
 pub mod hub;
 pub mod intake;
 pub mod metrics;
+pub mod model_file;
 pub mod mtls;
 pub mod outputs;
 pub mod plots;

@@ -199,7 +199,22 @@ enum KeysCmd {
     Show,
 }
 
+/// Allocations of 1 MiB and more (model tensors, update blobs) get mappings of their own that
+/// go back to the system when freed. glibc's default threshold rises after the first large
+/// free, and the freed tensors of an aggregation would then stay resident in its heaps while
+/// the next round's work (publishing, the next uploads) adds its own on top.
+fn return_large_frees() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc allocator parameter; called first thing in `main`,
+    // before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    return_large_frees();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -426,7 +441,7 @@ fn init(
         (None, None) => anyhow::bail!("give --model, --init or --resume"),
     };
     prepare_state_dir(store, force)?;
-    let (model_id, _) = aggregate::save_model(store, &tensors)?;
+    let model_id = aggregate::save_model(store, &tensors)?;
     let state = round::RoundState::new(model_id.clone());
     store.save_state(&state)?;
     println!(
@@ -443,7 +458,7 @@ fn init(
 fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()> {
     let (t, global) = checkpoint::load_resume(ckpt)?;
     prepare_state_dir(store, force)?;
-    let (model_id, _) = aggregate::save_model(store, &global)?;
+    let model_id = aggregate::save_model(store, &global)?;
     anyhow::ensure!(model_id == t.model_id, "checkpoint model id mismatch");
     let mut state = t.state.clone();
     state.round = t.round + 1;

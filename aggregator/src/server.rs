@@ -25,12 +25,14 @@ use tokio::sync::mpsc;
 use zk0_daemon::mqtt::{self, Incoming, Sequence, Shedding};
 use zk0_daemon::{now_ms, Lifecycle};
 
+use crate::broker::ModelLink;
 use crate::close::{self, CloseJob, Closed};
 use crate::config::Config;
 use crate::intake::{
     Answer, ChunkVerdict, Gate, Keys, ManifestVerdict, Stored, UploadTable, MAX_MESSAGE_BYTES,
 };
 use crate::metrics::{self, Metrics};
+use crate::model_file::ModelFile;
 use crate::outputs::Outputs as OutputFiles;
 use crate::publish::{self, Outgoing};
 use crate::round::{CloseReason, Phase, RoundState, Transition};
@@ -102,6 +104,12 @@ struct Server {
     keys_mtime: Option<SystemTime>,
     /// Model id and chunk count whose retained messages are currently published.
     published: Option<(String, u32)>,
+    /// That model's file, mapped: its chunks are slices of it wherever they wait (broker,
+    /// client queue, outputs), and its touched pages are trimmed on every tick.
+    model_file: Option<ModelFile>,
+    /// The embedded broker's in-process link, which carries the model's retained messages;
+    /// `None` with an external broker (they go over the MQTT connection then).
+    model_link: Option<ModelLink>,
     /// That model's signed manifest (decoded, and as published), to put back what someone
     /// else publishes on its topics.
     model_manifest: Option<(ModelManifest, Bytes)>,
@@ -133,7 +141,10 @@ pub async fn run(cfg: Config, store: Store, exit_when_done: bool) -> Result<()> 
                 None => anyhow::bail!("MQTT event loop ended"),
             },
             Some(job) = jobs.recv() => srv.on_job(job).await,
-            _ = tick.tick() => srv.refresh_keys(),
+            _ = tick.tick() => {
+                srv.trim_model();
+                srv.refresh_keys()
+            }
         };
         if let Err(e) = r {
             tracing::error!(error = format!("{e:#}"), "event handling failed");
@@ -208,7 +219,7 @@ impl Server {
         self.publish_status(true).await;
         // Retained messages do not survive an embedded-broker restart: publish again.
         self.published = None;
-        self.publish_model(None).await?;
+        self.publish_model().await?;
         if matches!(self.state.phase, Phase::Collecting { .. }) {
             self.announce().await;
         }

@@ -63,10 +63,13 @@ impl Store {
     pub fn keys_path(&self) -> PathBuf {
         self.dir.join("keys.json")
     }
+    /// `models/`: the global models, one file per id.
+    pub fn models_dir(&self) -> PathBuf {
+        self.dir.join("models")
+    }
+
     pub fn model_path(&self, model_id: &str) -> PathBuf {
-        self.dir
-            .join("models")
-            .join(format!("{model_id}.safetensors"))
+        self.models_dir().join(format!("{model_id}.safetensors"))
     }
     pub fn spool_round_dir(&self, round: u64) -> PathBuf {
         self.dir.join("spool").join(format!("r{round}"))

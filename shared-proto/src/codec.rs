@@ -419,9 +419,20 @@ pub fn decode_delta_each<E: From<ProtoError>>(
     bytes: &[u8],
     spec: &ModelSpec,
     max_decoded_bytes: usize,
+    each: impl FnMut(&str, &[usize], Vec<f32>) -> Result<(), E>,
+) -> Result<Codec, E> {
+    decode_delta_each_from(bytes, spec, max_decoded_bytes, each)
+}
+
+/// [`decode_delta_each`] with the compressed blob read from `compressed` (a spooled file) as
+/// it inflates, so the compressed bytes are never in memory beside the decompressed ones.
+pub fn decode_delta_each_from<E: From<ProtoError>>(
+    compressed: impl std::io::BufRead,
+    spec: &ModelSpec,
+    max_decoded_bytes: usize,
     mut each: impl FnMut(&str, &[usize], Vec<f32>) -> Result<(), E>,
 ) -> Result<Codec, E> {
-    let st = decompress_capped(bytes, max_decoded_bytes)?;
+    let st = decompress_capped(compressed, max_decoded_bytes)?;
     let (mut raw, metadata) = parse_raw(&st)?;
     let codec: Codec = metadata
         .get(CODEC_KEY)
@@ -462,7 +473,7 @@ pub fn decode_delta_each<E: From<ProtoError>>(
     Ok(codec)
 }
 
-fn decompress_capped(bytes: &[u8], max: usize) -> Result<Vec<u8>, ProtoError> {
+fn decompress_capped(bytes: impl std::io::BufRead, max: usize) -> Result<Vec<u8>, ProtoError> {
     let decoder = zstd::stream::read::Decoder::with_buffer(bytes)
         .map_err(|e| ProtoError::Zstd(e.to_string()))?;
     let mut out = Vec::new();
@@ -764,6 +775,21 @@ mod tests {
             .unwrap();
             assert_eq!(got, codec);
             assert_eq!(seen, ["a", "b", "c"]);
+            // Inflated from a reader (a spooled file): the same tensors, and a cut blob fails.
+            let mut streamed = TensorSet::new();
+            let reader = std::io::BufReader::with_capacity(7, &blob[..]);
+            decode_delta_each_from(reader, &spec, 1 << 20, |name, shape, values| {
+                let t = Tensor::new(shape.to_vec(), values)?;
+                streamed.insert(name.to_string(), t);
+                Ok::<_, ProtoError>(())
+            })
+            .unwrap();
+            assert_eq!(streamed, whole, "{codec}");
+            let cut = &blob[..blob.len() - 1];
+            assert!(
+                decode_delta_each_from(cut, &spec, 1 << 20, |_, _, _| Ok::<_, ProtoError>(()))
+                    .is_err()
+            );
             // The callback's own error stops the decode after the first tensor.
             let mut calls = 0;
             let err = decode_delta_each(&blob, &spec, 1 << 20, |_, _, _| {

@@ -51,6 +51,11 @@ impl StreamHasher {
     pub fn finalize(self) -> [u8; 32] {
         self.0.finalize().into()
     }
+
+    /// The digest as lowercase hex, as [`sha256_hex`] gives it.
+    pub fn finalize_hex(self) -> String {
+        hex::encode(self.finalize())
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +76,7 @@ mod tests {
         let mut h = StreamHasher::new();
         h.update(b"hello ");
         h.update(b"world");
+        assert_eq!(h.clone().finalize_hex(), sha256_hex(b"hello world"));
         assert_eq!(h.finalize(), sha256(b"hello world"));
     }
 

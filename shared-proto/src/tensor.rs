@@ -243,12 +243,41 @@ pub fn parse_raw(
         )));
     }
     let (header, data) = rest.split_at(header_len);
+    let (entries, metadata) = parse_header(header, data.len())?;
+    let tensors = entries
+        .into_iter()
+        .map(|e| {
+            let t = RawTensor {
+                dtype: e.dtype,
+                shape: e.shape,
+                data: Cow::Borrowed(&data[e.start..e.end]),
+            };
+            (e.name, t)
+        })
+        .collect();
+    Ok((tensors, metadata))
+}
+
+/// One tensor of a safetensors header: where its bytes lie in the data section.
+struct Extent {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The header's tensors, in data order, and its metadata, checked against a data section of
+/// `data_len` bytes: lengths match dtype and shape, and the tensors tile the section exactly.
+fn parse_header(
+    header: &[u8],
+    data_len: usize,
+) -> Result<(Vec<Extent>, BTreeMap<String, String>), ProtoError> {
     let header = std::str::from_utf8(header).map_err(|_| st_err("header is not UTF-8"))?;
     let entries: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(header).map_err(|e| st_err(format!("header JSON: {e}")))?;
 
     let mut metadata = BTreeMap::new();
-    let mut tensors = BTreeMap::new();
     let mut extents = Vec::with_capacity(entries.len());
     for (name, value) in entries {
         if name == "__metadata__" {
@@ -267,33 +296,31 @@ pub fn parse_raw(
         let nbytes = checked_numel(&entry.shape)
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| st_err(format!("tensor {name:?}: shape overflows")))?;
-        if end < start || end - start != nbytes || end > data.len() {
+        if end < start || end - start != nbytes || end > data_len {
             return Err(st_err(format!("tensor {name:?}: bad data_offsets")));
         }
-        extents.push((start, end));
-        tensors.insert(
+        extents.push(Extent {
             name,
-            RawTensor {
-                dtype,
-                shape: entry.shape,
-                data: Cow::Borrowed(&data[start..end]),
-            },
-        );
+            dtype,
+            shape: entry.shape,
+            start,
+            end,
+        });
     }
     // Like the reference implementation, tensors must tile the data section exactly:
     // no gaps, overlaps or trailing bytes (which could smuggle data past the hash of a model).
-    extents.sort_unstable();
+    extents.sort_unstable_by_key(|e| (e.start, e.end));
     let mut cursor = 0;
-    for (start, end) in extents {
-        if start != cursor {
+    for e in &extents {
+        if e.start != cursor {
             return Err(st_err("tensor data overlaps or leaves gaps"));
         }
-        cursor = end;
+        cursor = e.end;
     }
-    if cursor != data.len() {
+    if cursor != data_len {
         return Err(st_err("trailing bytes after the last tensor"));
     }
-    Ok((tensors, metadata))
+    Ok((extents, metadata))
 }
 
 /// Writes raw tensors as safetensors into `sink`, deterministically: tensors sorted by (element
@@ -397,6 +424,16 @@ pub fn write_safetensors(set: &TensorSet, metadata: &BTreeMap<String, String>) -
     write_raw(&fix_shapes(f32_raw(set)), metadata)
 }
 
+/// [`write_safetensors`] into `sink` piece by piece (a file, a hasher), without building the
+/// encoded buffer: the same bytes.
+pub fn write_safetensors_to(
+    set: &TensorSet,
+    metadata: &BTreeMap<String, String>,
+    sink: &mut dyn FnMut(&[u8]),
+) {
+    write_raw_to(&fix_shapes(f32_raw(set)), metadata, sink)
+}
+
 fn fix_shapes(mut raw: BTreeMap<String, RawTensor<'_>>) -> BTreeMap<String, RawTensor<'_>> {
     for t in raw.values_mut() {
         if checked_numel(&t.shape).and_then(|n| n.checked_mul(4)) != Some(t.data.len()) {
@@ -412,26 +449,7 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<(TensorSet, BTreeMap<String, Str
     let (raw, metadata) = parse_raw(bytes)?;
     let mut set = TensorSet::new();
     for (name, t) in raw {
-        let data = match t.dtype {
-            Dtype::F32 => le_to_f32(&t.data),
-            Dtype::BF16 => t
-                .data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => t
-                .data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ProtoError::DtypeMismatch {
-                    name,
-                    expected: "F32, BF16 or F16".into(),
-                    found: other.as_str().into(),
-                })
-            }
-        };
+        let data = float_to_f32(&name, t.dtype, &t.data)?;
         set.insert(
             name,
             Tensor {
@@ -443,6 +461,70 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<(TensorSet, BTreeMap<String, Str
     Ok((set, metadata))
 }
 
+/// [`read_safetensors`] from a stream of `len` bytes (a model file), one tensor's bytes at a
+/// time: memory is the decoded f32 tensors plus the largest single tensor, never the encoded
+/// file besides them. A short or longer stream is an error, as a bad length is for a buffer.
+pub fn read_safetensors_from(
+    r: &mut impl std::io::Read,
+    len: u64,
+) -> Result<(TensorSet, BTreeMap<String, String>), ProtoError> {
+    let read_err = |e: std::io::Error| st_err(format!("reading: {e}"));
+    let mut len_bytes = [0u8; 8];
+    r.read_exact(&mut len_bytes)
+        .map_err(|_| st_err("shorter than its 8-byte header length"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    let data_len = len
+        .checked_sub(8)
+        .and_then(|n| n.checked_sub(header_len))
+        .filter(|_| header_len <= MAX_HEADER_LEN as u64)
+        .ok_or_else(|| st_err(format!("header length {header_len} exceeds the file")))?;
+    let mut header = vec![0u8; header_len as usize];
+    r.read_exact(&mut header).map_err(read_err)?;
+    let data_len = usize::try_from(data_len).map_err(|_| st_err("data section too large"))?;
+    let (extents, metadata) = parse_header(&header, data_len)?;
+    let mut set = TensorSet::new();
+    let mut buf = Vec::new();
+    // Tiled in data order: each tensor starts where the previous one ended.
+    for e in extents {
+        buf.resize(e.end - e.start, 0);
+        r.read_exact(&mut buf).map_err(read_err)?;
+        let data = float_to_f32(&e.name, e.dtype, &buf)?;
+        set.insert(
+            e.name,
+            Tensor {
+                shape: e.shape,
+                data,
+            },
+        );
+    }
+    if r.read(&mut [0u8]).map_err(read_err)? != 0 {
+        return Err(st_err("trailing bytes after the last tensor"));
+    }
+    Ok((set, metadata))
+}
+
+/// The f32 values of tensor `name`'s little-endian `bytes` of a float `dtype`.
+fn float_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ProtoError> {
+    Ok(match dtype {
+        Dtype::F32 => le_to_f32(bytes),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(ProtoError::DtypeMismatch {
+                name: name.to_string(),
+                expected: "F32, BF16 or F16".into(),
+                found: other.as_str().into(),
+            })
+        }
+    })
+}
+
 /// Content address of a model: SHA-256 (hex) of its canonical F32 safetensors encoding with no
 /// metadata. Streams into the hasher, so it costs no extra copy of the model.
 pub fn model_id(set: &TensorSet) -> String {
@@ -450,7 +532,7 @@ pub fn model_id(set: &TensorSet) -> String {
     write_raw_to(&fix_shapes(f32_raw(set)), &BTreeMap::new(), &mut |b| {
         hasher.update(b)
     });
-    hex::encode(hasher.finalize())
+    hasher.finalize_hex()
 }
 
 #[cfg(test)]
@@ -498,6 +580,28 @@ mod tests {
         let (set, m) = read_safetensors(&bytes).unwrap();
         assert_eq!(set, sample());
         assert_eq!(m, meta);
+        // Streamed in and out: the same bytes, the same tensors.
+        let mut streamed = Vec::new();
+        write_safetensors_to(&sample(), &meta, &mut |b| streamed.extend_from_slice(b));
+        assert_eq!(streamed, bytes);
+        assert_eq!(from_stream(&bytes).unwrap(), (sample(), meta));
+    }
+
+    fn from_stream(b: &[u8]) -> Result<(TensorSet, BTreeMap<String, String>), ProtoError> {
+        read_safetensors_from(&mut std::io::Cursor::new(b), b.len() as u64)
+    }
+
+    #[test]
+    fn stream_reader_checks_the_stated_length() {
+        let good = write_safetensors(&sample(), &BTreeMap::new());
+        let len = good.len() as u64;
+        // The stream ends early, goes on past the end, or the length is wrong either way.
+        let r = |b: &[u8], len| read_safetensors_from(&mut std::io::Cursor::new(b), len);
+        assert!(r(&good[..good.len() - 1], len).is_err());
+        assert!(r(&[&good[..], &[0]].concat(), len).is_err());
+        assert!(r(&good, len - 1).is_err());
+        assert!(r(&good, len + 1).is_err());
+        assert!(r(&good, len).is_ok());
     }
 
     #[test]
@@ -590,14 +694,17 @@ mod tests {
         // Truncations and trailing bytes.
         for cut in [0, 7, 8, 20, good.len() - 1] {
             assert!(read_safetensors(&good[..cut]).is_err(), "cut at {cut}");
+            assert!(from_stream(&good[..cut]).is_err(), "cut at {cut}");
         }
         let mut long = good.clone();
         long.push(0);
         assert!(read_safetensors(&long).is_err());
+        assert!(from_stream(&long).is_err());
         // Absurd header length.
         let mut huge = good.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(read_safetensors(&huge).is_err());
+        assert!(from_stream(&huge).is_err());
         // Overflowing shape, overlapping offsets, unknown dtype.
         for header in [
             r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,0]}}"#,
@@ -610,6 +717,7 @@ mod tests {
             b.extend_from_slice(header.as_bytes());
             b.extend_from_slice(&[0; 4]);
             assert!(read_safetensors(&b).is_err(), "{header}");
+            assert!(from_stream(&b).is_err(), "{header}");
         }
     }
 
@@ -625,6 +733,7 @@ mod tests {
                 let mut framed = (bytes.len() as u64).to_le_bytes().to_vec();
                 framed.extend_from_slice(&bytes);
                 let _ = read_safetensors(&framed);
+                let _ = from_stream(&framed);
             }
 
             #[test]

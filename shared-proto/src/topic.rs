@@ -146,6 +146,11 @@ impl Topics {
         format!("{}/model/{model_id}/#", self.prefix)
     }
 
+    /// `<p>/model/#`: every model's manifest and chunks.
+    pub fn all_models(&self) -> String {
+        format!("{}/model/#", self.prefix)
+    }
+
     /// `<p>/model/+/manifest`: every retained model manifest (e.g. to find stale ones).
     pub fn all_model_manifests(&self) -> String {
         format!("{}/model/+/manifest", self.prefix)

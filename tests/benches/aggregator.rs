@@ -13,8 +13,10 @@
 //!   rumqttd skips the aggregator's cursor ahead and chunks are lost; the aggregator then asks
 //!   for them (an `Ack` with `missing`) and the clients resend them, as zk0-agent does, and a
 //!   manifest with no answer for 10 s is sent again. The aggregator verifies, spools,
-//!   aggregates and publishes one round; once the new model's manifest is out, its peak RSS is
-//!   read from `VmHWM` in `/proc/<pid>/status`.
+//!   aggregates and publishes one round; once the new model's manifest is out, a client
+//!   fetches the whole new model from the broker (checked against the signed manifest's hash)
+//!   and the round's outputs are written, then the peak RSS is read from `VmHWM` in
+//!   `/proc/<pid>/status`.
 //!   Baseline: the model's own f32 size, so "peak / model" should stay flat in N.
 //! - **broker**: a `--blob-mb` MB blob (default 100) published in 1 MiB QoS 1 chunks through the
 //!   aggregator's embedded rumqttd and reassembled (then SHA-256-checked) by a subscriber, vs the
@@ -433,6 +435,86 @@ struct RssRow {
     peak: u64,
     upload_s: f64,
     total_s: f64,
+    fetch_s: f64,
+}
+
+/// Fetches model `id` as zk0-agent does: its retained manifest, then its chunks `WINDOW` topics
+/// at a time (rumqttd forwards at most 100 retained messages per subscription), reassembled
+/// and checked against the manifest's SHA-256; bounded by `timeout`.
+fn fetch_model(port: u16, id: &str, timeout: Duration) -> Result<()> {
+    const WINDOW: u32 = 8;
+    let topics = Topics::new(FEDERATION)?;
+    let (c, mut conn) = mqtt(port, "zk0-bench-fetch");
+    let (tx, rx) = mpsc::channel();
+    let id = id.to_string();
+    thread::spawn(move || {
+        let mut fetch: Option<(shared_proto::chunk::Reassembly, u32, u32)> = None;
+        let result = (|| -> Result<()> {
+            for ev in conn.iter() {
+                let p = match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        c.subscribe(topics.model_manifest(&id), QoS::AtLeastOnce)?;
+                        continue;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => p,
+                    Ok(_) => continue,
+                    Err(e) => anyhow::bail!("fetch connection: {e}"),
+                };
+                match (topics.parse(&p.topic), fetch.as_mut()) {
+                    (Some(shared_proto::topic::TopicKind::ModelManifest { .. }), None) => {
+                        let m: ModelManifest =
+                            message::decode(&p.payload, message::DEFAULT_MAX_MESSAGE_LEN)?;
+                        let hash = shared_proto::hash::parse_sha256_hex(&m.sha256)?;
+                        let r = shared_proto::chunk::Reassembly::new(
+                            m.total_len,
+                            m.chunk_count,
+                            m.chunk_size,
+                            hash,
+                            u64::MAX,
+                        )?;
+                        let first = WINDOW.min(m.chunk_count);
+                        for i in 0..first {
+                            c.subscribe(topics.model_chunk(&id, i), QoS::AtLeastOnce)?;
+                        }
+                        fetch = Some((r, first, m.chunk_count));
+                    }
+                    (
+                        Some(shared_proto::topic::TopicKind::ModelChunk { index, .. }),
+                        Some((r, next, count)),
+                    ) => {
+                        r.insert(index, &p.payload)?;
+                        c.unsubscribe(topics.model_chunk(&id, index))?;
+                        if *next < *count {
+                            c.subscribe(topics.model_chunk(&id, *next), QoS::AtLeastOnce)?;
+                            *next += 1;
+                        }
+                        if r.is_complete() {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let _ = c.disconnect();
+            let (r, _, _) = fetch.context("no manifest")?;
+            r.finish()?; // checks the whole blob's SHA-256
+            Ok(())
+        })();
+        let _ = tx.send(result);
+    });
+    rx.recv_timeout(timeout)
+        .with_context(|| format!("model not fetched after {timeout:?}"))?
+}
+
+/// Waits (bounded) until the aggregator has written the completed round's outputs (its
+/// `pending/` records are gone).
+fn wait_outputs_written(state: &Path, timeout: Duration) -> Result<()> {
+    wait_for(timeout, "the round's outputs", || {
+        let pending = std::fs::read_dir(state.join("pending"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (pending == 0).then_some(())
+    })
 }
 
 fn rss_run(
@@ -504,6 +586,11 @@ fn rss_run(
     let id = wait_first_round(&state, Duration::from_secs(1800))?;
     wait_model_published(port, &id, Duration::from_secs(600))?;
     let total_s = t0.elapsed().as_secs_f64();
+    // Served too: an agent that joins now fetches the whole model from the broker.
+    let t1 = Instant::now();
+    fetch_model(port, &id, Duration::from_secs(600))?;
+    let fetch_s = t1.elapsed().as_secs_f64();
+    wait_outputs_written(&state, Duration::from_secs(600))?;
     let peak = Footprint::read(a.child.id())?.hwm * 1024;
     drop(a);
     // The round really aggregated every client.
@@ -516,6 +603,7 @@ fn rss_run(
         peak,
         upload_s,
         total_s,
+        fetch_s,
     })
 }
 
@@ -566,17 +654,18 @@ fn bench_rss(o: &Opts, agg: &Path) -> Result<()> {
         blob.len() as f64 / 1e6,
         o.uplinks
     );
-    println!("| clients N | update bytes in (MB) | peak RSS (MB) | peak / model size | uploads acked (s) | round done (s) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| clients N | update bytes in (MB) | peak RSS (MB) | peak / model size | uploads acked (s) | round done (s) | model fetched (s) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.0} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} |",
             r.n,
             (r.n * blob.len()) as f64 / 1e6,
             r.peak as f64 / 1e6,
             r.peak as f64 / model_bytes as f64,
             r.upload_s,
-            r.total_s
+            r.total_s,
+            r.fetch_s
         );
     }
     if let (Some(lo), Some(hi)) = (rows.first(), rows.last()) {

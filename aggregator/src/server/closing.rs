@@ -60,14 +60,13 @@ impl Server {
             .round_duration_seconds
             .observe(summary.duration_ms as f64 / 1000.0);
         tracing::info!(round, model = %closed.model_id, accepted = ?summary.accepted, dropped = ?summary.dropped, excluded = summary.excluded.len(), metrics = ?summary.metrics, "round aggregated");
-        self.publish_model(Some(closed.model.clone())).await?;
+        self.publish_model().await?;
         self.publish_status(true).await;
         let job = close::Outputs {
             cfg: self.cfg.clone(),
             store: self.store.clone(),
             base_dir: self.base_dir.clone(),
             round: outputs,
-            model: closed.model,
         };
         self.finish_outputs().await;
         self.outputs = Some(tokio::task::spawn_blocking(move || job.run()));
@@ -96,26 +95,20 @@ impl Server {
         }
     }
 
-    /// Publishes the current global model (`bytes`, or read from the state dir) and clears
+    /// Publishes the current global model, served from its file in the state dir, and clears
     /// the previous model's retained messages.
-    pub(super) async fn publish_model(&mut self, bytes: Option<Bytes>) -> Result<()> {
+    pub(super) async fn publish_model(&mut self) -> Result<()> {
         let id = self.state.model_id.clone();
         if self.published.as_ref().is_some_and(|(p, _)| *p == id) {
             return Ok(());
         }
-        let bytes = match bytes {
-            Some(b) => b,
-            None => {
-                let path = self.store.model_path(&id);
-                Bytes::from(
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-                )
-            }
-        };
+        let path = self.store.model_path(&id);
+        let file = ModelFile::open(&path).with_context(|| format!("mapping {}", path.display()))?;
+        let bytes = file.bytes().clone();
         if let Some((old, count)) = self.published.take().or_else(|| self.previous_published()) {
             if old != id {
                 for o in publish::clear_model(&self.topics, &old, count) {
-                    self.send(o).await;
+                    self.send_model(o).await;
                 }
             }
         }
@@ -129,10 +122,15 @@ impl Server {
             chunk_size,
             &self.signer,
         );
+        // Hashing the chunks for the manifest read the whole file: let those pages go.
+        file.trim();
+        if let Some(old) = self.model_file.replace(file) {
+            old.trim();
+        }
         let count = msgs.len() as u32 - 1;
         let manifest = msgs.last().map(|o| o.payload.clone()).unwrap_or_default();
         for o in msgs {
-            self.send(o).await;
+            self.send_model(o).await;
         }
         // Watch the model's topics: what anyone else publishes there is put back (a broker
         // without ACLs lets any login overwrite a retained chunk).
@@ -179,5 +177,26 @@ impl Server {
 
     pub(super) async fn send(&self, o: Outgoing) {
         mqtt::publish_logged(&self.client, o.topic, o.payload, o.retain).await;
+    }
+
+    /// Sends a message of the global model's topics: through the embedded broker's link when
+    /// there is one (the broker keeps the payload as is), else like any other.
+    pub(super) async fn send_model(&mut self, o: Outgoing) {
+        match &mut self.model_link {
+            Some(link) => {
+                if let Err(e) = link.publish(o.topic.clone(), o.payload, o.retain).await {
+                    tracing::warn!(topic = %o.topic, error = format!("{e:#}"), "publish failed");
+                }
+            }
+            None => self.send(o).await,
+        }
+    }
+
+    /// Lets go of the published model's pages this process touched since the last tick (the
+    /// broker sending chunks to agents); they stay in the page cache.
+    pub(super) fn trim_model(&self) {
+        if let Some(f) = &self.model_file {
+            f.trim();
+        }
     }
 }

@@ -68,8 +68,8 @@ impl Server {
     }
 
     /// A publish on the current model's retained topics that is not ours (another login's, on
-    /// a broker without ACLs): ours goes back, read from the state dir for a chunk. Our own
-    /// publishes come back here too and match.
+    /// a broker without ACLs): ours goes back, a chunk sliced from the mapped model file. Our
+    /// own publishes come back here too and match.
     pub(super) async fn guard_model(
         &mut self,
         id: &str,
@@ -85,7 +85,9 @@ impl Server {
         };
         let Some(i) = index else {
             let (topic, ours) = (self.topics.model_manifest(id), ours.clone());
-            self.restore(topic, Some(ours), arrived).await;
+            if let Some(o) = self.overwritten(topic, Some(ours), arrived) {
+                self.send_model(o).await;
+            }
             return Ok(());
         };
         let Some(want) = m.chunk_hash(i) else {
@@ -94,36 +96,34 @@ impl Server {
         if shared_proto::hash::sha256(arrived)[..] == *want {
             return Ok(());
         }
-        let (offset, len) = (
-            u64::from(i) * u64::from(m.chunk_size),
-            m.chunk_size as usize,
-        );
-        let path = self.store.model_path(id);
-        let chunk = read_range(&path, offset, len)
-            .with_context(|| format!("reading chunk {i} of {}", path.display()))?;
-        self.restore(self.topics.model_chunk(id, i), Some(chunk.into()), arrived)
-            .await;
+        let file = self
+            .model_file
+            .as_ref()
+            .context("the published model's file is not mapped")?;
+        let all = file.bytes();
+        let start = (u64::from(i) * u64::from(m.chunk_size)).min(all.len() as u64) as usize;
+        let end = start.saturating_add(m.chunk_size as usize).min(all.len());
+        let chunk = all.slice(start..end);
+        if let Some(o) = self.overwritten(self.topics.model_chunk(id, i), Some(chunk), arrived) {
+            self.send_model(o).await;
+        }
         Ok(())
     }
 
     /// Publishes `ours` again on the retained `topic` if what arrived there is something else
     /// (agents drop a forgery, but one connecting later would see only that).
     pub(super) async fn restore(&mut self, topic: String, ours: Option<Bytes>, arrived: &[u8]) {
-        let Some(ours) = ours.filter(|o| o[..] != *arrived) else {
-            return;
-        };
+        if let Some(o) = self.overwritten(topic, ours, arrived) {
+            self.send(o).await;
+        }
+    }
+
+    /// The retained publish that puts `ours` back on `topic`, if what arrived differs; logged
+    /// and counted.
+    fn overwritten(&self, topic: String, ours: Option<Bytes>, arrived: &[u8]) -> Option<Outgoing> {
+        let ours = ours.filter(|o| o[..] != *arrived)?;
         tracing::warn!(%topic, "retained message overwritten by another publisher; restored");
         self.metrics.retained_restored.inc();
-        self.send(Outgoing::new(topic, ours, true)).await;
+        Some(Outgoing::new(topic, ours, true))
     }
-}
-
-/// Up to `len` bytes of `path` from `offset` (less at the end of the file).
-fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::with_capacity(len);
-    f.take(len as u64).read_to_end(&mut buf)?;
-    Ok(buf)
 }

@@ -25,8 +25,9 @@ impl Server {
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
         let topics = Topics::new(&cfg.federation).context("federation name")?;
-        let (broker, credentials) = crate::broker::start_or_connect(&cfg, &metrics)?;
-        let mut settings = mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker);
+        let broker = crate::broker::start_or_connect(&cfg, &metrics)?;
+        let mut settings =
+            mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker.url);
         settings.ca_file = cfg.broker.tls_ca.clone().into();
         if !cfg.broker.tls_client_cert.is_empty() {
             let b = &cfg.broker;
@@ -35,7 +36,7 @@ impl Server {
                 b.tls_client_key.clone().into(),
             ));
         }
-        settings.credentials = credentials;
+        settings.credentials = broker.login;
         settings.max_packet_bytes = cfg.broker.max_packet_bytes;
         settings.request_capacity = 4096;
         // Each connection's will: the offline status of that session, signed.
@@ -64,7 +65,7 @@ impl Server {
                 });
         let (client, inbox) = mqtt::connect(settings, shedding)?;
 
-        let (_, global) = aggregate::load_model(&store, &state.model_id)?;
+        let global = aggregate::load_model(&store, &state.model_id)?;
         let mut cfg = cfg;
         cfg.outputs.resolve_eval_dataset(&cfg.datasets);
         let base_name = if cfg.outputs.base_model_dir.is_empty() {
@@ -111,6 +112,8 @@ impl Server {
             keys: Keys::default(),
             keys_mtime: None,
             published: None,
+            model_file: None,
+            model_link: broker.model_link,
             model_manifest: None,
             base_dir,
             closing: None,
