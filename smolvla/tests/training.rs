@@ -16,11 +16,7 @@ fn adamw_steps_lower_the_loss() {
     tch::set_num_threads(1);
     let policy = SmolVlaPolicy::from_dir(FIXTURE, Device::Cpu).unwrap();
     let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
-    let params: Vec<Tensor> = policy
-        .trainable_parameters()
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    let params = trainable(&policy);
     let mut cfg = AdamWConfig::from_policy(&policy.config);
     cfg.lr = 1e-3;
     let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), cfg);
@@ -87,14 +83,18 @@ fn save_pretrained_round_trips() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Loss and trainable gradients of one forward/backward on the fixture batch.
-fn loss_and_grads(policy: &SmolVlaPolicy, autocast: Option<Kind>) -> (f64, Vec<Tensor>) {
-    let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
-    let params: Vec<Tensor> = policy
+fn trainable(policy: &SmolVlaPolicy) -> Vec<Tensor> {
+    policy
         .trainable_parameters()
         .into_iter()
         .map(|(_, p)| p)
-        .collect();
+        .collect()
+}
+
+/// Loss and trainable gradients of one forward/backward on the fixture batch.
+fn loss_and_grads(policy: &SmolVlaPolicy, autocast: Option<Kind>) -> (f64, Vec<Tensor>) {
+    let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
+    let params = trainable(&policy);
     let lo = smolvla::layers::autocast(autocast, || {
         policy
             .forward(

@@ -174,14 +174,14 @@ fn attack(kind: BrokerKind) -> Result<()> {
         std::thread::spawn(move || for _ in conn.iter().take(1_000_000) {});
 
         // A forged announcement: the attacker's settings for everyone, retained.
-        let genuine: RoundAnnouncement = {
-            let seen = observer
-                .seen
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?;
-            let raw = seen.announcements.last().context("no announcement seen")?;
-            message::decode(raw, usize::MAX)?
-        };
+        // The state file can say "collecting" before the observer has the retained
+        // announcement in hand (a loaded machine): wait for it, bounded.
+        let raw = zk0_e2e::wait_for(
+            Duration::from_secs(30),
+            "the observer to see round 1's announcement",
+            || observer.seen.lock().ok()?.announcements.last().cloned(),
+        )?;
+        let genuine: RoundAnnouncement = message::decode(&raw, usize::MAX)?;
         let mut forged = genuine.clone();
         forged.seq += 1_000;
         forged.hyper.lr = 10.0;

@@ -565,7 +565,9 @@ impl Core {
             self.status.server_online = Some(st.online);
             self.save_status();
         }
-        if let Some(id) = &st.model_id {
+        // Only an online status names the current model: an offline one may be the broker's
+        // copy of the aggregator's last will, written when it connected (a stale model).
+        if let (true, Some(id)) = (st.online, &st.model_id) {
             self.follow_model(id, st.round);
         }
     }
@@ -591,7 +593,9 @@ impl Core {
 
     /// Queues the export of a verified global model, when following and not done already.
     fn note_global(&mut self, model_id: &str, round: u64, weights: &Path) {
-        if self.cfg.infer.follow_global && !self.exports.knows(model_id) {
+        // Never queue an older round's model over a newer one waiting its turn.
+        let newer_queued = matches!(&self.exports.queued, Some((_, r, _)) if *r > round);
+        if self.cfg.infer.follow_global && !self.exports.knows(model_id) && !newer_queued {
             self.exports.queued = Some((model_id.to_string(), round, weights.to_path_buf()));
         }
     }
