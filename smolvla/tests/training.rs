@@ -94,7 +94,7 @@ fn trainable(policy: &SmolVlaPolicy) -> Vec<Tensor> {
 /// Loss and trainable gradients of one forward/backward on the fixture batch.
 fn loss_and_grads(policy: &SmolVlaPolicy, autocast: Option<Kind>) -> (f64, Vec<Tensor>) {
     let (batch, draws) = read_fixture_inputs(format!("{FIXTURE}/inputs.safetensors")).unwrap();
-    let params = trainable(&policy);
+    let params = trainable(policy);
     let lo = smolvla::layers::autocast(autocast, || {
         policy
             .forward(
