@@ -13,12 +13,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rumqttd::local::LinkTx;
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+use rumqttd::{
+    Broker, Config, ConnectionSettings, MetricSettings, MetricType, RouterConfig, ServerSettings,
+    TlsConfig,
+};
 use shared_proto::sign::KeyPair;
 use shared_proto::topic::Topics;
 use zk0_daemon::{mqtt, BrokerUrl};
 
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{FilterLabel, Metrics, ReasonLabel};
 
 /// How the aggregator reaches its broker.
 pub struct BrokerAccess {
@@ -315,10 +318,21 @@ impl EmbeddedBroker {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };
+        // Alerts (cursor jumps, see `count_backlog_overruns`) reach the alert link only on
+        // this timer, every second. rumqttd's timer unwraps both intervals, so meters get one
+        // too (an hour: nothing reads them). The settings type has private fields and is built
+        // from its serde form.
+        let every = |secs: u64| -> Option<MetricSettings> {
+            serde_json::from_value(serde_json::json!({ "push_interval": secs })).ok()
+        };
+        let metrics = every(1)
+            .zip(every(3600))
+            .map(|(a, m)| HashMap::from([(MetricType::Alerts, a), (MetricType::Meters, m)]));
         Config {
             id: 0,
             router,
             v4: Some(HashMap::from([("1".to_string(), server)])),
+            metrics,
             ..Default::default()
         }
     }
@@ -340,6 +354,7 @@ impl EmbeddedBroker {
         let mut broker = Broker::new(self.config());
         // The router runs from `new`, so the link connects before the listeners start.
         let link = ModelLink::open(&broker, models)?;
+        count_backlog_overruns(&broker, self.metrics.clone())?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -350,6 +365,40 @@ impl EmbeddedBroker {
             .context("spawning the broker thread")?;
         Ok(link)
     }
+}
+
+/// Counts rumqttd's cursor jumps (a subscriber that fell a whole backlog behind loses what it
+/// had not read) on `broker_backlog_overruns`, from the router's alert link on a thread of its
+/// own: the aggregator cannot see these drops over MQTT, and a flood must not go uncounted.
+fn count_backlog_overruns(broker: &Broker, metrics: Arc<Metrics>) -> Result<()> {
+    let alerts = broker.alerts().context("opening the broker's alert link")?;
+    std::thread::Builder::new()
+        .name("rumqttd-alerts".into())
+        .spawn(move || {
+            // Ends when the router goes, with the process.
+            while let Ok(batch) = alerts.router_rx.recv() {
+                // rumqttd does not export the alert's kind type: read its name and text.
+                for alert in batch.iter().filter(|a| a.kind.name() == "cursor_jump") {
+                    let text = alert.kind.description();
+                    let filter = cursor_jump_filter(&text).to_string();
+                    tracing::warn!(%filter, client = %alert.client_id,
+                        "broker backlog overrun: a subscriber lost unread messages");
+                    metrics
+                        .broker_backlog_overruns
+                        .get_or_create(&FilterLabel { filter })
+                        .inc();
+                }
+            }
+        })
+        .context("spawning the broker's alert thread")?;
+    Ok(())
+}
+
+/// The filter in a cursor-jump alert's text (`Filter: <filter>, Lost: <n>`), or the text.
+fn cursor_jump_filter(text: &str) -> &str {
+    text.strip_prefix("Filter: ")
+        .and_then(|t| t.rsplit_once(", Lost: "))
+        .map_or(text, |(f, _)| f)
 }
 
 /// The aggregator's in-process link into the embedded broker, for the global model's retained
@@ -446,5 +495,14 @@ mod tests {
         assert_eq!(l.check(&a, "robot-a", "pw-b"), Err("wrong_password"));
         assert_eq!(l.check(&a, "robot-c", "pw-a"), Err("unknown_login"));
         assert_eq!(l.check(&a, "robot-a", ""), Err("wrong_password"));
+    }
+
+    #[test]
+    fn cursor_jump_text_gives_its_filter() {
+        assert_eq!(
+            cursor_jump_filter("Filter: zk0/v1/f/client/+/update/#, Lost: 0"),
+            "zk0/v1/f/client/+/update/#"
+        );
+        assert_eq!(cursor_jump_filter("something else"), "something else");
     }
 }

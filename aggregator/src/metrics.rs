@@ -17,6 +17,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// An MQTT subscription filter of the embedded broker.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilterLabel {
+    pub filter: String,
+}
+
 /// Every metric the aggregator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -42,6 +48,9 @@ pub struct Metrics {
     pub broker_connects_refused: Family<ReasonLabel, Counter>,
     /// Embedded broker's mutual-TLS front: clients refused in the TLS handshake.
     pub tls_clients_refused: Counter,
+    /// Embedded broker: times a subscriber fell more than `[broker] backlog_bytes` behind and
+    /// rumqttd skipped it ahead, dropping what it had not read yet, by subscription filter.
+    pub broker_backlog_overruns: Family<FilterLabel, Counter>,
 }
 
 impl Metrics {
@@ -66,6 +75,7 @@ impl Metrics {
             retained_restored: Counter::default(),
             broker_connects_refused: Family::default(),
             tls_clients_refused: Counter::default(),
+            broker_backlog_overruns: Family::default(),
             registry: Registry::default(),
         };
         // (name, help, metric): each exported as zk0_aggregator_<name>.
@@ -83,6 +93,7 @@ impl Metrics {
             "client_statuses_refused", "Client status messages dropped (unsigned or forged, unknown client, replayed), by reason", statuses_refused;
             "retained_restored", "The aggregator's retained announcement or status, overwritten by another publisher and published again", retained_restored;
             "broker_connects_refused", "CONNECTs the embedded broker refused (unknown login, wrong password, another login's client id), by reason", broker_connects_refused;
+            "broker_backlog_overruns", "Times the embedded broker dropped messages a subscriber had not read yet (it fell more than backlog_bytes behind), by filter", broker_backlog_overruns;
             "tls_clients_refused", "Clients the embedded broker's mutual-TLS front refused in the handshake", tls_clients_refused;
             "rounds_completed", "Rounds aggregated and published", rounds_completed;
             "current_round", "Round number in progress", current_round;

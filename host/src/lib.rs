@@ -10,6 +10,7 @@ pub mod daemon;
 mod devices;
 pub mod hf_cache;
 mod onnxruntime;
+pub mod reference;
 pub mod systemd;
 
 pub use checklist::{emit, gib, Check, Checklist, Status};

@@ -17,25 +17,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
+use zk0_host::reference::lerobot_python;
 
 /// Pixel mean tolerance on a 0–255 scale (as in the fixtures' expected.json).
 const TOL: f64 = 4.0;
-
-fn python() -> Option<PathBuf> {
-    match std::env::var_os("ZK0_LEROBOT_PYTHON") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI is set but ZK0_LEROBOT_PYTHON is not: run `eval \"$(cargo xtask env)\"` after `cargo xtask setup --lerobot`"
-            );
-            eprintln!(
-                "SKIPPED: ZK0_LEROBOT_PYTHON is unset (eval \"$(cargo xtask env)\" after `cargo xtask setup --lerobot`)"
-            );
-            None
-        }
-    }
-}
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -147,7 +132,7 @@ fn compare_with_lerobot(py: &Path, scratch: &Path, root: &Path, image_frames: &[
 
 #[test]
 fn our_dataset_loads_in_lerobot() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ours");
     let cfg = SynthConfig {
@@ -176,7 +161,7 @@ fn our_dataset_loads_in_lerobot() {
 
 #[test]
 fn lerobot_multichunk_dataset_verifies_and_reads_back() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("theirs");
     let hf = tmp.path().join("hf");
@@ -395,7 +380,7 @@ fn read_every_item_in_lerobot(
 /// backend and 1e-4 s tolerance, and gets the very frames our reader returns.
 #[test]
 fn every_item_of_datasets_we_write_reads_in_lerobot() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let seed = seed();
     let tmp = tempfile::tempdir().unwrap();
     let datasets = written_datasets(tmp.path(), seed);
@@ -450,7 +435,7 @@ fn every_item_of_datasets_we_write_reads_in_lerobot() {
 /// lengths, AV1, several episodes in one file) and on one we converted.
 #[test]
 fn lerobot_train_runs_on_datasets_we_write_and_convert() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let ours = tmp.path().join("ours");
     synth::generate(
@@ -524,7 +509,7 @@ fn lerobot_train_runs_on_datasets_we_write_and_convert() {
 /// reader name the same episodes.
 #[test]
 fn drifted_fixture_fails_in_lerobot_where_verify_says() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = fixture("lerobot-v3-drifted-h264");
     let lr = read_every_item_in_lerobot(&py, &tmp.path().join("hf"), None, &[&root]);

@@ -9,10 +9,11 @@
 //!
 //! Without the venv the tests print why and pass, except under `CI` where they fail.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
+use zk0_host::reference::lerobot_python;
 use zk0_robot::arm::MOTOR_NAMES;
 use zk0_robot::calibration::calibration_root_with;
 use zk0_robot::feetech::table;
@@ -22,22 +23,6 @@ use zk0_robot::{
     Arm, ArmConfig, ArmModel, ArmSpec, BusConfig, Calibration, MotorCalibration, Role,
     SerialTransport,
 };
-
-fn python() -> Option<PathBuf> {
-    match std::env::var_os("ZK0_LEROBOT_PYTHON") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI is set but ZK0_LEROBOT_PYTHON is not: run `eval \"$(cargo xtask env)\"` after `cargo xtask setup --lerobot`"
-            );
-            eprintln!(
-                "SKIPPED: ZK0_LEROBOT_PYTHON is unset (eval \"$(cargo xtask env)\" after `cargo xtask setup --lerobot`)"
-            );
-            None
-        }
-    }
-}
 
 /// Runs the helper with HF_LEROBOT_CALIBRATION = `calib`; returns its JSON.
 fn run_py(py: &Path, calib: &Path, args: &[&str]) -> Value {
@@ -88,7 +73,7 @@ fn as_json(c: &Calibration) -> Value {
 
 #[test]
 fn calibration_files_round_trip_with_lerobot() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let root = calibration_root_with(|k| {
         (k == "HF_LEROBOT_CALIBRATION").then(|| dir.path().display().to_string())
@@ -136,7 +121,7 @@ fn calibration_files_round_trip_with_lerobot() {
 
 #[test]
 fn lerobots_follower_drives_our_emulator() {
-    let Some(py) = python() else { return };
+    let Some(py) = lerobot_python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut servos = Servos::new(1..=6);
     for (id, p) in (1..=6).zip([2050.0, 1510.0, 2590.0, 2090.0, 2040.0, 2110.0]) {

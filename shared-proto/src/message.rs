@@ -213,8 +213,11 @@ pub struct HardwareInfo {
     pub gpu: Option<String>,
 }
 
-/// Training metrics an agent reports with its update.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Training metrics an agent reports with its update, as its worker wrote them
+/// ([`crate::worker::WorkerMetrics`] carries them). A missing field reads as 0: the numbers
+/// are informational (the aggregation weight is the manifest's `examples`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClientMetrics {
     pub loss: f64,
     pub fedprox_loss: f64,

@@ -9,20 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::message::ClientMetrics;
 
-/// What one local training run reports.
+/// What one local training run reports: the metrics the agent forwards to the aggregator,
+/// plus what only the agent reads.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WorkerMetrics {
-    /// Mean flow-matching loss over the steps.
-    pub loss: f64,
-    /// Mean proximal term (mu/2)·‖θ − θ_global‖².
-    pub fedprox_loss: f64,
-    /// Gradient norm of the last step, before clipping.
-    pub grad_norm: f64,
-    /// ‖θ_trained − θ_global‖ over the trainable tensors.
-    pub update_norm: f64,
-    pub steps: u64,
-    pub seconds: f64,
+    /// Loss, proximal term, norms, steps and seconds: reported as they are.
+    #[serde(flatten)]
+    pub report: ClientMetrics,
     /// Training examples seen (the aggregation weight unless the agent's config overrides it).
     pub examples: u64,
     /// Tensors in the worker's output (informational).
@@ -40,18 +34,6 @@ impl WorkerMetrics {
     pub fn from_json(bytes: &[u8]) -> Result<WorkerMetrics, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
-
-    /// What the agent reports with its update.
-    pub fn client_metrics(&self) -> ClientMetrics {
-        ClientMetrics {
-            loss: self.loss,
-            fedprox_loss: self.fedprox_loss,
-            grad_norm: self.grad_norm,
-            update_norm: self.update_norm,
-            steps: self.steps,
-            seconds: self.seconds,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -61,16 +43,21 @@ mod tests {
     #[test]
     fn round_trips_and_tolerates_missing_and_extra_keys() {
         let m = WorkerMetrics {
-            loss: 1.5,
+            report: ClientMetrics {
+                loss: 1.5,
+                steps: 3,
+                ..ClientMetrics::default()
+            },
             examples: 7,
-            steps: 3,
             ..WorkerMetrics::default()
         };
         assert_eq!(WorkerMetrics::from_json(&m.to_json()).unwrap(), m);
+        // The file is flat: the reported fields sit beside `examples`.
+        let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!((v["loss"].as_f64(), v["examples"].as_u64()), (Some(1.5), Some(7)));
         let m =
-            WorkerMetrics::from_json(br#"{"loss": 2.5, "examples": 9, "extra": true}"#).unwrap();
-        assert_eq!((m.loss, m.examples, m.steps), (2.5, 9, 0));
-        assert_eq!(m.client_metrics().loss, 2.5);
+            WorkerMetrics::from_json(br#"{"loss": 2, "examples": 9, "extra": true}"#).unwrap();
+        assert_eq!((m.report.loss, m.examples, m.report.steps), (2.0, 9, 0));
         assert!(WorkerMetrics::from_json(b"{\"loss\": \"high\"}").is_err());
     }
 }

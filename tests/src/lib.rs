@@ -77,21 +77,7 @@ pub fn ensure_built() -> Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
-/// LeRobot's venv python (`ZK0_LEROBOT_PYTHON`, from `eval "$(cargo xtask env)"`), or `None`
-/// with a note on stderr; under `CI` its absence is a failure, never a skip.
-pub fn lerobot_python() -> Option<PathBuf> {
-    match std::env::var_os("ZK0_LEROBOT_PYTHON") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI is set but ZK0_LEROBOT_PYTHON is not: run `eval \"$(cargo xtask env)\"` after `cargo xtask setup --lerobot`"
-            );
-            eprintln!("SKIPPED (LeRobot half): ZK0_LEROBOT_PYTHON is unset");
-            None
-        }
-    }
-}
+pub use zk0_host::reference::lerobot_python;
 
 /// A free TCP port on 127.0.0.1 (bound, then released; the small race is acceptable in tests).
 pub fn free_port() -> Result<u16> {
@@ -250,6 +236,15 @@ pub fn synth_dataset(
 }
 
 /// A plain HTTP/1.1 GET on loopback (e.g. the aggregator's `/metrics`): the whole response,
+/// Sum of every sample of `metric` (all its label sets) in a Prometheus text page.
+pub fn metric_sum(page: &str, metric: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// headers included.
 pub fn http_get(addr: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};

@@ -8,8 +8,8 @@
 //!   test starts (skipped when mosquitto is not installed, or when `zk0-train` cannot run and
 //!   `CI` is unset). The embedded-broker twin is `federation_smolvla`.
 //! - `three_rounds_on_the_embedded_broker`: the test-only `zk0-fake-worker`, for what the real
-//!   worker never does: robot-c's worker writes a delta (`worker_output = "delta"`) instead of
-//!   trained tensors, so the agent's delta path is covered too.
+//!   worker never does: robot-c's worker writes trained tensors (`worker_output = "params"`)
+//!   instead of a delta, so the agent's subtracting path is covered too.
 //!
 //! The daemons are built by `cargo build -p aggregator -p edge-agent` from the test (see
 //! `zk0_e2e::ensure_built`), `zk0-train` by `cargo build -p trainer` (`zk0_e2e::smolvla`).
@@ -31,7 +31,7 @@ fn three_rounds_on_the_embedded_broker() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let mut fed = Federation::fake(tmp.path(), BrokerKind::Embedded, &CLIENTS)?;
     fed.agent_extra
-        .insert("robot-c".into(), "worker_output = \"delta\"".into());
+        .insert("robot-c".into(), "worker_output = \"params\"".into());
     let result = fed.run_rounds(&CLIENTS, 3, 60.0, Duration::from_secs(180));
     result
         .map(drop)

@@ -148,7 +148,9 @@ enum Cmd {
         inputs: PathBuf,
     },
     /// FedProx local training on a LeRobot dataset: JSON lines of progress on stdout, the
-    /// trained trainable tensors (safetensors) and a metrics JSON written to files.
+    /// trained trainable tensors or their change (safetensors) and a metrics JSON written to
+    /// files.
+    #[command(group(clap::ArgGroup::new("out").required(true).args(["out_params", "out_delta"])))]
     Train {
         /// LeRobot SmolVLA checkpoint: a directory (config.json, model.safetensors, ...) or a
         /// Hub id such as lerobot/smolvla_base.
@@ -177,7 +179,11 @@ enum Cmd {
         seed: i64,
         /// Output: trained trainable tensors.
         #[arg(long)]
-        out_params: PathBuf,
+        out_params: Option<PathBuf>,
+        /// Output: the change of the trainable tensors, trained − the values they started from
+        /// (those of --global where it has them): the update an agent sends.
+        #[arg(long)]
+        out_delta: Option<PathBuf>,
         /// Output: metrics JSON.
         #[arg(long)]
         out_metrics: PathBuf,
@@ -243,10 +249,17 @@ fn run(cli: Cli) -> Result<bool> {
             mu,
             seed,
             out_params,
+            out_delta,
             out_metrics,
             out_model,
             run,
         } => {
+            let out = match (out_params, out_delta) {
+                (Some(p), None) => train::TrainedOut::Params(p),
+                (None, Some(d)) => train::TrainedOut::Delta(d),
+                // The argument group makes exactly one of them required.
+                _ => anyhow::bail!("give one of --out-params and --out-delta"),
+            };
             let args = train::TrainArgs {
                 model: checkpoint(&model)?,
                 global,
@@ -257,7 +270,7 @@ fn run(cli: Cli) -> Result<bool> {
                 lr,
                 mu,
                 seed,
-                out_params,
+                out,
                 out_metrics,
                 out_model,
                 device: run.device()?,

@@ -12,6 +12,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use lerobot_dataset::{FeatureValue, LeRobotDataset};
 use serde_json::json;
+use shared_proto::message::ClientMetrics;
+use shared_proto::worker::WorkerMetrics;
 use smolvla::optim::{sq_distance, AdamW, AdamWConfig};
 use smolvla::policy::{ACTION, ACTION_IS_PAD, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MASK};
 use smolvla::processor::{Stats, TaskTokenizer};
@@ -33,7 +35,8 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     pub mu: f64,
     pub seed: i64,
-    pub out_params: PathBuf,
+    /// What to write of the trained tensors, and where.
+    pub out: TrainedOut,
     pub out_metrics: PathBuf,
     /// Where to write the trained policy as a LeRobot checkpoint directory, if anywhere.
     pub out_model: Option<PathBuf>,
@@ -41,6 +44,16 @@ pub struct TrainArgs {
     pub device: Device,
     /// Reduced precision of the matrix products (`--bf16`), see `smolvla::layers::autocast`.
     pub autocast: Option<Kind>,
+}
+
+/// The trainable tensors a run writes (safetensors, LeRobot names, f32).
+#[derive(Debug, Clone)]
+pub enum TrainedOut {
+    /// Their trained values (`--out-params`).
+    Params(PathBuf),
+    /// Trained − the values they started from (`--out-delta`): the update an agent sends, so
+    /// it need not read the global model again to subtract it.
+    Delta(PathBuf),
 }
 
 /// Moves every tensor of a batch to `device` (a no-op on the CPU).
@@ -252,7 +265,7 @@ pub(crate) fn make_batch(
 }
 
 /// Runs the training; prints JSON lines of progress and returns the metrics.
-pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
+pub fn run(args: &TrainArgs) -> Result<WorkerMetrics> {
     let t0 = Instant::now();
     tch::manual_seed(args.seed);
     let policy = load_policy(
@@ -324,12 +337,22 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let update_norm = tch::no_grad(|| sq_distance(&params, &global))
         .double_value(&[])
         .sqrt();
-    let out: Vec<(String, Tensor)> = trainable
-        .iter()
-        .map(|(n, p)| (n.clone(), p.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&out, &args.out_params)
-        .with_context(|| format!("writing {}", args.out_params.display()))?;
+    let out: Vec<(String, Tensor)> = tch::no_grad(|| {
+        trainable
+            .iter()
+            .zip(&global)
+            .map(|((n, p), g)| {
+                let t = match &args.out {
+                    TrainedOut::Params(_) => p.detach(),
+                    TrainedOut::Delta(_) => p.detach() - g,
+                };
+                (n.clone(), t.to_device(Device::Cpu).contiguous())
+            })
+            .collect()
+    });
+    let (TrainedOut::Params(out_path) | TrainedOut::Delta(out_path)) = &args.out;
+    Tensor::write_safetensors(&out, out_path)
+        .with_context(|| format!("writing {}", out_path.display()))?;
     if let Some(dir) = &args.out_model {
         save_checkpoint(&policy, &args.model, &stats, dir)?;
         // The tokenizer trained with (given by --tokenizer), for a self-contained checkpoint.
@@ -341,17 +364,19 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
         }
     }
     let n = args.steps.max(1) as f64;
-    let metrics = json!({
-        "loss": sum_loss / n,
-        "fedprox_loss": sum_prox / n,
-        "grad_norm": last_gn,
-        "update_norm": update_norm,
-        "examples": args.steps * args.batch_size,
-        "steps": args.steps,
-        "seconds": t0.elapsed().as_secs_f64(),
-        "trainable_tensors": out.len(),
-    });
-    std::fs::write(&args.out_metrics, serde_json::to_vec_pretty(&metrics)?)
+    let metrics = WorkerMetrics {
+        report: ClientMetrics {
+            loss: sum_loss / n,
+            fedprox_loss: sum_prox / n,
+            grad_norm: last_gn,
+            update_norm,
+            steps: args.steps as u64,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+        examples: (args.steps * args.batch_size) as u64,
+        trainable_tensors: out.len() as u64,
+    };
+    std::fs::write(&args.out_metrics, metrics.to_json())
         .with_context(|| format!("writing {}", args.out_metrics.display()))?;
     Ok(metrics)
 }

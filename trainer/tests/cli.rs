@@ -209,11 +209,16 @@ fn compare_passes_on_the_pipeline_fixture() {
 }
 
 fn train(dir: &Path, mu: &str) -> Value {
+    let params = dir.join(format!("p{mu}.safetensors"));
+    let m = train_to(dir, mu, &["--out-params"], &params);
+    assert_eq!(Tensor::read_safetensors(&params).unwrap().len(), 47);
+    m
+}
+
+/// One 3-step run (seed 7) writing `out_args` `out` and the metrics, which it returns.
+fn train_to(dir: &Path, mu: &str, out_args: &[&str], out: &Path) -> Value {
     let pipeline = PathBuf::from(FIXTURE).join("pipeline");
-    let (params, metrics) = (
-        dir.join(format!("p{mu}.safetensors")),
-        dir.join(format!("m{mu}.json")),
-    );
+    let metrics = dir.join(format!("m{mu}.json"));
     let out = zk0_train()
         .args(["--threads", "1", "train", "--model"])
         .arg(pipeline.join("model"))
@@ -235,9 +240,9 @@ fn train(dir: &Path, mu: &str) -> Value {
             "7",
             "--mu",
             mu,
-            "--out-params",
         ])
-        .arg(&params)
+        .args(out_args)
+        .arg(out)
         .arg("--out-metrics")
         .arg(&metrics)
         .output()
@@ -256,8 +261,6 @@ fn train(dir: &Path, mu: &str) -> Value {
     assert_eq!(lines[0]["event"], "step");
     // θ = θ_global at the first step: no proximal term.
     assert_eq!(lines[0]["fedprox_loss"].as_f64().unwrap(), 0.0);
-    let trained = Tensor::read_safetensors(&params).unwrap();
-    assert_eq!(trained.len(), 47);
     let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     for k in [
         "loss",
@@ -286,6 +289,42 @@ fn fedprox_term_shrinks_the_update() {
         prox["update_norm"].as_f64().unwrap(),
     );
     assert!(u1 < u0, "update norm with mu: {u1}, without: {u0}");
+}
+
+/// `--out-delta` writes what an agent would compute from `--out-params`: trained − the global
+/// model the run started from, exactly.
+#[test]
+fn out_delta_is_trained_minus_global() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A global model that is not the checkpoint: the trained tensors of a first run.
+    let global = d.join("global.safetensors");
+    train_to(d, "0", &["--out-params"], &global);
+    let (trained, delta) = (d.join("trained.safetensors"), d.join("delta.safetensors"));
+    train_to(d, "0", &["--global", global.to_str().unwrap(), "--out-params"], &trained);
+    let m = train_to(d, "0", &["--global", global.to_str().unwrap(), "--out-delta"], &delta);
+    let by_name = |p: &Path| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(p).unwrap().into_iter().collect()
+    };
+    let (g, t, dl) = (by_name(&global), by_name(&trained), by_name(&delta));
+    assert_eq!(dl.len(), 47);
+    let mut sq = 0.0;
+    for (name, dv) in &dl {
+        let want = &t[name] - &g[name];
+        assert_eq!(dv.size(), want.size(), "{name}");
+        let diff = (dv - &want).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{name}: delta differs from trained − global by {diff}");
+        sq += dv.square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    assert!(sq > 0.0, "the run changed nothing");
+    let norm = m["update_norm"].as_f64().unwrap();
+    assert!((sq.sqrt() - norm).abs() <= 1e-4 * norm, "{} vs {norm}", sq.sqrt());
+    // Exactly one output: none or both is a usage error.
+    let out = zk0_train()
+        .args(["train", "--model", "m", "--dataset", "d", "--out-metrics", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
 
 fn eval(dir: &Path, extra: &[&str]) -> Value {

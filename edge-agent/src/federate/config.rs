@@ -18,8 +18,9 @@
 //! zstd_level = 3
 //! worker = ["zk0-train", "train"]        # the training worker command
 //! worker_args = ["--threads", "2"]       # extra worker arguments, after the command
-//! worker_output = "params"               # "params": the worker writes trained tensors (zk0-train;
-//!                                        # the agent computes trained − global); "delta": a delta
+//! worker_output = "delta"                # "delta": the worker writes trained − global (zk0-train
+//!                                        # --out-delta); "params": trained tensors, and the agent
+//!                                        # subtracts the global model
 //! model_dir = "/var/lib/zk0-agent/smolvla_base"   # base LeRobot checkpoint (--model)
 //! tokenizer = ""                         # tokenizer.json (--tokenizer; default: the model's)
 //! max_packet_bytes = 4194304
@@ -107,7 +108,7 @@ impl Default for AgentConfig {
             zstd_level: 3,
             worker: vec!["zk0-train".into(), "train".into()],
             worker_args: Vec::new(),
-            worker_output: WorkerOutput::Params,
+            worker_output: WorkerOutput::Delta,
             model_dir: PathBuf::new(),
             tokenizer: PathBuf::new(),
             max_packet_bytes: 4 << 20,
@@ -222,12 +223,12 @@ mod tests {
         c.insecure = true;
         assert!(c.validate().is_err());
         let c: AgentConfig = toml::from_str(
-            "client_id = \"r1\"\ninsecure = true\nworker_output = \"delta\"\nmodel_dir = \"m\"\nworker_args = [\"--threads\", \"1\"]\n",
+            "client_id = \"r1\"\ninsecure = true\nworker_output = \"params\"\nmodel_dir = \"m\"\nworker_args = [\"--threads\", \"1\"]\n",
         )
         .unwrap();
-        assert_eq!(c.worker_output, WorkerOutput::Delta);
+        assert_eq!(c.worker_output, WorkerOutput::Params);
         assert_eq!(c.model_dir, PathBuf::from("m"));
-        assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Params);
+        assert_eq!(AgentConfig::default().worker_output, WorkerOutput::Delta);
         assert!(toml::from_str::<AgentConfig>("worker_output = \"weights\"\n").is_err());
         assert_eq!(AgentConfig::default().upload_max_bytes_per_sec, 0);
         let c: AgentConfig = toml::from_str("upload_max_bytes_per_sec = 250000\n").unwrap();

@@ -892,11 +892,11 @@ impl Core {
         };
         tracing::info!(
             round,
-            loss = out.metrics.loss,
+            loss = out.metrics.report.loss,
             "training finished; encoding"
         );
         self.status.trained_round = round;
-        self.status.last_loss = Some(out.metrics.loss);
+        self.status.last_loss = Some(out.metrics.report.loss);
         self.status.last_accepted = None;
         self.save_status();
         self.phase = Phase::Encoding { round };

@@ -81,7 +81,7 @@ pub fn encode_update(
         chunk_size: 0,
         sha256: String::new(),
         examples,
-        metrics: m.client_metrics(),
+        metrics: m.report.clone(),
         chunk_sha256: Vec::new(),
         signature: Vec::new(),
     };

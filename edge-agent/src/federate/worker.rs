@@ -27,10 +27,10 @@ use tokio::process::Command;
 #[serde(rename_all = "lowercase")]
 pub enum WorkerOutput {
     /// Trained trainable tensors (`--out-params`); the agent subtracts the global model.
-    #[default]
     Params,
-    /// The delta, trained − global (`--out-delta`): one file read, no second read of the
-    /// global model.
+    /// The delta, trained − global (`--out-delta`, what zk0-train writes): one file read, no
+    /// second read of the global model.
+    #[default]
     Delta,
 }
 

@@ -1,11 +1,12 @@
 //! `zk0-fake-worker`: a TEST-ONLY stand-in for `zk0-train train` (fast, no libtorch), for the
-//! protocol tests that need what the real worker never does (a `delta` output, a failing
-//! worker) or no libtorch; the round, mosquitto and fault tests run the real worker.
+//! protocol tests that need what the real worker never does (a failing worker, an agent that
+//! subtracts the global model itself) or no libtorch; the round, mosquitto and fault tests run
+//! the real worker.
 //!
 //! It honours the worker contract of `zk0-agent` (`train [--model <dir>] [--tokenizer <file>]
 //! --global <model.safetensors> --dataset <dir> --steps N --batch-size B --lr X --mu M --seed S
 //! (--out-params | --out-delta) <file> --out-metrics <file>`, JSON-lines progress on stdout;
-//! `--out-params` gets global + delta, as zk0-train writes trained tensors) but trains
+//! `--out-params` gets global + delta, `--out-delta` the delta, as zk0-train writes them) but trains
 //! nothing: the delta is a deterministic pseudo-random function
 //! of the dataset directory's name and the global model's bytes, scaled by `lr`, so an
 //! end-to-end test can recompute what every client sent. The example count is read from
@@ -139,10 +140,13 @@ fn main() -> Result<()> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100);
     let metrics = shared_proto::worker::WorkerMetrics {
-        loss: 1.0 / a.steps.max(1) as f64,
-        grad_norm: 1.0,
-        update_norm: norm_sq.sqrt(),
-        steps: a.steps,
+        report: shared_proto::message::ClientMetrics {
+            loss: 1.0 / a.steps.max(1) as f64,
+            grad_norm: 1.0,
+            update_norm: norm_sq.sqrt(),
+            steps: a.steps,
+            ..Default::default()
+        },
         examples,
         trainable_tensors: delta.len() as u64,
         ..Default::default()

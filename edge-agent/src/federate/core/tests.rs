@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use shared_proto::message::{
-    HardwareInfo, HyperParams, ModelBlobKind, TensorInfo, PROTOCOL_VERSION,
+    ClientMetrics, HardwareInfo, HyperParams, ModelBlobKind, TensorInfo, PROTOCOL_VERSION,
 };
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::{Tensor, TensorSet};
@@ -227,7 +227,10 @@ fn trained(round: u64) -> Event {
             global: "global.safetensors".into(),
             spec: Default::default(),
             metrics: WorkerMetrics {
-                loss: 0.5,
+                report: ClientMetrics {
+                    loss: 0.5,
+                    ..ClientMetrics::default()
+                },
                 ..WorkerMetrics::default()
             },
         },
