@@ -486,7 +486,7 @@ impl Outputs {
         let global = self.store.model_path(&summary.model_id);
         let training = checkpoint::TrainingState {
             round,
-            model_id: summary.model_id.clone(),
+            model_id: summary.model_id.clone().into(),
             state,
             policy_loss: history,
             rounds,
@@ -586,7 +586,7 @@ mod tests {
                 .sqrt();
             let rec = UpdateRecord {
                 examples: *examples,
-                sha256: String::new(),
+                sha256: String::new().into(),
                 codec: "f32".into(),
                 bytes: blob.len() as u64,
                 norm,

@@ -15,6 +15,7 @@ use shared_proto::chunk::ChunkTracker;
 use shared_proto::hash::{parse_sha256_hex, sha256};
 use shared_proto::message::{self, RejectReason, UpdateManifest};
 use shared_proto::sign::PublicKey;
+use shared_proto::Sha256Hex;
 
 use crate::round::{Admission, RoundState};
 use crate::store::KeyRegistry;
@@ -129,7 +130,7 @@ impl Ignored {
 pub struct Answer {
     /// The manifest's `sha256` (empty when it did not decode): the ack names it, so the client
     /// knows the answer is about its blob.
-    pub sha256: String,
+    pub sha256: Sha256Hex,
     pub verdict: ManifestVerdict,
 }
 
@@ -273,7 +274,7 @@ impl UploadTable {
             Ok(m) => m,
             Err(e) => {
                 return Answer {
-                    sha256: String::new(),
+                    sha256: Sha256Hex::default(),
                     verdict: ManifestVerdict::Reject(Rejection::proto("manifest", &e)),
                 }
             }
@@ -501,7 +502,7 @@ mod tests {
             total_len: 0,
             chunk_count: 0,
             chunk_size: 0,
-            sha256: String::new(),
+            sha256: Default::default(),
             examples: 10,
             metrics: ClientMetrics {
                 loss: 1.0,
@@ -698,7 +699,7 @@ mod tests {
         assert_eq!(f.manifest(&message::encode(&m)), ManifestVerdict::Reack);
         // The hash compares as bytes: upper-case hex is the same update.
         let mut upper = m.clone();
-        upper.sha256 = upper.sha256.to_uppercase();
+        upper.sha256 = upper.sha256.to_uppercase().into();
         assert_eq!(f.manifest(&signed(&f, upper)), ManifestVerdict::Reack);
         // Another update for an accepted round is a duplicate.
         let other = manifest(&f, &blob(0.2, Codec::F32), Codec::F32);
@@ -734,7 +735,7 @@ mod tests {
             f.rejected(&message::encode(&forged)),
             RejectReason::BadSignature
         );
-        let m = with(&|m| m.base_model_id = "0".repeat(64));
+        let m = with(&|m| m.base_model_id = "0".repeat(64).into());
         assert_eq!(f.rejected(&signed(&f, m)), RejectReason::WrongBaseModel);
         let m = with(&|m| m.codec = "bf16".into());
         assert_eq!(f.rejected(&signed(&f, m)), RejectReason::UnsupportedCodec);
@@ -824,7 +825,7 @@ mod tests {
         assert_eq!(reason(&m, &b, &tight), RejectReason::NormBound);
         // Upper-case hex names the same hash.
         let mut upper = m.clone();
-        upper.sha256 = upper.sha256.to_uppercase();
+        upper.sha256 = upper.sha256.to_uppercase().into();
         verify_update(&upper, &b, &f.spec, &f.limits).unwrap();
     }
 
@@ -874,7 +875,7 @@ mod tests {
         let a = table.resume(gate, "arm-a", 1, &payload, 0..n);
         assert!(matches!(a.verdict, ManifestVerdict::ReadyToVerify(_)));
         // A manifest that no longer passes (the round moved on) is refused.
-        f.state.model_id = "n".repeat(64);
+        f.state.model_id = "n".repeat(64).into();
         let mut table = UploadTable::default();
         let a = table.resume(f.gate(), "arm-a", 1, &payload, 0..n);
         assert!(

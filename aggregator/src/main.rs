@@ -462,7 +462,7 @@ fn init_resume(store: &Store, ckpt: &std::path::Path, force: bool) -> Result<()>
     anyhow::ensure!(model_id == t.model_id, "checkpoint model id mismatch");
     let mut state = t.state.clone();
     state.round = t.round + 1;
-    state.model_id = model_id.clone();
+    state.model_id = model_id.clone().into();
     state.phase = round::Phase::Waiting;
     state.selected.clear();
     state.accepted.clear();

@@ -189,7 +189,7 @@ impl ClientRecord {
             examples: rec.examples,
             codec: rec.codec.clone(),
             bytes: rec.bytes,
-            sha256: rec.sha256.clone(),
+            sha256: rec.sha256.clone().into(),
         }
     }
 }
@@ -235,8 +235,8 @@ impl RoundRecord {
             .collect();
         RoundRecord {
             round: summary.round,
-            model_id: summary.model_id.clone(),
-            base_model_id: summary.base_model_id.clone(),
+            model_id: summary.model_id.clone().into(),
+            base_model_id: summary.base_model_id.clone().into(),
             aggregated: summary.metrics.clone(),
             bytes_received: clients.iter().map(|c| c.bytes).sum(),
             server_eval: None,

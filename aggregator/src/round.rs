@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use shared_proto::{ModelId, Sha256Hex};
 
 use crate::aggregate::Excluded;
 
@@ -46,7 +47,7 @@ pub struct UpdateRecord {
     /// Aggregation weight: the client's example count.
     pub examples: u64,
     /// SHA-256 (hex) of the encoded update blob.
-    pub sha256: String,
+    pub sha256: Sha256Hex,
     /// Codec the client used (`f32`, `int8`, …).
     pub codec: String,
     /// Encoded size in bytes.
@@ -77,8 +78,8 @@ pub enum CloseReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundSummary {
     pub round: u64,
-    pub base_model_id: String,
-    pub model_id: String,
+    pub base_model_id: ModelId,
+    pub model_id: ModelId,
     pub close_reason: CloseReason,
     pub selected: Vec<String>,
     pub accepted: Vec<String>,
@@ -126,7 +127,7 @@ pub struct RoundState {
     /// Current round number, starting at 1.
     pub round: u64,
     /// Global model the current round trains from.
-    pub model_id: String,
+    pub model_id: ModelId,
     pub phase: Phase,
     pub selected: BTreeSet<String>,
     pub accepted: BTreeMap<String, UpdateRecord>,
@@ -142,7 +143,7 @@ impl RoundState {
     pub fn new(model_id: impl Into<String>) -> Self {
         RoundState {
             round: 1,
-            model_id: model_id.into(),
+            model_id: model_id.into().into(),
             phase: Phase::Waiting,
             selected: BTreeSet::new(),
             accepted: BTreeMap::new(),
@@ -289,7 +290,7 @@ impl RoundState {
         let summary = RoundSummary {
             round: self.round,
             base_model_id: self.model_id.clone(),
-            model_id: new_model_id.clone(),
+            model_id: new_model_id.clone().into(),
             close_reason: reason,
             selected: self.selected.iter().cloned().collect(),
             accepted: self.accepted.keys().cloned().collect(),
@@ -300,7 +301,7 @@ impl RoundState {
         };
         self.history.push(summary.clone());
         self.round += 1;
-        self.model_id = new_model_id;
+        self.model_id = new_model_id.into();
         self.phase = Phase::Waiting;
         self.selected.clear();
         self.accepted.clear();
@@ -366,7 +367,7 @@ mod tests {
     fn rec(examples: u64, loss: f64) -> UpdateRecord {
         UpdateRecord {
             examples,
-            sha256: String::new(),
+            sha256: String::new().into(),
             codec: "f32".into(),
             bytes: 1,
             norm: 1.0,

@@ -21,6 +21,7 @@ use shared_proto::message::{self, Ack, ClientStatus, Freshness, ModelManifest, U
 use shared_proto::sign::KeyPair;
 use shared_proto::tensor::ModelSpec;
 use shared_proto::topic::{TopicKind, Topics};
+use shared_proto::Sha256Hex;
 use tokio::sync::mpsc;
 use zk0_daemon::mqtt::{self, Incoming, Sequence, Shedding};
 use zk0_daemon::{now_ms, Lifecycle};
@@ -367,7 +368,7 @@ impl Server {
         Ok(())
     }
 
-    async fn reject(&mut self, cid: &str, round: u64, sha256: &str, r: Rejection) {
+    async fn reject(&mut self, cid: &str, round: u64, sha256: &Sha256Hex, r: Rejection) {
         tracing::warn!(client = cid, round, reason = r.reason.as_str(), detail = %r.detail, "update rejected");
         self.metrics.reject(r.reason.as_str());
         self.answer(sha256, Ack::rejected(cid, round, r.reason, r.detail))
@@ -375,7 +376,7 @@ impl Server {
     }
 
     /// Seals `ack` (federation, the blob it answers, a sequence number, signature) and sends it.
-    async fn answer(&mut self, sha256: &str, ack: Ack) {
+    async fn answer(&mut self, sha256: &Sha256Hex, ack: Ack) {
         let seq = self.seq.next(now_ms());
         let ack = ack.seal(&self.cfg.federation, sha256, seq, &self.signer);
         self.send(publish::ack(&self.topics, &ack)).await;

@@ -139,7 +139,7 @@ fn start_status_stop_with_a_broker_and_a_cached_dataset() {
         federation: "fleet".into(),
         seq: 1,
         round: 7,
-        model_id: "ab".repeat(32),
+        model_id: "ab".repeat(32).into(),
         base_model: "lerobot/smolvla_base".into(),
         hyper: HyperParams {
             local_steps: 1,

@@ -12,7 +12,7 @@
 //! - [`codec`]: the delta codec (`f32`, `bf16`, `int8`, `topk:<f>`) + zstd, with error feedback.
 //! - [`chunk`]: splitting blobs into chunks and reassembling them, verified by SHA-256.
 //! - [`sign`]: ed25519 keys, fingerprints and key files.
-//! - [`hash`]: SHA-256 helpers.
+//! - [`hash`]: SHA-256 helpers; [`ids`]: the hex digests as types ([`ModelId`], [`Sha256Hex`]).
 //! - [`error`]: [`ProtoError`], and its mapping to the [`RejectReason`] sent in acks.
 //!
 //! Every decoder takes a size cap and returns an error on bad input; none panics.
@@ -44,6 +44,7 @@ pub mod chunk;
 pub mod codec;
 pub mod error;
 pub mod hash;
+pub mod ids;
 pub mod message;
 pub mod sign;
 pub mod tensor;
@@ -51,5 +52,6 @@ pub mod topic;
 pub mod worker;
 
 pub use error::ProtoError;
+pub use ids::{ModelId, Sha256Hex};
 pub use message::{RejectReason, PROTOCOL_VERSION};
 pub use tensor::{ModelSpec, Tensor, TensorSet};

@@ -20,7 +20,7 @@ use crate::chunk::Reassembly;
 use crate::hash::parse_sha256_hex;
 use crate::sign::{KeyPair, PublicKey};
 use crate::tensor::ModelSpec;
-use crate::ProtoError;
+use crate::{ModelId, ProtoError, Sha256Hex};
 
 /// Version of every payload defined here; bump on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -118,7 +118,7 @@ pub struct RoundAnnouncement {
     pub seq: u64,
     pub round: u64,
     /// The global model clients train from (and their deltas are against).
-    pub model_id: String,
+    pub model_id: ModelId,
     /// Name of the pretrained base (e.g. `lerobot/smolvla_base`), for cold starts.
     pub base_model: String,
     pub hyper: HyperParams,
@@ -161,21 +161,21 @@ pub struct TensorInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelBlobKind {
     Full,
-    DeltaFrom { base_model_id: String },
+    DeltaFrom { base_model_id: ModelId },
 }
 
 /// `model/<id>/manifest`, retained, signed by the aggregator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
     pub v: u16,
-    pub model_id: String,
+    pub model_id: ModelId,
     pub round: u64,
     pub tensors: Vec<TensorInfo>,
     pub total_len: u64,
     pub chunk_count: u32,
     pub chunk_size: u32,
     /// Hex SHA-256 of the whole (compressed) blob.
-    pub sha256: String,
+    pub sha256: Sha256Hex,
     /// SHA-256 of each chunk, 32 bytes per chunk in index order, so a receiver drops a chunk
     /// someone else published on the model's topics and waits for the genuine one. Empty from
     /// an aggregator before this field (then only the whole blob is checked).
@@ -236,13 +236,13 @@ pub struct UpdateManifest {
     pub federation: String,
     pub client_id: String,
     pub round: u64,
-    pub base_model_id: String,
+    pub base_model_id: ModelId,
     pub codec: String,
     pub total_len: u64,
     pub chunk_count: u32,
     pub chunk_size: u32,
     /// Hex SHA-256 of the whole encoded delta.
-    pub sha256: String,
+    pub sha256: Sha256Hex,
     pub examples: u64,
     pub metrics: ClientMetrics,
     /// SHA-256 of each chunk, 32 bytes per chunk in index order.
@@ -264,7 +264,7 @@ pub struct Ack {
     pub client_id: String,
     pub round: u64,
     /// Hex SHA-256 of the update blob (the manifest's `sha256`) this answers.
-    pub update_sha256: String,
+    pub update_sha256: Sha256Hex,
     pub accepted: bool,
     pub reason: Option<RejectReason>,
     pub detail: String,
@@ -284,7 +284,7 @@ impl Ack {
             seq: 0,
             client_id: client_id.to_owned(),
             round,
-            update_sha256: String::new(),
+            update_sha256: Sha256Hex::default(),
             accepted: true,
             reason: None,
             detail: String::new(),
@@ -301,7 +301,7 @@ impl Ack {
             seq: 0,
             client_id: client_id.to_owned(),
             round,
-            update_sha256: String::new(),
+            update_sha256: Sha256Hex::default(),
             accepted: false,
             reason: None,
             detail: format!("{} chunk(s) missing", missing.len()),
@@ -327,7 +327,7 @@ impl Ack {
             seq: 0,
             client_id: client_id.to_owned(),
             round,
-            update_sha256: String::new(),
+            update_sha256: Sha256Hex::default(),
             accepted: false,
             reason: Some(reason),
             detail: detail.into(),
@@ -342,9 +342,15 @@ impl Ack {
     }
 
     /// Binds the ack to the federation and the update it answers, and signs it.
-    pub fn seal(mut self, federation: &str, update_sha256: &str, seq: u64, key: &KeyPair) -> Self {
+    pub fn seal(
+        mut self,
+        federation: &str,
+        update_sha256: &Sha256Hex,
+        seq: u64,
+        key: &KeyPair,
+    ) -> Self {
         federation.clone_into(&mut self.federation);
-        update_sha256.clone_into(&mut self.update_sha256);
+        self.update_sha256 = update_sha256.clone();
         self.seq = seq;
         self.sign_with(key);
         self
@@ -511,7 +517,7 @@ macro_rules! blob_manifest {
                 self.chunk_size = chunk_size;
                 self.chunk_count =
                     crate::chunk::chunk_count(blob.len(), chunk_size.max(1) as usize);
-                self.sha256 = crate::hash::sha256_hex(blob);
+                self.sha256 = Sha256Hex::of(blob);
                 self.chunk_sha256 = crate::chunk::split(blob, chunk_size.max(1) as usize)
                     .flat_map(crate::hash::sha256)
                     .collect();
@@ -631,12 +637,12 @@ mod tests {
             federation: "lab".into(),
             client_id: "robot-1".into(),
             round: 3,
-            base_model_id: "ab".repeat(32),
+            base_model_id: "ab".repeat(32).into(),
             codec: "topk:0.01".into(),
             total_len: 2_500_000,
             chunk_count: 3,
             chunk_size: 1 << 20,
-            sha256: "cd".repeat(32),
+            sha256: "cd".repeat(32).into(),
             examples: 1200,
             metrics: ClientMetrics {
                 loss: 0.5,
@@ -654,7 +660,7 @@ mod tests {
     pub(crate) fn model_manifest() -> ModelManifest {
         ModelManifest {
             v: PROTOCOL_VERSION,
-            model_id: "ef".repeat(32),
+            model_id: "ef".repeat(32).into(),
             round: 4,
             tensors: vec![
                 TensorInfo {
@@ -669,10 +675,10 @@ mod tests {
             total_len: 100,
             chunk_count: 1,
             chunk_size: 1 << 20,
-            sha256: "01".repeat(32),
+            sha256: "01".repeat(32).into(),
             chunk_sha256: vec![5; 32],
             kind: ModelBlobKind::DeltaFrom {
-                base_model_id: "23".repeat(32),
+                base_model_id: "23".repeat(32).into(),
             },
             signature: Vec::new(),
         }
@@ -707,7 +713,7 @@ mod tests {
                 Some(r) => Ack::rejected("robot-1", 3, r, "because"),
                 None => Ack::accepted("robot-1", 3),
             };
-            round_trip(&ack.seal("lab", &"cd".repeat(32), 5, &key));
+            round_trip(&ack.seal("lab", &("cd".repeat(32)).into(), 5, &key));
         }
         round_trip(&Ack::incomplete("robot-1", 3, vec![0, 7, 41]));
         assert!(Ack::incomplete("r", 1, vec![2]).is_incomplete());
@@ -757,7 +763,7 @@ mod tests {
             federation: "lab".into(),
             seq: 1_700_000_000_002,
             round: 7,
-            model_id: "ab".repeat(32),
+            model_id: "ab".repeat(32).into(),
             base_model: "lerobot/smolvla_base".into(),
             hyper: HyperParams {
                 local_steps: 50,
@@ -854,12 +860,12 @@ mod tests {
             |m| m.federation.push('x'),
             |m| m.client_id.push('x'),
             |m| m.round += 1,
-            |m| m.base_model_id = "00".repeat(32),
+            |m| m.base_model_id = "00".repeat(32).into(),
             |m| m.codec = "int8".into(),
             |m| m.total_len += 1,
             |m| m.chunk_count += 1,
             |m| m.chunk_size -= 1,
-            |m| m.sha256 = "ce".repeat(32),
+            |m| m.sha256 = "ce".repeat(32).into(),
             |m| m.examples += 1,
             |m| m.metrics.loss += 1e-9,
             |m| m.metrics.fedprox_loss = 0.0,
@@ -883,7 +889,7 @@ mod tests {
         mm.sign_with(&key);
         assert!(mm.verify_with(&key.public()).is_ok());
         let model_mutations: Vec<fn(&mut ModelManifest)> = vec![
-            |m| m.model_id = "00".repeat(32),
+            |m| m.model_id = "00".repeat(32).into(),
             |m| m.round += 1,
             |m| m.tensors[0].shape = vec![3, 2],
             |m| m.tensors[1].name = "c".into(),
@@ -891,7 +897,7 @@ mod tests {
             |m| m.total_len += 1,
             |m| m.chunk_count += 1,
             |m| m.chunk_size += 1,
-            |m| m.sha256 = "02".repeat(32),
+            |m| m.sha256 = "02".repeat(32).into(),
             |m| m.chunk_sha256[7] ^= 1,
             |m| m.kind = ModelBlobKind::Full,
         ];
@@ -916,7 +922,7 @@ mod tests {
             |a| a.federation.push('x'),
             |a| a.seq -= 1,
             |a| a.round += 1,
-            |a| a.model_id = "00".repeat(32),
+            |a| a.model_id = "00".repeat(32).into(),
             |a| a.hyper.lr *= 2.0,
             |a| a.hyper.local_steps += 1,
             |a| a.chunk_size = 1,
@@ -931,7 +937,7 @@ mod tests {
                 "announcement mutation {i}"
             );
         }
-        let ack = Ack::accepted("robot-1", 3).seal("lab", &"cd".repeat(32), 9, &key);
+        let ack = Ack::accepted("robot-1", 3).seal("lab", &("cd".repeat(32)).into(), 9, &key);
         assert!(ack.verify_with(&key.public()).is_ok());
         assert!(ack.answers(&"CD".repeat(32)) && !ack.answers(&"ce".repeat(32)));
         let ack_mutations: Vec<fn(&mut Ack)> = vec![
@@ -939,7 +945,7 @@ mod tests {
             |a| a.seq += 1,
             |a| a.client_id.push('x'),
             |a| a.round += 1,
-            |a| a.update_sha256 = "ce".repeat(32),
+            |a| a.update_sha256 = "ce".repeat(32).into(),
             |a| a.accepted = false,
             |a| a.missing = vec![1],
         ];

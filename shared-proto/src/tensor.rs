@@ -527,12 +527,12 @@ fn float_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, Prot
 
 /// Content address of a model: SHA-256 (hex) of its canonical F32 safetensors encoding with no
 /// metadata. Streams into the hasher, so it costs no extra copy of the model.
-pub fn model_id(set: &TensorSet) -> String {
+pub fn model_id(set: &TensorSet) -> crate::ModelId {
     let mut hasher = StreamHasher::new();
     write_raw_to(&fix_shapes(f32_raw(set)), &BTreeMap::new(), &mut |b| {
         hasher.update(b)
     });
-    hasher.finalize_hex()
+    hasher.finalize_hex().into()
 }
 
 #[cfg(test)]

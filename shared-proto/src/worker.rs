@@ -54,9 +54,11 @@ mod tests {
         assert_eq!(WorkerMetrics::from_json(&m.to_json()).unwrap(), m);
         // The file is flat: the reported fields sit beside `examples`.
         let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
-        assert_eq!((v["loss"].as_f64(), v["examples"].as_u64()), (Some(1.5), Some(7)));
-        let m =
-            WorkerMetrics::from_json(br#"{"loss": 2, "examples": 9, "extra": true}"#).unwrap();
+        assert_eq!(
+            (v["loss"].as_f64(), v["examples"].as_u64()),
+            (Some(1.5), Some(7))
+        );
+        let m = WorkerMetrics::from_json(br#"{"loss": 2, "examples": 9, "extra": true}"#).unwrap();
         assert_eq!((m.report.loss, m.examples, m.report.steps), (2.0, 9, 0));
         assert!(WorkerMetrics::from_json(b"{\"loss\": \"high\"}").is_err());
     }

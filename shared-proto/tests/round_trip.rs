@@ -78,7 +78,7 @@ fn agent_to_aggregator() {
         total_len: blob.len() as u64,
         chunk_count: chunks.len() as u32,
         chunk_size: chunk_size as u32,
-        sha256: sha256_hex(&blob),
+        sha256: sha256_hex(&blob).into(),
         examples: 500,
         metrics: ClientMetrics {
             loss: 0.3,

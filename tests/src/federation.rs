@@ -222,7 +222,7 @@ fn record(topics: &Topics, o: &mut Observed, topic: &str, payload: &[u8]) {
                 }
                 if a.accepted {
                     o.accepted_sha256
-                        .insert((client_id.clone(), round), a.update_sha256.clone());
+                        .insert((client_id.clone(), round), a.update_sha256.clone().into());
                 }
                 o.acks.insert(
                     (client_id, round),
@@ -257,7 +257,7 @@ pub fn update_manifest(
         total_len: 0,
         chunk_count: 0,
         chunk_size: 0,
-        sha256: String::new(),
+        sha256: Default::default(),
         examples,
         metrics: message::ClientMetrics {
             loss: 1.0,

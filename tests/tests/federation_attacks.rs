@@ -262,7 +262,7 @@ fn attack(kind: BrokerKind) -> Result<()> {
             };
             attempts += 1;
             anyhow::ensure!(attempts < 600, "robot-b's update was never accepted");
-            let sha = b_sha.unwrap_or_else(|| "00".repeat(32));
+            let sha = b_sha.unwrap_or_else(|| "00".repeat(32).into());
             for verdict in [
                 Ack::accepted("robot-b", 1),
                 Ack::rejected("robot-b", 1, shared_proto::RejectReason::HashMismatch, "x"),

@@ -120,7 +120,7 @@ fn every_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> Resul
         )?;
         // Wrong hash: the manifest's SHA-256 is of other bytes.
         let mut m = manifest("m-hash", 2, &base, &good, &mallory);
-        m.sha256 = shared_proto::hash::sha256_hex(b"something else");
+        m.sha256 = shared_proto::hash::sha256_hex(b"something else").into();
         m.sign_with(&mallory);
         send(&c, &topics, "m-hash", 2, &good, &m)?;
         // Forged signature: signed by a key that is not the enrolled one.

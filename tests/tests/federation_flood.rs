@@ -91,14 +91,18 @@ fn flood(fed: &Federation, pid: u32, name: &str) -> Result<u64> {
     let _ = client.disconnect();
     // Settled: the counters unchanged over a second (the broker reports overruns each second).
     let mut last = (f64::NAN, f64::NAN);
-    let page = zk0_e2e::wait_for(Duration::from_secs(20), "the flood's counters to settle", || {
-        std::thread::sleep(Duration::from_millis(1100));
-        let page = http_get(&fed.metrics_listen, "/metrics").ok()?;
-        let now = (counted(&page), overruns(&page));
-        let settled = now == last;
-        last = now;
-        settled.then_some(page)
-    })?;
+    let page = zk0_e2e::wait_for(
+        Duration::from_secs(20),
+        "the flood's counters to settle",
+        || {
+            std::thread::sleep(Duration::from_millis(1100));
+            let page = http_get(&fed.metrics_listen, "/metrics").ok()?;
+            let now = (counted(&page), overruns(&page));
+            let settled = now == last;
+            last = now;
+            settled.then_some(page)
+        },
+    )?;
     let peak = Footprint::read(pid)?.hwm << 10;
     let seen = counted(&page) - counted(&page_before);
     let overran = overruns(&page) - overruns(&page_before);

@@ -301,8 +301,18 @@ fn out_delta_is_trained_minus_global() {
     let global = d.join("global.safetensors");
     train_to(d, "0", &["--out-params"], &global);
     let (trained, delta) = (d.join("trained.safetensors"), d.join("delta.safetensors"));
-    train_to(d, "0", &["--global", global.to_str().unwrap(), "--out-params"], &trained);
-    let m = train_to(d, "0", &["--global", global.to_str().unwrap(), "--out-delta"], &delta);
+    train_to(
+        d,
+        "0",
+        &["--global", global.to_str().unwrap(), "--out-params"],
+        &trained,
+    );
+    let m = train_to(
+        d,
+        "0",
+        &["--global", global.to_str().unwrap(), "--out-delta"],
+        &delta,
+    );
     let by_name = |p: &Path| -> std::collections::BTreeMap<String, Tensor> {
         Tensor::read_safetensors(p).unwrap().into_iter().collect()
     };
@@ -313,15 +323,30 @@ fn out_delta_is_trained_minus_global() {
         let want = &t[name] - &g[name];
         assert_eq!(dv.size(), want.size(), "{name}");
         let diff = (dv - &want).abs().max().double_value(&[]);
-        assert_eq!(diff, 0.0, "{name}: delta differs from trained − global by {diff}");
+        assert_eq!(
+            diff, 0.0,
+            "{name}: delta differs from trained − global by {diff}"
+        );
         sq += dv.square().sum(tch::Kind::Double).double_value(&[]);
     }
     assert!(sq > 0.0, "the run changed nothing");
     let norm = m["update_norm"].as_f64().unwrap();
-    assert!((sq.sqrt() - norm).abs() <= 1e-4 * norm, "{} vs {norm}", sq.sqrt());
+    assert!(
+        (sq.sqrt() - norm).abs() <= 1e-4 * norm,
+        "{} vs {norm}",
+        sq.sqrt()
+    );
     // Exactly one output: none or both is a usage error.
     let out = zk0_train()
-        .args(["train", "--model", "m", "--dataset", "d", "--out-metrics", "x"])
+        .args([
+            "train",
+            "--model",
+            "m",
+            "--dataset",
+            "d",
+            "--out-metrics",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -150,7 +150,7 @@ impl Server {
             .model_bytes_published
             .inc_by(bytes.len() as u64);
         tracing::info!(model = %id, bytes = bytes.len(), chunks = count, "global model published");
-        self.published = Some((id, count));
+        self.published = Some((id.into(), count));
         Ok(())
     }
 
@@ -159,7 +159,7 @@ impl Server {
         let prev = self.state.history.last()?.base_model_id.clone();
         let len = std::fs::metadata(self.store.model_path(&prev)).ok()?.len();
         let count = len.div_ceil(self.cfg.rounds.chunk_size as u64).max(1);
-        Some((prev, count as u32))
+        Some((prev.into(), count as u32))
     }
 
     pub(super) async fn publish_status(&mut self, online: bool) {

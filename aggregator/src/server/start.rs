@@ -219,7 +219,7 @@ impl Server {
             metrics: self.metrics.clone(),
             base_dir: self.base_dir.clone(),
             round: self.state.round,
-            model_id: self.state.model_id.clone(),
+            model_id: self.state.model_id.clone().into(),
             accepted: self.state.accepted.clone(),
         }
     }

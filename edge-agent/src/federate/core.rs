@@ -683,7 +683,7 @@ impl Core {
             self.save_status();
         }
         match &self.phase {
-            Phase::Fetching { fetch, .. } if fetch.model_id() != ann.model_id => self.drop_fetch(),
+            Phase::Fetching { fetch, .. } if *fetch.model_id() != ann.model_id => self.drop_fetch(),
             Phase::Sending(o) | Phase::AwaitingAck(o) if o.round != ann.round => {
                 let r = o.round;
                 tracing::warn!(
@@ -752,7 +752,7 @@ impl Core {
         // A global model is never larger than the update cap times a generous factor.
         let cap = self.round.as_ref().map_or(0, |a| a.max_update_bytes);
         let max_len = cap.saturating_mul(4).max(1 << 30);
-        let fetch = ModelFetch::new(model_id.to_string(), self.cfg.fetch_window, max_len);
+        let fetch = ModelFetch::new(model_id.to_string().into(), self.cfg.fetch_window, max_len);
         self.subscribe(self.topics.model_manifest(model_id));
         self.phase = Phase::Fetching {
             round,

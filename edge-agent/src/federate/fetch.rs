@@ -14,6 +14,7 @@ use shared_proto::chunk::Reassembly;
 use shared_proto::message::{ModelBlobKind, ModelManifest, TensorInfo};
 use shared_proto::sign::PublicKey;
 use shared_proto::tensor::ModelSpec;
+use shared_proto::ModelId;
 
 /// Why a model download failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +88,7 @@ pub fn cached(cache_dir: &Path, model_id: &str) -> Option<CachedModel> {
 /// An in-progress download of one model.
 #[derive(Debug)]
 pub struct ModelFetch {
-    model_id: String,
+    model_id: ModelId,
     manifest: Option<ModelManifest>,
     reassembly: Option<Reassembly>,
     /// Chunk topics currently subscribed.
@@ -97,7 +98,7 @@ pub struct ModelFetch {
 }
 
 impl ModelFetch {
-    pub fn new(model_id: String, window: u32, max_len: u64) -> Self {
+    pub fn new(model_id: ModelId, window: u32, max_len: u64) -> Self {
         ModelFetch {
             model_id,
             manifest: None,
@@ -108,7 +109,7 @@ impl ModelFetch {
         }
     }
 
-    pub fn model_id(&self) -> &str {
+    pub fn model_id(&self) -> &ModelId {
         &self.model_id
     }
 
@@ -144,7 +145,7 @@ impl ModelFetch {
             ));
         }
         // The id is the hash of the blob; a manifest that disagrees cannot be right.
-        if m.sha256 != m.model_id {
+        if m.sha256.as_str() != m.model_id.as_str() {
             return Err(FetchError::Manifest(
                 "manifest hash differs from the model id".into(),
             ));
@@ -249,7 +250,7 @@ mod tests {
         let id = shared_proto::hash::sha256_hex(blob);
         let mut m = ModelManifest {
             v: PROTOCOL_VERSION,
-            model_id: id.clone(),
+            model_id: id.clone().into(),
             round: 1,
             tensors: vec![shared_proto::message::TensorInfo {
                 name: "w".into(),
@@ -258,7 +259,7 @@ mod tests {
             total_len: blob.len() as u64,
             chunk_count: shared_proto::chunk::chunk_count(blob.len(), chunk as usize),
             chunk_size: chunk,
-            sha256: id,
+            sha256: id.into(),
             chunk_sha256: Vec::new(),
             kind: ModelBlobKind::Full,
             signature: Vec::new(),

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use shared_proto::codec::{encode_delta, Codec, EncodeOptions};
 use shared_proto::message::{self, RoundAnnouncement, UpdateManifest, PROTOCOL_VERSION};
 use shared_proto::sign::KeyPair;
+use shared_proto::Sha256Hex;
 
 use super::config::AgentConfig;
 use super::worker::TrainOutput;
@@ -22,7 +23,7 @@ pub struct Outbound {
     /// The signed, CBOR-encoded manifest.
     pub manifest: Bytes,
     /// The blob's hex SHA-256: acks name it.
-    pub sha256: String,
+    pub sha256: Sha256Hex,
     /// When the manifest was last sent (0: never): with no answer for the ack wait it is sent
     /// again, and the aggregator re-acks, names missing chunks or gives its verdict.
     pub sent_ms: u64,
@@ -79,7 +80,7 @@ pub fn encode_update(
         total_len: 0,
         chunk_count: 0,
         chunk_size: 0,
-        sha256: String::new(),
+        sha256: Default::default(),
         examples,
         metrics: m.report.clone(),
         chunk_sha256: Vec::new(),

@@ -149,7 +149,6 @@ fn main() -> Result<()> {
         },
         examples,
         trainable_tensors: delta.len() as u64,
-        ..Default::default()
     };
     std::fs::write(&a.out_metrics, metrics.to_json())?;
     println!("{}", serde_json::json!({"event": "done"}));

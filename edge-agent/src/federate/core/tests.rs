@@ -94,7 +94,7 @@ impl Fixture {
     fn manifest(&self, signer: &KeyPair) -> Bytes {
         let mut m = ModelManifest {
             v: PROTOCOL_VERSION,
-            model_id: self.id.clone(),
+            model_id: self.id.clone().into(),
             round: 1,
             tensors: vec![TensorInfo {
                 name: "w".into(),
@@ -103,7 +103,7 @@ impl Fixture {
             total_len: self.blob.len() as u64,
             chunk_count: shared_proto::chunk::chunk_count(self.blob.len(), 64),
             chunk_size: 64,
-            sha256: self.id.clone(),
+            sha256: self.id.clone().into(),
             chunk_sha256: Vec::new(),
             kind: ModelBlobKind::Full,
             signature: Vec::new(),
@@ -121,7 +121,7 @@ impl Fixture {
     /// Puts the global model into the cache as a finished download does.
     fn seed_cache(&self) {
         let m: ModelManifest = message::decode(&self.manifest(&self.key), usize::MAX).unwrap();
-        let mut f = ModelFetch::new(self.id.clone(), 100, 1 << 20);
+        let mut f = ModelFetch::new(self.id.clone().into(), 100, 1 << 20);
         f.on_manifest(m, &self.key.public()).unwrap();
         for i in f.wanted() {
             f.insert(i, &self.chunk(i)).unwrap();
@@ -151,7 +151,7 @@ impl Fixture {
 
     /// `ack` for the test update ([`encoded`]), sealed by `signer`.
     fn ack_by(&self, a: Ack, signer: &KeyPair) -> Event {
-        let a = a.seal("default", &update_sha(), 1, signer);
+        let a = a.seal("default", &update_sha().into(), 1, signer);
         Event::Ack {
             round: a.round,
             payload: Bytes::from(message::encode(&a)),
@@ -247,7 +247,7 @@ fn encoded(round: u64) -> Event {
             blob: update_blob(),
             chunk_size: 64,
             manifest: Bytes::from_static(b"signed manifest"),
-            sha256: update_sha(),
+            sha256: update_sha().into(),
             sent_ms: 0,
             resends: 0,
             upload_id: 0,
@@ -769,14 +769,14 @@ fn forged_replayed_and_foreign_acks_leave_the_update_alone() {
     let forged = f.ack_by(Ack::accepted("r1", 1), &mallory);
     assert!(f.core.on(forged, T0 + 1).is_empty());
     // A genuine ack for another client's update, replayed onto our topic.
-    let theirs = Ack::accepted("r2", 1).seal("default", &update_sha(), 3, &f.key);
+    let theirs = Ack::accepted("r2", 1).seal("default", &update_sha().into(), 3, &f.key);
     let replayed = Event::Ack {
         round: 1,
         payload: message::encode(&theirs).into(),
     };
     assert!(f.core.on(replayed, T0 + 2).is_empty());
     // A genuine ack of ours, but about another blob (an earlier upload of this round).
-    let other = Ack::accepted("r1", 1).seal("default", &"ab".repeat(32), 4, &f.key);
+    let other = Ack::accepted("r1", 1).seal("default", &"ab".repeat(32).into(), 4, &f.key);
     let stale = Event::Ack {
         round: 1,
         payload: message::encode(&other).into(),
