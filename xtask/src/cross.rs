@@ -52,8 +52,9 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
         // One build with the daemons: built apart, the trainer's smaller feature set of
         // their shared dependencies rebuilt half of them. No aarch64 FFmpeg dev packages:
         // without its default `libav` feature the trainer decodes through the `ffmpeg` CLI
-        // (no other package here has default features; `cargo xtask test` checks the
-        // daemons' graph has no libtorch).
+        // (`--no-default-features` applies to every package built; `cargo xtask test` checks
+        // the daemons' graph has no libtorch).
+        no_default_features_in_daemons()?;
         build
             .args(["-p", "trainer", "--no-default-features"])
             .env("LIBTORCH", &libtorch)
@@ -132,6 +133,30 @@ pub fn cross(args: &CrossArgs) -> Result<()> {
             "[cross] zk0-train under qemu in {:.0} s",
             t.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// The daemons are built with `--no-default-features` (for the trainer's sake), which must not
+/// change them: none may have default features.
+fn no_default_features_in_daemons() -> Result<()> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    for pkg in meta["packages"]
+        .as_array()
+        .context("cargo metadata: no packages")?
+    {
+        let name = pkg["name"].as_str().unwrap_or("");
+        if NO_LIBTORCH_PACKAGES.contains(&name) && pkg["features"].get("default").is_some() {
+            bail!("{name} has default features, which the aarch64 build (--no-default-features) would drop");
+        }
     }
     Ok(())
 }
@@ -488,7 +513,46 @@ fn max_glibc(bytes: &[u8]) -> (u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::max_glibc;
+    use super::{check_trained, max_glibc};
+    use std::path::Path;
+
+    /// A safetensors file of float32 tensors: (name, shape, values).
+    fn write(path: &Path, tensors: &[(&str, &[usize], &[f32])]) {
+        let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+        for (name, shape, values) in tensors {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut file = (h.len() as u64).to_le_bytes().to_vec();
+        file.extend(h);
+        file.extend(data);
+        std::fs::write(path, file).unwrap();
+    }
+
+    #[test]
+    fn trained_params_must_be_finite_tensors_of_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, params) = (dir.path().join("m"), dir.path().join("p"));
+        write(
+            &model,
+            &[("a", &[2], &[1.0, 2.0]), ("b", &[1, 2], &[3.0, 4.0])],
+        );
+        write(&params, &[("b", &[1, 2], &[3.5, 4.5])]);
+        assert_eq!(check_trained(&params, &model).unwrap(), 1);
+        write(&params, &[("b", &[2], &[3.5, 4.5])]);
+        assert!(check_trained(&params, &model).is_err(), "wrong shape");
+        write(&params, &[("c", &[2], &[3.5, 4.5])]);
+        assert!(check_trained(&params, &model).is_err(), "not the model's");
+        write(&params, &[("b", &[1, 2], &[f32::NAN, 4.5])]);
+        assert!(check_trained(&params, &model).is_err(), "NaN");
+        write(&params, &[]);
+        assert!(check_trained(&params, &model).is_err(), "empty");
+    }
 
     #[test]
     fn finds_newest_glibc_symbol_version() {
