@@ -231,14 +231,21 @@ fn find_or_fetch_libtorch(cache: &Path, cuda: bool) -> Result<(PathBuf, &'static
     }
     eprintln!("fetching torch=={TORCH_VERSION} ({flavour}) from PyPI with pip ...");
     let dl = cache.join("downloads").join(format!("torch-{flavour}"));
+    fetch_libtorch_wheels(&dir, &dl, cuda, &[])?;
+    Ok((dir, "fetched"))
+}
+
+/// Downloads the torch wheel (for `platform_args`' platform, default this one) into `dl` and
+/// assembles a LIBTORCH dir from it in `dir` (atomically); the wheels are deleted after.
+fn fetch_libtorch_wheels(dir: &Path, dl: &Path, cuda: bool, platform_args: &[&str]) -> Result<()> {
     let mut pkgs = vec![format!("torch=={TORCH_VERSION}")];
     if !cuda {
         // The CPU path still has DT_NEEDED entries for these two CUDA libraries.
         pkgs.push("nvidia-cuda-runtime==13.0.*".into());
         pkgs.push("nvidia-cuda-cupti==13.0.*".into());
     }
-    pip_download(&dl, &pkgs, !cuda, &[])?;
-    let tmp = tmp_sibling(&dir);
+    pip_download(dl, &pkgs, !cuda, platform_args)?;
+    let tmp = tmp_sibling(dir);
     let _ = std::fs::remove_dir_all(&tmp);
     let mut unpack = vec![
         "libtorch".to_string(),
@@ -250,9 +257,38 @@ fn find_or_fetch_libtorch(cache: &Path, cuda: bool) -> Result<(PathBuf, &'static
     }
     run_python_script(&unpack)?;
     std::fs::write(tmp.join("build-version"), format!("{TORCH_VERSION}\n"))?;
-    std::fs::rename(&tmp, &dir)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok((dir, "fetched"))
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(dl);
+    Ok(())
+}
+
+/// pip arguments selecting the wheels of a Jetson-class aarch64 Linux (JetPack 6: glibc
+/// 2.35). pip matches `--platform` tags exactly, so each manylinux tag the wheels use is named.
+const AARCH64_WHEELS: &[&str] = &[
+    "--only-binary=:all:",
+    "--python-version",
+    "3.11",
+    "--platform",
+    "manylinux_2_28_aarch64",
+    "--platform",
+    "manylinux_2_25_aarch64",
+    "--platform",
+    "manylinux_2_17_aarch64",
+];
+
+/// The aarch64 CPU libtorch of the same PyPI release (the manylinux_2_28 torch wheel, assembled
+/// as the host's), for building `zk0-train` for the robot and running it under qemu-aarch64
+/// (`cargo xtask cross`); cached beside the host's.
+pub fn libtorch_aarch64() -> Result<PathBuf> {
+    let cache = cache_dir();
+    let dir = cache.join(format!("libtorch-{TORCH_VERSION}-cpu-aarch64"));
+    if libtorch_ok(&dir) {
+        return Ok(dir);
+    }
+    eprintln!("fetching the aarch64 torch=={TORCH_VERSION} wheel from PyPI with pip ...");
+    let dl = cache.join("downloads").join("torch-cpu-aarch64");
+    fetch_libtorch_wheels(&dir, &dl, false, AARCH64_WHEELS)?;
+    Ok(dir)
 }
 
 /// A pip-installed torch of the right version is a complete LIBTORCH dir.
@@ -332,13 +368,7 @@ pub fn onnxruntime_aarch64() -> Result<PathBuf> {
     fetch_ort_wheel(
         &dir,
         &cache.join("downloads").join("onnxruntime-aarch64"),
-        &[
-            "--only-binary=:all:",
-            "--python-version",
-            "3.11",
-            "--platform",
-            "manylinux_2_28_aarch64",
-        ],
+        AARCH64_WHEELS,
     )
 }
 

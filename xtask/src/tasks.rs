@@ -362,6 +362,7 @@ pub fn bench(name: &str, args: &[String]) -> Result<()> {
         crate::cross::cross(&crate::cross::CrossArgs {
             release: true,
             no_run: true,
+            daemons_only: true,
         })?;
     }
     if name == "infer" {
