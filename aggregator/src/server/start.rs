@@ -1,6 +1,7 @@
 //! Starting the daemon: state, broker, MQTT connection, keys, resumed uploads.
 
 use super::*;
+use crate::intake::ManifestVerdict;
 
 impl Server {
     /// Loads the state, starts (or finds) the broker, connects, evaluates the initial model.
@@ -17,69 +18,14 @@ impl Server {
         })?;
         let signer = zk0_daemon::keys::load_keypair(store.key_path())?;
         let metrics = Metrics::new();
-        if !cfg.metrics.listen.is_empty() {
-            let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-                .await
-                .with_context(|| format!("metrics listener on {}", cfg.metrics.listen))?;
-            tracing::info!(addr = %l.local_addr()?, "serving Prometheus /metrics");
-            tokio::spawn(metrics::serve(l, metrics.clone()));
-        }
+        serve_metrics(&cfg, &metrics).await?;
         let topics = Topics::new(&cfg.federation).context("federation name")?;
-        let broker = crate::broker::start_or_connect(&cfg, &metrics)?;
-        let mut settings =
-            mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker.url);
-        settings.ca_file = cfg.broker.tls_ca.clone().into();
-        if !cfg.broker.tls_client_cert.is_empty() {
-            let b = &cfg.broker;
-            settings.client_cert = Some((
-                b.tls_client_cert.clone().into(),
-                b.tls_client_key.clone().into(),
-            ));
-        }
-        settings.credentials = broker.login;
-        settings.max_packet_bytes = cfg.broker.max_packet_bytes;
-        settings.request_capacity = 4096;
-        // Each connection's will: the offline status of that session, signed.
-        let (will_topics, will_state, will_signer) =
-            (topics.clone(), state.clone(), signer.clone());
-        settings.last_will = Some(mqtt::WillFn::new(move |session| {
-            let o = publish::status(
-                &will_topics,
-                &will_state,
-                &will_signer,
-                session,
-                false,
-                now_ms(),
-            );
-            LastWill::new(o.topic, o.payload, QoS::AtLeastOnce, true)
-        }));
-        // Update chunks are what a flood is made of, and what a client resends when asked:
-        // shed those when the inbox is full, never control messages.
-        let parser = topics.clone();
-        let m = metrics.clone();
-        let shedding =
-            Shedding::when(move |t| matches!(parser.parse(t), Some(TopicKind::UpdateChunk { .. })))
-                .on_shed(move |_, len| {
-                    m.chunks_shed.inc();
-                    m.chunk_bytes_shed.inc_by(len as u64);
-                });
-        let (client, inbox) = mqtt::connect(settings, shedding)?;
+        let (client, inbox, model_link) = connect(&cfg, &topics, &state, &signer, &metrics)?;
 
         let global = aggregate::load_model(&store, &state.model_id)?;
         let mut cfg = cfg;
         cfg.outputs.resolve_eval_dataset(&cfg.datasets);
-        let base_name = if cfg.outputs.base_model_dir.is_empty() {
-            cfg.rounds.base_model.clone()
-        } else {
-            cfg.outputs.base_model_dir.clone()
-        };
-        let base_dir = match checkpoint::resolve(&base_name) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "no base checkpoint: no server evaluation, checkpoints hold only the training state");
-                None
-            }
-        };
+        let base_dir = base_checkpoint(&cfg);
         let finished = matches!(state.phase, Phase::Finished);
         // A damaged file costs only the replay floor, not the start.
         let statuses = store.load_statuses().unwrap_or_else(|e| {
@@ -113,7 +59,7 @@ impl Server {
             keys_mtime: None,
             published: None,
             model_file: None,
-            model_link: broker.model_link,
+            model_link,
             model_manifest: None,
             base_dir,
             closing: None,
@@ -258,5 +204,86 @@ impl Server {
             self.store.save_state(&self.state)?;
         }
         Ok(())
+    }
+}
+
+/// Serves Prometheus `/metrics` on `[metrics] listen`, if set.
+async fn serve_metrics(cfg: &Config, metrics: &Arc<Metrics>) -> Result<()> {
+    if cfg.metrics.listen.is_empty() {
+        return Ok(());
+    }
+    let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+        .await
+        .with_context(|| format!("metrics listener on {}", cfg.metrics.listen))?;
+    tracing::info!(addr = %l.local_addr()?, "serving Prometheus /metrics");
+    tokio::spawn(metrics::serve(l, metrics.clone()));
+    Ok(())
+}
+
+/// Starts (or finds) the broker and connects to it: TLS and login as configured, each
+/// session's signed offline status as its will, update chunks shed (and counted) when the
+/// inbox is full. Returns the client, its inbox and the embedded broker's model link.
+fn connect(
+    cfg: &Config,
+    topics: &Topics,
+    state: &RoundState,
+    signer: &KeyPair,
+    metrics: &Arc<Metrics>,
+) -> Result<(AsyncClient, mqtt::Inbox, Option<ModelLink>)> {
+    let broker = crate::broker::start_or_connect(cfg, metrics)?;
+    let mut settings = mqtt::Settings::new(mqtt::aggregator_client_id(&cfg.federation), broker.url);
+    settings.ca_file = cfg.broker.tls_ca.clone().into();
+    if !cfg.broker.tls_client_cert.is_empty() {
+        let b = &cfg.broker;
+        settings.client_cert = Some((
+            b.tls_client_cert.clone().into(),
+            b.tls_client_key.clone().into(),
+        ));
+    }
+    settings.credentials = broker.login;
+    settings.max_packet_bytes = cfg.broker.max_packet_bytes;
+    settings.request_capacity = 4096;
+    // Each connection's will: the offline status of that session, signed.
+    let (will_topics, will_state, will_signer) = (topics.clone(), state.clone(), signer.clone());
+    settings.last_will = Some(mqtt::WillFn::new(move |session| {
+        let o = publish::status(
+            &will_topics,
+            &will_state,
+            &will_signer,
+            session,
+            false,
+            now_ms(),
+        );
+        LastWill::new(o.topic, o.payload, QoS::AtLeastOnce, true)
+    }));
+    // Update chunks are what a flood is made of, and what a client resends when asked:
+    // shed those when the inbox is full, never control messages.
+    let parser = topics.clone();
+    let m = metrics.clone();
+    let shedding =
+        Shedding::when(move |t| matches!(parser.parse(t), Some(TopicKind::UpdateChunk { .. })))
+            .on_shed(move |_, len| {
+                m.chunks_shed.inc();
+                m.chunk_bytes_shed.inc_by(len as u64);
+            });
+    let (client, inbox) = mqtt::connect(settings, shedding)?;
+    Ok((client, inbox, broker.model_link))
+}
+
+/// The base LeRobot checkpoint the global tensors apply to (`[outputs] base_model_dir`, else
+/// `[rounds] base_model`), if it can be found: without it there is no server evaluation and
+/// checkpoints hold only the training state.
+fn base_checkpoint(cfg: &Config) -> Option<PathBuf> {
+    let name = if cfg.outputs.base_model_dir.is_empty() {
+        &cfg.rounds.base_model
+    } else {
+        &cfg.outputs.base_model_dir
+    };
+    match checkpoint::resolve(name) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "no base checkpoint: no server evaluation, checkpoints hold only the training state");
+            None
+        }
     }
 }
