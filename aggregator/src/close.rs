@@ -79,6 +79,7 @@ impl CloseJob {
         })
         .await
         .context("aggregation task")??;
+        self.metrics.update_bytes_read_back.inc_by(agg.blob_bytes_read);
         let server_eval = server_eval(&self, self.round, &agg.model_id).await;
         Ok(Closed {
             model_id: agg.model_id,
@@ -93,6 +94,8 @@ impl CloseJob {
 pub struct Aggregated {
     pub model_id: String,
     pub excluded: Vec<Excluded>,
+    /// Update blob bytes the folds read (each included blob once per fold).
+    pub blob_bytes_read: u64,
 }
 
 /// Combines the accepted updates of `round` into the next global model with the configured
@@ -115,6 +118,7 @@ pub fn aggregate_round(
 ) -> Result<Aggregated> {
     let norms: BTreeMap<String, f64> = accepted.iter().map(|(c, r)| (c.clone(), r.norm)).collect();
     let mut excluded = aggregate::norm_outliers(&norms, agg.norm_bound_multiple);
+    let mut blob_bytes_read = 0;
     loop {
         let included: BTreeMap<&String, &UpdateRecord> = accepted
             .iter()
@@ -122,13 +126,18 @@ pub fn aggregate_round(
             .collect();
         let mut global = aggregate::load_model(store, model_id)?;
         fold(store, spec, round, &included, agg, &mut global)?;
+        blob_bytes_read += included.values().map(|r| r.bytes).sum::<u64>();
         zk0_daemon::crash_point::hold("aggregate", round);
         if aggregate::all_finite(&global) {
             let model_id = aggregate::save_model(store, &global)?;
             for e in &excluded {
                 tracing::warn!(round, client = %e.client_id, reason = e.reason.as_str(), detail = %e.detail, "update left out of the aggregate");
             }
-            return Ok(Aggregated { model_id, excluded });
+            return Ok(Aggregated {
+                model_id,
+                excluded,
+                blob_bytes_read,
+            });
         }
         let left: BTreeMap<String, f64> =
             included.keys().map(|c| ((*c).clone(), norms[*c])).collect();

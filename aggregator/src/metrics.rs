@@ -34,6 +34,9 @@ pub struct Metrics {
     /// Accepted updates left out of a round's aggregate at close.
     pub updates_excluded: Family<ReasonLabel, Counter>,
     pub update_bytes: Counter,
+    /// Update bytes written to the spool and read back from it: the data path's disk traffic.
+    pub update_bytes_spooled: Counter,
+    pub update_bytes_read_back: Counter,
     pub model_bytes_published: Counter,
     pub connected_clients: Gauge,
     pub round_duration_seconds: Histogram,
@@ -63,6 +66,8 @@ impl Metrics {
             updates_rejected: Family::default(),
             updates_excluded: Family::default(),
             update_bytes: Counter::default(),
+            update_bytes_spooled: Counter::default(),
+            update_bytes_read_back: Counter::default(),
             model_bytes_published: Counter::default(),
             connected_clients: Gauge::default(),
             round_duration_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
@@ -101,6 +106,8 @@ impl Metrics {
             "updates_rejected", "Client updates rejected, by reason", updates_rejected;
             "updates_excluded", "Accepted updates left out of the round's aggregate (norm outlier, non-finite aggregate), by reason", updates_excluded;
             "update_bytes", "Encoded update bytes received in chunks", update_bytes;
+            "update_bytes_spooled", "Update bytes written to the spool: each stored chunk once, in place in its upload's file", update_bytes_spooled;
+            "update_bytes_read_back", "Update bytes read back from the spool: each blob once to verify it on receipt, once more when the round folds it", update_bytes_read_back;
             "model_bytes_published", "Global model bytes published", model_bytes_published;
             "connected_clients", "Enrolled clients currently online", connected_clients;
             "round_duration_seconds", "Wall time from announce to publish", round_duration_seconds;

@@ -140,10 +140,10 @@ pub struct RoundState {
 
 impl RoundState {
     /// A fresh federation whose round 1 trains from `model_id`.
-    pub fn new(model_id: impl Into<String>) -> Self {
+    pub fn new(model_id: impl Into<ModelId>) -> Self {
         RoundState {
             round: 1,
-            model_id: model_id.into().into(),
+            model_id: model_id.into(),
             phase: Phase::Waiting,
             selected: BTreeSet::new(),
             accepted: BTreeMap::new(),

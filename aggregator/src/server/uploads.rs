@@ -27,6 +27,7 @@ impl Server {
         match self.uploads.on_chunk(gate, cid, round, index, &payload) {
             ChunkVerdict::Spool { offset } => {
                 spool::write_chunk(&self.store, round, cid, index, offset, &payload)?;
+                self.metrics.update_bytes_spooled.inc_by(payload.len() as u64);
                 if let Stored::ReadyToVerify(m) = self.uploads.stored(cid, round, index) {
                     self.start_verify(*m);
                 }
@@ -91,15 +92,19 @@ impl Server {
     /// Reads and verifies the upload's blob on a blocking thread; the verdict comes back as
     /// [`Job::Verified`].
     pub(super) fn start_verify(&self, manifest: UpdateManifest) {
-        let (store, spec, limits, jobs) = (
+        let (store, spec, limits, jobs, metrics) = (
             self.store.clone(),
             self.spec.clone(),
             self.limits.clone(),
             self.jobs.clone(),
+            self.metrics.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let (cid, round) = (manifest.client_id.clone(), manifest.round);
             let result = spool::read_blob(&store, round, &cid, manifest.total_len)
+                .inspect(|blob| {
+                    metrics.update_bytes_read_back.inc_by(blob.len() as u64);
+                })
                 .map_err(|e| Rejection::new(shared_proto::RejectReason::Internal, format!("{e:#}")))
                 .and_then(|blob| verify_update(&manifest, &blob, &spec, &limits));
             let _ = jobs.blocking_send(Job::Verified {
