@@ -287,6 +287,9 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), acfg);
     let (mut sum_loss, mut sum_prox, mut last_gn) = (0.0, 0.0, 0.0);
     for step in 0..args.steps {
+        // `data_s` / `update_s` in the step line: LeRobot's names for the same two parts of
+        // `lerobot-train`'s loop (batch read and preprocessed; forward, backward, optimizer).
+        let t_data = Instant::now();
         let idx = Tensor::randint(
             ds.len() as i64,
             [args.batch_size as i64],
@@ -300,6 +303,8 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
             make_batch(&ds, &policy, &tok, &stats, &indices)?,
             args.device,
         );
+        let data_s = t_data.elapsed().as_secs_f64();
+        let t_update = Instant::now();
         let o = train_step(
             &policy,
             &mut opt,
@@ -311,6 +316,7 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
             acfg.lr,
             None,
         )?;
+        let update_s = t_update.elapsed().as_secs_f64();
         let (l, p, gn) = (o.loss, o.prox, o.grad_norm);
         sum_loss += l;
         sum_prox += p;
@@ -318,7 +324,7 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
         println!(
             "{}",
             json!({"event": "step", "step": step + 1, "steps": args.steps, "loss": l, "fedprox_loss": p,
-                   "grad_norm": gn, "lr": acfg.lr})
+                   "grad_norm": gn, "lr": acfg.lr, "data_s": data_s, "update_s": update_s})
         );
     }
     let update_norm = tch::no_grad(|| sq_distance(&params, &global))
