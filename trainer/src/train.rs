@@ -7,16 +7,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lerobot_dataset::{FeatureValue, LeRobotDataset};
+use lerobot_dataset::{DeltaSample, FeatureValue, LeRobotDataset, Prefetcher};
 use serde_json::json;
 use smolvla::optim::{sq_distance, AdamW, AdamWConfig};
 use smolvla::policy::{ACTION, ACTION_IS_PAD, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MASK};
 use smolvla::processor::{Stats, TaskTokenizer};
 use smolvla::{Batch, SmolVlaPolicy, Trace};
 use tch::{Device, Kind, Tensor};
+
+/// Batches read ahead of the training step.
+const PREFETCH_BATCHES: usize = 2;
 
 /// Options of one local training run.
 #[derive(Debug, Clone)]
@@ -174,6 +178,21 @@ pub(crate) fn load_stats(model: &Path, ds: &LeRobotDataset) -> Result<Stats> {
     Ok(Stats::from_stats_json(v))
 }
 
+/// LeRobot's `delta_timestamps` of a training item: the action chunk at the dataset's rate.
+pub(crate) fn action_deltas(
+    ds: &LeRobotDataset,
+    policy: &SmolVlaPolicy,
+) -> BTreeMap<String, Vec<f64>> {
+    let fps = f64::from(ds.fps());
+    let chunk = policy.config.chunk_size;
+    [(
+        ACTION.to_string(),
+        (0..chunk).map(|k| k as f64 / fps).collect(),
+    )]
+    .into_iter()
+    .collect()
+}
+
 /// One training batch at the model boundary (LeRobot's preprocessor applied).
 pub(crate) fn make_batch(
     ds: &LeRobotDataset,
@@ -182,22 +201,30 @@ pub(crate) fn make_batch(
     stats: &Stats,
     indices: &[usize],
 ) -> Result<Batch> {
-    let fps = f64::from(ds.fps());
-    let chunk = policy.config.chunk_size;
-    let deltas: BTreeMap<String, Vec<f64>> = [(
-        ACTION.to_string(),
-        (0..chunk).map(|k| k as f64 / fps).collect(),
-    )]
-    .into_iter()
-    .collect();
+    let deltas = action_deltas(ds, policy);
+    let samples = indices
+        .iter()
+        .map(|&i| {
+            ds.get_deltas(i, &deltas)
+                .with_context(|| format!("dataset item {i}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    batch_of(&samples, policy, tok, stats)
+}
+
+/// The batch of dataset items read with [`action_deltas`], LeRobot's preprocessor applied.
+pub(crate) fn batch_of(
+    samples: &[DeltaSample],
+    policy: &SmolVlaPolicy,
+    tok: &TaskTokenizer,
+    stats: &Stats,
+) -> Result<Batch> {
     let cams = policy.config.image_keys();
     let (mut states, mut actions, mut pads, mut tasks) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut images: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
-    for &i in indices {
-        let s = ds
-            .get_deltas(i, &deltas)
-            .with_context(|| format!("dataset item {i}"))?;
+    for s in samples {
+        let i = s.frame.index;
         let st = s
             .frame
             .features
@@ -286,30 +313,42 @@ pub fn run(args: &TrainArgs) -> Result<serde_json::Value> {
     }
     let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), acfg);
     let (mut sum_loss, mut sum_prox, mut last_gn) = (0.0, 0.0, 0.0);
+    // Every step's items drawn up front and read ahead on a background thread, so decoding
+    // overlaps the training step (what LeRobot's dataloader workers do).
+    let idx = Tensor::randint(
+        ds.len() as i64,
+        [(args.steps * args.batch_size) as i64],
+        (Kind::Int64, Device::Cpu),
+    );
+    let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let deltas = action_deltas(&ds, &policy);
+    let mut batches = Prefetcher::new(
+        Arc::new(ds),
+        indices,
+        args.batch_size,
+        deltas,
+        PREFETCH_BATCHES,
+    );
     for step in 0..args.steps {
         // `data_s` / `update_s` in the step line: LeRobot's names for the same two parts of
         // `lerobot-train`'s loop (batch read and preprocessed; forward, backward, optimizer).
         let t_data = Instant::now();
-        let idx = Tensor::randint(
-            ds.len() as i64,
-            [args.batch_size as i64],
-            (Kind::Int64, Device::Cpu),
-        );
-        let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?
-            .into_iter()
-            .map(|i| i as usize)
-            .collect();
-        let batch = batch_to(
-            make_batch(&ds, &policy, &tok, &stats, &indices)?,
-            args.device,
-        );
+        let samples = batches
+            .next()
+            .context("the batch reader stopped early")?
+            .with_context(|| format!("reading the batch of step {}", step + 1))?;
+        let batch = batch_to(batch_of(&samples, &policy, &tok, &stats)?, args.device);
         let data_s = t_data.elapsed().as_secs_f64();
         let t_update = Instant::now();
         let o = train_step(
             &policy,
             &mut opt,
             &params,
-            Some((&global, args.mu)),
+            // mu 0: no proximal term to compute (a pass over every trainable tensor).
+            (args.mu != 0.0).then_some((global.as_slice(), args.mu)),
             &batch,
             None,
             args.autocast,
