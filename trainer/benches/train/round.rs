@@ -335,7 +335,7 @@ pub fn run(opts: &Opts, root: &Path, python: Option<&Path>) -> bool {
     );
     println!(
         "LeRobot: lerobot-train's main() (trainer/benches/lerobot_round.py), offline, no eval, no \
-         checkpoint; num_workers {:?}; zk0-train reads batches on its training thread",
+         checkpoint; num_workers {:?}; zk0-train reads batches ahead on one background thread",
         opts.workers
     );
     println!(
