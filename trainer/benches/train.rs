@@ -24,8 +24,18 @@
 //! matrix), `--keep DIR` (reuse/keep the work dir: the full-size checkpoint is 1.8 GB).
 //! `full` runs only when asked for (`--only full`): at 2–20 s a step on 2 cores its matrix
 //! takes about 10 minutes.
+//!
+//! `--only round` ([`round`]) is a local round end to end instead: `zk0-train train` against
+//! `lerobot-train` on a generated 2-camera 640×480 AV1 dataset, data loading included. Its
+//! options: `--round-model tiny|small|full` (default `small`), `--round-steps N` (20),
+//! `--round-batch N` (8), `--round-episodes N` (20), `--round-frames N` (frames per episode,
+//! 60), `--round-dataset DIR` (where the dataset is generated once and reused), `--workers
+//! 0,1,...` (LeRobot's `num_workers`, one LeRobot run each; default 1), `--round-runs N` (runs
+//! of each side, alternating order; 2), plus `--threads` and `--keep`.
 
 mod common;
+#[path = "train/round.rs"]
+mod round;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +62,14 @@ struct Opts {
     cameras: Vec<usize>,
     batches: Vec<i64>,
     keep: Option<PathBuf>,
+    round_model: String,
+    round_steps: usize,
+    round_batch: usize,
+    round_episodes: usize,
+    round_frames: usize,
+    round_dataset: Option<PathBuf>,
+    round_runs: usize,
+    workers: Vec<usize>,
 }
 
 /// The matrix products' precision of one run (both sides alike).
@@ -94,6 +112,14 @@ fn parse_opts() -> Result<Opts, String> {
         cameras: vec![1, 2],
         batches: vec![1, 4],
         keep: None,
+        round_model: "small".into(),
+        round_steps: 20,
+        round_batch: 8,
+        round_episodes: 20,
+        round_frames: 60,
+        round_dataset: None,
+        round_runs: 2,
+        workers: vec![1],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -123,6 +149,32 @@ fn parse_opts() -> Result<Opts, String> {
             }
             "--cameras" => o.cameras = list(&args.next().unwrap_or_default(), "--cameras")?,
             "--batch" => o.batches = list(&args.next().unwrap_or_default(), "--batch")?,
+            "--round-steps" => o.round_steps = num("--round-steps")?,
+            "--round-batch" => o.round_batch = num("--round-batch")?,
+            "--round-episodes" => o.round_episodes = num("--round-episodes")?,
+            "--round-frames" => o.round_frames = num("--round-frames")?,
+            "--round-runs" => o.round_runs = num("--round-runs")?,
+            "--round-model" => {
+                let v = args.next().unwrap_or_default();
+                if !["tiny", "small", "full"].contains(&v.as_str()) {
+                    return Err(format!("--round-model tiny|small|full, not {v:?}"));
+                }
+                o.round_model = v;
+            }
+            "--round-dataset" => {
+                o.round_dataset = Some(PathBuf::from(
+                    args.next().ok_or("--round-dataset needs a directory")?,
+                ))
+            }
+            "--workers" => {
+                let v = args.next().unwrap_or_default();
+                o.workers = v
+                    .split(',')
+                    .map(|w| w.trim().parse::<usize>().ok())
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|l| !l.is_empty())
+                    .ok_or_else(|| format!("--workers needs a list of numbers, not {v:?}"))?;
+            }
             "--keep" => {
                 o.keep = Some(PathBuf::from(
                     args.next().ok_or("--keep needs a directory")?,
@@ -130,8 +182,8 @@ fn parse_opts() -> Result<Opts, String> {
             }
             "--only" => {
                 let v = args.next().unwrap_or_default();
-                if !["tiny", "small", "full"].contains(&v.as_str()) {
-                    return Err(format!("--only tiny|small|full, not {v:?}"));
+                if !["tiny", "small", "full", "round"].contains(&v.as_str()) {
+                    return Err(format!("--only tiny|small|full|round, not {v:?}"));
                 }
                 o.only = Some(v);
             }
@@ -468,6 +520,12 @@ fn main() {
             "LeRobot side SKIPPED: {why} (run `cargo xtask setup --lerobot`; `cargo xtask bench` \
              exports it); printing zk0-train's figures only"
         );
+    }
+    if opts.only.as_deref() == Some("round") {
+        let ok = round::run(&opts, &root, python.as_ref().ok().map(PathBuf::as_path));
+        // exit() runs no destructors: remove the work dir (checkpoints) first.
+        drop(tmp);
+        std::process::exit(if ok { 0 } else { 1 });
     }
     let mut cases = Vec::new();
     match opts.only.as_deref() {

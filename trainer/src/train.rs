@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lerobot_dataset::{FeatureValue, LeRobotDataset};
+use lerobot_dataset::{DeltaSample, FeatureValue, LeRobotDataset, Prefetcher};
 use serde_json::json;
 use shared_proto::message::ClientMetrics;
 use shared_proto::worker::WorkerMetrics;
@@ -19,6 +20,9 @@ use smolvla::policy::{ACTION, ACTION_IS_PAD, OBS_STATE, OBS_TOKENS, OBS_TOKEN_MA
 use smolvla::processor::{Stats, TaskTokenizer};
 use smolvla::{Batch, SmolVlaPolicy, Trace};
 use tch::{Device, Kind, Tensor};
+
+/// Batches read ahead of the training step.
+const PREFETCH_BATCHES: usize = 2;
 
 /// Options of one local training run.
 #[derive(Debug, Clone)]
@@ -187,6 +191,21 @@ pub(crate) fn load_stats(model: &Path, ds: &LeRobotDataset) -> Result<Stats> {
     Ok(Stats::from_stats_json(v))
 }
 
+/// LeRobot's `delta_timestamps` of a training item: the action chunk at the dataset's rate.
+pub(crate) fn action_deltas(
+    ds: &LeRobotDataset,
+    policy: &SmolVlaPolicy,
+) -> BTreeMap<String, Vec<f64>> {
+    let fps = f64::from(ds.fps());
+    let chunk = policy.config.chunk_size;
+    [(
+        ACTION.to_string(),
+        (0..chunk).map(|k| k as f64 / fps).collect(),
+    )]
+    .into_iter()
+    .collect()
+}
+
 /// One training batch at the model boundary (LeRobot's preprocessor applied).
 pub(crate) fn make_batch(
     ds: &LeRobotDataset,
@@ -195,22 +214,30 @@ pub(crate) fn make_batch(
     stats: &Stats,
     indices: &[usize],
 ) -> Result<Batch> {
-    let fps = f64::from(ds.fps());
-    let chunk = policy.config.chunk_size;
-    let deltas: BTreeMap<String, Vec<f64>> = [(
-        ACTION.to_string(),
-        (0..chunk).map(|k| k as f64 / fps).collect(),
-    )]
-    .into_iter()
-    .collect();
+    let deltas = action_deltas(ds, policy);
+    let samples = indices
+        .iter()
+        .map(|&i| {
+            ds.get_deltas(i, &deltas)
+                .with_context(|| format!("dataset item {i}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    batch_of(&samples, policy, tok, stats)
+}
+
+/// The batch of dataset items read with [`action_deltas`], LeRobot's preprocessor applied.
+pub(crate) fn batch_of(
+    samples: &[DeltaSample],
+    policy: &SmolVlaPolicy,
+    tok: &TaskTokenizer,
+    stats: &Stats,
+) -> Result<Batch> {
     let cams = policy.config.image_keys();
     let (mut states, mut actions, mut pads, mut tasks) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut images: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
-    for &i in indices {
-        let s = ds
-            .get_deltas(i, &deltas)
-            .with_context(|| format!("dataset item {i}"))?;
+    for s in samples {
+        let i = s.frame.index;
         let st = s
             .frame
             .features
@@ -299,31 +326,49 @@ pub fn run(args: &TrainArgs) -> Result<WorkerMetrics> {
     }
     let mut opt = AdamW::new(params.iter().map(|p| p.shallow_clone()).collect(), acfg);
     let (mut sum_loss, mut sum_prox, mut last_gn) = (0.0, 0.0, 0.0);
+    // Every step's items drawn up front and read ahead on a background thread, so decoding
+    // overlaps the training step (what LeRobot's dataloader workers do).
+    let idx = Tensor::randint(
+        ds.len() as i64,
+        [(args.steps * args.batch_size) as i64],
+        (Kind::Int64, Device::Cpu),
+    );
+    let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let deltas = action_deltas(&ds, &policy);
+    let mut batches = Prefetcher::new(
+        Arc::new(ds),
+        indices,
+        args.batch_size,
+        deltas,
+        PREFETCH_BATCHES,
+    );
     for step in 0..args.steps {
-        let idx = Tensor::randint(
-            ds.len() as i64,
-            [args.batch_size as i64],
-            (Kind::Int64, Device::Cpu),
-        );
-        let indices: Vec<usize> = Vec::<i64>::try_from(&idx)?
-            .into_iter()
-            .map(|i| i as usize)
-            .collect();
-        let batch = batch_to(
-            make_batch(&ds, &policy, &tok, &stats, &indices)?,
-            args.device,
-        );
+        // `data_s` / `update_s` in the step line: LeRobot's names for the same two parts of
+        // `lerobot-train`'s loop (batch read and preprocessed; forward, backward, optimizer).
+        let t_data = Instant::now();
+        let samples = batches
+            .next()
+            .context("the batch reader stopped early")?
+            .with_context(|| format!("reading the batch of step {}", step + 1))?;
+        let batch = batch_to(batch_of(&samples, &policy, &tok, &stats)?, args.device);
+        let data_s = t_data.elapsed().as_secs_f64();
+        let t_update = Instant::now();
         let o = train_step(
             &policy,
             &mut opt,
             &params,
-            Some((&global, args.mu)),
+            // mu 0: no proximal term to compute (a pass over every trainable tensor).
+            (args.mu != 0.0).then_some((global.as_slice(), args.mu)),
             &batch,
             None,
             args.autocast,
             acfg.lr,
             None,
         )?;
+        let update_s = t_update.elapsed().as_secs_f64();
         let (l, p, gn) = (o.loss, o.prox, o.grad_norm);
         sum_loss += l;
         sum_prox += p;
@@ -331,7 +376,7 @@ pub fn run(args: &TrainArgs) -> Result<WorkerMetrics> {
         println!(
             "{}",
             json!({"event": "step", "step": step + 1, "steps": args.steps, "loss": l, "fedprox_loss": p,
-                   "grad_norm": gn, "lr": acfg.lr})
+                   "grad_norm": gn, "lr": acfg.lr, "data_s": data_s, "update_s": update_s})
         );
     }
     let update_norm = tch::no_grad(|| sq_distance(&params, &global))
