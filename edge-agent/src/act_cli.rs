@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use zk0_infer::{ActionQueue, Aggregate, OnnxPolicy, Processor, Provider, RuntimeOptions};
+use zk0_infer::{ActionQueue, Aggregate, OnnxPolicy, Processor, Provider};
 use zk0_robot::camera::Camera;
 use zk0_robot::feetech::table;
 use zk0_robot::{Bus, Role};
@@ -26,7 +26,7 @@ use crate::act::worker::{ChunkSource, OnnxSource, SourceSettings, Worker};
 use crate::act::{self, ActError, ActOptions};
 use crate::federate::config::AgentConfig;
 use crate::federate::export;
-use crate::infer_cli::read_noise;
+use crate::infer_cli::{fixed_noise, load_export};
 use crate::record::config::{CameraConfig, RobotConfig};
 use crate::record::Controls;
 use crate::robot_cli::{stop_on_signals, RobotArgs};
@@ -256,13 +256,52 @@ fn start_export(inf: &mut InferConfig, exports: &Path) -> Result<Option<String>>
     }
 }
 
-/// `zk0-agent act`.
+/// `zk0-agent act`: the settings, the export, the loop's parts; the run; the report.
 pub fn run(args: ActArgs) -> Result<()> {
     let cfg = AgentConfig::load(args.robot.config.as_deref())?;
     let mut inf = args.settings(cfg.infer)?;
     let exports = export::exports_dir(&cfg.work_dir);
     let model_id = start_export(&mut inf, &exports)?;
-    let mut robot = args.robot.section(cfg.robot)?;
+    let (mut robot, max_relative_target) = robot_section(&args, cfg.robot)?;
+
+    let (source, settings) = open_source(&args, &inf)?;
+    let m = &source.policy.manifest;
+    let keys: Vec<String> = m.cameras.iter().map(|c| c.key.clone()).collect();
+    let size = (m.image.width as u32, m.image.height as u32);
+    robot.cameras = export_cameras(&robot, &keys, args.robot.sim, inf.fps, size)?;
+    let follow = inf
+        .follow_global
+        .then(|| follow_exports(&exports, model_id, settings, loop_shape(&source.policy)));
+    let follow_stats = follow.as_ref().map(Follow::stats);
+    let mut queue = ActionQueue::new(source.keep, inf.chunk_size_threshold, inf.aggregate)?;
+    let act_opts = ActOptions {
+        fps: inf.fps,
+        seconds: args.seconds,
+        max_relative_target,
+        ..ActOptions::default()
+    };
+
+    let ran = drive(&robot, source, follow, &mut queue, &act_opts, &inf)?;
+
+    let followed = follow_stats.map_or(FollowStats::default(), |s| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    });
+    let report = act_report(&ran, &inf, &followed, &queue, max_relative_target);
+    println!("{report}");
+    if let Some(p) = &args.report {
+        write_report(p, &report)?;
+    }
+    ran.result?;
+    if let Some(d) = ran.disconnect {
+        bail!(d);
+    }
+    Ok(())
+}
+
+/// `[robot]` with the flags over it, and `max_relative_target` taken out of it: the loop
+/// clamps against the positions it has just read (no second read per tick), not the arm.
+fn robot_section(args: &ActArgs, section: RobotConfig) -> Result<(RobotConfig, Option<f64>)> {
+    let mut robot = args.robot.section(section)?;
     if let Some(c) = args.max_relative_target {
         anyhow::ensure!(
             c.is_finite() && c > 0.0,
@@ -270,18 +309,21 @@ pub fn run(args: ActArgs) -> Result<()> {
         );
         robot.max_relative_target = Some(c);
     }
-    // The loop clamps against the positions it has just read (no second read per tick).
     let max_relative_target = robot.max_relative_target.take();
+    Ok((robot, max_relative_target))
+}
 
-    zk0_infer::init(args.onnxruntime.as_deref()).context("loading onnxruntime")?;
-    let opts = RuntimeOptions {
-        provider: inf.provider,
-        threads: inf.threads,
-        ..Default::default()
-    };
-    let policy = OnnxPolicy::load(&inf.model, &opts)
-        .with_context(|| format!("--model {}", inf.model.display()))?;
-    let m = policy.manifest.clone();
+/// The export as the worker's chunk source (checked for an SO arm's 6 joints), and the
+/// settings that open each export followed after it the same way.
+fn open_source(args: &ActArgs, inf: &InferConfig) -> Result<(OnnxSource, SourceSettings)> {
+    let loaded = load_export(
+        args.onnxruntime.as_deref(),
+        &inf.model,
+        inf.provider,
+        inf.threads,
+    )?;
+    let (policy, opts) = (loaded.policy, loaded.opts);
+    let m = &policy.manifest;
     anyhow::ensure!(
         m.action_dim == 6 && m.state_dim == 6,
         "the export has state {} and action {}: an SO arm needs 6 and 6",
@@ -296,20 +338,10 @@ pub fn run(args: ActArgs) -> Result<()> {
         ds.stats().cloned()
     };
     let tokenizer = (!inf.tokenizer.as_os_str().is_empty()).then_some(inf.tokenizer.as_path());
-    let processor = Processor::new(&inf.model, &m, stats.as_ref(), tokenizer)?;
-    let noise = match &args.noise {
-        Some(p) => Some(read_noise(
-            p,
-            &[m.chunk_size as usize, m.max_action_dim as usize],
-        )?),
-        None => None,
-    };
-    let keys: Vec<String> = m.cameras.iter().map(|c| c.key.clone()).collect();
-    let size = (m.image.width as u32, m.image.height as u32);
-    robot.cameras = export_cameras(&robot, &keys, args.robot.sim, inf.fps, size)?;
-    let shape = loop_shape(&policy);
+    let processor = Processor::new(&inf.model, m, stats.as_ref(), tokenizer)?;
+    let noise = fixed_noise(args.noise.as_deref(), &policy)?;
     let settings = SourceSettings {
-        runtime: opts.clone(),
+        runtime: opts,
         stats,
         tokenizer: tokenizer.map(Path::to_path_buf),
         task: inf.task.clone(),
@@ -317,26 +349,48 @@ pub fn run(args: ActArgs) -> Result<()> {
         seed: inf.seed,
     };
     let source = OnnxSource::new(policy, processor, inf.task.clone(), noise, inf.seed);
-    let follow = inf.follow_global.then(|| {
-        let load: Arc<LoadFn> = Arc::new(move |dir: &Path| {
-            let s = OnnxSource::open(dir, &settings).map_err(|e| e.to_string())?;
-            let new = loop_shape(&s.policy);
-            if new != shape {
-                return Err(format!("it has {new}; the running loop has {shape}"));
-            }
-            Ok(Box::new(s) as Box<dyn ChunkSource>)
-        });
-        Follow::new(&exports, model_id, load)
-    });
-    let follow_stats = follow.as_ref().map(Follow::stats);
-    let mut queue = ActionQueue::new(source.keep, inf.chunk_size_threshold, inf.aggregate)?;
-    let act_opts = ActOptions {
-        fps: inf.fps,
-        seconds: args.seconds,
-        max_relative_target,
-        ..ActOptions::default()
-    };
+    Ok((source, settings))
+}
 
+/// `--follow-global`: watches `exports` for newer global models and opens each with
+/// `settings`, refusing one whose [`loop_shape`] differs from the running loop's `shape`.
+fn follow_exports(
+    exports: &Path,
+    model_id: Option<String>,
+    settings: SourceSettings,
+    shape: String,
+) -> Follow {
+    let load: Arc<LoadFn> = Arc::new(move |dir: &Path| {
+        let s = OnnxSource::open(dir, &settings).map_err(|e| e.to_string())?;
+        let new = loop_shape(&s.policy);
+        if new != shape {
+            return Err(format!("it has {new}; the running loop has {shape}"));
+        }
+        Ok(Box::new(s) as Box<dyn ChunkSource>)
+    });
+    Follow::new(exports, model_id, load)
+}
+
+/// How a run ended: the loop's summary and outcome, and what disconnecting left.
+struct Ran {
+    summary: act::ActSummary,
+    exit: act::ExitReason,
+    result: Result<(), ActError>,
+    /// Torque_Enable of each motor after the disconnect, if it could be read back.
+    torque: Option<Vec<i64>>,
+    disconnect: Option<String>,
+}
+
+/// Starts the worker, the cameras and the follower, runs the loop until a signal, the time
+/// or an error, then disconnects the follower (torque off) and stops the rest.
+fn drive(
+    robot: &RobotConfig,
+    source: OnnxSource,
+    follow: Option<Follow>,
+    queue: &mut ActionQueue,
+    act_opts: &ActOptions,
+    inf: &InferConfig,
+) -> Result<Ran> {
     let controls = Arc::new(Controls::default());
     stop_on_signals(Arc::clone(&controls))?;
     // The follower last: nothing that can fail stands between its torque going on and the
@@ -350,24 +404,39 @@ pub fn run(args: ActArgs) -> Result<()> {
         follower: &mut follower,
         cameras: &cameras,
         worker: &worker,
-        queue: &mut queue,
+        queue,
     };
-    let (summary, exit, result) = act::act(parts, &act_opts, &controls.stop);
+    let (summary, exit, result) = act::act(parts, act_opts, &controls.stop);
     // Torque off first; then wait for the chunk under way, if any.
     let (torque, disconnect) = match follower.disconnect() {
-        Ok(t) => (torque_after(t, &robot).ok(), None),
+        Ok(t) => (torque_after(t, robot).ok(), None),
         Err(e) => (None, Some(format!("disconnecting the follower: {e}"))),
     };
     drop(worker);
     drop(cameras);
-    let error = result.as_ref().err().map(ActError::to_string);
-    let mut report = summary.report(inf.fps, exit, error);
-    report["disconnect_error"] = serde_json::json!(disconnect);
-    report["torque_after_disconnect"] = serde_json::json!(torque);
+    Ok(Ran {
+        summary,
+        exit,
+        result,
+        torque,
+        disconnect,
+    })
+}
+
+/// The report (JSON): the loop's summary, the disconnect, the model followed and the settings
+/// the run used.
+fn act_report(
+    ran: &Ran,
+    inf: &InferConfig,
+    followed: &FollowStats,
+    queue: &ActionQueue,
+    max_relative_target: Option<f64>,
+) -> serde_json::Value {
+    let error = ran.result.as_ref().err().map(ActError::to_string);
+    let mut report = ran.summary.report(inf.fps, ran.exit, error);
+    report["disconnect_error"] = serde_json::json!(ran.disconnect);
+    report["torque_after_disconnect"] = serde_json::json!(ran.torque);
     report["model"] = serde_json::json!(inf.model);
-    let followed = follow_stats.map_or(FollowStats::default(), |s| {
-        s.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    });
     report["follow_global"] = serde_json::json!(inf.follow_global);
     report["model_id"] = serde_json::json!(followed.model_id);
     report["model_swaps"] = serde_json::json!(followed.model_swaps);
@@ -376,15 +445,7 @@ pub fn run(args: ActArgs) -> Result<()> {
     report["chunk_size_threshold"] = serde_json::json!(inf.chunk_size_threshold);
     report["aggregate"] = serde_json::json!(inf.aggregate);
     report["max_relative_target"] = serde_json::json!(max_relative_target);
-    println!("{report}");
-    if let Some(p) = &args.report {
-        write_report(p, &report)?;
-    }
-    result?;
-    if let Some(d) = disconnect {
-        bail!(d);
-    }
-    Ok(())
+    report
 }
 
 fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {

@@ -147,17 +147,51 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-pub fn run(a: InferArgs) -> Result<()> {
-    zk0_infer::init(a.onnxruntime.as_deref()).context("loading onnxruntime")?;
+/// An export loaded on ONNX Runtime, with the options it was loaded with (a swapped-in export
+/// is loaded the same way) and how long the load alone took.
+pub(crate) struct LoadedExport {
+    pub policy: OnnxPolicy,
+    pub opts: RuntimeOptions,
+    pub load_s: f64,
+}
+
+/// Loads onnxruntime (`onnxruntime`: the library's path, default the system's), then the
+/// export in `model`: the first step of both `infer` and `act`.
+pub(crate) fn load_export(
+    onnxruntime: Option<&Path>,
+    model: &Path,
+    provider: Provider,
+    threads: Option<usize>,
+) -> Result<LoadedExport> {
+    zk0_infer::init(onnxruntime).context("loading onnxruntime")?;
     let opts = RuntimeOptions {
-        provider: a.provider,
-        threads: a.threads,
+        provider,
+        threads,
         ..Default::default()
     };
     let loaded = Instant::now();
-    let mut policy = OnnxPolicy::load(&a.model, &opts)
-        .with_context(|| format!("--model {}", a.model.display()))?;
-    let load_s = loaded.elapsed().as_secs_f64();
+    let policy =
+        OnnxPolicy::load(model, &opts).with_context(|| format!("--model {}", model.display()))?;
+    Ok(LoadedExport {
+        policy,
+        opts,
+        load_s: loaded.elapsed().as_secs_f64(),
+    })
+}
+
+/// `--noise FILE` read and checked against the export's `[chunk_size, max_action_dim]`;
+/// `None` without the flag.
+pub(crate) fn fixed_noise(path: Option<&Path>, policy: &OnnxPolicy) -> Result<Option<Vec<f32>>> {
+    let m = &policy.manifest;
+    path.map(|p| read_noise(p, &[m.chunk_size as usize, m.max_action_dim as usize]))
+        .transpose()
+}
+
+/// `zk0-agent infer`: the export, then `--bench` or the episode's open-loop comparison.
+pub fn run(a: InferArgs) -> Result<()> {
+    let LoadedExport {
+        mut policy, load_s, ..
+    } = load_export(a.onnxruntime.as_deref(), &a.model, a.provider, a.threads)?;
     let Some(dataset) = &a.dataset else {
         return bench(&mut policy, a.bench.unwrap_or(1), load_s, &a);
     };
@@ -172,76 +206,17 @@ pub fn run(a: InferArgs) -> Result<()> {
         }
     }
     let ep = ds.episode(a.episode)?.clone();
-    let (chunk, dim, max_dim) = (
-        m.chunk_size as usize,
-        m.action_dim as usize,
-        m.max_action_dim as usize,
-    );
+    let (chunk, dim) = (m.chunk_size as usize, m.action_dim as usize);
     let step = m.n_action_steps.max(1) as usize;
-    let fixed = a
-        .noise
-        .as_deref()
-        .map(|p| read_noise(p, &[chunk, max_dim]))
-        .transpose()?;
-    let mut noise = Noise::new(fixed, a.seed);
-    // Recorded actions of the whole episode (parquet only, no decoding).
-    let mut recorded = Vec::with_capacity(ep.length);
-    for i in 0..ep.length {
-        let f = ds.get_values(ep.dataset_from_index + i)?;
-        let v = f
-            .features
-            .get("action")
-            .context("the dataset has no `action`")?;
-        recorded.push(floats(v, "action")?);
-    }
+    let mut noise = Noise::new(fixed_noise(a.noise.as_deref(), &policy)?, a.seed);
+    let recorded = recorded_actions(&ds, ep.dataset_from_index, ep.length)?;
     let (mut actions, mut frames, mut lat) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut abs, mut sq, mut first, mut pairs) = (vec![0f64; dim], 0f64, 0f64, 0usize);
-    let starts: Vec<usize> = (0..ep.length).step_by(step).collect();
-    for &fi in &starts {
+    let mut errors = Errors::new(dim);
+    for fi in (0..ep.length).step_by(step) {
         let frame = ds.get_episode_frame(a.episode, fi)?;
-        let state = floats(
-            frame
-                .features
-                .get("observation.state")
-                .context("the dataset has no `observation.state`")?,
-            "observation.state",
-        )?;
-        let images = m
-            .cameras
-            .iter()
-            .map(|c| {
-                let img = &frame.images[&c.key];
-                RgbFrame {
-                    rgb: img.as_raw(),
-                    height: img.height() as usize,
-                    width: img.width() as usize,
-                }
-            })
-            .collect();
-        let obs = Observation {
-            images,
-            state: &state,
-            task: &frame.task,
-        };
-        let t0 = Instant::now();
-        let inputs = proc.inputs(&obs)?;
-        let sampled = policy.sample(&inputs, &noise.next(chunk * max_dim), false)?;
-        let act = proc.actions(&sampled)?;
-        lat.push(t0.elapsed().as_secs_f64() * 1e3);
-        for (k, row) in act.chunks(dim).enumerate() {
-            let Some(rec) = recorded.get(fi + k) else {
-                break;
-            };
-            for (j, (p, r)) in row.iter().zip(rec).enumerate() {
-                let e = (*p as f64 - *r as f64).abs();
-                abs[j] += e;
-                sq += e * e;
-                if k == 0 {
-                    first += e;
-                }
-            }
-            pairs += 1;
-        }
+        let (act, ms) = predict(&frame, &proc, &mut policy, &mut noise)?;
+        lat.push(ms);
+        errors.add(&act, &recorded[fi.min(recorded.len())..], dim);
         actions.extend(act);
         frames.push(fi as i64);
     }
@@ -249,18 +224,17 @@ pub fn run(a: InferArgs) -> Result<()> {
         write_out(out, &actions, &frames, frames.len(), chunk, dim)?;
     }
     lat.sort_by(f64::total_cmp);
-    let n_el = (pairs * dim).max(1) as f64;
     let report = serde_json::json!({
         "episode": a.episode,
         "frames": ep.length,
         "predictions": frames.len(),
         "chunk_size": chunk,
         "n_action_steps": step,
-        "compared_actions": pairs,
-        "mae": abs.iter().sum::<f64>() / n_el,
-        "rmse": (sq / n_el).sqrt(),
-        "mae_per_joint": abs.iter().map(|e| e / pairs.max(1) as f64).collect::<Vec<_>>(),
-        "first_action_mae": first / (frames.len() * dim).max(1) as f64,
+        "compared_actions": errors.pairs,
+        "mae": errors.mae(),
+        "rmse": errors.rmse(),
+        "mae_per_joint": errors.mae_per_joint(),
+        "first_action_mae": errors.first_action_mae(frames.len()),
         "chunk_ms": {"p50": percentile(&lat, 0.5), "max": lat.last().copied().unwrap_or(0.0)},
         "load_s": load_s,
         "provider": format!("{:?}", a.provider).to_lowercase(),
@@ -268,6 +242,125 @@ pub fn run(a: InferArgs) -> Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+/// The recorded actions of the episode's `length` frames from `from` (parquet only, no
+/// video decoding): what the predictions are compared with.
+fn recorded_actions(ds: &LeRobotDataset, from: usize, length: usize) -> Result<Vec<Vec<f32>>> {
+    let mut recorded = Vec::with_capacity(length);
+    for i in 0..length {
+        let f = ds.get_values(from + i)?;
+        let v = f
+            .features
+            .get("action")
+            .context("the dataset has no `action`")?;
+        recorded.push(floats(v, "action")?);
+    }
+    Ok(recorded)
+}
+
+/// One chunk for a recorded frame, as the robot would get it: LeRobot's preprocessing, the
+/// sampled chunk, unnormalized (`[chunk_size × action_dim]`, row-major); and the milliseconds
+/// those three took (the frame's decoding and copying are not timed).
+fn predict(
+    frame: &lerobot_dataset::Frame,
+    proc: &Processor,
+    policy: &mut OnnxPolicy,
+    noise: &mut Noise,
+) -> Result<(Vec<f32>, f64)> {
+    let state = floats(
+        frame
+            .features
+            .get("observation.state")
+            .context("the dataset has no `observation.state`")?,
+        "observation.state",
+    )?;
+    let images = policy
+        .manifest
+        .cameras
+        .iter()
+        .map(|c| {
+            let img = &frame.images[&c.key];
+            RgbFrame {
+                rgb: img.as_raw(),
+                height: img.height() as usize,
+                width: img.width() as usize,
+            }
+        })
+        .collect();
+    let obs = Observation {
+        images,
+        state: &state,
+        task: &frame.task,
+    };
+    let m = &policy.manifest;
+    let n = (m.chunk_size * m.max_action_dim) as usize;
+    let t0 = Instant::now();
+    let inputs = proc.inputs(&obs)?;
+    let sampled = policy.sample(&inputs, &noise.next(n), false)?;
+    let act = proc.actions(&sampled)?;
+    Ok((act, t0.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Absolute errors of predicted against recorded actions, summed per joint, squared, and for
+/// each chunk's first action.
+struct Errors {
+    abs: Vec<f64>,
+    sq: f64,
+    first: f64,
+    pairs: usize,
+}
+
+impl Errors {
+    fn new(dim: usize) -> Self {
+        Self {
+            abs: vec![0f64; dim],
+            sq: 0.0,
+            first: 0.0,
+            pairs: 0,
+        }
+    }
+
+    /// A chunk (`dim` values per action) against the recorded actions from its frame on;
+    /// actions past the episode's end are not compared.
+    fn add(&mut self, chunk: &[f32], recorded: &[Vec<f32>], dim: usize) {
+        for (k, (row, rec)) in chunk.chunks(dim).zip(recorded).enumerate() {
+            for (j, (p, r)) in row.iter().zip(rec).enumerate() {
+                let e = (*p as f64 - *r as f64).abs();
+                self.abs[j] += e;
+                self.sq += e * e;
+                if k == 0 {
+                    self.first += e;
+                }
+            }
+            self.pairs += 1;
+        }
+    }
+
+    /// Elements compared: each action's joints.
+    fn elements(&self) -> f64 {
+        (self.pairs * self.abs.len()).max(1) as f64
+    }
+
+    fn mae(&self) -> f64 {
+        self.abs.iter().sum::<f64>() / self.elements()
+    }
+
+    fn rmse(&self) -> f64 {
+        (self.sq / self.elements()).sqrt()
+    }
+
+    fn mae_per_joint(&self) -> Vec<f64> {
+        self.abs
+            .iter()
+            .map(|e| e / self.pairs.max(1) as f64)
+            .collect()
+    }
+
+    /// The first action of each of `predictions` chunks.
+    fn first_action_mae(&self, predictions: usize) -> f64 {
+        self.first / (predictions * self.abs.len()).max(1) as f64
+    }
 }
 
 /// `--bench N`: a fixed synthetic observation (uniform images, ramp state, every token real),
@@ -289,13 +382,7 @@ fn bench(policy: &mut OnnxPolicy, n: usize, load_s: f64, a: &InferArgs) -> Resul
         token_mask: vec![true; l],
         state: (0..m.state_dim).map(|i| i as f32 * 0.1).collect(),
     };
-    let shape = [m.chunk_size as usize, m.max_action_dim as usize];
-    let fixed = a
-        .noise
-        .as_deref()
-        .map(|p| read_noise(p, &shape))
-        .transpose()?;
-    let mut noise = Noise::new(fixed, a.seed);
+    let mut noise = Noise::new(fixed_noise(a.noise.as_deref(), policy)?, a.seed);
     let x = noise.next((m.chunk_size * m.max_action_dim) as usize);
     let (mut prefix_ms, mut loop_ms, mut chunk_ms) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=n {

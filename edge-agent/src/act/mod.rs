@@ -312,6 +312,8 @@ pub fn act<T: Transport>(
     }
 }
 
+/// The loop itself, one tick per iteration: timing, observation, chunks in and out, the
+/// goal. Each step is a function below; this one only orders them and decides when to stop.
 fn run_loop<T: Transport>(
     p: &mut Parts<'_, T>,
     opts: &ActOptions,
@@ -360,94 +362,161 @@ fn run_loop<T: Transport>(
                 s.tracking_error.add((p - g).abs());
             }
         }
-        let frames = latest_frames(cameras, fresh, tick)?;
-        match frames {
-            Some(_) => last_fresh = Instant::now(),
-            None => {
-                s.camera_stale += 1;
-                if last_fresh.elapsed() > opts.camera_timeout {
-                    let source = cameras
-                        .iter()
-                        .find_map(|c| c.read_latest(fresh).err())
-                        .unwrap_or(CameraError::Timeout {
-                            camera: "?".into(),
-                            waited_ms: opts.camera_timeout.as_millis(),
-                        });
-                    return Err(ActError::Camera { tick, source });
-                }
-            }
-        }
+        let frames = observe_cameras(
+            cameras,
+            fresh,
+            opts.camera_timeout,
+            &mut last_fresh,
+            tick,
+            s,
+        )?;
 
         // Chunks the worker finished, then maybe a new request.
-        loop {
-            match worker.try_recv() {
-                Ok(reply) => {
-                    let actions = reply.actions.map_err(|source| ActError::Policy {
-                        tick: reply.tick,
-                        source,
-                    })?;
-                    check_chunk(reply.tick, &actions, joints)?;
-                    s.inference.add(reply.latency.as_secs_f64());
-                    s.max_latency_ticks = s.max_latency_ticks.max(tick - reply.tick);
-                    s.first_chunk_tick.get_or_insert(tick);
-                    queue.on_chunk(reply.tick, actions, tick);
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return Err(ActError::WorkerGone),
-            }
-        }
+        take_chunks(worker, queue, tick, joints, s)?;
         if let Some(frames) = frames {
-            if queue.should_request(tick) {
-                let obs = ObsRequest {
-                    tick,
-                    frames,
-                    state: present.iter().map(|&v| v as f32).collect(),
-                };
-                match worker.try_send(obs) {
-                    Ok(()) => queue.requested(tick),
-                    Err(TrySendError::Full(_)) => s.busy += 1,
-                    Err(TrySendError::Disconnected(_)) => return Err(ActError::WorkerGone),
-                }
-            }
+            request_chunk(worker, queue, tick, frames, &present, s)?;
         }
 
         // This tick's action, clamped, to the follower.
         let Some(action) = queue.pop(tick) else {
             continue;
         };
-        let mut goal: Vec<f64> = Vec::with_capacity(joints);
-        let mut clamped = false;
-        for ((a, p), (lo, hi)) in action.iter().zip(&present).zip(&bounds) {
-            let a = f64::from(*a);
-            let mut g = a.clamp(*lo, *hi);
-            if let Some(cap) = opts.max_relative_target {
-                g = clamp_relative(g, *p, cap);
-            }
-            let cut = (g - a).abs();
-            clamped |= cut > 0.0;
-            s.max_clamp = s.max_clamp.max(cut);
-            goal.push(g);
-        }
-        s.clamped_ticks += u64::from(clamped);
+        let goal = clamp_goal(&action, &present, &bounds, opts.max_relative_target, s);
         let sent = follower
             .send_action(&goal)
             .map_err(|source| ActError::Follower { tick, source })?;
         s.goals_sent += 1;
-        if let Some(prev) = &last_sent {
-            for (g, p) in sent.iter().zip(prev) {
-                s.goal_step.add((g - p).abs());
-            }
-        }
-        if s.goal_range.is_empty() {
-            s.goal_range = sent.iter().map(|&g| (g, g)).collect();
-        }
-        for ((lo, hi), &g) in s.goal_range.iter_mut().zip(&sent) {
-            *lo = lo.min(g);
-            *hi = hi.max(g);
-        }
+        record_sent(&sent, last_sent.as_deref(), s);
         last_sent = Some(sent);
     }
     unreachable!("the tick counter does not run out")
+}
+
+/// The cameras' frames for this tick's observation, or `None` while one is stale (counted);
+/// a camera stale for longer than `timeout` since the last fresh set is an error.
+fn observe_cameras(
+    cameras: &[Camera],
+    fresh: Duration,
+    timeout: Duration,
+    last_fresh: &mut Instant,
+    tick: u64,
+    s: &mut ActSummary,
+) -> Result<Option<Vec<Frame>>, ActError> {
+    let frames = latest_frames(cameras, fresh, tick)?;
+    match frames {
+        Some(_) => *last_fresh = Instant::now(),
+        None => {
+            s.camera_stale += 1;
+            if last_fresh.elapsed() > timeout {
+                let source = cameras
+                    .iter()
+                    .find_map(|c| c.read_latest(fresh).err())
+                    .unwrap_or(CameraError::Timeout {
+                        camera: "?".into(),
+                        waited_ms: timeout.as_millis(),
+                    });
+                return Err(ActError::Camera { tick, source });
+            }
+        }
+    }
+    Ok(frames)
+}
+
+/// Every chunk the worker has finished since the last tick, checked, into the queue (never
+/// waits: an empty channel ends it).
+fn take_chunks(
+    worker: &Worker,
+    queue: &mut ActionQueue,
+    tick: u64,
+    joints: usize,
+    s: &mut ActSummary,
+) -> Result<(), ActError> {
+    loop {
+        match worker.try_recv() {
+            Ok(reply) => {
+                let actions = reply.actions.map_err(|source| ActError::Policy {
+                    tick: reply.tick,
+                    source,
+                })?;
+                check_chunk(reply.tick, &actions, joints)?;
+                s.inference.add(reply.latency.as_secs_f64());
+                s.max_latency_ticks = s.max_latency_ticks.max(tick - reply.tick);
+                s.first_chunk_tick.get_or_insert(tick);
+                queue.on_chunk(reply.tick, actions, tick);
+            }
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => return Err(ActError::WorkerGone),
+        }
+    }
+}
+
+/// If the queue asks for a chunk, hands the worker this tick's observation without waiting
+/// (`try_send`; a busy worker is counted, not waited for).
+fn request_chunk(
+    worker: &Worker,
+    queue: &mut ActionQueue,
+    tick: u64,
+    frames: Vec<Frame>,
+    present: &[f64],
+    s: &mut ActSummary,
+) -> Result<(), ActError> {
+    if !queue.should_request(tick) {
+        return Ok(());
+    }
+    let obs = ObsRequest {
+        tick,
+        frames,
+        state: present.iter().map(|&v| v as f32).collect(),
+    };
+    match worker.try_send(obs) {
+        Ok(()) => queue.requested(tick),
+        Err(TrySendError::Full(_)) => s.busy += 1,
+        Err(TrySendError::Disconnected(_)) => return Err(ActError::WorkerGone),
+    }
+    Ok(())
+}
+
+/// The policy's action as a goal the arm may take: within the calibrated `bounds`, and within
+/// `max_relative_target` of the `present` position; how much that cut is counted.
+fn clamp_goal(
+    action: &[f32],
+    present: &[f64],
+    bounds: &[(f64, f64)],
+    max_relative_target: Option<f64>,
+    s: &mut ActSummary,
+) -> Vec<f64> {
+    let mut goal: Vec<f64> = Vec::with_capacity(bounds.len());
+    let mut clamped = false;
+    for ((a, p), (lo, hi)) in action.iter().zip(present).zip(bounds) {
+        let a = f64::from(*a);
+        let mut g = a.clamp(*lo, *hi);
+        if let Some(cap) = max_relative_target {
+            g = clamp_relative(g, *p, cap);
+        }
+        let cut = (g - a).abs();
+        clamped |= cut > 0.0;
+        s.max_clamp = s.max_clamp.max(cut);
+        goal.push(g);
+    }
+    s.clamped_ticks += u64::from(clamped);
+    goal
+}
+
+/// The motion statistics of the goal the arm took: its step from the last one and the range
+/// of goals per joint.
+fn record_sent(sent: &[f64], last_sent: Option<&[f64]>, s: &mut ActSummary) {
+    if let Some(prev) = last_sent {
+        for (g, p) in sent.iter().zip(prev) {
+            s.goal_step.add((g - p).abs());
+        }
+    }
+    if s.goal_range.is_empty() {
+        s.goal_range = sent.iter().map(|&g| (g, g)).collect();
+    }
+    for ((lo, hi), &g) in s.goal_range.iter_mut().zip(sent) {
+        *lo = lo.min(g);
+        *hi = hi.max(g);
+    }
 }
 
 /// Every camera's newest frame if all are fresh, `None` if one is stale or has none yet;
