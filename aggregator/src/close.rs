@@ -79,7 +79,9 @@ impl CloseJob {
         })
         .await
         .context("aggregation task")??;
-        self.metrics.update_bytes_read_back.inc_by(agg.blob_bytes_read);
+        self.metrics
+            .update_bytes_read_back
+            .inc_by(agg.blob_bytes_read);
         let server_eval = server_eval(&self, self.round, &agg.model_id).await;
         Ok(Closed {
             model_id: agg.model_id,

@@ -27,7 +27,9 @@ impl Server {
         match self.uploads.on_chunk(gate, cid, round, index, &payload) {
             ChunkVerdict::Spool { offset } => {
                 spool::write_chunk(&self.store, round, cid, index, offset, &payload)?;
-                self.metrics.update_bytes_spooled.inc_by(payload.len() as u64);
+                self.metrics
+                    .update_bytes_spooled
+                    .inc_by(payload.len() as u64);
                 if let Stored::ReadyToVerify(m) = self.uploads.stored(cid, round, index) {
                     self.start_verify(*m);
                 }
