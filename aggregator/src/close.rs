@@ -597,7 +597,7 @@ mod tests {
                 .sqrt();
             let rec = UpdateRecord {
                 examples: *examples,
-                sha256: String::new().into(),
+                sha256: Default::default(),
                 codec: "f32".into(),
                 bytes: blob.len() as u64,
                 norm,

@@ -143,7 +143,7 @@ pub fn status(
         session,
         online,
         round: state.round,
-        model_id: Some(state.model_id.clone().into()),
+        model_id: Some(state.model_id.clone()),
         aggregator_key: signer.public().fingerprint(),
         ts_ms: now_ms,
         signature: Vec::new(),

@@ -367,7 +367,7 @@ mod tests {
     fn rec(examples: u64, loss: f64) -> UpdateRecord {
         UpdateRecord {
             examples,
-            sha256: String::new().into(),
+            sha256: Default::default(),
             codec: "f32".into(),
             bytes: 1,
             norm: 1.0,

@@ -81,7 +81,7 @@ pub struct ServerStatus {
     pub session: u64,
     pub online: bool,
     pub round: u64,
-    pub model_id: Option<String>,
+    pub model_id: Option<ModelId>,
     /// The aggregator's public key fingerprint (or compact key), for agents to check their pin.
     pub aggregator_key: String,
     pub ts_ms: u64,
@@ -727,7 +727,7 @@ mod tests {
             session: 1_700_000_000_000,
             online: true,
             round: 7,
-            model_id: Some("ab".repeat(32)),
+            model_id: Some("ab".repeat(32).into()),
             aggregator_key: "SHA256:xyz".into(),
             ts_ms: 1_700_000_000_000,
             signature: Vec::new(),
